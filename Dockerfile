@@ -1,0 +1,24 @@
+# syntax=docker/dockerfile:1
+# Build stage: release binary (protoc is needed by etcd-client's build script).
+FROM rust:1.89-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends protobuf-compiler \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked --bin resource-plane
+
+# Runtime stage: the binary, its default config, a non-root user.
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --home /app resource-plane
+WORKDIR /app
+COPY --from=build /src/target/release/resource-plane /usr/local/bin/resource-plane
+COPY config ./config
+USER 10001
+ENV APP_PORT=8080 LOG_FORMAT=json
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/resource-plane"]

@@ -1,0 +1,30 @@
+# resource-plane: `make run` (embedded mode) and `make test` (everything) set up what
+# they need themselves. CARGO_TARGET_DIR defaults outside the clone so builds are reused.
+export CARGO_TARGET_DIR ?= /var/tmp/resource-plane-target
+CARGO ?= cargo
+
+.PHONY: setup build run test lint fmt bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release
+
+run: setup
+	$(CARGO) run --release --bin resource-plane
+
+test: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) test --all-targets
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

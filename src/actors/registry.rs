@@ -1,0 +1,320 @@
+//! The registry: finds or spawns the actor of a shadow deployable, spreads actors over a
+//! few arbiters (threads), hydrates them at start-up and keeps them fresh from one
+//! store watch on the prefix.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use dashmap::DashMap;
+use tracing::{info, warn, Span};
+
+use crate::actors::shadow::{
+    decode, Cell, Deps, ExecError, Execute, Observe, Poison, ShadowActor, ShadowKey, ViewEntry,
+};
+use crate::actors::stats::{ActorInfo, ActorStats};
+use crate::domain::shadow::{ShadowCommand, ShadowDeployable};
+use crate::idempotency::{IdemRequest, Reply};
+use crate::keys;
+use crate::ports::store::{StoreError, WatchEvent};
+
+/// Kind label of shadow deployable actors.
+pub const SHADOW_KIND: &str = "shadow-deployable";
+
+/// A live actor.
+#[derive(Clone)]
+pub struct Handle {
+    addr: Addr<ShadowActor>,
+    stats: Arc<ActorStats>,
+}
+
+/// Finds, spawns and feeds shadow deployable actors.
+pub struct Registry {
+    deps: Arc<Deps>,
+    actors: DashMap<ShadowKey, Handle>,
+    arbiters: Vec<ArbiterHandle>,
+    owned: Mutex<Vec<Arbiter>>,
+    next: AtomicUsize,
+    hydrated: AtomicBool,
+}
+
+impl Registry {
+    /// A registry whose actors run on `threads` arbiters. Must be called inside an
+    /// actix `System`.
+    pub fn new(deps: Arc<Deps>, threads: usize) -> Arc<Self> {
+        let owned: Vec<Arbiter> = (0..threads.max(1)).map(|_| Arbiter::new()).collect();
+        let arbiters = owned.iter().map(|a| a.handle()).collect();
+        Arc::new(Self {
+            deps,
+            actors: DashMap::new(),
+            arbiters,
+            owned: Mutex::new(owned),
+            next: AtomicUsize::new(0),
+            hydrated: AtomicBool::new(false),
+        })
+    }
+
+    /// Shared dependencies (store, metrics, view).
+    pub fn deps(&self) -> &Arc<Deps> {
+        &self.deps
+    }
+
+    /// Whether the actors were loaded from the store at least once.
+    pub fn is_hydrated(&self) -> bool {
+        self.hydrated.load(Ordering::SeqCst)
+    }
+
+    fn spawn(&self, key: ShadowKey, cell: Cell) -> Handle {
+        self.actors
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let stats = Arc::new(ActorStats::default());
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
+                let deps = self.deps.clone();
+                let s = stats.clone();
+                let addr = Supervisor::start_in_arbiter(&self.arbiters[i], move |_| {
+                    ShadowActor::new(key, cell, deps, s)
+                });
+                self.deps
+                    .metrics
+                    .actors
+                    .with_label_values(&[SHADOW_KIND])
+                    .inc();
+                Handle { addr, stats }
+            })
+            .clone()
+    }
+
+    /// The actor for `key` if the record exists (read from the store when this replica
+    /// has not seen it yet).
+    pub async fn find(&self, key: &ShadowKey) -> Result<Option<Handle>, ExecError> {
+        if let Some(h) = self.actors.get(key) {
+            return Ok(Some(h.clone()));
+        }
+        let kv = self
+            .deps
+            .store
+            .get(&keys::shadow(&key.env, &key.name))
+            .await?;
+        if kv.is_none() {
+            return Ok(None);
+        }
+        let (record, mod_revision) = decode(kv.as_ref())?;
+        Ok(Some(self.spawn(
+            key.clone(),
+            Cell::Known {
+                record,
+                mod_revision,
+            },
+        )))
+    }
+
+    /// The actor for `key`, spawned unloaded if needed (it reads the store first).
+    pub fn find_or_spawn(&self, key: &ShadowKey) -> Handle {
+        if let Some(h) = self.actors.get(key) {
+            return h.clone();
+        }
+        self.spawn(key.clone(), Cell::Unknown)
+    }
+
+    /// Sends a command to an actor and waits for its answer.
+    pub async fn execute(
+        &self,
+        handle: &Handle,
+        cmd: ShadowCommand,
+        idem: Option<IdemRequest>,
+    ) -> Result<Reply, ExecError> {
+        handle.stats.enqueued();
+        let sent = handle
+            .addr
+            .send(Execute {
+                cmd,
+                idem,
+                span: Span::current(),
+            })
+            .await;
+        match sent {
+            Ok(r) => r,
+            Err(_) => {
+                handle.stats.dequeued();
+                Err(ExecError::Mailbox)
+            }
+        }
+    }
+
+    /// Test hook: makes the actor of `key` panic (its supervisor restarts it).
+    pub async fn poison(&self, key: &ShadowKey) -> Result<(), ExecError> {
+        let h = self
+            .actors
+            .get(key)
+            .map(|h| h.clone())
+            .ok_or(ExecError::Mailbox)?;
+        h.stats.enqueued();
+        h.addr.send(Poison).await.map_err(|_| ExecError::Mailbox)?
+    }
+
+    /// Loads every record, spawning or refreshing actors; returns the store revision.
+    pub async fn hydrate(&self) -> Result<i64, StoreError> {
+        let (kvs, revision) = self.deps.store.list(keys::SHADOW_PREFIX).await?;
+        let mut seen = HashSet::with_capacity(kvs.len());
+        for kv in kvs {
+            let Some((env, name)) = keys::parse_shadow(&kv.key) else {
+                continue;
+            };
+            let key = ShadowKey::new(env, name);
+            seen.insert(key.clone());
+            self.route(key, Some(kv));
+        }
+        let gone: Vec<ShadowKey> = self
+            .actors
+            .iter()
+            .map(|e| e.key().clone())
+            .filter(|k| !seen.contains(k))
+            .collect();
+        for key in gone {
+            self.send_observe(&key, None, revision);
+        }
+        self.hydrated.store(true, Ordering::SeqCst);
+        Ok(revision)
+    }
+
+    fn send_observe(&self, key: &ShadowKey, kv: Option<crate::ports::store::Kv>, rev: i64) {
+        if let Some(h) = self.actors.get(key) {
+            h.stats.enqueued();
+            h.addr.do_send(Observe {
+                kv,
+                mod_revision: rev,
+            });
+        }
+    }
+
+    fn route(&self, key: ShadowKey, kv: Option<crate::ports::store::Kv>) {
+        match kv {
+            Some(kv) if !self.actors.contains_key(&key) => match decode(Some(&kv)) {
+                Ok((record, mod_revision)) => {
+                    self.spawn(
+                        key,
+                        Cell::Known {
+                            record,
+                            mod_revision,
+                        },
+                    );
+                }
+                Err(e) => warn!(key = %kv.key, error = %e, "skipping undecodable record"),
+            },
+            Some(kv) => {
+                let rev = kv.mod_revision;
+                self.send_observe(&key, Some(kv), rev);
+            }
+            None => {}
+        }
+    }
+
+    /// Applies one watch event.
+    pub fn observe(&self, ev: WatchEvent) {
+        match ev {
+            WatchEvent::Put(kv) => {
+                if let Some((env, name)) = keys::parse_shadow(&kv.key) {
+                    self.route(ShadowKey::new(env, name), Some(kv));
+                }
+            }
+            WatchEvent::Delete { key, mod_revision } => {
+                if let Some((env, name)) = keys::parse_shadow(&key) {
+                    self.send_observe(&ShadowKey::new(env, name), None, mod_revision);
+                }
+            }
+        }
+    }
+
+    /// Hydrates and then follows the store's watch forever, re-hydrating after any
+    /// break (outage, compaction) with capped exponential backoff.
+    pub async fn run_watch(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.hydrate().await {
+                Ok(rev) => match self.deps.store.watch(keys::SHADOW_PREFIX, rev + 1).await {
+                    Ok(mut rx) => {
+                        info!(revision = rev, "watching shadow deployables");
+                        backoff = Duration::from_millis(100);
+                        while let Some(item) = rx.recv().await {
+                            match item {
+                                Ok(events) => events.into_iter().for_each(|e| self.observe(e)),
+                                Err(e) => {
+                                    warn!(error = %e, "shadow watch broke; re-hydrating");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "cannot start shadow watch"),
+                },
+                Err(e) => warn!(error = %e, "cannot hydrate shadow deployables"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Published records of `env`, sorted by name.
+    pub fn list(&self, env: &str) -> Vec<ViewEntry> {
+        let mut out: Vec<ViewEntry> = self
+            .deps
+            .view
+            .iter()
+            .filter(|e| e.key().env == env)
+            .map(|e| e.value().clone())
+            .collect();
+        out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        out
+    }
+
+    /// Introspection of every live actor, sorted by id.
+    pub fn actors(&self) -> Vec<ActorInfo> {
+        let mut out: Vec<ActorInfo> = self
+            .actors
+            .iter()
+            .map(|e| self.info(e.key(), e.value()))
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Introspection of one actor.
+    pub fn actor(&self, key: &ShadowKey) -> Option<ActorInfo> {
+        self.actors.get(key).map(|h| self.info(key, &h))
+    }
+
+    fn info(&self, key: &ShadowKey, h: &Handle) -> ActorInfo {
+        let view = self.deps.view.get(key).map(|v| v.clone());
+        let record: Option<&ShadowDeployable> = view.as_ref().map(|v| &v.record);
+        ActorInfo {
+            kind: SHADOW_KIND,
+            id: format!("{}/{}", key.env, key.name),
+            state: record
+                .map(|r| {
+                    serde_json::to_value(r.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                })
+                .unwrap_or_else(|| "ABSENT".into()),
+            version: record.map(|r| r.version),
+            mod_revision: view.as_ref().map(|v| v.mod_revision),
+            mailbox_depth: h.stats.mailbox_depth(),
+            restarts: h.stats.restarts(),
+            last_transition_at: h.stats.last_transition(),
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if let Ok(owned) = self.owned.lock() {
+            for a in owned.iter() {
+                a.stop();
+            }
+        }
+    }
+}

@@ -1,0 +1,497 @@
+//! The shadow deployable actor: owns one record and its `mod_revision`, serializes
+//! every command through its mailbox, CAS-persists the domain's decision (record, in-use
+//! index and idempotency record in one transaction) and only then applies and answers.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use chrono::Utc;
+use dashmap::DashMap;
+use serde_json::json;
+use tracing::{debug, warn, Instrument, Span};
+
+use crate::actors::stats::ActorStats;
+use crate::domain::shadow::{
+    decide, Change, Context as DomainContext, Decision, ShadowCommand, ShadowDeployable,
+    ShadowError, ShadowOutcome,
+};
+use crate::idempotency::{IdemError, IdemRequest, LeasePool, Reply};
+use crate::keys;
+use crate::ports::store::{Compare, Kv, Op, Store, StoreError, Txn};
+use crate::telemetry::Metrics;
+
+/// How often a command is re-evaluated after losing a CAS before giving up.
+const MAX_ATTEMPTS: usize = 16;
+
+/// Identity of a shadow deployable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShadowKey {
+    /// Environment (lowercase).
+    pub env: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ShadowKey {
+    /// A key.
+    pub fn new(env: &str, name: &str) -> Self {
+        Self {
+            env: env.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+    fn record_key(&self) -> String {
+        keys::shadow(&self.env, &self.name)
+    }
+    fn index_key(&self) -> String {
+        keys::shadow_in_use(&self.env, &self.name)
+    }
+}
+
+/// The last persisted state an actor knows, as published for reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewEntry {
+    /// The record.
+    pub record: ShadowDeployable,
+    /// Its `mod_revision`.
+    pub mod_revision: i64,
+}
+
+/// Read-side view shared by all actors of a registry (lists are served from it).
+pub type View = DashMap<ShadowKey, ViewEntry>;
+
+/// What every shadow actor needs.
+pub struct Deps {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Leases for idempotency records.
+    pub leases: LeasePool,
+    /// Seconds a losing PROCURE waits.
+    pub retry_delay: u64,
+    /// Published records.
+    pub view: View,
+}
+
+/// What the actor knows of its record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cell {
+    /// Not loaded (fresh, after a restart, or after an ambiguous store failure).
+    Unknown,
+    /// Loaded at `mod_revision` (0 and `None` when the record does not exist).
+    Known {
+        /// The record, if it exists.
+        record: Option<ShadowDeployable>,
+        /// Its `mod_revision`.
+        mod_revision: i64,
+    },
+}
+
+/// Why a command produced no reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExecError {
+    /// The domain refused it.
+    #[error(transparent)]
+    Domain(#[from] ShadowError),
+    /// The store failed; nothing was applied in memory.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The idempotency key was used for another request, or its record is unreadable.
+    #[error(transparent)]
+    Idempotency(#[from] IdemError),
+    /// Lost the CAS too many times in a row.
+    #[error("too much contention on this shadow deployable; retry")]
+    Contention,
+    /// The stored record could not be decoded.
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    /// The actor panicked while handling the command and was restarted.
+    #[error("internal error while handling the command")]
+    Panicked,
+    /// The actor's mailbox is gone.
+    #[error("actor unavailable")]
+    Mailbox,
+}
+
+/// Runs a command.
+#[derive(Message)]
+#[rtype(result = "Result<Reply, ExecError>")]
+pub struct Execute {
+    /// The command.
+    pub cmd: ShadowCommand,
+    /// Idempotency key, if the request had one.
+    pub idem: Option<IdemRequest>,
+    /// The request's span, so the actor's logs carry its request id.
+    pub span: Span,
+}
+
+/// A change seen by the replica's watch (or its hydration).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Observe {
+    /// The new value, or `None` when deleted.
+    pub kv: Option<Kv>,
+    /// Revision of the change.
+    pub mod_revision: i64,
+}
+
+/// Test hook: makes the actor panic inside its handler.
+#[derive(Message)]
+#[rtype(result = "Result<(), ExecError>")]
+pub struct Poison;
+
+/// The actor.
+pub struct ShadowActor {
+    key: ShadowKey,
+    cell: Cell,
+    deps: Arc<Deps>,
+    stats: Arc<ActorStats>,
+}
+
+impl ShadowActor {
+    /// An actor starting from `cell`.
+    pub fn new(key: ShadowKey, cell: Cell, deps: Arc<Deps>, stats: Arc<ActorStats>) -> Self {
+        Self {
+            key,
+            cell,
+            deps,
+            stats,
+        }
+    }
+
+    fn apply(&mut self, cell: Cell) {
+        publish(&self.deps.view, &self.key, &cell);
+        self.cell = cell;
+    }
+}
+
+fn publish(view: &View, key: &ShadowKey, cell: &Cell) {
+    match cell {
+        Cell::Known {
+            record: Some(record),
+            mod_revision,
+        } => {
+            view.insert(
+                key.clone(),
+                ViewEntry {
+                    record: record.clone(),
+                    mod_revision: *mod_revision,
+                },
+            );
+        }
+        Cell::Known { record: None, .. } => {
+            view.remove(key);
+        }
+        Cell::Unknown => {}
+    }
+}
+
+impl Actor for ShadowActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Self::Context) {
+        publish(&self.deps.view, &self.key, &self.cell);
+    }
+}
+
+impl Supervised for ShadowActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        // Whatever was in memory may be inconsistent; reload from the store.
+        self.cell = Cell::Unknown;
+        self.stats.restarted();
+        warn!(env = %self.key.env, name = %self.key.name, "shadow actor restarted");
+    }
+}
+
+impl Handler<Execute> for ShadowActor {
+    type Result = AtomicResponse<Self, Result<Reply, ExecError>>;
+
+    fn handle(&mut self, msg: Execute, _ctx: &mut Self::Context) -> Self::Result {
+        self.stats.dequeued();
+        let work = execute(
+            self.deps.clone(),
+            self.key.clone(),
+            self.cell.clone(),
+            msg.cmd,
+            msg.idem,
+        )
+        .instrument(msg.span);
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(
+            |(result, cell), act, ctx| {
+                if result == Err(ExecError::Panicked) {
+                    ctx.stop();
+                    return result;
+                }
+                if let (Ok(reply), Cell::Known { .. }) = (&result, &cell) {
+                    if !reply.replayed && cell != act.cell {
+                        act.stats.transitioned(Utc::now());
+                    }
+                }
+                act.apply(cell);
+                result
+            },
+        )))
+    }
+}
+
+impl Handler<Observe> for ShadowActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Observe, _ctx: &mut Self::Context) {
+        self.stats.dequeued();
+        if let Cell::Known { mod_revision, .. } = &self.cell {
+            if *mod_revision >= msg.mod_revision {
+                return;
+            }
+        }
+        match decode(msg.kv.as_ref()) {
+            Ok((record, _)) => self.apply(Cell::Known {
+                record,
+                mod_revision: msg.mod_revision,
+            }),
+            Err(e) => {
+                warn!(env = %self.key.env, name = %self.key.name, error = %e, "ignoring undecodable record");
+                self.cell = Cell::Unknown;
+            }
+        }
+    }
+}
+
+impl Handler<Poison> for ShadowActor {
+    type Result = Result<(), ExecError>;
+
+    fn handle(&mut self, _msg: Poison, ctx: &mut Self::Context) -> Self::Result {
+        self.stats.dequeued();
+        let outcome = std::panic::catch_unwind(|| panic!("poisoned by test"));
+        if outcome.is_err() {
+            ctx.stop();
+        }
+        Err(ExecError::Panicked)
+    }
+}
+
+/// Decodes a stored record.
+pub fn decode(kv: Option<&Kv>) -> Result<(Option<ShadowDeployable>, i64), ExecError> {
+    match kv {
+        None => Ok((None, 0)),
+        Some(kv) => serde_json::from_slice(&kv.value)
+            .map(|r| (Some(r), kv.mod_revision))
+            .map_err(|e| ExecError::Corrupt(e.to_string())),
+    }
+}
+
+/// The answer for an outcome: HTTP status and exact JSON body.
+pub fn render(outcome: &ShadowOutcome, name: &str) -> Reply {
+    let (status, body) = match outcome {
+        ShadowOutcome::Procured => (200, json!({"status": "PROCURED"})),
+        ShadowOutcome::Failed { delay } => (200, json!({"status": "FAILED", "delay": delay})),
+        ShadowOutcome::Released => (200, json!({"status": "RELEASED"})),
+        ShadowOutcome::Updated { min_pod_count } => (
+            200,
+            json!({"status": "UPDATED", "min_pod_count": min_pod_count}),
+        ),
+        ShadowOutcome::Registered { created } => (
+            if *created { 201 } else { 200 },
+            json!({"status": if *created { "CREATED" } else { "UPDATED" }, "name": name}),
+        ),
+        ShadowOutcome::Deleted => (200, json!({"status": "DELETED", "name": name})),
+    };
+    Reply {
+        status,
+        body: body.to_string(),
+        replayed: false,
+    }
+}
+
+async fn load(store: &dyn Store, key: &ShadowKey) -> Result<Cell, ExecError> {
+    let kv = store.get(&key.record_key()).await?;
+    let (record, mod_revision) = decode(kv.as_ref())?;
+    Ok(Cell::Known {
+        record,
+        mod_revision,
+    })
+}
+
+async fn replay_if_stored(
+    store: &dyn Store,
+    idem: Option<&IdemRequest>,
+) -> Result<Option<Reply>, ExecError> {
+    let Some(idem) = idem else { return Ok(None) };
+    match store.get(&idem.store_key).await? {
+        Some(kv) => Ok(Some(idem.replay(&kv.value)?)),
+        None => Ok(None),
+    }
+}
+
+/// Runs one command to completion: decide, persist, re-evaluate on a lost CAS.
+/// Returns the answer and what the actor should now know.
+pub async fn execute(
+    deps: Arc<Deps>,
+    key: ShadowKey,
+    mut cell: Cell,
+    cmd: ShadowCommand,
+    idem: Option<IdemRequest>,
+) -> (Result<Reply, ExecError>, Cell) {
+    let kind = cmd.kind();
+    let count = |result: &str| {
+        deps.metrics
+            .transitions
+            .with_label_values(&["shadow-deployable", kind, result])
+            .inc();
+    };
+    for _ in 0..MAX_ATTEMPTS {
+        if cell == Cell::Unknown {
+            cell = match load(deps.store.as_ref(), &key).await {
+                Ok(c) => c,
+                Err(e) => return (Err(e), Cell::Unknown),
+            };
+        }
+        let Cell::Known {
+            record,
+            mod_revision,
+        } = &cell
+        else {
+            continue;
+        };
+        let ctx = DomainContext {
+            now: Utc::now(),
+            retry_delay: deps.retry_delay,
+        };
+        let decided =
+            std::panic::catch_unwind(AssertUnwindSafe(|| decide(record.as_ref(), &cmd, ctx)));
+        let decision = match decided {
+            Err(_) => {
+                count("panic");
+                return (Err(ExecError::Panicked), Cell::Unknown);
+            }
+            Ok(Ok(d)) if d.change != Change::None => d,
+            Ok(other) => {
+                // Nothing to write: a retry of an earlier request must still get the
+                // stored answer, so look for it before answering from current state.
+                let stored = replay_if_stored(deps.store.as_ref(), idem.as_ref()).await;
+                let result = match stored {
+                    Ok(Some(reply)) => Ok(reply),
+                    Ok(None) => other
+                        .map(|d| render(&d.outcome, &key.name))
+                        .map_err(ExecError::from),
+                    Err(e) => Err(e),
+                };
+                count(if result.is_ok() {
+                    "unchanged"
+                } else {
+                    "rejected"
+                });
+                return (result, cell);
+            }
+        };
+        let Decision { change, outcome } = decision;
+        let reply = render(&outcome, &key.name);
+        let lease = match &idem {
+            Some(_) => match deps.leases.lease(deps.store.as_ref()).await {
+                Ok(l) => Some(l),
+                Err(e) => return (Err(e.into()), cell),
+            },
+            None => None,
+        };
+        let txn = build_txn(&key, *mod_revision, &change, idem.as_ref(), &reply, lease);
+        match deps.store.txn(txn).await {
+            Ok(r) if r.succeeded => {
+                count("applied");
+                debug!(env = %key.env, name = %key.name, command = kind, revision = r.revision, "transition persisted");
+                let record = match change {
+                    Change::Put(rec) => Some(rec),
+                    _ => None,
+                };
+                let mod_revision = if record.is_some() { r.revision } else { 0 };
+                return (
+                    Ok(reply),
+                    Cell::Known {
+                        record,
+                        mod_revision,
+                    },
+                );
+            }
+            Ok(r) => {
+                deps.metrics
+                    .cas_conflicts
+                    .with_label_values(&["shadow-deployable"])
+                    .inc();
+                let mut fetched = r.fetched.into_iter();
+                let current = fetched.next().flatten();
+                cell = match decode(current.as_ref()) {
+                    Ok((record, mod_revision)) => Cell::Known {
+                        record,
+                        mod_revision,
+                    },
+                    Err(e) => return (Err(e), Cell::Unknown),
+                };
+                if let (Some(idem), Some(Some(stored))) = (&idem, fetched.next()) {
+                    count("replayed");
+                    return (idem.replay(&stored.value).map_err(Into::into), cell);
+                }
+            }
+            Err(StoreError::LeaseNotFound) => deps.leases.invalidate(),
+            Err(e) => {
+                count("store_error");
+                // The write may or may not have landed: forget what we knew.
+                return (Err(e.into()), Cell::Unknown);
+            }
+        }
+    }
+    count("contention");
+    (Err(ExecError::Contention), cell)
+}
+
+fn build_txn(
+    key: &ShadowKey,
+    mod_revision: i64,
+    change: &Change,
+    idem: Option<&IdemRequest>,
+    reply: &Reply,
+    lease: Option<i64>,
+) -> Txn {
+    let record_key = key.record_key();
+    let mut txn = Txn {
+        compares: vec![Compare::ModRevision(record_key.clone(), mod_revision)],
+        success: Vec::with_capacity(3),
+        failure_gets: vec![record_key.clone()],
+    };
+    match change {
+        Change::Put(rec) => {
+            txn.success.push(Op::Put {
+                key: record_key,
+                value: serde_json::to_vec(rec).unwrap_or_default(),
+                lease: None,
+            });
+            txn.success.push(Op::Put {
+                key: key.index_key(),
+                value: if rec.in_use() {
+                    b"true".to_vec()
+                } else {
+                    b"false".to_vec()
+                },
+                lease: None,
+            });
+        }
+        Change::Delete => {
+            txn.success.push(Op::Delete { key: record_key });
+            txn.success.push(Op::Delete {
+                key: key.index_key(),
+            });
+        }
+        Change::None => {}
+    }
+    if let Some(idem) = idem {
+        txn.compares
+            .push(Compare::ModRevision(idem.store_key.clone(), 0));
+        txn.success.push(Op::Put {
+            key: idem.store_key.clone(),
+            value: idem.record(reply, Utc::now()),
+            lease,
+        });
+        txn.failure_gets.push(idem.store_key.clone());
+    }
+    txn
+}

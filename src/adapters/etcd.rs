@@ -1,0 +1,291 @@
+//! etcd `Store` adapter on `etcd-client`. Every call has a deadline; transport failures
+//! become `StoreError::Unavailable` so the API answers 503 and callers retry. The
+//! client is (re)connected lazily, so the service starts and recovers while etcd is down.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions,
+    Txn as EtcdTxn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use tokio::sync::{mpsc, RwLock};
+
+use crate::ports::store::{
+    Compare, Kv, Op, Store, StoreError, Txn, TxnResult, WatchEvent, WatchReceiver,
+};
+
+/// Connection settings for etcd.
+#[derive(Clone)]
+pub struct EtcdSettings {
+    /// `host:port` or URLs.
+    pub endpoints: Vec<String>,
+    /// Prefix prepended to every key (may be empty).
+    pub prefix: String,
+    /// Optional user name and password.
+    pub auth: Option<(String, String)>,
+    /// Connection establishment deadline.
+    pub dial_timeout: Duration,
+    /// Per-request deadline.
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for EtcdSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdSettings")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field(
+                "auth",
+                &self.auth.as_ref().map(|(user, _)| (user, "<redacted>")),
+            )
+            .field("dial_timeout", &self.dial_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
+}
+
+/// The etcd store.
+pub struct EtcdStore {
+    settings: EtcdSettings,
+    client: RwLock<Option<Client>>,
+}
+
+impl EtcdStore {
+    /// Creates the adapter; the connection is made on first use.
+    pub fn new(settings: EtcdSettings) -> Self {
+        Self {
+            settings,
+            client: RwLock::new(None),
+        }
+    }
+
+    async fn client(&self) -> Result<Client, StoreError> {
+        if let Some(c) = self.client.read().await.as_ref() {
+            return Ok(c.clone());
+        }
+        let mut slot = self.client.write().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(self.settings.dial_timeout)
+            .with_timeout(self.settings.request_timeout)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        if let Some((user, password)) = &self.settings.auth {
+            opts = opts.with_user(user.clone(), password.clone());
+        }
+        let connect = Client::connect(self.settings.endpoints.clone(), Some(opts));
+        let client = tokio::time::timeout(self.settings.dial_timeout, connect)
+            .await
+            .map_err(|_| StoreError::Unavailable("timed out connecting to etcd".into()))?
+            .map_err(map_err)?;
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    fn full(&self, key: &str) -> String {
+        format!("{}{}", self.settings.prefix, key)
+    }
+
+    fn kv(&self, kv: &etcd_client::KeyValue) -> Option<Kv> {
+        let key = std::str::from_utf8(kv.key()).ok()?;
+        let key = key.strip_prefix(self.settings.prefix.as_str())?;
+        Some(Kv {
+            key: key.to_owned(),
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+            create_revision: kv.create_revision(),
+        })
+    }
+
+    async fn deadline<T, F>(&self, fut: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        tokio::time::timeout(self.settings.request_timeout, fut)
+            .await
+            .map_err(|_| StoreError::Unavailable("etcd request timed out".into()))?
+            .map_err(map_err)
+    }
+}
+
+fn map_err(e: etcd_client::Error) -> StoreError {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            let msg = status.message().to_owned();
+            if msg.contains("lease not found") {
+                StoreError::LeaseNotFound
+            } else if msg.contains("compacted") {
+                StoreError::Compacted(0)
+            } else {
+                // gRPC codes 3 (InvalidArgument) and 9 (FailedPrecondition) are the
+                // request's fault; everything else means "try again later".
+                match status.code() as i32 {
+                    3 | 9 => StoreError::Other(msg),
+                    _ => StoreError::Unavailable(format!("{:?}: {msg}", status.code())),
+                }
+            }
+        }
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
+        let mut c = self.client().await?;
+        let resp = self.deadline(c.get(self.full(key), None)).await?;
+        Ok(resp.kvs().first().and_then(|kv| self.kv(kv)))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
+        let mut c = self.client().await?;
+        let resp = self
+            .deadline(c.get(self.full(prefix), Some(GetOptions::new().with_prefix())))
+            .await?;
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        Ok((
+            resp.kvs().iter().filter_map(|kv| self.kv(kv)).collect(),
+            rev,
+        ))
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+        let compares: Vec<EtcdCompare> = txn
+            .compares
+            .iter()
+            .map(|c| match c {
+                Compare::ModRevision(k, rev) => {
+                    EtcdCompare::mod_revision(self.full(k), CompareOp::Equal, *rev)
+                }
+                Compare::CreateRevision(k, rev) => {
+                    EtcdCompare::create_revision(self.full(k), CompareOp::Equal, *rev)
+                }
+            })
+            .collect();
+        let success: Vec<TxnOp> = txn
+            .success
+            .iter()
+            .map(|op| match op {
+                Op::Put { key, value, lease } => {
+                    let opts = lease.map(|l| PutOptions::new().with_lease(l));
+                    TxnOp::put(self.full(key), value.clone(), opts)
+                }
+                Op::Delete { key } => TxnOp::delete(self.full(key), None),
+            })
+            .collect();
+        let failure: Vec<TxnOp> = txn
+            .failure_gets
+            .iter()
+            .map(|k| TxnOp::get(self.full(k), None))
+            .collect();
+        let request = EtcdTxn::new()
+            .when(compares)
+            .and_then(success)
+            .or_else(failure);
+        let mut c = self.client().await?;
+        let resp = self.deadline(c.txn(request)).await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let succeeded = resp.succeeded();
+        let fetched = if succeeded {
+            Vec::new()
+        } else {
+            resp.op_responses()
+                .iter()
+                .map(|r| match r {
+                    TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| self.kv(kv)),
+                    _ => None,
+                })
+                .collect()
+        };
+        Ok(TxnResult {
+            succeeded,
+            revision,
+            fetched,
+        })
+    }
+
+    async fn grant_lease(&self, ttl_seconds: i64) -> Result<i64, StoreError> {
+        let mut c = self.client().await?;
+        let resp = self.deadline(c.lease_grant(ttl_seconds, None)).await?;
+        Ok(resp.id())
+    }
+
+    async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchReceiver, StoreError> {
+        let mut c = self.client().await?;
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start_revision);
+        let mut stream = self
+            .deadline(c.watch(self.full(prefix), Some(opts)))
+            .await?;
+        let (tx, rx) = mpsc::channel(1024);
+        let strip = self.settings.prefix.clone();
+        tokio::spawn(async move {
+            loop {
+                let item = match stream.message().await {
+                    Ok(Some(resp)) if resp.canceled() => {
+                        let compacted = resp.compact_revision();
+                        Err(if compacted > 0 {
+                            StoreError::Compacted(compacted)
+                        } else {
+                            StoreError::Unavailable(format!(
+                                "watch canceled: {}",
+                                resp.cancel_reason()
+                            ))
+                        })
+                    }
+                    Ok(Some(resp)) => {
+                        let events: Vec<WatchEvent> = resp
+                            .events()
+                            .iter()
+                            .filter_map(|ev| {
+                                let kv = ev.kv()?;
+                                let key = std::str::from_utf8(kv.key()).ok()?;
+                                let key = key.strip_prefix(strip.as_str())?.to_owned();
+                                Some(match ev.event_type() {
+                                    EventType::Put => WatchEvent::Put(Kv {
+                                        key,
+                                        value: kv.value().to_vec(),
+                                        mod_revision: kv.mod_revision(),
+                                        create_revision: kv.create_revision(),
+                                    }),
+                                    EventType::Delete => WatchEvent::Delete {
+                                        key,
+                                        mod_revision: kv.mod_revision(),
+                                    },
+                                })
+                            })
+                            .collect();
+                        if events.is_empty() {
+                            continue;
+                        }
+                        Ok(events)
+                    }
+                    Ok(None) => Err(StoreError::Unavailable("watch stream ended".into())),
+                    Err(e) => Err(map_err(e)),
+                };
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        // A serializable-free read of a key that never exists: goes through raft
+        // (linearizable), so it fails when the cluster has no quorum.
+        self.deadline(c.get(self.full("/health-probe"), None))
+            .await
+            .map(|_| ())
+    }
+
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+}

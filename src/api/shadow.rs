@@ -1,0 +1,383 @@
+//! Shadow deployable routes (and their `shadow-deploybles` typo alias): list, procure /
+//! release, min pod count, register, delete.
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::actors::shadow::ShadowKey;
+use crate::api::body::read_json;
+use crate::api::error::ApiError;
+use crate::api::{method_not_allowed, AppState};
+use crate::config::valid_segment;
+use crate::domain::shadow::{MinPodAction, Owner, ShadowCommand, ShadowState, MAX_MIN_POD_COUNT};
+use crate::idempotency::{IdemRequest, Reply};
+
+/// Longest accepted workflow id / plan.
+const MAX_ID_LEN: usize = 256;
+
+/// Registers the routes under both spellings.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    for base in ["shadow-deployables", "shadow-deploybles"] {
+        cfg.service(
+            web::resource(format!("/api/1.0/{{env}}/{base}"))
+                .get(list)
+                .post(action)
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource(format!("/api/1.0/{{env}}/{base}/min-pod-count"))
+                .post(min_pod_count)
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource(format!("/api/1.0/{{env}}/{base}/{{name}}"))
+                .put(register)
+                .delete(delete)
+                .default_service(web::to(method_not_allowed)),
+        );
+    }
+}
+
+/// Query of the list route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// `true` or `false`.
+    pub in_use: Option<String>,
+    /// Exact node pool.
+    pub node_pool: Option<String>,
+}
+
+/// One shadow deployable as listed.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShadowView {
+    /// Name.
+    pub name: String,
+    /// DNS name.
+    pub dns: String,
+    /// Minimum pod count requested by the holder.
+    pub pod_count: u32,
+    /// Whether it is procured.
+    pub in_use: bool,
+    /// Node pool.
+    pub node_pool: String,
+    /// FREE or PROCURED.
+    pub state: ShadowState,
+    /// Holder.
+    pub owner: Option<Owner>,
+    /// Version.
+    pub version: u64,
+}
+
+/// Action of the procure/release route.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Action {
+    /// Borrow.
+    Procure,
+    /// Give back.
+    Release,
+}
+
+/// Body of `POST …/shadow-deployables`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionBody {
+    /// PROCURE or RELEASE.
+    pub action: Action,
+    /// Deployable name.
+    pub name: String,
+    /// Caller's run id.
+    pub workflow_run_id: String,
+    /// Caller's plan.
+    pub workflow_plan: Option<String>,
+}
+
+/// Body of `POST …/shadow-deployables/min-pod-count`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MinPodBody {
+    /// INCREASE, DECREASE or RESET_TO_0.
+    pub action: MinPodAction,
+    /// Amount (required except for RESET_TO_0).
+    pub count: Option<i64>,
+    /// Deployable name.
+    pub name: String,
+    /// Caller's run id.
+    pub workflow_run_id: String,
+    /// Caller's task id (logged).
+    pub workflow_task_id: Option<String>,
+    /// Caller's plan (logged).
+    pub workflow_plan: Option<String>,
+}
+
+/// Body of `PUT …/shadow-deployables/{name}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterBody {
+    /// Node pool.
+    pub node_pool: String,
+    /// DNS name.
+    pub dns: String,
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if valid_segment(name) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "name {name:?} must be 1-253 characters of letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.trim().is_empty() {
+        return Err(ApiError::BadRequest(format!("{field} must not be empty")));
+    }
+    if value.len() > MAX_ID_LEN || value.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(format!(
+            "{field} must be at most {MAX_ID_LEN} characters without control characters"
+        )));
+    }
+    Ok(())
+}
+
+async fn list(
+    state: web::Data<AppState>,
+    env: web::Path<String>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let env = state.env(&env)?;
+    let in_use = match query.in_use.as_deref() {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "in_use must be true or false, got {other:?}"
+            )))
+        }
+    };
+    let data: Vec<ShadowView> = state
+        .registry
+        .list(&env)
+        .into_iter()
+        .map(|e| e.record)
+        .filter(|r| in_use.is_none_or(|u| r.in_use() == u))
+        .filter(|r| query.node_pool.as_ref().is_none_or(|p| r.node_pool == *p))
+        .map(|r| ShadowView {
+            in_use: r.in_use(),
+            name: r.name,
+            dns: r.dns,
+            pod_count: r.min_pod_count,
+            node_pool: r.node_pool,
+            state: r.state,
+            owner: r.owner,
+            version: r.version,
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "data": data })))
+}
+
+async fn action(
+    state: web::Data<AppState>,
+    env: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let env = state.env(&env)?;
+    let body = read_json::<ActionBody>(&req, payload).await?;
+    let b = body.value;
+    check_name(&b.name)?;
+    check_text("workflow_run_id", &b.workflow_run_id)?;
+    if let Some(plan) = &b.workflow_plan {
+        check_text("workflow_plan", plan)?;
+    }
+    let cmd = match b.action {
+        Action::Procure => ShadowCommand::Procure {
+            run_id: b.workflow_run_id,
+            plan: b.workflow_plan,
+        },
+        Action::Release => ShadowCommand::Release {
+            run_id: b.workflow_run_id,
+        },
+    };
+    let idem = state.idempotency(&req, &env, "shadow-deployables:action", &body.canonical)?;
+    run(
+        &state,
+        ShadowKey::new(&env, &b.name),
+        cmd,
+        idem.as_ref().map(|i| &i.0),
+    )
+    .await
+}
+
+async fn min_pod_count(
+    state: web::Data<AppState>,
+    env: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let env = state.env(&env)?;
+    let body = read_json::<MinPodBody>(&req, payload).await?;
+    let b = body.value;
+    check_name(&b.name)?;
+    check_text("workflow_run_id", &b.workflow_run_id)?;
+    for (field, v) in [
+        ("workflow_task_id", &b.workflow_task_id),
+        ("workflow_plan", &b.workflow_plan),
+    ] {
+        if let Some(v) = v {
+            check_text(field, v)?;
+        }
+    }
+    let count = match (b.action, b.count) {
+        (MinPodAction::ResetTo0, c) => c.unwrap_or(0),
+        (_, Some(c)) => c,
+        (_, None) => {
+            return Err(ApiError::BadRequest(
+                "count is required for INCREASE and DECREASE".into(),
+            ))
+        }
+    };
+    if count < 0 {
+        return Err(ApiError::BadRequest("count must be >= 0".into()));
+    }
+    let count = u32::try_from(count)
+        .ok()
+        .filter(|c| *c <= MAX_MIN_POD_COUNT)
+        .ok_or_else(|| ApiError::BadRequest(format!("count must be <= {MAX_MIN_POD_COUNT}")))?;
+    tracing::info!(
+        name = %b.name,
+        workflow_run_id = %b.workflow_run_id,
+        workflow_task_id = b.workflow_task_id.as_deref().unwrap_or(""),
+        action = ?b.action,
+        count,
+        "min pod count change requested"
+    );
+    let cmd = ShadowCommand::MinPodCount {
+        run_id: b.workflow_run_id,
+        action: b.action,
+        count,
+    };
+    let idem = state.idempotency(
+        &req,
+        &env,
+        "shadow-deployables:min-pod-count",
+        &body.canonical,
+    )?;
+    run(
+        &state,
+        ShadowKey::new(&env, &b.name),
+        cmd,
+        idem.as_ref().map(|i| &i.0),
+    )
+    .await
+}
+
+async fn register(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (env, name) = path.into_inner();
+    let env = state.env(&env)?;
+    check_name(&name)?;
+    let body = read_json::<RegisterBody>(&req, payload).await?;
+    let b = body.value;
+    check_text("node_pool", &b.node_pool)?;
+    check_text("dns", &b.dns)?;
+    let cmd = ShadowCommand::Register {
+        name: name.clone(),
+        node_pool: b.node_pool,
+        dns: b.dns,
+    };
+    let route = format!("shadow-deployables:register:{name}");
+    let idem = state.idempotency(&req, &env, &route, &body.canonical)?;
+    run(
+        &state,
+        ShadowKey::new(&env, &name),
+        cmd,
+        idem.as_ref().map(|i| &i.0),
+    )
+    .await
+}
+
+async fn delete(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let (env, name) = path.into_inner();
+    let env = state.env(&env)?;
+    check_name(&name)?;
+    let route = format!("shadow-deployables:delete:{name}");
+    let idem = state.idempotency(&req, &env, &route, b"")?;
+    run(
+        &state,
+        ShadowKey::new(&env, &name),
+        ShadowCommand::Delete,
+        idem.as_ref().map(|i| &i.0),
+    )
+    .await
+}
+
+async fn run(
+    state: &AppState,
+    key: ShadowKey,
+    cmd: ShadowCommand,
+    idem: Option<&IdemRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let retry_after = state.config.retry_after;
+    let map = |e| ApiError::from_exec(e, retry_after);
+    let handle = match cmd {
+        ShadowCommand::Register { .. } => Some(state.registry.find_or_spawn(&key)),
+        _ => state.registry.find(&key).await.map_err(map)?,
+    };
+    let reply = match handle {
+        Some(h) => state
+            .registry
+            .execute(&h, cmd, idem.cloned())
+            .await
+            .map_err(map)?,
+        None => {
+            // Unknown here; a retry of a DELETE that already succeeded still replays.
+            let replay = match idem {
+                Some(i) => state
+                    .store
+                    .get(&i.store_key)
+                    .await
+                    .map_err(|e| map(e.into()))?
+                    .map(|kv| i.replay(&kv.value))
+                    .transpose()
+                    .map_err(|e| map(e.into()))?,
+                None => None,
+            };
+            replay.ok_or_else(|| {
+                ApiError::NotFound(format!("shadow deployable {:?} not found", key.name))
+            })?
+        }
+    };
+    if reply.replayed {
+        state
+            .metrics
+            .idempotency
+            .with_label_values(&["replayed"])
+            .inc();
+    }
+    Ok(respond(reply))
+}
+
+fn respond(reply: Reply) -> HttpResponse {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
+    let mut resp = HttpResponse::build(status);
+    resp.content_type("application/json");
+    if reply.replayed {
+        resp.insert_header(("Idempotent-Replayed", "true"));
+    }
+    resp.body(reply.body)
+}

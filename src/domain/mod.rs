@@ -1,0 +1,3 @@
+//! Pure domain: entities, commands, transition functions. No I/O, no actix, no etcd.
+
+pub mod shadow;

@@ -1,0 +1,527 @@
+//! The shadow deployable state machine: `FREE <-> PROCURED`, owned by one workflow run.
+//!
+//! [`decide`] is the only way a record changes: `(record, command) -> decision`. It is
+//! pure so it can be property-tested and so the actor stays a thin shell around it.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Upper bound on `min_pod_count`; protects Kubernetes from a typo like `count: 1e9`.
+pub const MAX_MIN_POD_COUNT: u32 = 10_000;
+
+/// Whether a shadow deployable is borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ShadowState {
+    /// Nobody holds it.
+    Free,
+    /// A workflow run holds it.
+    Procured,
+}
+
+/// Who holds a procured deployable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// The workflow run that procured it.
+    pub workflow_run_id: String,
+    /// The workflow plan of that run, when given.
+    pub workflow_plan: Option<String>,
+    /// When it was procured.
+    pub procured_at: DateTime<Utc>,
+}
+
+/// The persisted record at `/shadow-deployables/{env}/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowDeployable {
+    /// Unique name within its environment.
+    pub name: String,
+    /// Node pool the deployable runs on.
+    pub node_pool: String,
+    /// DNS name load tests target.
+    pub dns: String,
+    /// FREE or PROCURED.
+    pub state: ShadowState,
+    /// The holder while PROCURED.
+    pub owner: Option<Owner>,
+    /// Minimum pod count requested by the holder.
+    #[serde(default)]
+    pub min_pod_count: u32,
+    /// Time of the last change.
+    pub last_updated_at: DateTime<Utc>,
+    /// Incremented by every state change.
+    pub version: u64,
+}
+
+impl ShadowDeployable {
+    /// A new FREE record.
+    pub fn new(name: &str, node_pool: &str, dns: &str, now: DateTime<Utc>) -> Self {
+        Self {
+            name: name.to_owned(),
+            node_pool: node_pool.to_owned(),
+            dns: dns.to_owned(),
+            state: ShadowState::Free,
+            owner: None,
+            min_pod_count: 0,
+            last_updated_at: now,
+            version: 0,
+        }
+    }
+
+    /// Whether the in-use index should say `true`.
+    pub fn in_use(&self) -> bool {
+        self.state == ShadowState::Procured
+    }
+
+    /// The owner's run id, if procured.
+    pub fn owner_run(&self) -> Option<&str> {
+        self.owner.as_ref().map(|o| o.workflow_run_id.as_str())
+    }
+}
+
+/// How a min-pod-count request changes the count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MinPodAction {
+    /// Add `count`.
+    Increase,
+    /// Subtract `count`, flooring at zero.
+    Decrease,
+    /// Set to zero.
+    ResetTo0,
+}
+
+/// A request against one shadow deployable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShadowCommand {
+    /// Borrow it for a workflow run.
+    Procure {
+        /// Caller's run id.
+        run_id: String,
+        /// Caller's plan.
+        plan: Option<String>,
+    },
+    /// Give it back.
+    Release {
+        /// Caller's run id.
+        run_id: String,
+    },
+    /// Change the minimum pod count (owner only).
+    MinPodCount {
+        /// Caller's run id.
+        run_id: String,
+        /// How to change it.
+        action: MinPodAction,
+        /// By how much.
+        count: u32,
+    },
+    /// Create the record, or update its node pool and DNS name.
+    Register {
+        /// Name of the deployable.
+        name: String,
+        /// Node pool.
+        node_pool: String,
+        /// DNS name.
+        dns: String,
+    },
+    /// Remove the record (only when FREE).
+    Delete,
+}
+
+impl ShadowCommand {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Procure { .. } => "procure",
+            Self::Release { .. } => "release",
+            Self::MinPodCount { .. } => "min_pod_count",
+            Self::Register { .. } => "register",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// What the caller is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShadowOutcome {
+    /// The caller holds it (newly or already).
+    Procured,
+    /// Someone else holds it; retry after `delay` seconds.
+    Failed {
+        /// Seconds to wait before retrying.
+        delay: u64,
+    },
+    /// Given back.
+    Released,
+    /// Minimum pod count is now `min_pod_count`.
+    Updated {
+        /// The new count.
+        min_pod_count: u32,
+    },
+    /// Registered (`created`) or its fields updated.
+    Registered {
+        /// True when the record did not exist.
+        created: bool,
+    },
+    /// Removed.
+    Deleted,
+}
+
+/// What happens to the persisted record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Nothing is written.
+    None,
+    /// The record becomes this.
+    Put(ShadowDeployable),
+    /// The record is removed.
+    Delete,
+}
+
+/// The result of [`decide`]: the change to persist and the answer to give once it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Change to persist (atomically) before answering.
+    pub change: Change,
+    /// Answer for the caller.
+    pub outcome: ShadowOutcome,
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShadowError {
+    /// No such record.
+    #[error("shadow deployable not found")]
+    NotFound,
+    /// The caller does not hold it.
+    #[error("shadow deployable is procured by another workflow run")]
+    NotOwner,
+    /// It is FREE, so there is nothing to release or scale.
+    #[error("shadow deployable is not procured")]
+    NotProcured,
+    /// It cannot be deleted while someone holds it.
+    #[error("shadow deployable is procured; release it before deleting")]
+    StillProcured,
+    /// The resulting count would exceed [`MAX_MIN_POD_COUNT`].
+    #[error("min_pod_count would exceed the maximum of {MAX_MIN_POD_COUNT}")]
+    CountTooLarge,
+}
+
+/// Inputs a transition needs besides the record and the command.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    /// Now.
+    pub now: DateTime<Utc>,
+    /// Seconds a losing PROCURE is told to wait.
+    pub retry_delay: u64,
+}
+
+/// Computes the decision for `cmd` against the current record (`None` = absent).
+pub fn decide(
+    current: Option<&ShadowDeployable>,
+    cmd: &ShadowCommand,
+    ctx: Context,
+) -> Result<Decision, ShadowError> {
+    let unchanged = |outcome| {
+        Ok(Decision {
+            change: Change::None,
+            outcome,
+        })
+    };
+    let Some(rec) = current else {
+        return match cmd {
+            ShadowCommand::Register {
+                name,
+                node_pool,
+                dns,
+            } => Ok(Decision {
+                change: Change::Put(ShadowDeployable::new(name, node_pool, dns, ctx.now)),
+                outcome: ShadowOutcome::Registered { created: true },
+            }),
+            _ => Err(ShadowError::NotFound),
+        };
+    };
+    match cmd {
+        ShadowCommand::Procure { run_id, plan } => match rec.owner_run() {
+            Some(owner) if owner == run_id => unchanged(ShadowOutcome::Procured),
+            Some(_) => unchanged(ShadowOutcome::Failed {
+                delay: ctx.retry_delay,
+            }),
+            None => {
+                let mut next = rec.clone();
+                next.state = ShadowState::Procured;
+                next.owner = Some(Owner {
+                    workflow_run_id: run_id.clone(),
+                    workflow_plan: plan.clone(),
+                    procured_at: ctx.now,
+                });
+                bump(&mut next, ctx);
+                Ok(Decision {
+                    change: Change::Put(next),
+                    outcome: ShadowOutcome::Procured,
+                })
+            }
+        },
+        ShadowCommand::Release { run_id } => {
+            check_owner(rec, run_id)?;
+            let mut next = rec.clone();
+            next.state = ShadowState::Free;
+            next.owner = None;
+            next.min_pod_count = 0;
+            bump(&mut next, ctx);
+            Ok(Decision {
+                change: Change::Put(next),
+                outcome: ShadowOutcome::Released,
+            })
+        }
+        ShadowCommand::MinPodCount {
+            run_id,
+            action,
+            count,
+        } => {
+            check_owner(rec, run_id)?;
+            let target = match action {
+                MinPodAction::Increase => rec
+                    .min_pod_count
+                    .checked_add(*count)
+                    .filter(|c| *c <= MAX_MIN_POD_COUNT)
+                    .ok_or(ShadowError::CountTooLarge)?,
+                MinPodAction::Decrease => rec.min_pod_count.saturating_sub(*count),
+                MinPodAction::ResetTo0 => 0,
+            };
+            if target == rec.min_pod_count {
+                return unchanged(ShadowOutcome::Updated {
+                    min_pod_count: target,
+                });
+            }
+            let mut next = rec.clone();
+            next.min_pod_count = target;
+            bump(&mut next, ctx);
+            Ok(Decision {
+                change: Change::Put(next),
+                outcome: ShadowOutcome::Updated {
+                    min_pod_count: target,
+                },
+            })
+        }
+        ShadowCommand::Delete => {
+            if rec.state == ShadowState::Procured {
+                return Err(ShadowError::StillProcured);
+            }
+            Ok(Decision {
+                change: Change::Delete,
+                outcome: ShadowOutcome::Deleted,
+            })
+        }
+        ShadowCommand::Register { node_pool, dns, .. } => {
+            if rec.node_pool == *node_pool && rec.dns == *dns {
+                return unchanged(ShadowOutcome::Registered { created: false });
+            }
+            let mut next = rec.clone();
+            next.node_pool.clone_from(node_pool);
+            next.dns.clone_from(dns);
+            next.last_updated_at = ctx.now;
+            Ok(Decision {
+                change: Change::Put(next),
+                outcome: ShadowOutcome::Registered { created: false },
+            })
+        }
+    }
+}
+
+fn check_owner(rec: &ShadowDeployable, run_id: &str) -> Result<(), ShadowError> {
+    match rec.owner_run() {
+        None => Err(ShadowError::NotProcured),
+        Some(owner) if owner != run_id => Err(ShadowError::NotOwner),
+        Some(_) => Ok(()),
+    }
+}
+
+fn bump(rec: &mut ShadowDeployable, ctx: Context) {
+    rec.version += 1;
+    rec.last_updated_at = ctx.now;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ctx() -> Context {
+        Context {
+            now: DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
+            retry_delay: 300,
+        }
+    }
+
+    fn free() -> ShadowDeployable {
+        ShadowDeployable::new("d", "pool", "d.example", ctx().now)
+    }
+
+    fn procure(run: &str) -> ShadowCommand {
+        ShadowCommand::Procure {
+            run_id: run.into(),
+            plan: Some("plan".into()),
+        }
+    }
+
+    fn apply(rec: &ShadowDeployable, cmd: &ShadowCommand) -> (ShadowDeployable, ShadowOutcome) {
+        let d = decide(Some(rec), cmd, ctx()).expect("decision");
+        match d.change {
+            Change::Put(next) => (next, d.outcome),
+            _ => (rec.clone(), d.outcome),
+        }
+    }
+
+    #[test]
+    fn procure_free_sets_owner_and_bumps_version() {
+        let (next, out) = apply(&free(), &procure("r1"));
+        assert_eq!(out, ShadowOutcome::Procured);
+        assert_eq!(next.state, ShadowState::Procured);
+        assert_eq!(next.owner_run(), Some("r1"));
+        assert_eq!(next.version, 1);
+    }
+
+    #[test]
+    fn procure_by_other_fails_with_delay_and_changes_nothing() {
+        let (held, _) = apply(&free(), &procure("r1"));
+        let d = decide(Some(&held), &procure("r2"), ctx()).expect("decision");
+        assert_eq!(d.change, Change::None);
+        assert_eq!(d.outcome, ShadowOutcome::Failed { delay: 300 });
+        let again = decide(Some(&held), &procure("r1"), ctx()).expect("decision");
+        assert_eq!(again.change, Change::None);
+        assert_eq!(again.outcome, ShadowOutcome::Procured);
+    }
+
+    #[test]
+    fn release_resets_pods_and_only_owner_may() {
+        let (held, _) = apply(&free(), &procure("r1"));
+        let (scaled, _) = apply(
+            &held,
+            &ShadowCommand::MinPodCount {
+                run_id: "r1".into(),
+                action: MinPodAction::Increase,
+                count: 4,
+            },
+        );
+        assert_eq!(scaled.min_pod_count, 4);
+        let other = ShadowCommand::Release {
+            run_id: "r2".into(),
+        };
+        assert_eq!(
+            decide(Some(&scaled), &other, ctx()),
+            Err(ShadowError::NotOwner)
+        );
+        let (freed, out) = apply(
+            &scaled,
+            &ShadowCommand::Release {
+                run_id: "r1".into(),
+            },
+        );
+        assert_eq!(out, ShadowOutcome::Released);
+        assert_eq!(freed.state, ShadowState::Free);
+        assert_eq!(freed.min_pod_count, 0);
+        assert!(freed.owner.is_none());
+        assert_eq!(
+            decide(Some(&freed), &other, ctx()),
+            Err(ShadowError::NotProcured)
+        );
+    }
+
+    #[test]
+    fn decrease_floors_at_zero_and_increase_is_capped() {
+        let (held, _) = apply(&free(), &procure("r1"));
+        let dec = ShadowCommand::MinPodCount {
+            run_id: "r1".into(),
+            action: MinPodAction::Decrease,
+            count: 7,
+        };
+        let d = decide(Some(&held), &dec, ctx()).expect("decision");
+        assert_eq!(d.outcome, ShadowOutcome::Updated { min_pod_count: 0 });
+        let inc = ShadowCommand::MinPodCount {
+            run_id: "r1".into(),
+            action: MinPodAction::Increase,
+            count: MAX_MIN_POD_COUNT + 1,
+        };
+        assert_eq!(
+            decide(Some(&held), &inc, ctx()),
+            Err(ShadowError::CountTooLarge)
+        );
+    }
+
+    #[test]
+    fn register_and_delete() {
+        let d = decide(
+            None,
+            &ShadowCommand::Register {
+                name: "n".into(),
+                node_pool: "p".into(),
+                dns: "x".into(),
+            },
+            ctx(),
+        )
+        .expect("decision");
+        assert_eq!(d.outcome, ShadowOutcome::Registered { created: true });
+        let (held, _) = apply(&free(), &procure("r1"));
+        assert_eq!(
+            decide(Some(&held), &ShadowCommand::Delete, ctx()),
+            Err(ShadowError::StillProcured)
+        );
+        assert_eq!(
+            decide(None, &ShadowCommand::Delete, ctx()),
+            Err(ShadowError::NotFound)
+        );
+    }
+
+    fn any_command() -> impl Strategy<Value = ShadowCommand> {
+        let run = prop_oneof![Just("r1"), Just("r2"), Just("r3")].prop_map(String::from);
+        let action = prop_oneof![
+            Just(MinPodAction::Increase),
+            Just(MinPodAction::Decrease),
+            Just(MinPodAction::ResetTo0)
+        ];
+        prop_oneof![
+            run.clone().prop_map(|r| ShadowCommand::Procure {
+                run_id: r,
+                plan: None
+            }),
+            run.clone()
+                .prop_map(|r| ShadowCommand::Release { run_id: r }),
+            (run, action, 0u32..20_000).prop_map(|(r, a, c)| ShadowCommand::MinPodCount {
+                run_id: r,
+                action: a,
+                count: c
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn no_sequence_reaches_an_illegal_state(cmds in prop::collection::vec(any_command(), 0..64)) {
+            let mut rec = free();
+            for cmd in &cmds {
+                let before = rec.clone();
+                match decide(Some(&rec), cmd, ctx()) {
+                    Ok(Decision { change: Change::Put(next), outcome }) => {
+                        // versions strictly increase on every state change
+                        prop_assert!(next.version > before.version);
+                        if let ShadowCommand::Release { run_id } = cmd {
+                            // release only by the owner
+                            prop_assert_eq!(before.owner_run(), Some(run_id.as_str()));
+                            prop_assert_eq!(&outcome, &ShadowOutcome::Released);
+                        }
+                        rec = next;
+                    }
+                    Ok(Decision { change: Change::None, .. }) => {}
+                    Ok(Decision { change: Change::Delete, .. }) => prop_assert!(false, "delete not issued"),
+                    Err(_) => {}
+                }
+                // the invariant: FREE <=> no owner, and FREE => no pods requested
+                prop_assert_eq!(rec.state == ShadowState::Free, rec.owner.is_none());
+                if rec.state == ShadowState::Free {
+                    prop_assert_eq!(rec.min_pod_count, 0);
+                }
+                prop_assert!(rec.min_pod_count <= MAX_MIN_POD_COUNT);
+            }
+        }
+    }
+}

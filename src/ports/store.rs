@@ -1,0 +1,125 @@
+//! The `Store` port: a small, etcd-shaped key-value API with revisions, multi-key
+//! compare-and-swap transactions, leases and prefix watches.
+//!
+//! Keys are relative to the adapter's prefix (`ETCD_PREFIX`); adapters add and strip it.
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+/// A key with its value and revisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kv {
+    /// Key, without the adapter prefix.
+    pub key: String,
+    /// Raw value.
+    pub value: Vec<u8>,
+    /// Revision of the last write to this key.
+    pub mod_revision: i64,
+    /// Revision at which the key was created.
+    pub create_revision: i64,
+}
+
+/// A guard of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compare {
+    /// The key's `mod_revision` equals this (0 means the key is absent).
+    ModRevision(String, i64),
+    /// The key's `create_revision` equals this (fencing on an election key).
+    CreateRevision(String, i64),
+}
+
+/// A write inside a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Put `value` at `key`, bound to `lease` when given.
+    Put {
+        /// Key.
+        key: String,
+        /// Value.
+        value: Vec<u8>,
+        /// Lease id to attach.
+        lease: Option<i64>,
+    },
+    /// Delete `key`.
+    Delete {
+        /// Key.
+        key: String,
+    },
+}
+
+/// One atomic transaction: if every compare holds, apply `success`; otherwise read
+/// `failure_gets` (so a lost CAS costs no extra round trip to learn the new state).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    /// Guards.
+    pub compares: Vec<Compare>,
+    /// Writes applied when every guard holds.
+    pub success: Vec<Op>,
+    /// Keys read when a guard fails.
+    pub failure_gets: Vec<String>,
+}
+
+/// The outcome of a [`Txn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnResult {
+    /// Whether the guards held and the writes were applied.
+    pub succeeded: bool,
+    /// Store revision after the transaction.
+    pub revision: i64,
+    /// On failure: the current value of each of `failure_gets`, in order.
+    pub fetched: Vec<Option<Kv>>,
+}
+
+/// A change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// A key was created or updated.
+    Put(Kv),
+    /// A key was deleted (or its lease expired).
+    Delete {
+        /// Key.
+        key: String,
+        /// Revision of the deletion.
+        mod_revision: i64,
+    },
+}
+
+/// A live watch: batches of events in revision order. The channel closes when the
+/// watch breaks; the error tells why.
+pub type WatchReceiver = mpsc::Receiver<Result<Vec<WatchEvent>, StoreError>>;
+
+/// Store failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached (or timed out); the caller may retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A watch asked for a revision that was compacted away.
+    #[error("revision {0} was compacted")]
+    Compacted(i64),
+    /// The lease used by a write no longer exists.
+    #[error("lease not found")]
+    LeaseNotFound,
+    /// Anything else the store reported.
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+/// Key-value store with CAS transactions (etcd, or the in-memory equivalent).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads one key.
+    async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError>;
+    /// Reads every key under `prefix`, with the store revision of the read.
+    async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError>;
+    /// Runs one atomic transaction.
+    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError>;
+    /// Grants a lease of `ttl_seconds`; returns its id.
+    async fn grant_lease(&self, ttl_seconds: i64) -> Result<i64, StoreError>;
+    /// Watches `prefix` from `start_revision` (inclusive).
+    async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchReceiver, StoreError>;
+    /// Cheap liveness check of the store.
+    async fn health(&self) -> Result<(), StoreError>;
+    /// Adapter name for logs and metrics.
+    fn name(&self) -> &'static str;
+}

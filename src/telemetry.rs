@@ -1,0 +1,132 @@
+//! Tracing set-up and the Prometheus metrics every layer records into.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tracing_subscriber::{fmt, EnvFilter};
+
+use crate::config::LogFormat;
+
+/// Installs the global tracing subscriber (`RUST_LOG`, default `info`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// All metrics of one service instance (its own registry, so tests can run several).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// HTTP requests by route pattern, method and status.
+    pub http_requests: IntCounterVec,
+    /// HTTP latency by route pattern.
+    pub http_latency: HistogramVec,
+    /// Entity transitions by kind, command and result.
+    pub transitions: IntCounterVec,
+    /// CAS transactions lost to another writer, by kind.
+    pub cas_conflicts: IntCounterVec,
+    /// Store calls by adapter and operation (the histogram count is the call count).
+    pub store_latency: HistogramVec,
+    /// Idempotent replays served, by result (`replayed`, `mismatch`, `in_flight`).
+    pub idempotency: IntCounterVec,
+    /// Live actors by kind.
+    pub actors: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        let http_requests = IntCounterVec::new(
+            Opts::new("http_requests_total", "HTTP requests by route and status"),
+            &["route", "method", "status"],
+        );
+        let http_latency = HistogramVec::new(
+            HistogramOpts::new("http_request_duration_seconds", "HTTP latency by route")
+                .buckets(buckets.clone()),
+            &["route"],
+        );
+        let transitions = IntCounterVec::new(
+            Opts::new("entity_transitions_total", "Entity commands by result"),
+            &["kind", "command", "result"],
+        );
+        let cas_conflicts = IntCounterVec::new(
+            Opts::new(
+                "cas_conflicts_total",
+                "CAS transactions lost to another writer",
+            ),
+            &["kind"],
+        );
+        let store_latency = HistogramVec::new(
+            HistogramOpts::new("store_call_duration_seconds", "Store call latency")
+                .buckets(buckets),
+            &["adapter", "op", "result"],
+        );
+        let idempotency = IntCounterVec::new(
+            Opts::new("idempotency_outcomes_total", "Idempotency-key outcomes"),
+            &["result"],
+        );
+        let actors = IntGaugeVec::new(Opts::new("actors_live", "Live actors by kind"), &["kind"]);
+        // Metric construction only fails on invalid names, which are constants here.
+        let metrics = Self {
+            registry,
+            http_requests: http_requests.unwrap_or_else(|e| panic!("metric: {e}")),
+            http_latency: http_latency.unwrap_or_else(|e| panic!("metric: {e}")),
+            transitions: transitions.unwrap_or_else(|e| panic!("metric: {e}")),
+            cas_conflicts: cas_conflicts.unwrap_or_else(|e| panic!("metric: {e}")),
+            store_latency: store_latency.unwrap_or_else(|e| panic!("metric: {e}")),
+            idempotency: idempotency.unwrap_or_else(|e| panic!("metric: {e}")),
+            actors: actors.unwrap_or_else(|e| panic!("metric: {e}")),
+        };
+        for c in [
+            Box::new(metrics.http_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(metrics.http_latency.clone()),
+            Box::new(metrics.transitions.clone()),
+            Box::new(metrics.cas_conflicts.clone()),
+            Box::new(metrics.store_latency.clone()),
+            Box::new(metrics.idempotency.clone()),
+            Box::new(metrics.actors.clone()),
+        ] {
+            let _ = metrics.registry.register(c);
+        }
+        metrics
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Number of calls of `op` made to the `adapter` store so far (any result).
+    pub fn store_calls(&self, adapter: &str, op: &str) -> u64 {
+        ["ok", "error"]
+            .iter()
+            .filter_map(|r| {
+                self.store_latency
+                    .get_metric_with_label_values(&[adapter, op, r])
+                    .ok()
+            })
+            .map(|h| h.get_sample_count())
+            .sum()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

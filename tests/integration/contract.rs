@@ -1,0 +1,608 @@
+//! Every branch of the shadow deployable HTTP contract, against memory and etcd.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::test::{self, TestRequest};
+use resource_plane::adapters::memory::MemoryStore;
+use resource_plane::api;
+use resource_plane::keys;
+use resource_plane::ports::store::Store;
+use serde_json::{json, Value};
+
+use crate::support::{self, get, post, put, send, Etcd};
+
+const BASE: &str = "/api/1.0/int/shadow-deployables";
+
+fn procure(name: &str, run: &str) -> Value {
+    json!({"action": "PROCURE", "name": name, "workflow_run_id": run, "workflow_plan": "pre-scaleup-load-test"})
+}
+
+fn release(name: &str, run: &str) -> Value {
+    json!({"action": "RELEASE", "name": name, "workflow_run_id": run})
+}
+
+fn pods(action: &str, count: i64, name: &str, run: &str) -> Value {
+    json!({"action": action, "count": count, "name": name, "workflow_run_id": run, "workflow_task_id": "t1"})
+}
+
+async fn index_value(store: &dyn Store, name: &str) -> Option<String> {
+    store
+        .get(&keys::shadow_in_use("int", name))
+        .await
+        .ok()
+        .flatten()
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+}
+
+/// Runs the whole contract on a fresh service over `store`.
+async fn contract_suite(store: Arc<dyn Store>) {
+    let svc = support::service(support::config(), store.clone()).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+
+    // environments
+    let r = send(&app, get("/api/1.0/dev/shadow-deployables").to_request()).await;
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("unknown environment"), "{}", r.error());
+
+    // register (201), idempotent re-register (200), the typo alias
+    let r = send(
+        &app,
+        put(
+            &format!("{BASE}/d1"),
+            &json!({"node_pool": "p1", "dns": "d1.example"}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json["status"].as_str()),
+        (201, Some("CREATED"))
+    );
+    let r = send(
+        &app,
+        put(
+            &format!("{BASE}/d1"),
+            &json!({"node_pool": "p1", "dns": "d1.example"}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = send(
+        &app,
+        put(
+            &format!("{BASE}/d2"),
+            &json!({"node_pool": "p2", "dns": "d2.example"}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    let r = send(
+        &app,
+        put(
+            "/api/1.0/int/shadow-deploybles/d0",
+            &json!({"node_pool": "p2", "dns": "d0.example"}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    assert_eq!(
+        index_value(store.as_ref(), "d1").await.as_deref(),
+        Some("false")
+    );
+
+    // list: sorted, exact fields
+    let r = send(&app, get(BASE).to_request()).await;
+    assert_eq!(r.status, 200);
+    let names: Vec<&str> = r.json["data"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|d| d["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, vec!["d0", "d1", "d2"]);
+    let first = &r.json["data"][1];
+    let mut fields: Vec<&str> = first
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        vec![
+            "dns",
+            "in_use",
+            "name",
+            "node_pool",
+            "owner",
+            "pod_count",
+            "state",
+            "version"
+        ]
+    );
+    assert_eq!(first["state"], "FREE");
+    assert_eq!(first["in_use"], false);
+    assert_eq!(first["owner"], Value::Null);
+
+    // filters, case-insensitive env, bad in_use
+    let r = send(
+        &app,
+        get("/api/1.0/INT/shadow-deployables?in_use=false&node_pool=p2").to_request(),
+    )
+    .await;
+    assert_eq!(r.json["data"].as_array().map(Vec::len), Some(2));
+    let r = send(&app, get(&format!("{BASE}?in_use=maybe")).to_request()).await;
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("in_use"), "{}", r.error());
+    let r = send(&app, get(&format!("{BASE}?colour=red")).to_request()).await;
+    assert_eq!(r.status, 400);
+
+    // procure
+    let r = send(&app, post(BASE, &procure("d1", "r1")).to_request()).await;
+    assert_eq!(
+        (r.status, r.raw.as_slice()),
+        (200, br#"{"status":"PROCURED"}"#.as_slice())
+    );
+    assert_eq!(
+        index_value(store.as_ref(), "d1").await.as_deref(),
+        Some("true")
+    );
+    let r = send(&app, get(&format!("{BASE}?in_use=true")).to_request()).await;
+    let d1 = &r.json["data"][0];
+    assert_eq!(
+        (d1["name"].as_str(), d1["version"].as_u64()),
+        (Some("d1"), Some(1))
+    );
+    assert_eq!(d1["owner"]["workflow_run_id"], "r1");
+    assert_eq!(d1["owner"]["workflow_plan"], "pre-scaleup-load-test");
+    assert!(d1["owner"]["procured_at"].is_string());
+
+    // held by another run -> FAILED with delay; by the same run -> PROCURED, no change
+    let r = send(&app, post(BASE, &procure("d1", "r2")).to_request()).await;
+    assert_eq!(
+        (r.status, r.json.clone()),
+        (200, json!({"status": "FAILED", "delay": 300}))
+    );
+    let r = send(&app, post(BASE, &procure("d1", "r1")).to_request()).await;
+    assert_eq!(r.json, json!({"status": "PROCURED"}));
+    let r = send(&app, get(&format!("{BASE}?in_use=true")).to_request()).await;
+    assert_eq!(r.json["data"][0]["version"], 1);
+
+    // min pod count: owner only, floors at 0, alias path, validation
+    let r = send(
+        &app,
+        post(
+            &format!("{BASE}/min-pod-count"),
+            &pods("INCREASE", 4, "d1", "r2"),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 409);
+    let r = send(
+        &app,
+        post(
+            &format!("{BASE}/min-pod-count"),
+            &pods("INCREASE", 4, "d1", "r1"),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.json, json!({"status": "UPDATED", "min_pod_count": 4}));
+    let r = send(
+        &app,
+        post(
+            &format!("{BASE}/min-pod-count"),
+            &pods("DECREASE", 10, "d1", "r1"),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.json, json!({"status": "UPDATED", "min_pod_count": 0}));
+    let r = send(
+        &app,
+        post(
+            "/api/1.0/int/shadow-deploybles/min-pod-count",
+            &pods("INCREASE", 3, "d1", "r1"),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.json, json!({"status": "UPDATED", "min_pod_count": 3}));
+    let r = send(&app, get(&format!("{BASE}?in_use=true")).to_request()).await;
+    assert_eq!(r.json["data"][0]["pod_count"], 3);
+    let r = send(
+        &app,
+        post(
+            &format!("{BASE}/min-pod-count"),
+            &pods("INCREASE", -1, "d1", "r1"),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("count"), "{}", r.error());
+    let r = send(
+        &app,
+        post(
+            &format!("{BASE}/min-pod-count"),
+            &json!({"action": "INCREASE", "name": "d1", "workflow_run_id": "r1"}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = send(
+        &app,
+        post(
+            &format!("{BASE}/min-pod-count"),
+            &pods("INCREASE", 1, "d2", "r1"),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 409, "d2 is FREE: {}", r.error());
+
+    // release: owner only; delete refused while procured
+    let r = send(&app, post(BASE, &release("d1", "r2")).to_request()).await;
+    assert_eq!(r.status, 409);
+    assert!(r.error().contains("another workflow run"), "{}", r.error());
+    let r = send(
+        &app,
+        TestRequest::delete()
+            .uri(&format!("{BASE}/d1"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 409);
+    let r = send(&app, post(BASE, &release("d1", "r1")).to_request()).await;
+    assert_eq!(
+        (r.status, r.json.clone()),
+        (200, json!({"status": "RELEASED"}))
+    );
+    assert_eq!(
+        index_value(store.as_ref(), "d1").await.as_deref(),
+        Some("false")
+    );
+    let r = send(&app, get(&format!("{BASE}?node_pool=p1")).to_request()).await;
+    let d1 = &r.json["data"][0];
+    assert_eq!(
+        (
+            d1["state"].as_str(),
+            d1["pod_count"].as_u64(),
+            d1["owner"].is_null()
+        ),
+        (Some("FREE"), Some(0), true)
+    );
+    assert!(d1["version"].as_u64().unwrap_or(0) > 1);
+    let r = send(&app, post(BASE, &release("d1", "r1")).to_request()).await;
+    assert_eq!(r.status, 409, "releasing a FREE deployable");
+
+    // unknown name
+    let r = send(&app, post(BASE, &procure("nope", "r1")).to_request()).await;
+    assert_eq!(r.status, 404);
+
+    // hostile bodies: each names its problem
+    let mut unknown = procure("d1", "r1");
+    unknown["colour"] = json!("red");
+    let r = send(&app, post(BASE, &unknown).to_request()).await;
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("colour"), "{}", r.error());
+    let r = send(
+        &app,
+        post(
+            BASE,
+            &json!({"action": "PROCURE", "name": 5, "workflow_run_id": "r"}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = send(
+        &app,
+        post(BASE, &json!({"action": "PROCURE", "name": "d1"})).to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("workflow_run_id"), "{}", r.error());
+    let r = send(
+        &app,
+        post(
+            BASE,
+            &json!({"action": "BORROW", "name": "d1", "workflow_run_id": "r"}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("BORROW"), "{}", r.error());
+    let r = send(
+        &app,
+        post(
+            BASE,
+            &json!({"action": "PROCURE", "name": "../x", "workflow_run_id": "r"}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = send(
+        &app,
+        TestRequest::post()
+            .uri(BASE)
+            .insert_header(("content-type", "text/plain"))
+            .set_payload("{}")
+            .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 415);
+    let big = format!(
+        "{{\"action\":\"PROCURE\",\"name\":\"{}\",\"workflow_run_id\":\"r\"}}",
+        "x".repeat(1024 * 1024)
+    );
+    let r = send(
+        &app,
+        TestRequest::post()
+            .uri(BASE)
+            .insert_header(("content-type", "application/json"))
+            .set_payload(big)
+            .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 413);
+    let r = send(
+        &app,
+        TestRequest::post()
+            .uri(BASE)
+            .insert_header(("content-type", "application/json"))
+            .set_payload(vec![b'{', 0xff, 0xfe, b'}'])
+            .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = send(
+        &app,
+        TestRequest::post()
+            .uri(BASE)
+            .insert_header(("content-type", "application/json"))
+            .set_payload("[1,2]")
+            .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = send(
+        &app,
+        TestRequest::post()
+            .uri(BASE)
+            .insert_header(("content-type", "application/json"))
+            .set_payload("{\"action\":")
+            .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.json["error"].is_string());
+    // nothing above changed d1
+    let r = send(&app, get(&format!("{BASE}?node_pool=p1")).to_request()).await;
+    assert_eq!(r.json["data"][0]["state"], "FREE");
+
+    // delete
+    let r = send(
+        &app,
+        TestRequest::delete()
+            .uri(&format!("{BASE}/d0"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(index_value(store.as_ref(), "d0").await, None);
+    let r = send(
+        &app,
+        TestRequest::delete()
+            .uri(&format!("{BASE}/d0"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    let ok = support::eventually(Duration::from_secs(5), || async {
+        let r = send(&app, get(BASE).to_request()).await;
+        r.json["data"].as_array().map(Vec::len) == Some(2)
+    })
+    .await;
+    assert!(ok, "deleted deployable still listed");
+
+    // method and route fallbacks
+    let r = send(&app, TestRequest::patch().uri(BASE).to_request()).await;
+    assert_eq!(r.status, 405);
+    assert!(r.json["error"].is_string());
+    let r = send(&app, get("/api/1.0/int/nothing-here").to_request()).await;
+    assert_eq!(r.status, 404);
+    assert!(r.json["error"].is_string());
+
+    // health, metrics, request ids
+    assert_eq!(send(&app, get("/health").to_request()).await.status, 200);
+    assert_eq!(
+        send(&app, get("/health/self").to_request()).await.status,
+        200
+    );
+    let r = send(&app, get("/health/ready").to_request()).await;
+    assert_eq!((r.status, r.json["hydrated"].as_bool()), (200, Some(true)));
+    let r = send(&app, get("/metrics").to_request()).await;
+    let text = String::from_utf8_lossy(&r.raw).into_owned();
+    assert!(text.contains("http_requests_total"), "{text}");
+    assert!(text.contains("entity_transitions_total"), "{text}");
+    assert!(text.contains("store_call_duration_seconds"), "{text}");
+    let r = send(
+        &app,
+        get("/health")
+            .insert_header(("x-request-id", "req-abc-1"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(
+        r.headers.get("x-request-id").and_then(|v| v.to_str().ok()),
+        Some("req-abc-1")
+    );
+    let r = send(&app, get("/health").to_request()).await;
+    assert_eq!(r.headers.get("x-request-id").map(|v| v.len()), Some(36));
+
+    // introspection
+    let r = send(&app, get("/api/1.0/actors").to_request()).await;
+    let actors = r.json["data"].as_array().cloned().unwrap_or_default();
+    let a = actors
+        .iter()
+        .find(|a| a["id"] == "int/d1")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(a["kind"], "shadow-deployable");
+    assert_eq!(a["state"], "FREE");
+    assert!(a["mod_revision"].as_i64().unwrap_or(0) > 0);
+    assert!(a["last_transition_at"].is_string());
+    for f in ["mailbox_depth", "restarts", "version"] {
+        assert!(a[f].is_u64() || a[f].is_i64(), "{f} missing in {a}");
+    }
+    let r = send(
+        &app,
+        get("/api/1.0/actors/shadow-deployable/int/d1").to_request(),
+    )
+    .await;
+    assert_eq!((r.status, r.json["id"].as_str()), (200, Some("int/d1")));
+    let r = send(
+        &app,
+        get("/api/1.0/actors/shadow-deployable/int/zzz").to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+}
+
+#[actix_web::test]
+async fn contract_against_memory_store() {
+    contract_suite(Arc::new(MemoryStore::new())).await;
+}
+
+#[actix_web::test]
+async fn contract_against_real_etcd() {
+    let etcd = Etcd::start();
+    contract_suite(etcd.store(&support::unique_prefix())).await;
+}
+
+#[actix_web::test]
+async fn auth_guards_every_api_route_but_not_probes() {
+    let mut cfg = support::config();
+    cfg.api_token = Some(resource_plane::config::Secret::new("s3cret-token"));
+    let svc = support::service(cfg, Arc::new(MemoryStore::new())).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    for path in [
+        BASE,
+        "/api/1.0/actors",
+        "/api/1.0/dev/shadow-deployables",
+        "/api/1.0/nothing",
+    ] {
+        let r = send(&app, get(path).to_request()).await;
+        assert_eq!(r.status, 401, "{path} without a token");
+        assert!(r.json["error"].is_string());
+        let r = send(
+            &app,
+            get(path)
+                .insert_header(("authorization", "Bearer wrong"))
+                .to_request(),
+        )
+        .await;
+        assert_eq!(r.status, 401, "{path} with a wrong token");
+    }
+    let r = send(&app, post(BASE, &procure("d1", "r1")).to_request()).await;
+    assert_eq!(r.status, 401);
+    let r = send(
+        &app,
+        get(BASE)
+            .insert_header(("authorization", "Bearer s3cret-token"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    for path in ["/health", "/health/ready", "/health/self", "/metrics"] {
+        assert_eq!(
+            send(&app, get(path).to_request()).await.status,
+            200,
+            "{path}"
+        );
+    }
+}
+
+#[actix_web::test]
+async fn seeding_creates_missing_records_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let seed = dir.path().join("seed.yaml");
+    std::fs::write(&seed, "int:\n  - name: s1\n    node_pool: p\n    dns: s1.example\n  - name: s2\n    node_pool: p\n    dns: s2.example\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = support::config();
+    cfg.seed_file = Some(seed.clone());
+    cfg.seed_file_explicit = true;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let svc = support::service(cfg.clone(), store.clone()).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let listed = || async {
+        let r = send(&app, get(BASE).to_request()).await;
+        r.json["data"].as_array().map(Vec::len) == Some(2)
+    };
+    assert!(support::eventually(Duration::from_secs(5), listed).await);
+    let r = send(&app, post(BASE, &procure("s1", "r1")).to_request()).await;
+    assert_eq!(r.json["status"], "PROCURED");
+
+    // a second instance seeding the same store leaves s1 procured
+    let svc2 = support::service(cfg.clone(), store.clone()).await;
+    let app2 = test::init_service(api::app(svc2.state.clone())).await;
+    let r = send(&app2, get(&format!("{BASE}?in_use=true")).to_request()).await;
+    assert_eq!(r.json["data"][0]["owner"]["workflow_run_id"], "r1");
+
+    // a seed naming an environment outside RM_ENVS is refused at start-up
+    std::fs::write(
+        &seed,
+        "staging:\n  - name: s1\n    node_pool: p\n    dns: x\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(resource_plane::app::load_seed(&cfg).is_err());
+    std::fs::write(
+        &seed,
+        "int:\n  - name: s1\n    node_pool: p\n    dns: x\n    extra: 1\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let e = resource_plane::app::load_seed(&cfg).expect_err("unknown key");
+    assert!(e.to_string().contains("extra"), "{e}");
+}
+
+#[actix_web::test]
+async fn a_panicking_actor_is_restarted_from_persisted_state() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let svc = support::service(support::config(), store).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    send(
+        &app,
+        put(
+            &format!("{BASE}/d1"),
+            &json!({"node_pool": "p", "dns": "d"}),
+        )
+        .to_request(),
+    )
+    .await;
+    let r = send(&app, post(BASE, &procure("d1", "r1")).to_request()).await;
+    assert_eq!(r.json["status"], "PROCURED");
+    let key = resource_plane::actors::shadow::ShadowKey::new("int", "d1");
+    assert!(svc.state.registry.poison(&key).await.is_err());
+    let restarted = support::eventually(Duration::from_secs(5), || async {
+        svc.state.registry.actor(&key).map(|a| a.restarts) == Some(1)
+    })
+    .await;
+    assert!(restarted, "supervisor did not restart the actor");
+    // state reloaded from the store: still owned by r1
+    let r = send(&app, post(BASE, &procure("d1", "r2")).to_request()).await;
+    assert_eq!(r.json["status"], "FAILED");
+    let r = send(&app, post(BASE, &release("d1", "r1")).to_request()).await;
+    assert_eq!(r.json["status"], "RELEASED");
+    let r = send(
+        &app,
+        get("/api/1.0/actors/shadow-deployable/int/d1").to_request(),
+    )
+    .await;
+    assert_eq!(r.json["restarts"], 1);
+}

@@ -1,0 +1,263 @@
+//! Test support: a real etcd on loopback, service builders and HTTP helpers.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::ServiceResponse;
+use actix_web::http::header::HeaderMap;
+use actix_web::test::{self, TestRequest};
+use resource_plane::adapters::etcd::{EtcdSettings, EtcdStore};
+use resource_plane::app::Service;
+use resource_plane::config::Config;
+use resource_plane::ports::store::Store;
+use serde_json::Value;
+
+/// The request type test services take.
+pub type Req = actix_http::Request;
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("cannot find a free port: {e}"))
+}
+
+fn require(bin: &str, install: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("`{bin}` not found on PATH: install it with `{install}` (or run `make test`, which does)")
+        })
+}
+
+/// A single-member etcd started for one test, on free loopback ports and a temp dir.
+pub struct Etcd {
+    child: Option<Child>,
+    /// Client port.
+    pub client_port: u16,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it is healthy.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let mut etcd = Self {
+            child: None,
+            client_port: free_port(),
+            peer_port: free_port(),
+            dir,
+        };
+        etcd.spawn();
+        etcd
+    }
+
+    fn spawn(&mut self) {
+        let bin = require("etcd", "apt-get install etcd-server");
+        let c = format!("http://127.0.0.1:{}", self.client_port);
+        let p = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::File::create(self.dir.path().join("etcd.log"))
+            .unwrap_or_else(|e| panic!("etcd log: {e}"));
+        let err = log.try_clone().unwrap_or_else(|e| panic!("etcd log: {e}"));
+        let child = Command::new(bin)
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
+            .args(["--initial-cluster", &format!("t={p}")])
+            .args(["--initial-cluster-state", "new", "--log-level", "warn"])
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.healthy() {
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not become healthy in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn http_get(&self, path: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.client_port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+
+    fn healthy(&self) -> bool {
+        self.http_get("/health")
+            .is_some_and(|r| r.contains("\"health\":\"true\""))
+    }
+
+    /// etcd's own Prometheus metrics.
+    pub fn metrics(&self) -> String {
+        self.http_get("/metrics").unwrap_or_default()
+    }
+
+    /// How many gRPC calls of `method` (e.g. `Txn`, `Range`) etcd has handled.
+    pub fn grpc_calls(&self, method: &str) -> u64 {
+        let needle = format!("grpc_method=\"{method}\"");
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with("grpc_server_handled_total") && l.contains(&needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    /// `host:port` of the client endpoint.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// SIGKILLs the member.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A store client on this etcd under `prefix`.
+    pub fn store(&self, prefix: &str) -> Arc<dyn Store> {
+        Arc::new(EtcdStore::new(self.settings(prefix)))
+    }
+
+    /// Connection settings under `prefix`.
+    pub fn settings(&self, prefix: &str) -> EtcdSettings {
+        EtcdSettings {
+            endpoints: vec![self.endpoint()],
+            prefix: prefix.to_owned(),
+            auth: None,
+            dial_timeout: Duration::from_millis(1_000),
+            request_timeout: Duration::from_millis(1_500),
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A unique key prefix so tests sharing an etcd never collide.
+pub fn unique_prefix() -> String {
+    format!("/test-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Test configuration (no seed file, retry delay 300).
+pub fn config() -> Config {
+    Config::for_tests()
+}
+
+/// Starts a service on `store` and waits until it is hydrated.
+pub async fn service(config: Config, store: Arc<dyn Store>) -> Service {
+    let svc = Service::start_with_store(config, store)
+        .unwrap_or_else(|e| panic!("service did not start: {e}"));
+    assert!(
+        svc.wait_hydrated(Duration::from_secs(15)).await,
+        "service did not hydrate"
+    );
+    svc
+}
+
+/// An answer.
+#[derive(Debug)]
+pub struct Resp {
+    /// Status code.
+    pub status: u16,
+    /// Parsed JSON body (Null if not JSON).
+    pub json: Value,
+    /// Raw body.
+    pub raw: Vec<u8>,
+    /// Headers.
+    pub headers: HeaderMap,
+}
+
+impl Resp {
+    /// The `error` message of an error body.
+    pub fn error(&self) -> String {
+        self.json["error"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+/// Sends a request to an in-process app.
+pub async fn send<S, B>(app: &S, req: Req) -> Resp
+where
+    S: actix_web::dev::Service<Req, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody,
+{
+    let res = match app.call(req).await {
+        Ok(r) => r,
+        Err(e) => panic!("service error: {e}"),
+    };
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let raw = test::read_body(res).await.to_vec();
+    let json = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+    Resp {
+        status,
+        json,
+        raw,
+        headers,
+    }
+}
+
+/// A JSON POST.
+pub fn post(path: &str, body: &Value) -> TestRequest {
+    TestRequest::post().uri(path).set_json(body)
+}
+
+/// A JSON PUT.
+pub fn put(path: &str, body: &Value) -> TestRequest {
+    TestRequest::put().uri(path).set_json(body)
+}
+
+/// A GET.
+pub fn get(path: &str) -> TestRequest {
+    TestRequest::get().uri(path)
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
