@@ -1,3 +1,4 @@
 //! Pure domain: entities, commands, transition functions. No I/O, no actix, no etcd.
 
 pub mod shadow;
+pub mod worker;
