@@ -11,18 +11,35 @@ use dashmap::DashMap;
 use serde::Deserialize;
 use tracing::{info, warn};
 
+use crate::actors::controller::ControllerCtx;
+use crate::actors::follow::follow;
+use crate::actors::leader::{run_election, Fence};
+use crate::actors::mirror::Mirror;
+use crate::actors::operations::OpsCtx;
 use crate::actors::registry::Registry;
 use crate::actors::shadow::{Deps, View};
+use crate::actors::worker::{WorkerDeps, WorkerRegistry};
+use crate::adapters::ec2::{Ec2Cloud, Ec2Settings};
 use crate::adapters::etcd::EtcdStore;
+use crate::adapters::http_callback::HttpCallbackSender;
 use crate::adapters::instrumented::InstrumentedStore;
+use crate::adapters::kube::KubeAdapter;
 use crate::adapters::memory::MemoryStore;
+use crate::adapters::sim_cloud::SimCloud;
+use crate::adapters::sim_kube::SimKube;
 use crate::api::AppState;
 use crate::config::{valid_segment, Config, ConfigError};
+use crate::domain::callback::UrlPolicy;
+use crate::domain::controller::validate_templates;
 use crate::domain::shadow::ShadowDeployable;
+use crate::domain::worker::WorkerTemplate;
 use crate::idempotency::LeasePool;
 use crate::keys;
+use crate::ports::cloud::CloudProvider;
+use crate::ports::kube::{DeployableSpec, KubeExecutor, ResourceSpec};
 use crate::ports::store::{Compare, Op, Store, StoreError, Txn};
 use crate::telemetry::Metrics;
+use tokio::sync::watch;
 
 /// One entry of the seed file.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -101,6 +118,35 @@ pub async fn apply_seed(store: &dyn Store, seed: &Seed) -> Result<usize, StoreEr
     Ok(created)
 }
 
+/// Reads and validates the worker templates file (unknown keys are errors).
+pub fn load_templates(config: &Config) -> Result<Vec<WorkerTemplate>, ConfigError> {
+    let path = &config.controller.templates_file;
+    let file_err = |reason: String| ConfigError::File {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && !config.controller.templates_file_explicit =>
+        {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(file_err(e.to_string())),
+    };
+    let file: TemplatesFile = serde_yaml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+    validate_templates(&file.templates).map_err(file_err)?;
+    Ok(file.templates)
+}
+
+/// `config/worker-templates.yaml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplatesFile {
+    templates: Vec<WorkerTemplate>,
+}
+
 /// A running service instance: its HTTP state and its actors.
 pub struct Service {
     /// Shared HTTP state.
@@ -108,20 +154,70 @@ pub struct Service {
 }
 
 impl Service {
-    /// Builds the store named by the configuration and starts the service on it.
+    /// Builds the store and cloud named by the configuration and starts the service.
     /// Must be called inside an actix `System`.
-    pub fn start(config: Config) -> Result<Self, ConfigError> {
+    pub async fn start(config: Config) -> Result<Self, ConfigError> {
         let store: Arc<dyn Store> = if config.use_mock_adapters {
             Arc::new(MemoryStore::new())
         } else {
             Arc::new(EtcdStore::new(config.etcd.clone()))
         };
-        Self::start_with_store(config, store)
+        let cloud: Arc<dyn CloudProvider> = if config.sim_cloud {
+            Arc::new(SimCloud::new(config.controller.sim_cloud_boot))
+        } else {
+            Arc::new(
+                Ec2Cloud::new(Ec2Settings {
+                    region: config.controller.aws_region.clone(),
+                    endpoint_url: config.controller.aws_endpoint_url.clone(),
+                    cluster_id: config.controller.cluster_id.clone(),
+                })
+                .await,
+            )
+        };
+        let kube: Arc<dyn KubeExecutor> = if config.sim_kube {
+            new_sim_kube(&config)?
+        } else {
+            Arc::new(
+                KubeAdapter::connect()
+                    .await
+                    .map_err(|e| ConfigError::Invalid {
+                        var: "KUBE_ADAPTER".into(),
+                        reason: format!(
+                            "no usable Kubernetes configuration (in-cluster or kubeconfig): {e}; \
+                     set KUBE_ADAPTER=sim to run without a cluster"
+                        ),
+                    })?,
+            )
+        };
+        Self::start_full(config, store, cloud, kube)
     }
 
-    /// Starts the service on a given store (tests share one store between instances).
+    /// Starts the service on a given store with a simulated cloud (tests).
     pub fn start_with_store(config: Config, store: Arc<dyn Store>) -> Result<Self, ConfigError> {
+        let cloud = Arc::new(SimCloud::new(config.controller.sim_cloud_boot));
+        Self::start_with(config, store, cloud)
+    }
+
+    /// Starts the service on a given store and cloud, with a simulated cluster (tests
+    /// share one store between instances).
+    pub fn start_with(
+        config: Config,
+        store: Arc<dyn Store>,
+        cloud: Arc<dyn CloudProvider>,
+    ) -> Result<Self, ConfigError> {
+        let kube = new_sim_kube(&config)?;
+        Self::start_full(config, store, cloud, kube)
+    }
+
+    /// Starts the service on the given adapters.
+    pub fn start_full(
+        config: Config,
+        store: Arc<dyn Store>,
+        cloud: Arc<dyn CloudProvider>,
+        kube: Arc<dyn KubeExecutor>,
+    ) -> Result<Self, ConfigError> {
         let seed = load_seed(&config)?;
+        let templates = load_templates(&config)?;
         let metrics = Metrics::new();
         let store: Arc<dyn Store> = Arc::new(InstrumentedStore::new(store, metrics.clone()));
         let deps = Arc::new(Deps {
@@ -132,12 +228,70 @@ impl Service {
             view: View::new(),
         });
         let registry = Registry::new(deps, config.actor_threads);
+        let fence = Arc::new(Fence::default());
+        let workers = WorkerRegistry::new(Arc::new(WorkerDeps {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            fence: fence.clone(),
+            view: DashMap::new(),
+            clock: crate::clock::Clock::new(),
+        }));
+        let instances = Arc::new(Mirror::new(keys::INSTANCE_PREFIX));
+        let controller = ControllerCtx::new(
+            store.clone(),
+            cloud,
+            templates,
+            workers.clone(),
+            instances.clone(),
+            fence.clone(),
+            config.controller.clone(),
+            metrics.clone(),
+        );
+        let intents = Arc::new(Mirror::new(keys::WATCH_INTENT_PREFIX));
+        let ops_settings = &config.operations;
+        let sender = Arc::new(HttpCallbackSender::new(
+            UrlPolicy {
+                allowed_hosts: ops_settings.callback_allowed_hosts.clone(),
+                allow_insecure_localhost: ops_settings.callback_allow_insecure_localhost,
+            },
+            ops_settings.callback_signing_secret.clone(),
+            ops_settings.callback_timeout,
+        ));
+        let ops = OpsCtx::new(
+            store.clone(),
+            kube,
+            sender,
+            intents.clone(),
+            fence.clone(),
+            config.operations.clone(),
+            metrics.clone(),
+            controller.clock,
+            registry.clone(),
+        );
+        let (tx, rx) = watch::channel(None);
+        actix_rt::spawn(ops.clone().follow_leadership(rx.clone()));
+        actix_rt::spawn(ops.clone().track_changes());
+        actix_rt::spawn(ops.clone().converge_forever());
+        actix_rt::spawn(follow(store.clone(), intents));
+        actix_rt::spawn(run_election(
+            store.clone(),
+            fence,
+            config.controller.instance_id.clone(),
+            config.controller.leader_lease_ttl,
+            tx,
+        ));
+        actix_rt::spawn(controller.clone().follow_leadership(rx));
+        actix_rt::spawn(controller.clone().kick_on_changes());
+        actix_rt::spawn(follow(store.clone(), workers));
+        actix_rt::spawn(follow(store.clone(), instances));
         let state = web::Data::new(AppState {
             config: Arc::new(config),
             registry: registry.clone(),
             store: store.clone(),
             metrics,
             inflight: DashMap::new(),
+            controller,
+            ops,
         });
         actix_rt::spawn(async move {
             let mut backoff = Duration::from_millis(100);
@@ -156,15 +310,24 @@ impl Service {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-            registry.run_watch().await;
+            follow(store, registry).await;
         });
         Ok(Self { state })
+    }
+
+    /// Stops this replica's leader-only work and its election (it will not campaign
+    /// again); a successor takes over when the lease expires.
+    pub fn shutdown(&self) {
+        self.state.controller.fence.halt();
+        self.state.controller.stop_leading();
+        self.state.ops.stop_leading();
+        self.state.controller.fence.lose();
     }
 
     /// Waits (bounded) until the actors are hydrated; for tests and start-up logs.
     pub async fn wait_hydrated(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
-        while !self.state.registry.is_hydrated() {
+        while !self.state.is_hydrated() {
             if tokio::time::Instant::now() >= deadline {
                 return false;
             }
@@ -172,4 +335,26 @@ impl Service {
         }
         true
     }
+}
+
+/// A simulated cluster holding a ready Deployment + HPA for every seeded shadow
+/// deployable, so the embedded mode's min-pod-count changes land somewhere.
+pub fn new_sim_kube(config: &Config) -> Result<Arc<SimKube>, ConfigError> {
+    let sim = Arc::new(SimKube::new(config.operations.sim_kube_ready_delay));
+    for (env, entries) in load_seed(config)? {
+        for e in entries {
+            let spec = DeployableSpec {
+                name: e.name.clone(),
+                namespace: config.operations.namespace(&env),
+                image: "shadow-deployable:latest".into(),
+                node_selector: Default::default(),
+                min_pod_count: 0,
+                max_pod_count: 100,
+                resources: ResourceSpec::default(),
+                models_to_load: Vec::new(),
+            };
+            let _ = sim.seed_deployable(&spec);
+        }
+    }
+    Ok(sim)
 }

@@ -69,6 +69,11 @@ pub struct Config {
     pub use_mock_adapters: bool,
     /// etcd connection (used when `use_mock_adapters` is false).
     pub etcd: EtcdSettings,
+    /// Use the simulated Kubernetes cluster (`KUBE_ADAPTER=sim|kube`; default `sim` when
+    /// `USE_MOCK_ADAPTERS` is true, `kube` otherwise).
+    pub sim_kube: bool,
+    /// Use the simulated cloud (`CLOUD_ADAPTER=sim|ec2`; default like `KUBE_ADAPTER`).
+    pub sim_cloud: bool,
     /// Allowed `{env}` path values, lowercase (`RM_ENVS`).
     pub envs: Vec<String>,
     /// How long idempotency records are kept (`IDEMPOTENCY_TTL_SECONDS`).
@@ -89,7 +94,86 @@ pub struct Config {
     pub actor_threads: usize,
     /// Log format (`LOG_FORMAT`: text|json).
     pub log_format: LogFormat,
+    /// Resource Controller settings.
+    pub controller: ControllerSettings,
+    /// Asynchronous operations (Kubernetes, watch intents, callbacks).
+    pub operations: OperationsSettings,
 }
+
+/// Settings of the Kubernetes-facing operations, watch intents and callbacks.
+#[derive(Debug, Clone)]
+pub struct OperationsSettings {
+    /// How long an intent waits for its condition (`WATCH_TIMEOUT_SECONDS`).
+    pub watch_timeout: Duration,
+    /// HMAC key for `webhook-signature` (`CALLBACK_SIGNING_SECRET`).
+    pub callback_signing_secret: Option<Secret>,
+    /// Delivery attempts in all (`CALLBACK_MAX_ATTEMPTS`).
+    pub callback_max_attempts: u32,
+    /// No attempt later than this after the first (`CALLBACK_MAX_AGE_SECONDS`).
+    pub callback_max_age: Duration,
+    /// Per-attempt timeout (`CALLBACK_TIMEOUT_MS`).
+    pub callback_timeout: Duration,
+    /// Hosts exempt from the address check (`CALLBACK_ALLOWED_HOSTS`).
+    pub callback_allowed_hosts: Vec<String>,
+    /// Allow loopback callbacks over http (`CALLBACK_ALLOW_INSECURE_LOCALHOST`).
+    pub callback_allow_insecure_localhost: bool,
+    /// Simulated cluster readiness delay (`SIM_KUBE_READY_DELAY_MS`).
+    pub sim_kube_ready_delay: Duration,
+    /// Namespace per environment (`KUBE_NAMESPACES=int=ns-int,prod=ns-prod`; default:
+    /// the environment's name).
+    pub kube_namespaces: std::collections::BTreeMap<String, String>,
+    /// How often shadow deployables' minimum replicas are converged
+    /// (`KUBE_CONVERGE_INTERVAL_MS`).
+    pub converge_interval: Duration,
+}
+
+impl OperationsSettings {
+    /// The Kubernetes namespace of an environment.
+    pub fn namespace(&self, env: &str) -> String {
+        self.kube_namespaces
+            .get(env)
+            .cloned()
+            .unwrap_or_else(|| env.to_owned())
+    }
+}
+
+/// Resource Controller settings.
+#[derive(Debug, Clone)]
+pub struct ControllerSettings {
+    /// This replica's id in the election (`CONTROLLER_INSTANCE_ID`, default generated).
+    pub instance_id: String,
+    /// Cluster id tagged on cloud instances (`CLUSTER_ID`).
+    pub cluster_id: String,
+    /// Leader lease TTL (`LEADER_LEASE_TTL`, seconds).
+    pub leader_lease_ttl: Duration,
+    /// Reconcile period (`RECONCILE_INTERVAL`, seconds).
+    pub reconcile_interval: Duration,
+    /// Scale-up batching window (`SCALE_UP_BATCH_MS`).
+    pub scale_up_batch: Duration,
+    /// Idle time before a worker drains (`SCALE_DOWN_IDLE_SECONDS`).
+    pub scale_down_idle: Duration,
+    /// Drain deadline (`DRAIN_DEADLINE_SECONDS`).
+    pub drain_deadline: Duration,
+    /// Launch timeout (`PROVISION_TIMEOUT_SECONDS`).
+    pub provision_timeout: Duration,
+    /// Heartbeat timeout for workers that have sent one (`HEARTBEAT_TIMEOUT_SECONDS`).
+    pub heartbeat_timeout: Duration,
+    /// How often in-flight workers are checked with the cloud (`CLOUD_POLL_MS`).
+    pub cloud_poll: Duration,
+    /// Worker templates file (`WORKER_TEMPLATES_FILE`).
+    pub templates_file: PathBuf,
+    /// Whether `templates_file` was set explicitly.
+    pub templates_file_explicit: bool,
+    /// Boot time of simulated cloud instances (`SIM_CLOUD_BOOT_MS`).
+    pub sim_cloud_boot: Duration,
+    /// AWS region (`AWS_REGION`, default us-east-1).
+    pub aws_region: String,
+    /// AWS endpoint override (`AWS_ENDPOINT_URL`).
+    pub aws_endpoint_url: Option<String>,
+}
+
+/// Default worker templates file, relative to the working directory.
+pub const DEFAULT_TEMPLATES_FILE: &str = "config/worker-templates.yaml";
 
 /// Default seed file, relative to the working directory.
 pub const DEFAULT_SEED_FILE: &str = "config/shadow-deployables.yaml";
@@ -158,10 +242,103 @@ impl Config {
         if ttl == 0 {
             return Err(invalid("IDEMPOTENCY_TTL_SECONDS", "must be positive"));
         }
+        let secs = |var: &str, default: u64| parse(env, var, default).map(Duration::from_secs);
+        let millis = |var: &str, default: u64| parse(env, var, default).map(Duration::from_millis);
+        let leader_lease_ttl = secs("LEADER_LEASE_TTL", 15)?;
+        if leader_lease_ttl < Duration::from_secs(2) {
+            return Err(invalid("LEADER_LEASE_TTL", "must be at least 2 seconds"));
+        }
+        let reconcile_interval = secs("RECONCILE_INTERVAL", 30)?;
+        if reconcile_interval.is_zero() {
+            return Err(invalid("RECONCILE_INTERVAL", "must be positive"));
+        }
+        let cloud_poll = millis("CLOUD_POLL_MS", 1_000)?;
+        if cloud_poll.is_zero() {
+            return Err(invalid("CLOUD_POLL_MS", "must be positive"));
+        }
+        let (templates_file, templates_file_explicit) = match get("WORKER_TEMPLATES_FILE") {
+            Some(p) if !p.is_empty() => (PathBuf::from(p), true),
+            _ => (PathBuf::from(DEFAULT_TEMPLATES_FILE), false),
+        };
+        let controller = ControllerSettings {
+            instance_id: get("CONTROLLER_INSTANCE_ID")
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| format!("rp-{}", uuid::Uuid::new_v4().simple())),
+            cluster_id: get("CLUSTER_ID")
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".into()),
+            leader_lease_ttl,
+            reconcile_interval,
+            scale_up_batch: millis("SCALE_UP_BATCH_MS", 200)?,
+            scale_down_idle: secs("SCALE_DOWN_IDLE_SECONDS", 600)?,
+            drain_deadline: secs("DRAIN_DEADLINE_SECONDS", 3_600)?,
+            provision_timeout: secs("PROVISION_TIMEOUT_SECONDS", 600)?,
+            heartbeat_timeout: secs("HEARTBEAT_TIMEOUT_SECONDS", 120)?,
+            cloud_poll,
+            templates_file,
+            templates_file_explicit,
+            sim_cloud_boot: millis("SIM_CLOUD_BOOT_MS", 2_000)?,
+            aws_region: get("AWS_REGION")
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "us-east-1".into()),
+            aws_endpoint_url: get("AWS_ENDPOINT_URL").filter(|s| !s.is_empty()),
+        };
+        let mut kube_namespaces = std::collections::BTreeMap::new();
+        for pair in get("KUBE_NAMESPACES").unwrap_or_default().split(',') {
+            let pair = pair.trim();
+            if pair.is_empty() {
+                continue;
+            }
+            let (env_name, ns) = pair
+                .split_once('=')
+                .ok_or_else(|| invalid("KUBE_NAMESPACES", "expected env=namespace pairs"))?;
+            kube_namespaces.insert(env_name.trim().to_lowercase(), ns.trim().to_owned());
+        }
+        let callback_max_attempts: u32 = parse(env, "CALLBACK_MAX_ATTEMPTS", 8)?;
+        if callback_max_attempts == 0 {
+            return Err(invalid("CALLBACK_MAX_ATTEMPTS", "must be at least 1"));
+        }
+        let operations = OperationsSettings {
+            watch_timeout: secs("WATCH_TIMEOUT_SECONDS", 1_800)?,
+            callback_signing_secret: env
+                .get("CALLBACK_SIGNING_SECRET")
+                .filter(|s| !s.is_empty())
+                .map(|s| Secret::new(s.clone())),
+            callback_max_attempts,
+            callback_max_age: secs("CALLBACK_MAX_AGE_SECONDS", 86_400)?,
+            callback_timeout: millis("CALLBACK_TIMEOUT_MS", 10_000)?,
+            callback_allowed_hosts: crate::domain::callback::UrlPolicy::parse_hosts(
+                &get("CALLBACK_ALLOWED_HOSTS").unwrap_or_default(),
+            ),
+            callback_allow_insecure_localhost: parse_bool(
+                env,
+                "CALLBACK_ALLOW_INSECURE_LOCALHOST",
+                false,
+            )?,
+            sim_kube_ready_delay: millis("SIM_KUBE_READY_DELAY_MS", 1_000)?,
+            kube_namespaces,
+            converge_interval: millis("KUBE_CONVERGE_INTERVAL_MS", 2_000)?
+                .max(Duration::from_millis(10)),
+        };
+        if let Some(secret) = &operations.callback_signing_secret {
+            crate::domain::callback::decode_secret(secret.expose().as_bytes())
+                .map_err(|e| invalid("CALLBACK_SIGNING_SECRET", &e.to_string()))?;
+        }
+        let use_mock_adapters = parse_bool(env, "USE_MOCK_ADAPTERS", true)?;
+        let choose = |var: &str, real: &str| match get(var).as_deref() {
+            None | Some("") => Ok(use_mock_adapters),
+            Some("sim") => Ok(true),
+            Some(v) if v == real => Ok(false),
+            Some(other) => Err(invalid(var, &format!("{other:?} is not sim or {real}"))),
+        };
+        let sim_kube = choose("KUBE_ADAPTER", "kube")?;
+        let sim_cloud = choose("CLOUD_ADAPTER", "ec2")?;
         let cfg = Self {
             host: get("APP_HOST").unwrap_or_else(|| "0.0.0.0".into()),
             port: parse(env, "APP_PORT", 8080)?,
-            use_mock_adapters: parse_bool(env, "USE_MOCK_ADAPTERS", true)?,
+            use_mock_adapters,
+            sim_kube,
+            sim_cloud,
             etcd: EtcdSettings {
                 endpoints,
                 prefix,
@@ -185,6 +362,8 @@ impl Config {
             http_workers: parse(env, "HTTP_WORKERS", cpus)?.max(1),
             actor_threads: parse(env, "ACTOR_THREADS", cpus)?.max(1),
             log_format,
+            controller,
+            operations,
         };
         Ok(cfg)
     }

@@ -18,6 +18,37 @@ pub fn idempotency(scope: &str, key: &str) -> String {
     format!("/idempotency/{scope}/{key}")
 }
 
+/// Prefix of worker records.
+pub const WORKER_PREFIX: &str = "/workers/";
+/// Prefix of instance records.
+pub const INSTANCE_PREFIX: &str = "/instances/";
+/// The controller election key.
+pub const LEADER: &str = "/leader/controller";
+
+/// `/workers/{id}`.
+pub fn worker(id: &str) -> String {
+    format!("{WORKER_PREFIX}{id}")
+}
+
+/// `/instances/{id}`.
+pub fn instance(id: &str) -> String {
+    format!("{INSTANCE_PREFIX}{id}")
+}
+
+/// Prefix of watch intents.
+pub const WATCH_INTENT_PREFIX: &str = "/watch-intents/";
+
+/// `/watch-intents/{request_id}`.
+pub fn watch_intent(request_id: &str) -> String {
+    format!("{WATCH_INTENT_PREFIX}{request_id}")
+}
+
+/// The id of a key directly under `prefix` (`/workers/{id}` -> `id`).
+pub fn child<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
+    key.strip_prefix(prefix)
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+}
+
 /// Splits `/shadow-deployables/{env}/{name}` into `(env, name)`.
 pub fn parse_shadow(key: &str) -> Option<(&str, &str)> {
     let rest = key.strip_prefix(SHADOW_PREFIX)?;

@@ -9,10 +9,12 @@ pub mod actors;
 pub mod adapters;
 pub mod api;
 pub mod app;
+pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod idempotency;
 pub mod keys;
+pub mod loadtest;
 pub mod ports;
 pub mod telemetry;
 

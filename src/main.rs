@@ -1,18 +1,64 @@
 //! Entry point: configuration, telemetry, the service, the HTTP server; then it waits
 //! for SIGINT/SIGTERM and shuts down gracefully.
+//!
+//! `resource-plane` (or `resource-plane serve`) runs the service;
+//! `resource-plane loadtest …` runs the load-test harness against a running one.
 
 use std::process::ExitCode;
 
 use actix_web::HttpServer;
+use clap::{Parser, Subcommand};
 use resource_plane::app::Service;
 use resource_plane::config::Config;
+use resource_plane::loadtest::{self, LoadtestArgs};
 use resource_plane::{api, telemetry};
 use tracing::{error, info};
 
 /// EX_USAGE: the configuration is wrong.
 const EX_USAGE: u8 = 64;
 
+/// Command line: no subcommand serves.
+#[derive(Debug, Parser)]
+#[command(
+    name = "resource-plane",
+    version,
+    about = "Actor-based infrastructure control plane"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service (the default); configured by environment variables.
+    Serve,
+    /// Drive a running service with simulated workflows and check its invariants.
+    Loadtest(Box<LoadtestArgs>),
+}
+
 fn main() -> ExitCode {
+    match Cli::parse().command {
+        None | Some(Command::Serve) => serve_main(),
+        Some(Command::Loadtest(args)) => loadtest_main(*args),
+    }
+}
+
+fn loadtest_main(args: LoadtestArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("resource-plane loadtest: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    ExitCode::from(runtime.block_on(loadtest::main(args)))
+}
+
+fn serve_main() -> ExitCode {
     let config = match Config::from_process_env() {
         Ok(c) => c,
         Err(e) => {
@@ -37,7 +83,7 @@ async fn serve(config: Config) -> std::io::Result<ExitCode> {
     } else {
         "etcd"
     };
-    let service = match Service::start(config) {
+    let service = match Service::start(config).await {
         Ok(s) => s,
         Err(e) => {
             error!(error = %e, "invalid configuration");

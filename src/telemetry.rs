@@ -40,6 +40,14 @@ pub struct Metrics {
     pub idempotency: IntCounterVec,
     /// Live actors by kind.
     pub actors: IntGaugeVec,
+    /// Controller decisions by action.
+    pub decisions: IntCounterVec,
+    /// Time from an unplaceable instance to the cloud launch call.
+    pub scale_up_latency: HistogramVec,
+    /// Time from a watch intent's condition holding to its callback being delivered.
+    pub callback_latency: HistogramVec,
+    /// Callback attempts by outcome.
+    pub callbacks: IntCounterVec,
 }
 
 impl Metrics {
@@ -79,6 +87,35 @@ impl Metrics {
             &["result"],
         );
         let actors = IntGaugeVec::new(Opts::new("actors_live", "Live actors by kind"), &["kind"]);
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "controller_decisions_total",
+                "Controller decisions by action",
+            ),
+            &["action"],
+        );
+        let scale_up_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "scale_up_latency_seconds",
+                "Time from an unplaceable instance to the cloud launch call",
+            )
+            .buckets(vec![0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+            &["template"],
+        );
+        let callback_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "callback_delivery_seconds",
+                "Time from a condition holding to its callback being delivered",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+            ]),
+            &[],
+        );
+        let callbacks = IntCounterVec::new(
+            Opts::new("callback_attempts_total", "Callback attempts by outcome"),
+            &["outcome"],
+        );
         // Metric construction only fails on invalid names, which are constants here.
         let metrics = Self {
             registry,
@@ -89,6 +126,10 @@ impl Metrics {
             store_latency: store_latency.unwrap_or_else(|e| panic!("metric: {e}")),
             idempotency: idempotency.unwrap_or_else(|e| panic!("metric: {e}")),
             actors: actors.unwrap_or_else(|e| panic!("metric: {e}")),
+            decisions: decisions.unwrap_or_else(|e| panic!("metric: {e}")),
+            scale_up_latency: scale_up_latency.unwrap_or_else(|e| panic!("metric: {e}")),
+            callback_latency: callback_latency.unwrap_or_else(|e| panic!("metric: {e}")),
+            callbacks: callbacks.unwrap_or_else(|e| panic!("metric: {e}")),
         };
         for c in [
             Box::new(metrics.http_requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -98,6 +139,10 @@ impl Metrics {
             Box::new(metrics.store_latency.clone()),
             Box::new(metrics.idempotency.clone()),
             Box::new(metrics.actors.clone()),
+            Box::new(metrics.decisions.clone()),
+            Box::new(metrics.scale_up_latency.clone()),
+            Box::new(metrics.callback_latency.clone()),
+            Box::new(metrics.callbacks.clone()),
         ] {
             let _ = metrics.registry.register(c);
         }

@@ -1,5 +1,17 @@
 //! Actors: one supervised actor per entity, and the registry that finds or spawns them.
 
+pub mod autoscaler;
+pub mod controller;
+pub mod follow;
+pub mod instances;
+pub mod leader;
+pub mod mirror;
+pub mod operations;
+pub mod outbox;
+pub mod reconciler;
 pub mod registry;
+pub mod scheduler;
 pub mod shadow;
 pub mod stats;
+pub mod watcher;
+pub mod worker;

@@ -5,12 +5,12 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use actix::prelude::*;
 use dashmap::DashMap;
-use tracing::{info, warn, Span};
+use tracing::{warn, Span};
 
+use crate::actors::follow::Follower;
 use crate::actors::shadow::{
     decode, Cell, Deps, ExecError, Execute, Observe, Poison, ShadowActor, ShadowKey, ViewEntry,
 };
@@ -18,7 +18,7 @@ use crate::actors::stats::{ActorInfo, ActorStats};
 use crate::domain::shadow::{ShadowCommand, ShadowDeployable};
 use crate::idempotency::{IdemRequest, Reply};
 use crate::keys;
-use crate::ports::store::{StoreError, WatchEvent};
+use crate::ports::store::{Kv, StoreError, WatchEvent};
 
 /// Kind label of shadow deployable actors.
 pub const SHADOW_KIND: &str = "shadow-deployable";
@@ -158,6 +158,11 @@ impl Registry {
     /// Loads every record, spawning or refreshing actors; returns the store revision.
     pub async fn hydrate(&self) -> Result<i64, StoreError> {
         let (kvs, revision) = self.deps.store.list(keys::SHADOW_PREFIX).await?;
+        self.load_listing(kvs, revision);
+        Ok(revision)
+    }
+
+    fn load_listing(&self, kvs: Vec<Kv>, revision: i64) {
         let mut seen = HashSet::with_capacity(kvs.len());
         for kv in kvs {
             let Some((env, name)) = keys::parse_shadow(&kv.key) else {
@@ -177,10 +182,9 @@ impl Registry {
             self.send_observe(&key, None, revision);
         }
         self.hydrated.store(true, Ordering::SeqCst);
-        Ok(revision)
     }
 
-    fn send_observe(&self, key: &ShadowKey, kv: Option<crate::ports::store::Kv>, rev: i64) {
+    fn send_observe(&self, key: &ShadowKey, kv: Option<Kv>, rev: i64) {
         if let Some(h) = self.actors.get(key) {
             h.stats.enqueued();
             h.addr.do_send(Observe {
@@ -190,7 +194,7 @@ impl Registry {
         }
     }
 
-    fn route(&self, key: ShadowKey, kv: Option<crate::ports::store::Kv>) {
+    fn route(&self, key: ShadowKey, kv: Option<Kv>) {
         match kv {
             Some(kv) if !self.actors.contains_key(&key) => match decode(Some(&kv)) {
                 Ok((record, mod_revision)) => {
@@ -212,49 +216,12 @@ impl Registry {
         }
     }
 
-    /// Applies one watch event.
-    pub fn observe(&self, ev: WatchEvent) {
-        match ev {
-            WatchEvent::Put(kv) => {
-                if let Some((env, name)) = keys::parse_shadow(&kv.key) {
-                    self.route(ShadowKey::new(env, name), Some(kv));
-                }
-            }
-            WatchEvent::Delete { key, mod_revision } => {
-                if let Some((env, name)) = keys::parse_shadow(&key) {
-                    self.send_observe(&ShadowKey::new(env, name), None, mod_revision);
-                }
-            }
-        }
-    }
-
-    /// Hydrates and then follows the store's watch forever, re-hydrating after any
-    /// break (outage, compaction) with capped exponential backoff.
-    pub async fn run_watch(self: Arc<Self>) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.hydrate().await {
-                Ok(rev) => match self.deps.store.watch(keys::SHADOW_PREFIX, rev + 1).await {
-                    Ok(mut rx) => {
-                        info!(revision = rev, "watching shadow deployables");
-                        backoff = Duration::from_millis(100);
-                        while let Some(item) = rx.recv().await {
-                            match item {
-                                Ok(events) => events.into_iter().for_each(|e| self.observe(e)),
-                                Err(e) => {
-                                    warn!(error = %e, "shadow watch broke; re-hydrating");
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "cannot start shadow watch"),
-                },
-                Err(e) => warn!(error = %e, "cannot hydrate shadow deployables"),
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
+    /// Environments that have records.
+    pub fn envs(&self) -> Vec<String> {
+        let mut envs: Vec<String> = self.deps.view.iter().map(|e| e.key().env.clone()).collect();
+        envs.sort();
+        envs.dedup();
+        envs
     }
 
     /// Published records of `env`, sorted by name.
@@ -305,6 +272,31 @@ impl Registry {
             mailbox_depth: h.stats.mailbox_depth(),
             restarts: h.stats.restarts(),
             last_transition_at: h.stats.last_transition(),
+        }
+    }
+}
+
+impl Follower for Registry {
+    fn prefix(&self) -> &'static str {
+        keys::SHADOW_PREFIX
+    }
+
+    fn load(&self, kvs: Vec<Kv>, revision: i64) {
+        self.load_listing(kvs, revision);
+    }
+
+    fn apply(&self, ev: WatchEvent) {
+        match ev {
+            WatchEvent::Put(kv) => {
+                if let Some((env, name)) = keys::parse_shadow(&kv.key) {
+                    self.route(ShadowKey::new(env, name), Some(kv));
+                }
+            }
+            WatchEvent::Delete { key, mod_revision } => {
+                if let Some((env, name)) = keys::parse_shadow(&key) {
+                    self.send_observe(&ShadowKey::new(env, name), None, mod_revision);
+                }
+            }
         }
     }
 }

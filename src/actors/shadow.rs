@@ -341,12 +341,16 @@ pub async fn execute(
             .with_label_values(&["shadow-deployable", kind, result])
             .inc();
     };
+    // Whether `cell` was read from the store during this command (then it is current as
+    // of that read, not merely as fresh as this replica's watch).
+    let mut fresh = false;
     for _ in 0..MAX_ATTEMPTS {
         if cell == Cell::Unknown {
             cell = match load(deps.store.as_ref(), &key).await {
                 Ok(c) => c,
                 Err(e) => return (Err(e), Cell::Unknown),
             };
+            fresh = true;
         }
         let Cell::Known {
             record,
@@ -367,6 +371,17 @@ pub async fn execute(
                 return (Err(ExecError::Panicked), Cell::Unknown);
             }
             Ok(Ok(d)) if d.change != Change::None => d,
+            Ok(_) if !fresh => {
+                // Nothing to write, decided on the cached copy, which another replica
+                // may have changed since (our watch lags). A refusal or "already so"
+                // must hold against the store: read it, and decide again if it moved.
+                cell = match load(deps.store.as_ref(), &key).await {
+                    Ok(c) => c,
+                    Err(e) => return (Err(e), Cell::Unknown),
+                };
+                fresh = true;
+                continue;
+            }
             Ok(other) => {
                 // Nothing to write: a retry of an earlier request must still get the
                 // stored answer, so look for it before answering from current state.
@@ -420,6 +435,7 @@ pub async fn execute(
                     .inc();
                 let mut fetched = r.fetched.into_iter();
                 let current = fetched.next().flatten();
+                fresh = true;
                 cell = match decode(current.as_ref()) {
                     Ok((record, mod_revision)) => Cell::Known {
                         record,

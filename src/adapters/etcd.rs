@@ -100,6 +100,33 @@ impl EtcdStore {
         })
     }
 
+    /// Runs `op` on the client within the request deadline. When the client's balancer
+    /// picked a member it cannot connect to (a dead member of the cluster), the request
+    /// never left this process, so it is safe to send again — even a transaction — and
+    /// the next pick usually lands on a live member.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let attempt = async {
+            let mut tries = 0u32;
+            loop {
+                let client = self.client().await?;
+                match op(client).await {
+                    Err(e) if is_connect_error(&e) && tries < CONNECT_RETRIES => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(5 * u64::from(tries))).await;
+                    }
+                    other => return other.map_err(map_err),
+                }
+            }
+        };
+        tokio::time::timeout(self.settings.request_timeout, attempt)
+            .await
+            .map_err(|_| StoreError::Unavailable("etcd request timed out".into()))?
+    }
+
     async fn deadline<T, F>(&self, fut: F) -> Result<T, StoreError>
     where
         F: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -109,6 +136,20 @@ impl EtcdStore {
             .map_err(|_| StoreError::Unavailable("etcd request timed out".into()))?
             .map_err(map_err)
     }
+}
+
+/// How often a request that could not connect is sent again.
+const CONNECT_RETRIES: u32 = 8;
+
+/// Whether the request failed before reaching any member (nothing was sent).
+fn is_connect_error(e: &etcd_client::Error) -> bool {
+    let text = match e {
+        etcd_client::Error::TransportError(t) => format!("{t:?}"),
+        etcd_client::Error::GRpcStatus(s) => s.message().to_owned(),
+        _ => return false,
+    };
+    let text = text.to_ascii_lowercase();
+    text.contains("tcp connect error") || text.contains("connection refused")
 }
 
 fn map_err(e: etcd_client::Error) -> StoreError {
@@ -135,15 +176,23 @@ fn map_err(e: etcd_client::Error) -> StoreError {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
-        let mut c = self.client().await?;
-        let resp = self.deadline(c.get(self.full(key), None)).await?;
+        let full = self.full(key);
+        let resp = self
+            .call(|mut c| {
+                let k = full.clone();
+                async move { c.get(k, None).await }
+            })
+            .await?;
         Ok(resp.kvs().first().and_then(|kv| self.kv(kv)))
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
-        let mut c = self.client().await?;
+        let full = self.full(prefix);
         let resp = self
-            .deadline(c.get(self.full(prefix), Some(GetOptions::new().with_prefix())))
+            .call(|mut c| {
+                let k = full.clone();
+                async move { c.get(k, Some(GetOptions::new().with_prefix())).await }
+            })
             .await?;
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         Ok((
@@ -185,8 +234,12 @@ impl Store for EtcdStore {
             .when(compares)
             .and_then(success)
             .or_else(failure);
-        let mut c = self.client().await?;
-        let resp = self.deadline(c.txn(request)).await?;
+        let resp = self
+            .call(|mut c| {
+                let r = request.clone();
+                async move { c.txn(r).await }
+            })
+            .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let succeeded = resp.succeeded();
         let fetched = if succeeded {
@@ -208,18 +261,42 @@ impl Store for EtcdStore {
     }
 
     async fn grant_lease(&self, ttl_seconds: i64) -> Result<i64, StoreError> {
-        let mut c = self.client().await?;
-        let resp = self.deadline(c.lease_grant(ttl_seconds, None)).await?;
+        let resp = self
+            .call(|mut c| async move { c.lease_grant(ttl_seconds, None).await })
+            .await?;
         Ok(resp.id())
     }
 
-    async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchReceiver, StoreError> {
+    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
         let mut c = self.client().await?;
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(start_revision);
+        let fut = async move {
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            Ok::<_, etcd_client::Error>(stream.message().await?.map(|r| r.ttl()).unwrap_or(0))
+        };
+        self.deadline(fut).await
+    }
+
+    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        match self
+            .call(|mut c| async move { c.lease_revoke(lease).await })
+            .await
+        {
+            Ok(_) | Err(StoreError::LeaseNotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchReceiver, StoreError> {
+        let full = self.full(prefix);
         let mut stream = self
-            .deadline(c.watch(self.full(prefix), Some(opts)))
+            .call(|mut c| {
+                let k = full.clone();
+                let opts = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(start_revision);
+                async move { c.watch(k, Some(opts)).await }
+            })
             .await?;
         let (tx, rx) = mpsc::channel(1024);
         let strip = self.settings.prefix.clone();
@@ -277,12 +354,15 @@ impl Store for EtcdStore {
     }
 
     async fn health(&self) -> Result<(), StoreError> {
-        let mut c = self.client().await?;
-        // A serializable-free read of a key that never exists: goes through raft
-        // (linearizable), so it fails when the cluster has no quorum.
-        self.deadline(c.get(self.full("/health-probe"), None))
-            .await
-            .map(|_| ())
+        // A linearizable read of a key that never exists: it goes through raft, so it
+        // fails when the cluster has no quorum.
+        let key = self.full("/health-probe");
+        self.call(|mut c| {
+            let k = key.clone();
+            async move { c.get(k, None).await }
+        })
+        .await
+        .map(|_| ())
     }
 
     fn name(&self) -> &'static str {

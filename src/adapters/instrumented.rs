@@ -60,6 +60,20 @@ impl Store for InstrumentedStore {
         r
     }
 
+    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
+        let t = Instant::now();
+        let r = self.inner.keep_alive(lease).await;
+        self.record("lease_keep_alive", t, &r);
+        r
+    }
+
+    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        let t = Instant::now();
+        let r = self.inner.revoke_lease(lease).await;
+        self.record("lease_revoke", t, &r);
+        r
+    }
+
     async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchReceiver, StoreError> {
         let t = Instant::now();
         let r = self.inner.watch(prefix, start_revision).await;

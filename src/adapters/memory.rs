@@ -32,6 +32,7 @@ struct Inner {
     data: BTreeMap<String, Entry>,
     revision: i64,
     leases: HashMap<i64, Instant>,
+    lease_ttls: HashMap<i64, Duration>,
     next_lease: i64,
     history: VecDeque<(i64, WatchEvent)>,
     watchers: Vec<(String, WatchSender)>,
@@ -109,6 +110,7 @@ impl Inner {
             .collect();
         for id in expired {
             self.leases.remove(&id);
+            self.lease_ttls.remove(&id);
         }
         if keys.is_empty() {
             return;
@@ -260,7 +262,27 @@ impl Store for MemoryStore {
         let id = inner.next_lease;
         let ttl = Duration::from_secs(u64::try_from(ttl_seconds.max(1)).unwrap_or(1));
         inner.leases.insert(id, Instant::now() + ttl);
+        inner.lease_ttls.insert(id, ttl);
         Ok(id)
+    }
+
+    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
+        let mut inner = self.lock()?;
+        let Some(ttl) = inner.lease_ttls.get(&lease).copied() else {
+            return Ok(0);
+        };
+        inner.leases.insert(lease, Instant::now() + ttl);
+        Ok(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX))
+    }
+
+    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        if let Some(at) = inner.leases.get_mut(&lease) {
+            // Expire it now; the sweep deletes its keys with events.
+            *at = Instant::now();
+            inner.expire_leases();
+        }
+        Ok(())
     }
 
     async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchReceiver, StoreError> {

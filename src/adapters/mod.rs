@@ -1,5 +1,10 @@
 //! Adapters: implementations of the ports (etcd and in-memory stores).
 
+pub mod ec2;
 pub mod etcd;
+pub mod http_callback;
 pub mod instrumented;
+pub mod kube;
 pub mod memory;
+pub mod sim_cloud;
+pub mod sim_kube;

@@ -49,6 +49,9 @@ pub enum ApiError {
     /// 500.
     #[error("internal error")]
     Internal(String),
+    /// An upstream (Kubernetes API server) error passed through with its status.
+    #[error("{1}")]
+    Upstream(u16, String),
 }
 
 impl ApiError {
@@ -99,6 +102,9 @@ impl ResponseError for ApiError {
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Upstream(code, _) => {
+                StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
         }
     }
 

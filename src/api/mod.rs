@@ -2,8 +2,11 @@
 //! state; handlers validate and send a message to an actor.
 
 pub mod body;
+pub mod controller;
 pub mod error;
 pub mod middleware;
+pub mod openapi;
+pub mod operations;
 pub mod ops;
 pub mod shadow;
 
@@ -13,10 +16,12 @@ use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::{middleware::from_fn, web, App, Error, HttpRequest, HttpResponse};
 use dashmap::DashMap;
 
+use crate::actors::controller::ControllerCtx;
+use crate::actors::operations::OpsCtx;
 use crate::actors::registry::Registry;
 use crate::api::error::ApiError;
 use crate::config::Config;
-use crate::idempotency::{self, IdemRequest};
+use crate::idempotency::{self, IdemRequest, Reply};
 use crate::ports::store::Store;
 use crate::telemetry::Metrics;
 
@@ -32,6 +37,10 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Idempotency keys being processed right now on this replica.
     pub inflight: DashMap<String, ()>,
+    /// The Resource Controller.
+    pub controller: Arc<ControllerCtx>,
+    /// Kubernetes operations, intents and callbacks.
+    pub ops: Arc<OpsCtx>,
 }
 
 /// Removes an in-flight idempotency key when the request ends.
@@ -47,6 +56,14 @@ impl Drop for InflightGuard<'_> {
 }
 
 impl AppState {
+    /// Whether every registry and mirror has loaded its first listing.
+    pub fn is_hydrated(&self) -> bool {
+        self.registry.is_hydrated()
+            && self.controller.workers.is_loaded()
+            && self.controller.instances.is_loaded()
+            && self.ops.intents.is_loaded()
+    }
+
     /// The canonical environment for a path value, or 400.
     pub fn env(&self, raw: &str) -> Result<String, ApiError> {
         self.config.canonical_env(raw).ok_or_else(|| {
@@ -131,6 +148,8 @@ pub fn app(
 /// Registers every route.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     ops::configure(cfg);
+    controller::configure(cfg);
+    operations::configure(cfg);
     shadow::configure(cfg);
     cfg.default_service(web::to(not_found));
 }
@@ -141,6 +160,18 @@ async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
         req.method(),
         req.path()
     )))
+}
+
+/// The HTTP response of a reply (fresh or replayed for an idempotency key).
+pub fn reply_response(reply: &Reply) -> HttpResponse {
+    let status = actix_web::http::StatusCode::from_u16(reply.status)
+        .unwrap_or(actix_web::http::StatusCode::OK);
+    let mut resp = HttpResponse::build(status);
+    resp.content_type("application/json");
+    if reply.replayed {
+        resp.insert_header(("Idempotent-Replayed", "true"));
+    }
+    resp.body(reply.body.clone())
 }
 
 /// 405 for a known path with the wrong method.

@@ -41,6 +41,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::resource("/api/1.0/actors/{kind}/{id:.*}")
             .get(actor)
             .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/1.0/openapi.json")
+            .get(crate::api::openapi::serve)
+            .default_service(web::to(method_not_allowed)),
     );
 }
 
@@ -51,7 +56,7 @@ async fn live() -> HttpResponse {
 async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let store = tokio::time::timeout(Duration::from_secs(2), state.store.health()).await;
     let store_ok = matches!(store, Ok(Ok(())));
-    let hydrated = state.registry.is_hydrated();
+    let hydrated = state.is_hydrated();
     let body = json!({
         "status": if store_ok && hydrated { "ready" } else { "not ready" },
         "store": if store_ok { "ok" } else { "unavailable" },
@@ -73,7 +78,10 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn actors(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({"data": state.registry.actors()}))
+    let mut data = state.registry.actors();
+    data.extend(state.controller.workers.actors());
+    data.extend(crate::api::controller::instance_infos(&state));
+    HttpResponse::Ok().json(json!({ "data": data }))
 }
 
 async fn actor(
@@ -83,7 +91,13 @@ async fn actor(
     let (kind, id) = path.into_inner();
     let not_found = || ApiError::NotFound(format!("no live actor {kind}/{id}"));
     if kind != SHADOW_KIND {
-        return Err(not_found());
+        let mut all = state.controller.workers.actors();
+        all.extend(crate::api::controller::instance_infos(&state));
+        return all
+            .into_iter()
+            .find(|a| a.kind == kind && a.id == id)
+            .map(|a| HttpResponse::Ok().json(a))
+            .ok_or_else(not_found);
     }
     let (env, name) = id.split_once('/').ok_or_else(not_found)?;
     let info = state

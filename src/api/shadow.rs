@@ -1,7 +1,6 @@
 //! Shadow deployable routes (and their `shadow-deploybles` typo alias): list, procure /
 //! release, min pod count, register, delete.
 
-use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -9,10 +8,10 @@ use serde_json::json;
 use crate::actors::shadow::ShadowKey;
 use crate::api::body::read_json;
 use crate::api::error::ApiError;
-use crate::api::{method_not_allowed, AppState};
+use crate::api::{method_not_allowed, reply_response, AppState};
 use crate::config::valid_segment;
 use crate::domain::shadow::{MinPodAction, Owner, ShadowCommand, ShadowState, MAX_MIN_POD_COUNT};
-use crate::idempotency::{IdemRequest, Reply};
+use crate::idempotency::IdemRequest;
 
 /// Longest accepted workflow id / plan.
 const MAX_ID_LEN: usize = 256;
@@ -334,6 +333,10 @@ async fn run(
 ) -> Result<HttpResponse, ApiError> {
     let retry_after = state.config.retry_after;
     let map = |e| ApiError::from_exec(e, retry_after);
+    let converge = matches!(
+        cmd,
+        ShadowCommand::MinPodCount { .. } | ShadowCommand::Release { .. }
+    );
     let handle = match cmd {
         ShadowCommand::Register { .. } => Some(state.registry.find_or_spawn(&key)),
         _ => state.registry.find(&key).await.map_err(map)?,
@@ -362,6 +365,9 @@ async fn run(
             })?
         }
     };
+    if converge && !reply.replayed {
+        state.ops.converge_soon();
+    }
     if reply.replayed {
         state
             .metrics
@@ -369,15 +375,5 @@ async fn run(
             .with_label_values(&["replayed"])
             .inc();
     }
-    Ok(respond(reply))
-}
-
-fn respond(reply: Reply) -> HttpResponse {
-    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
-    let mut resp = HttpResponse::build(status);
-    resp.content_type("application/json");
-    if reply.replayed {
-        resp.insert_header(("Idempotent-Replayed", "true"));
-    }
-    resp.body(reply.body)
+    Ok(reply_response(&reply))
 }

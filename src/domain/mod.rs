@@ -1,4 +1,8 @@
 //! Pure domain: entities, commands, transition functions. No I/O, no actix, no etcd.
 
+pub mod callback;
+pub mod conditions;
+pub mod controller;
+pub mod intent;
 pub mod shadow;
 pub mod worker;

@@ -116,6 +116,11 @@ pub trait Store: Send + Sync + 'static {
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError>;
     /// Grants a lease of `ttl_seconds`; returns its id.
     async fn grant_lease(&self, ttl_seconds: i64) -> Result<i64, StoreError>;
+    /// Refreshes a lease once; returns its remaining TTL in seconds (0 or less: the
+    /// lease is gone).
+    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError>;
+    /// Revokes a lease, deleting every key attached to it.
+    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError>;
     /// Watches `prefix` from `start_revision` (inclusive).
     async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchReceiver, StoreError>;
     /// Cheap liveness check of the store.

@@ -1,8 +1,21 @@
 //! Integration tests: the HTTP contract in-process against the memory store and a real
 //! etcd, concurrency across two instances, idempotency, outages, supervision.
 
+mod callbacks;
+mod cluster;
 mod concurrency;
 mod contract;
+mod controller;
+mod ec2;
+mod faults;
+mod hostile;
 mod idempotency;
+mod kube;
+mod leader;
+mod loadtest;
+mod manifests;
+mod moto;
+mod openapi;
+mod operations;
 mod outage;
 mod support;

@@ -261,3 +261,19 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Any in-process app built by `test::init_service`.
+pub trait TestApp:
+    actix_web::dev::Service<Req, Response = ServiceResponse<Self::Body>, Error = actix_web::Error>
+{
+    /// Its body type.
+    type Body: MessageBody;
+}
+
+impl<S, B> TestApp for S
+where
+    S: actix_web::dev::Service<Req, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody,
+{
+    type Body = B;
+}

@@ -1,0 +1,386 @@
+//! The autoscaler: batches unplaceable demand for `SCALE_UP_BATCH_MS`, plans launches
+//! that subtract capacity already on its way (no over-provisioning), creates the worker
+//! actors (PENDING), calls the cloud (PROVISIONING), and drives every in-flight worker
+//! through its life cycle with the cloud: RUNNING, and DRAINING -> STOPPING -> STOPPED
+//! -> TERMINATED.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use tracing::warn;
+
+use crate::actors::controller::ControllerCtx;
+use crate::actors::scheduler::{Schedule, Scheduler};
+use crate::actors::worker::{WorkerCmd, WorkerExecError};
+use crate::domain::controller::{plan_min_workers, plan_scale_up};
+use crate::domain::worker::{drain_complete, Worker, WorkerState};
+use crate::ports::cloud::CloudInstanceStatus;
+
+/// Instances that could not be placed, and when that was first seen.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Demand {
+    /// Instance ids.
+    pub instances: Vec<String>,
+    /// When the scheduler gave up on them.
+    pub seen_at: Instant,
+}
+
+/// Launch workers so every template has its `min_workers`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct EnsureMinimum;
+
+/// Tells the autoscaler where the scheduler is.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetScheduler(pub Addr<Scheduler>);
+
+/// Stop (leadership lost).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ScaleUp;
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Drive;
+
+/// The autoscaler actor (leader only).
+pub struct Autoscaler {
+    ctx: Arc<ControllerCtx>,
+    scheduler: Option<Addr<Scheduler>>,
+    batch_started: Option<Instant>,
+    terminate_sent: HashSet<String>,
+}
+
+impl Autoscaler {
+    /// An autoscaler.
+    pub fn new(ctx: Arc<ControllerCtx>) -> Self {
+        Self {
+            ctx,
+            scheduler: None,
+            batch_started: None,
+            terminate_sent: HashSet::new(),
+        }
+    }
+}
+
+impl Actor for Autoscaler {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let poll = self.ctx.settings.cloud_poll;
+        ctx.run_interval(poll, |_, ctx| ctx.notify(Drive));
+        ctx.notify(EnsureMinimum);
+    }
+}
+
+impl Handler<Stop> for Autoscaler {
+    type Result = ();
+    fn handle(&mut self, _msg: Stop, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+impl Handler<SetScheduler> for Autoscaler {
+    type Result = ();
+    fn handle(&mut self, msg: SetScheduler, _ctx: &mut Self::Context) {
+        self.scheduler = Some(msg.0);
+    }
+}
+
+impl Handler<Demand> for Autoscaler {
+    type Result = ();
+
+    fn handle(&mut self, msg: Demand, ctx: &mut Self::Context) {
+        if msg.instances.is_empty() || self.batch_started.is_some() {
+            return;
+        }
+        self.batch_started = Some(msg.seen_at);
+        ctx.run_later(self.ctx.settings.scale_up_batch, |_, ctx| {
+            ctx.notify(ScaleUp)
+        });
+    }
+}
+
+impl Handler<ScaleUp> for Autoscaler {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _msg: ScaleUp, _ctx: &mut Self::Context) -> Self::Result {
+        let since = self.batch_started.take().unwrap_or_else(Instant::now);
+        let cctx = self.ctx.clone();
+        AtomicResponse::new(Box::pin(
+            async move { scale_up(&cctx, since).await }.into_actor(self),
+        ))
+    }
+}
+
+impl Handler<EnsureMinimum> for Autoscaler {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _msg: EnsureMinimum, _ctx: &mut Self::Context) -> Self::Result {
+        let cctx = self.ctx.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let launches = plan_min_workers(&cctx.workers.list(), &cctx.templates);
+                for t in launches {
+                    launch(&cctx, &t, "below min_workers", None).await;
+                }
+            }
+            .into_actor(self),
+        ))
+    }
+}
+
+impl Handler<Drive> for Autoscaler {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _msg: Drive, _ctx: &mut Self::Context) -> Self::Result {
+        let cctx = self.ctx.clone();
+        let scheduler = self.scheduler.clone();
+        let sent = std::mem::take(&mut self.terminate_sent);
+        AtomicResponse::new(Box::pin(
+            async move { drive(&cctx, scheduler.as_ref(), sent).await }
+                .into_actor(self)
+                .map(|sent, act, _| act.terminate_sent = sent),
+        ))
+    }
+}
+
+async fn scale_up(ctx: &ControllerCtx, since: Instant) {
+    if ctx.fence.epoch().is_none() {
+        return;
+    }
+    let pending: Vec<_> = ctx.pending().into_iter().map(|(i, _)| i).collect();
+    let plan = plan_scale_up(&pending, &ctx.workers.list(), &ctx.templates);
+    for id in &plan.unplaceable {
+        ctx.decide(
+            "unplaceable",
+            id,
+            "no template fits it, or every fitting template is at max_workers",
+        );
+    }
+    if !plan.absorbed_by_in_flight.is_empty() {
+        ctx.decide(
+            "wait_in_flight",
+            &plan.absorbed_by_in_flight.join(","),
+            "capacity already provisioning will take these",
+        );
+    }
+    for t in &plan.launches {
+        launch(
+            ctx,
+            t,
+            "pending demand does not fit running workers",
+            Some(since),
+        )
+        .await;
+    }
+}
+
+/// Creates a worker (PENDING), asks the cloud for it (PROVISIONING).
+async fn launch(ctx: &ControllerCtx, template: &str, reason: &str, since: Option<Instant>) {
+    let Some(tpl) = ctx.template(template).cloned() else {
+        return;
+    };
+    let id = format!("w-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let worker = Worker::new(&id, &tpl, ctx.clock.now());
+    match ctx.workers.send(&id, WorkerCmd::Create(worker), true).await {
+        Ok(_) => ctx.decide("scale_up", &id, &format!("{reason} (template {template})")),
+        Err(e) => {
+            warn!(worker = %id, error = %e, "cannot create worker");
+            return;
+        }
+    }
+    provision(ctx, &id, &tpl, since).await;
+}
+
+async fn provision(
+    ctx: &ControllerCtx,
+    id: &str,
+    tpl: &crate::domain::worker::WorkerTemplate,
+    since: Option<Instant>,
+) {
+    let to_provisioning = WorkerCmd::Transition {
+        to: WorkerState::Provisioning,
+        cloud_instance_id: None,
+    };
+    if let Err(e) = ctx.workers.send(id, to_provisioning, true).await {
+        warn!(worker = %id, error = %e, "cannot mark worker provisioning");
+        return;
+    }
+    if let Some(t) = since {
+        ctx.metrics
+            .scale_up_latency
+            .with_label_values(&[&tpl.name])
+            .observe(t.elapsed().as_secs_f64());
+    }
+    match ctx.cloud.create_instance(tpl, id).await {
+        Ok(cloud_id) => {
+            let _ = ctx
+                .workers
+                .send(id, WorkerCmd::SetCloudId(cloud_id), true)
+                .await;
+        }
+        Err(e) => ctx.decide("launch_failed", id, &e.to_string()),
+    }
+}
+
+/// Moves in-flight workers along with what the cloud reports.
+async fn drive(
+    ctx: &ControllerCtx,
+    scheduler: Option<&Addr<Scheduler>>,
+    mut terminate_sent: HashSet<String>,
+) -> HashSet<String> {
+    if ctx.fence.epoch().is_none() {
+        return terminate_sent;
+    }
+    let now = ctx.clock.now();
+    for w in ctx.workers.list() {
+        let result = match w.state {
+            WorkerState::Pending => match ctx.template(&w.template).cloned() {
+                Some(tpl) => {
+                    provision(ctx, &w.id, &tpl, None).await;
+                    Ok(())
+                }
+                None => Ok(()),
+            },
+            WorkerState::Provisioning => advance_provisioning(ctx, &w, scheduler).await,
+            WorkerState::Draining if drain_complete(&w, now) => {
+                let reason = if w.instances.is_empty() {
+                    "drained: no instances left"
+                } else {
+                    "drain deadline passed"
+                };
+                ctx.decide("stop", &w.id, reason);
+                let r = transition(ctx, &w.id, WorkerState::Stopping).await;
+                terminate(ctx, &w, &mut terminate_sent).await;
+                r
+            }
+            WorkerState::Stopping | WorkerState::Stopped | WorkerState::Failed => {
+                settle_stopping(ctx, &w, &mut terminate_sent).await
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            if e == WorkerExecError::Fenced {
+                break;
+            }
+            warn!(worker = %w.id, error = %e, "worker step failed");
+        }
+    }
+    terminate_sent
+}
+
+async fn transition(ctx: &ControllerCtx, id: &str, to: WorkerState) -> Result<(), WorkerExecError> {
+    let cmd = WorkerCmd::Transition {
+        to,
+        cloud_instance_id: None,
+    };
+    ctx.workers.send(id, cmd, true).await.map(|_| ())
+}
+
+async fn advance_provisioning(
+    ctx: &ControllerCtx,
+    w: &Worker,
+    scheduler: Option<&Addr<Scheduler>>,
+) -> Result<(), WorkerExecError> {
+    let Some(cloud_id) = &w.cloud_instance_id else {
+        // The launch call failed or was cut off: ask again (the adapter finds an
+        // instance already tagged with this worker id instead of launching twice).
+        if let Some(tpl) = ctx.template(&w.template).cloned() {
+            match ctx.cloud.create_instance(&tpl, &w.id).await {
+                Ok(cid) => {
+                    ctx.workers
+                        .send(&w.id, WorkerCmd::SetCloudId(cid), true)
+                        .await?;
+                }
+                Err(e) => ctx.decide("launch_failed", &w.id, &e.to_string()),
+            }
+        }
+        return Ok(());
+    };
+    match ctx.cloud.get_instance_status(cloud_id).await {
+        Ok(CloudInstanceStatus::Running) => {
+            transition(ctx, &w.id, WorkerState::Running).await?;
+            ctx.decide("running", &w.id, "cloud reports the instance running");
+            if let Some(s) = scheduler {
+                s.do_send(Schedule);
+            }
+            Ok(())
+        }
+        Ok(CloudInstanceStatus::Terminated | CloudInstanceStatus::NotFound) => {
+            ctx.decide(
+                "mark_failed",
+                &w.id,
+                "cloud instance vanished while provisioning",
+            );
+            transition(ctx, &w.id, WorkerState::Failed).await
+        }
+        Ok(_) => Ok(()),
+        Err(e) => {
+            warn!(worker = %w.id, error = %e, "cloud status unavailable");
+            Ok(())
+        }
+    }
+}
+
+async fn terminate(ctx: &ControllerCtx, w: &Worker, sent: &mut HashSet<String>) {
+    let Some(cloud_id) = &w.cloud_instance_id else {
+        return;
+    };
+    if sent.contains(&w.id) {
+        return;
+    }
+    match ctx.cloud.terminate_instance(cloud_id).await {
+        Ok(()) => {
+            sent.insert(w.id.clone());
+        }
+        Err(e) => warn!(worker = %w.id, error = %e, "terminate failed; will retry"),
+    }
+}
+
+async fn settle_stopping(
+    ctx: &ControllerCtx,
+    w: &Worker,
+    sent: &mut HashSet<String>,
+) -> Result<(), WorkerExecError> {
+    let Some(cloud_id) = &w.cloud_instance_id else {
+        if w.state != WorkerState::Failed {
+            transition(ctx, &w.id, WorkerState::Terminated).await?;
+        }
+        return Ok(());
+    };
+    let status = match ctx.cloud.get_instance_status(cloud_id).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(worker = %w.id, error = %e, "cloud status unavailable");
+            return Ok(());
+        }
+    };
+    match status {
+        CloudInstanceStatus::Terminated | CloudInstanceStatus::NotFound => {
+            if w.state != WorkerState::Terminated {
+                ctx.decide("terminated", &w.id, "cloud reports the instance gone");
+                transition(ctx, &w.id, WorkerState::Terminated).await?;
+            }
+            sent.remove(&w.id);
+            Ok(())
+        }
+        CloudInstanceStatus::Stopped if w.state == WorkerState::Stopping => {
+            transition(ctx, &w.id, WorkerState::Stopped).await?;
+            terminate(ctx, w, sent).await;
+            Ok(())
+        }
+        _ => {
+            terminate(ctx, w, sent).await;
+            Ok(())
+        }
+    }
+}

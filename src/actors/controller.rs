@@ -1,0 +1,250 @@
+//! The Resource Controller's shared context, its decision journal, and the supervisor
+//! that starts the scheduler, autoscaler and reconciler when this replica becomes the
+//! leader and stops them the moment it steps down.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::actors::autoscaler::Autoscaler;
+use crate::actors::leader::on_leadership;
+use crate::actors::leader::{Fence, LeaderStatus};
+use crate::actors::mirror::Mirror;
+use crate::actors::reconciler::Reconciler;
+use crate::actors::scheduler::{Schedule, Scheduler};
+use crate::actors::worker::WorkerRegistry;
+use crate::clock::Clock;
+use crate::config::ControllerSettings;
+use crate::domain::worker::{Instance, InstanceState, WorkerTemplate};
+use crate::ports::cloud::CloudProvider;
+use crate::ports::store::Store;
+use crate::telemetry::Metrics;
+
+/// How many decisions the journal keeps.
+const JOURNAL: usize = 200;
+
+/// One controller decision, with its reason.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DecisionRecord {
+    /// When.
+    pub at: DateTime<Utc>,
+    /// What (e.g. `scale_up`, `drain`, `mark_failed`).
+    pub action: String,
+    /// On what (worker or instance id, template).
+    pub subject: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Outcome of the last reconcile pass.
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+pub struct ReconcileStatus {
+    /// When it finished.
+    pub at: Option<DateTime<Utc>>,
+    /// `ok` or the first error.
+    pub outcome: Option<String>,
+    /// Passes so far.
+    pub passes: u64,
+}
+
+/// Everything the controller actors share.
+pub struct ControllerCtx {
+    /// Store.
+    pub store: Arc<dyn Store>,
+    /// Cloud provider.
+    pub cloud: Arc<dyn CloudProvider>,
+    /// Worker templates.
+    pub templates: Vec<WorkerTemplate>,
+    /// Worker actors and view.
+    pub workers: Arc<WorkerRegistry>,
+    /// Instances view.
+    pub instances: Arc<Mirror<Instance>>,
+    /// Leader fence.
+    pub fence: Arc<Fence>,
+    /// Settings.
+    pub settings: ControllerSettings,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Time source (shared with the worker actors).
+    pub clock: Clock,
+    journal: Mutex<VecDeque<DecisionRecord>>,
+    reconcile: Mutex<ReconcileStatus>,
+    running: Mutex<Option<Running>>,
+}
+
+#[derive(Clone)]
+struct Running {
+    scheduler: Addr<Scheduler>,
+    autoscaler: Addr<Autoscaler>,
+    reconciler: Addr<Reconciler>,
+}
+
+impl ControllerCtx {
+    /// A context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn Store>,
+        cloud: Arc<dyn CloudProvider>,
+        templates: Vec<WorkerTemplate>,
+        workers: Arc<WorkerRegistry>,
+        instances: Arc<Mirror<Instance>>,
+        fence: Arc<Fence>,
+        settings: ControllerSettings,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let clock = workers.deps().clock;
+        Arc::new(Self {
+            store,
+            cloud,
+            templates,
+            workers,
+            instances,
+            fence,
+            clock,
+            settings,
+            metrics,
+            journal: Mutex::new(VecDeque::new()),
+            reconcile: Mutex::new(ReconcileStatus::default()),
+            running: Mutex::new(None),
+        })
+    }
+
+    /// Logs, counts and journals a decision.
+    pub fn decide(&self, action: &str, subject: &str, reason: &str) {
+        info!(action, subject, reason, "controller decision");
+        self.metrics.decisions.with_label_values(&[action]).inc();
+        if let Ok(mut j) = self.journal.lock() {
+            j.push_back(DecisionRecord {
+                at: self.clock.now(),
+                action: action.to_owned(),
+                subject: subject.to_owned(),
+                reason: reason.to_owned(),
+            });
+            while j.len() > JOURNAL {
+                j.pop_front();
+            }
+        }
+    }
+
+    /// Recent decisions, newest last.
+    pub fn decisions(&self) -> Vec<DecisionRecord> {
+        self.journal
+            .lock()
+            .map(|j| j.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Records a reconcile pass.
+    pub fn reconciled(&self, outcome: String) {
+        if let Ok(mut r) = self.reconcile.lock() {
+            r.at = Some(self.clock.now());
+            r.outcome = Some(outcome);
+            r.passes += 1;
+        }
+    }
+
+    /// The last reconcile pass.
+    pub fn reconcile_status(&self) -> ReconcileStatus {
+        self.reconcile.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// PENDING instances, oldest first.
+    pub fn pending(&self) -> Vec<(Instance, i64)> {
+        let mut p: Vec<(Instance, i64)> = self
+            .instances
+            .all()
+            .into_iter()
+            .filter(|(i, _)| i.state == InstanceState::Pending)
+            .collect();
+        p.sort_by(|a, b| (a.0.created_at, &a.0.id).cmp(&(b.0.created_at, &b.0.id)));
+        p
+    }
+
+    /// A template by name.
+    pub fn template(&self, name: &str) -> Option<&WorkerTemplate> {
+        self.templates.iter().find(|t| t.name == name)
+    }
+
+    /// Asks the scheduler (if this replica leads) to place pending instances now.
+    pub fn kick(&self) {
+        if let Some(r) = self.running() {
+            r.scheduler.do_send(Schedule);
+        }
+    }
+
+    fn running(&self) -> Option<Running> {
+        self.running.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Address of the autoscaler while leading.
+    pub fn autoscaler(&self) -> Option<Addr<Autoscaler>> {
+        self.running().map(|r| r.autoscaler)
+    }
+
+    /// Address of the scheduler while leading.
+    pub fn scheduler(&self) -> Option<Addr<Scheduler>> {
+        self.running().map(|r| r.scheduler)
+    }
+
+    /// Election status.
+    pub fn leader_status(&self) -> LeaderStatus {
+        LeaderStatus {
+            instance_id: self.settings.instance_id.clone(),
+            is_leader: self.fence.epoch().is_some(),
+            leader_id: self.fence.leader().map(|(id, _)| id),
+            epoch: self.fence.epoch(),
+        }
+    }
+
+    /// Starts the leader-only actors on the current arbiter.
+    pub fn start_leading(self: &Arc<Self>) {
+        let mut slot = match self.running.lock() {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        if slot.is_some() {
+            return;
+        }
+        let autoscaler = Autoscaler::new(self.clone()).start();
+        let scheduler = Scheduler::new(self.clone(), autoscaler.clone()).start();
+        let reconciler = Reconciler::new(self.clone(), autoscaler.clone()).start();
+        autoscaler.do_send(crate::actors::autoscaler::SetScheduler(scheduler.clone()));
+        *slot = Some(Running {
+            scheduler,
+            autoscaler,
+            reconciler,
+        });
+        self.decide("lead", &self.settings.instance_id, "won the election");
+    }
+
+    /// Stops the leader-only actors.
+    pub fn stop_leading(&self) {
+        let taken = self.running.lock().ok().and_then(|mut s| s.take());
+        if let Some(r) = taken {
+            r.scheduler.do_send(crate::actors::scheduler::Stop);
+            r.autoscaler.do_send(crate::actors::autoscaler::Stop);
+            r.reconciler.do_send(crate::actors::reconciler::Stop);
+            self.decide("step_down", &self.settings.instance_id, "lost leadership");
+        }
+    }
+
+    /// Follows election changes: leader-only work runs only while leading.
+    pub async fn follow_leadership(self: Arc<Self>, changes: watch::Receiver<Option<i64>>) {
+        let (a, b) = (self.clone(), self);
+        on_leadership(changes, move || a.start_leading(), move || b.stop_leading()).await;
+    }
+
+    /// Watches the instance mirror and asks the scheduler to run on every change.
+    pub async fn kick_on_changes(self: Arc<Self>) {
+        let notify = self.instances.changes();
+        loop {
+            notify.notified().await;
+            self.kick();
+        }
+    }
+}

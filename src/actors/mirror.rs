@@ -1,0 +1,104 @@
+//! A read-only, watch-fed copy of the JSON records under one prefix (instances).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tracing::warn;
+
+use crate::actors::follow::Follower;
+use crate::keys;
+use crate::ports::store::{Kv, WatchEvent};
+
+/// Records by id with their `mod_revision`.
+pub struct Mirror<T> {
+    prefix: &'static str,
+    items: DashMap<String, (T, i64)>,
+    loaded: AtomicBool,
+    changed: Arc<Notify>,
+}
+
+impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Mirror<T> {
+    /// An empty mirror of `prefix`.
+    pub fn new(prefix: &'static str) -> Self {
+        Self {
+            prefix,
+            items: DashMap::new(),
+            loaded: AtomicBool::new(false),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// One record.
+    pub fn get(&self, id: &str) -> Option<(T, i64)> {
+        self.items.get(id).map(|e| e.value().clone())
+    }
+
+    /// Every record.
+    pub fn all(&self) -> Vec<(T, i64)> {
+        self.items.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Notified after every change (one permit is kept if nobody waits).
+    pub fn changes(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+
+    /// Whether the first listing was loaded.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst)
+    }
+
+    /// Records a value this replica just wrote (the watch will confirm it).
+    pub fn note(&self, id: &str, value: T, revision: i64) {
+        let mut entry = self
+            .items
+            .entry(id.to_owned())
+            .or_insert((value.clone(), revision));
+        if entry.1 <= revision {
+            *entry = (value, revision);
+        }
+    }
+
+    fn put(&self, kv: &Kv) {
+        self.changed.notify_one();
+        let Some(id) = keys::child(self.prefix, &kv.key) else {
+            return;
+        };
+        match serde_json::from_slice::<T>(&kv.value) {
+            Ok(v) => self.note(id, v, kv.mod_revision),
+            Err(e) => warn!(key = %kv.key, error = %e, "skipping undecodable record"),
+        }
+    }
+}
+
+impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Follower for Mirror<T> {
+    fn prefix(&self) -> &'static str {
+        self.prefix
+    }
+
+    fn load(&self, kvs: Vec<Kv>, _revision: i64) {
+        let ids: std::collections::HashSet<String> = kvs
+            .iter()
+            .filter_map(|kv| keys::child(self.prefix, &kv.key).map(str::to_owned))
+            .collect();
+        self.items.retain(|k, _| ids.contains(k));
+        for kv in &kvs {
+            self.put(kv);
+        }
+        self.loaded.store(true, Ordering::SeqCst);
+    }
+
+    fn apply(&self, ev: WatchEvent) {
+        match ev {
+            WatchEvent::Put(kv) => self.put(&kv),
+            WatchEvent::Delete { key, .. } => {
+                if let Some(id) = keys::child(self.prefix, &key) {
+                    self.items.remove(id);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! Shared context of the asynchronous operations: the Kubernetes executor, the intents
+//! mirror, the callback sender and policy; the leadership hook that starts the intent
+//! manager on the leader; and the converger that keeps every shadow deployable's
+//! Kubernetes minimum replicas equal to its recorded `min_pod_count`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use actix::prelude::*;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, warn};
+
+use crate::actors::leader::on_leadership;
+use crate::actors::leader::Fence;
+use crate::actors::mirror::Mirror;
+use crate::actors::outbox::{IntentManager, Stop, Track};
+use crate::actors::registry::Registry;
+use crate::actors::shadow::ShadowKey;
+use crate::clock::Clock;
+use crate::config::OperationsSettings;
+use crate::domain::callback::RetryPolicy;
+use crate::domain::intent::WatchIntent;
+use crate::keys;
+use crate::ports::callback::CallbackSender;
+use crate::ports::kube::{KubeError, KubeExecutor};
+use crate::ports::store::{Compare, Op, Store, StoreError, Txn};
+use crate::telemetry::Metrics;
+
+/// Everything the operations actors share.
+pub struct OpsCtx {
+    /// Store.
+    pub store: Arc<dyn Store>,
+    /// Kubernetes.
+    pub kube: Arc<dyn KubeExecutor>,
+    /// Callback sender.
+    pub sender: Arc<dyn CallbackSender>,
+    /// Retry policy of callbacks.
+    pub policy: RetryPolicy,
+    /// Intents, watch-fed.
+    pub intents: Arc<Mirror<WatchIntent>>,
+    /// Leader fence.
+    pub fence: Arc<Fence>,
+    /// Settings.
+    pub settings: OperationsSettings,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Time source.
+    pub clock: Clock,
+    /// Shadow deployables (for convergence).
+    pub shadows: Arc<Registry>,
+    manager: Mutex<Option<Addr<IntentManager>>>,
+    converge_now: Notify,
+}
+
+/// Why persisting an intent failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum IntentWriteError {
+    /// Another writer changed it first.
+    #[error("intent changed concurrently")]
+    Conflict,
+    /// Not the leader.
+    #[error("not the leader")]
+    Fenced,
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl OpsCtx {
+    /// A context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn Store>,
+        kube: Arc<dyn KubeExecutor>,
+        sender: Arc<dyn CallbackSender>,
+        intents: Arc<Mirror<WatchIntent>>,
+        fence: Arc<Fence>,
+        settings: OperationsSettings,
+        metrics: Metrics,
+        clock: Clock,
+        shadows: Arc<Registry>,
+    ) -> Arc<Self> {
+        let policy = RetryPolicy {
+            max_attempts: settings.callback_max_attempts,
+            max_age: settings.callback_max_age,
+            ..RetryPolicy::default()
+        };
+        Arc::new(Self {
+            store,
+            kube,
+            sender,
+            policy,
+            intents,
+            fence,
+            settings,
+            metrics,
+            clock,
+            shadows,
+            manager: Mutex::new(None),
+            converge_now: Notify::new(),
+        })
+    }
+
+    /// Replaces an intent with CAS (and the leader fence when `fenced`).
+    pub async fn write_intent(
+        &self,
+        next: &WatchIntent,
+        rev: i64,
+        fenced: bool,
+    ) -> Result<i64, IntentWriteError> {
+        let key = keys::watch_intent(&next.request_id);
+        let mut compares = vec![Compare::ModRevision(key.clone(), rev)];
+        if fenced {
+            compares.push(self.fence.compare().ok_or(IntentWriteError::Fenced)?);
+        }
+        let r = self
+            .store
+            .txn(Txn {
+                compares,
+                success: vec![Op::Put {
+                    key: key.clone(),
+                    value: serde_json::to_vec(next).unwrap_or_default(),
+                    lease: None,
+                }],
+                failure_gets: vec![key],
+            })
+            .await?;
+        if r.succeeded {
+            self.intents
+                .note(&next.request_id, next.clone(), r.revision);
+            return Ok(r.revision);
+        }
+        let moved = r
+            .fetched
+            .first()
+            .and_then(|k| k.as_ref())
+            .map(|k| k.mod_revision)
+            != Some(rev);
+        if moved {
+            Err(IntentWriteError::Conflict)
+        } else {
+            self.fence.lose();
+            Err(IntentWriteError::Fenced)
+        }
+    }
+
+    /// Asks the intent manager (if this replica leads) to look at `request_id` now.
+    pub fn track(&self, request_id: &str) {
+        if let Some(m) = self.manager.lock().ok().and_then(|m| m.clone()) {
+            m.do_send(Track(request_id.to_owned()));
+        }
+    }
+
+    /// Asks the converger to run now.
+    pub fn converge_soon(&self) {
+        self.converge_now.notify_one();
+    }
+
+    fn start_leading(self: &Arc<Self>) {
+        if let Ok(mut slot) = self.manager.lock() {
+            if slot.is_none() {
+                *slot = Some(IntentManager::new(self.clone()).start());
+            }
+        }
+        self.converge_soon();
+    }
+
+    /// Stops the intent manager and its watchers (leadership lost, or shutdown).
+    pub fn stop_leading(&self) {
+        if let Some(m) = self.manager.lock().ok().and_then(|mut m| m.take()) {
+            m.do_send(Stop);
+        }
+    }
+
+    /// Follows election changes: leader-only work runs only while leading.
+    pub async fn follow_leadership(self: Arc<Self>, changes: watch::Receiver<Option<i64>>) {
+        let (a, b) = (self.clone(), self);
+        on_leadership(changes, move || a.start_leading(), move || b.stop_leading()).await;
+    }
+
+    /// Tells the intent manager about every change of the intents mirror.
+    pub async fn track_changes(self: Arc<Self>) {
+        let notify = self.intents.changes();
+        loop {
+            notify.notified().await;
+            if let Some(m) = self.manager.lock().ok().and_then(|m| m.clone()) {
+                m.do_send(crate::actors::outbox::Sweep);
+            }
+        }
+    }
+
+    /// Keeps Kubernetes minimum replicas equal to each shadow deployable's recorded
+    /// `min_pod_count`, on the leader: after every change and periodically, so a failed
+    /// patch is retried (and everything is re-applied after a start-up or failover).
+    pub async fn converge_forever(self: Arc<Self>) {
+        let mut applied: HashMap<ShadowKey, u32> = HashMap::new();
+        let mut leading = false;
+        loop {
+            let _ = tokio::time::timeout(
+                self.settings.converge_interval,
+                self.converge_now.notified(),
+            )
+            .await;
+            let leads = self.fence.epoch().is_some();
+            if !leads {
+                leading = false;
+                continue;
+            }
+            if !leading {
+                // New leadership: re-apply everything once.
+                applied.clear();
+                leading = true;
+            }
+            for env in self.shadows.envs() {
+                for entry in self.shadows.list(&env) {
+                    let key = ShadowKey::new(&env, &entry.record.name);
+                    let want = entry.record.min_pod_count;
+                    if applied.get(&key) == Some(&want) {
+                        continue;
+                    }
+                    let ns = self.settings.namespace(&env);
+                    let min = i32::try_from(want).unwrap_or(i32::MAX);
+                    match self
+                        .kube
+                        .set_min_replicas(&ns, &entry.record.name, min)
+                        .await
+                    {
+                        Ok(()) => {
+                            debug!(env = %env, name = %entry.record.name, min, "min replicas converged");
+                            self.metrics
+                                .decisions
+                                .with_label_values(&["converge_min_replicas"])
+                                .inc();
+                            applied.insert(key, want);
+                        }
+                        Err(KubeError::NotFound(m)) => {
+                            // Not in the cluster (yet): remember, retry when it changes.
+                            debug!(env = %env, name = %entry.record.name, error = %m, "deployable not in the cluster");
+                            applied.insert(key, want);
+                        }
+                        Err(e) => {
+                            warn!(env = %env, name = %entry.record.name, error = %e, "cannot converge min replicas; will retry");
+                            self.metrics
+                                .decisions
+                                .with_label_values(&["converge_failed"])
+                                .inc();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

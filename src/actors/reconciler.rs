@@ -1,0 +1,283 @@
+//! The reconciler: every `RECONCILE_INTERVAL`, in order, (1) instances on failed,
+//! terminated or unknown workers go back to PENDING, (2) workers are compared with the
+//! cloud (launch timeouts, vanished instances, orphans, missed heartbeats), (3) capacity
+//! (pending demand, `min_workers`, idle workers to drain). Every decision is journaled
+//! with its reason and counted.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use chrono::Duration as ChronoDuration;
+use tracing::warn;
+
+use crate::actors::autoscaler::{Autoscaler, Demand, EnsureMinimum};
+use crate::actors::controller::ControllerCtx;
+use crate::actors::instances;
+use crate::actors::worker::WorkerCmd;
+use crate::domain::controller::idle_to_drain;
+use crate::domain::worker::{InstanceState, Worker, WorkerState};
+use crate::ports::cloud::CloudInstanceStatus;
+
+/// Run one pass now.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reconcile;
+
+/// Stop (leadership lost).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+/// The reconciler actor (leader only).
+pub struct Reconciler {
+    ctx: Arc<ControllerCtx>,
+    autoscaler: Addr<Autoscaler>,
+}
+
+impl Reconciler {
+    /// A reconciler.
+    pub fn new(ctx: Arc<ControllerCtx>, autoscaler: Addr<Autoscaler>) -> Self {
+        Self { ctx, autoscaler }
+    }
+}
+
+impl Actor for Reconciler {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.ctx.settings.reconcile_interval, |_, ctx| {
+            ctx.notify(Reconcile)
+        });
+    }
+}
+
+impl Handler<Stop> for Reconciler {
+    type Result = ();
+    fn handle(&mut self, _msg: Stop, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+impl Handler<Reconcile> for Reconciler {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _msg: Reconcile, _ctx: &mut Self::Context) -> Self::Result {
+        let (cctx, autoscaler) = (self.ctx.clone(), self.autoscaler.clone());
+        AtomicResponse::new(Box::pin(
+            async move {
+                let outcome = reconcile_once(&cctx, &autoscaler).await;
+                cctx.reconciled(outcome.err().unwrap_or_else(|| "ok".into()));
+            }
+            .into_actor(self),
+        ))
+    }
+}
+
+/// One reconcile pass; the error is the first thing that went wrong.
+pub async fn reconcile_once(
+    ctx: &ControllerCtx,
+    autoscaler: &Addr<Autoscaler>,
+) -> Result<(), String> {
+    if ctx.fence.epoch().is_none() {
+        return Err("not the leader".into());
+    }
+    let mut first_error: Option<String> = None;
+    let mut note = |e: String| {
+        warn!(error = %e, "reconcile step failed");
+        first_error.get_or_insert(e);
+    };
+    reconcile_instances(ctx, &mut note).await;
+    reconcile_workers(ctx, &mut note).await;
+    reconcile_capacity(ctx, autoscaler, &mut note).await;
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String)) {
+    let workers: HashMap<String, Worker> = ctx
+        .workers
+        .list()
+        .into_iter()
+        .map(|w| (w.id.clone(), w))
+        .collect();
+    for (inst, _) in ctx.instances.all() {
+        if !matches!(
+            inst.state,
+            InstanceState::Scheduled | InstanceState::Running
+        ) {
+            continue;
+        }
+        let worker = inst.worker_id.as_ref().and_then(|id| workers.get(id));
+        let reason = match worker {
+            None => "its worker is unknown",
+            Some(w) if matches!(w.state, WorkerState::Failed | WorkerState::Terminated) => {
+                "its worker failed or terminated"
+            }
+            Some(w) if !w.instances.contains(&inst.id) => "its worker does not list it",
+            Some(_) => continue,
+        };
+        let back = instances::update(ctx.store.as_ref(), &inst.id, Some(&ctx.fence), |i| {
+            if !matches!(i.state, InstanceState::Scheduled | InstanceState::Running) {
+                return Ok(None);
+            }
+            let mut n = i.clone();
+            n.state = InstanceState::Pending;
+            n.worker_id = None;
+            Ok(Some(n))
+        })
+        .await;
+        match back {
+            Ok((i, rev)) => {
+                ctx.instances.note(&i.id.clone(), i, rev);
+                ctx.decide("reschedule", &inst.id, reason);
+            }
+            Err(e) => note(format!("reschedule {}: {e}", inst.id)),
+        }
+    }
+    // Workers that still list instances which ended or moved elsewhere.
+    for w in workers.values() {
+        for id in &w.instances {
+            let stale = match ctx.instances.get(id) {
+                None => true,
+                Some((i, _)) => !i.is_live() || i.worker_id.as_deref() != Some(w.id.as_str()),
+            };
+            if stale {
+                let req = ctx
+                    .instances
+                    .get(id)
+                    .map(|(i, _)| i.requirements)
+                    .unwrap_or_default();
+                let cmd = WorkerCmd::Unplace {
+                    instance_id: id.clone(),
+                    requirements: req,
+                    instance: None,
+                };
+                match ctx.workers.send(&w.id, cmd, true).await {
+                    Ok(_) => ctx.decide(
+                        "release_allocation",
+                        &w.id,
+                        &format!("instance {id} is no longer on it"),
+                    ),
+                    Err(e) => note(format!("unplace {id} from {}: {e}", w.id)),
+                }
+            }
+        }
+    }
+}
+
+async fn reconcile_workers(ctx: &ControllerCtx, note: &mut impl FnMut(String)) {
+    let now = ctx.clock.now();
+    let workers = ctx.workers.list();
+    let cloud = match ctx.cloud.list_instances().await {
+        Ok(c) => c,
+        Err(e) => {
+            note(format!("cloud list: {e}"));
+            return;
+        }
+    };
+    let live_cloud: HashSet<&str> = cloud.iter().map(|c| c.instance_id.as_str()).collect();
+    let by_id: HashMap<&str, &Worker> = workers.iter().map(|w| (w.id.as_str(), w)).collect();
+    let timeout = ChronoDuration::from_std(ctx.settings.provision_timeout).unwrap_or_default();
+    let hb_timeout = ChronoDuration::from_std(ctx.settings.heartbeat_timeout).unwrap_or_default();
+    for w in &workers {
+        let fail_reason = match w.state {
+            WorkerState::Provisioning if now - w.state_changed_at > timeout => {
+                Some("provisioning exceeded PROVISION_TIMEOUT_SECONDS")
+            }
+            WorkerState::Running | WorkerState::Draining => {
+                let gone = match &w.cloud_instance_id {
+                    Some(cid) if !live_cloud.contains(cid.as_str()) => {
+                        // Listing may lag; confirm with a direct lookup before acting.
+                        matches!(
+                            ctx.cloud.get_instance_status(cid).await,
+                            Ok(CloudInstanceStatus::NotFound | CloudInstanceStatus::Terminated)
+                        )
+                    }
+                    _ => false,
+                };
+                if gone {
+                    Some("its cloud instance is gone")
+                } else if w
+                    .last_heartbeat_at
+                    .is_some_and(|hb| !hb_timeout.is_zero() && now - hb > hb_timeout)
+                {
+                    Some("missed heartbeats")
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        if let Some(reason) = fail_reason {
+            let cmd = WorkerCmd::Transition {
+                to: WorkerState::Failed,
+                cloud_instance_id: None,
+            };
+            match ctx.workers.send(&w.id, cmd, true).await {
+                Ok(_) => ctx.decide("mark_failed", &w.id, reason),
+                Err(e) => note(format!("fail {}: {e}", w.id)),
+            }
+        }
+    }
+    for c in &cloud {
+        let known = c
+            .worker_id
+            .as_deref()
+            .and_then(|id| by_id.get(id))
+            .is_some_and(|w| {
+                !matches!(w.state, WorkerState::Terminated)
+                    && w.cloud_instance_id
+                        .as_deref()
+                        .is_none_or(|cid| cid == c.instance_id)
+            });
+        if !known {
+            match ctx.cloud.terminate_instance(&c.instance_id).await {
+                Ok(()) => ctx.decide(
+                    "terminate_orphan",
+                    &c.instance_id,
+                    "tagged as ours but no live worker owns it",
+                ),
+                Err(e) => note(format!("terminate orphan {}: {e}", c.instance_id)),
+            }
+        }
+    }
+}
+
+async fn reconcile_capacity(
+    ctx: &ControllerCtx,
+    autoscaler: &Addr<Autoscaler>,
+    note: &mut impl FnMut(String),
+) {
+    let pending: Vec<String> = ctx.pending().into_iter().map(|(i, _)| i.id).collect();
+    if !pending.is_empty() {
+        // Give the scheduler a chance first; what it cannot place reaches the autoscaler.
+        ctx.kick();
+        autoscaler.do_send(Demand {
+            instances: pending,
+            seen_at: Instant::now(),
+        });
+    }
+    autoscaler.do_send(EnsureMinimum);
+    let idle = ChronoDuration::from_std(ctx.settings.scale_down_idle).unwrap_or_default();
+    let deadline =
+        ctx.clock.now() + ChronoDuration::from_std(ctx.settings.drain_deadline).unwrap_or_default();
+    for id in idle_to_drain(&ctx.workers.list(), &ctx.templates, ctx.clock.now(), idle) {
+        let cmd = WorkerCmd::Drain {
+            deadline,
+            voluntary: true,
+            instances: Vec::new(),
+        };
+        match ctx.workers.send(&id, cmd, true).await {
+            Ok(_) => ctx.decide(
+                "drain",
+                &id,
+                "idle past SCALE_DOWN_IDLE_SECONDS, above min_workers",
+            ),
+            Err(e) => note(format!("drain {id}: {e}")),
+        }
+    }
+}

@@ -1,0 +1,664 @@
+//! The worker actor: owns one worker record and its `mod_revision`, serializes every
+//! change through its mailbox, and CAS-persists it (with the instance it places or
+//! releases, in the same transaction; fenced by the leader key for leader-only work)
+//! before it takes effect. Also the registry that finds, spawns and feeds worker actors.
+
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use dashmap::DashMap;
+use tracing::{debug, warn};
+
+use crate::actors::follow::Follower;
+use crate::actors::leader::Fence;
+use crate::actors::stats::{ActorInfo, ActorStats};
+use crate::clock::Clock;
+use crate::domain::worker::{
+    instance_transition, place, start_drain, transition, unplace, Instance, InstanceState,
+    Resources, Worker, WorkerError, WorkerState,
+};
+use crate::keys;
+use crate::ports::store::{Compare, Kv, Op, Store, StoreError, Txn, WatchEvent};
+use crate::telemetry::Metrics;
+
+/// Kind label of worker actors.
+pub const WORKER_KIND: &str = "worker";
+const MAX_ATTEMPTS: usize = 16;
+
+/// A change to a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerCmd {
+    /// Create the record (PENDING).
+    Create(Worker),
+    /// Move to another state, recording the cloud instance id when given.
+    Transition {
+        /// Target state.
+        to: WorkerState,
+        /// Cloud instance id learnt with this change.
+        cloud_instance_id: Option<String>,
+    },
+    /// Record the cloud instance id.
+    SetCloudId(String),
+    /// Place an instance (PENDING -> SCHEDULED), both records in one transaction.
+    Place {
+        /// The instance as last seen.
+        instance: Instance,
+        /// Its `mod_revision`.
+        instance_rev: i64,
+    },
+    /// Remove an instance, writing its new record in the same transaction when given.
+    Unplace {
+        /// Instance id.
+        instance_id: String,
+        /// Its requirements (to release the allocation).
+        requirements: Resources,
+        /// The instance's new record and the revision it was read at.
+        instance: Option<(Instance, i64)>,
+    },
+    /// Start draining.
+    Drain {
+        /// When the drain gives up waiting.
+        deadline: DateTime<Utc>,
+        /// Voluntary drains respect `do_not_disrupt`.
+        voluntary: bool,
+        /// Instances placed on the worker.
+        instances: Vec<Instance>,
+    },
+    /// A heartbeat from the host.
+    Heartbeat {
+        /// When it arrived.
+        at: DateTime<Utc>,
+    },
+}
+
+/// What a successful command left behind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerOutcome {
+    /// The worker now.
+    pub worker: Worker,
+    /// The instance written with it, and its new revision.
+    pub instance: Option<(Instance, i64)>,
+}
+
+/// Why a worker command failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WorkerExecError {
+    /// The state machine refused it.
+    #[error(transparent)]
+    Domain(#[from] WorkerError),
+    /// No such worker.
+    #[error("worker not found")]
+    NotFound,
+    /// Creating a worker that exists.
+    #[error("worker already exists")]
+    Exists,
+    /// The instance changed since it was read; here is its current value.
+    #[error("instance changed concurrently")]
+    InstanceChanged(Option<(Instance, i64)>),
+    /// This replica is no longer the leader.
+    #[error("not the leader")]
+    Fenced,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored record is unreadable.
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    /// Lost the CAS too often.
+    #[error("too much contention on this worker")]
+    Contention,
+    /// The actor is gone or panicked.
+    #[error("worker actor unavailable")]
+    Mailbox,
+}
+
+/// Runs a command.
+#[derive(Message)]
+#[rtype(result = "Result<WorkerOutcome, WorkerExecError>")]
+pub struct WorkerMsg {
+    /// The command.
+    pub cmd: WorkerCmd,
+    /// Leader-only: guard the write with the leader fence.
+    pub fenced: bool,
+}
+
+/// A change seen by the watch.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ObserveWorker {
+    kv: Option<Kv>,
+    mod_revision: i64,
+}
+
+/// What every worker actor needs.
+pub struct WorkerDeps {
+    /// Store.
+    pub store: Arc<dyn Store>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Leader fence.
+    pub fence: Arc<Fence>,
+    /// Published workers with their revisions.
+    pub view: DashMap<String, (Worker, i64)>,
+    /// Time source.
+    pub clock: Clock,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Cell {
+    Unknown,
+    Known(Option<Worker>, i64),
+}
+
+/// The worker actor.
+pub struct WorkerActor {
+    id: String,
+    cell: Cell,
+    deps: Arc<WorkerDeps>,
+    stats: Arc<ActorStats>,
+}
+
+impl WorkerActor {
+    fn apply(&mut self, cell: Cell) {
+        match &cell {
+            Cell::Known(Some(w), rev) => {
+                self.deps.view.insert(self.id.clone(), (w.clone(), *rev));
+            }
+            Cell::Known(None, _) => {
+                self.deps.view.remove(&self.id);
+            }
+            Cell::Unknown => {}
+        }
+        self.cell = cell;
+    }
+}
+
+impl Actor for WorkerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Self::Context) {
+        let cell = self.cell.clone();
+        self.apply(cell);
+    }
+}
+
+impl Supervised for WorkerActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.cell = Cell::Unknown;
+        self.stats.restarted();
+        warn!(worker = %self.id, "worker actor restarted");
+    }
+}
+
+impl Handler<WorkerMsg> for WorkerActor {
+    type Result = AtomicResponse<Self, Result<WorkerOutcome, WorkerExecError>>;
+
+    fn handle(&mut self, msg: WorkerMsg, _ctx: &mut Self::Context) -> Self::Result {
+        self.stats.dequeued();
+        let work = execute(
+            self.deps.clone(),
+            self.id.clone(),
+            self.cell.clone(),
+            msg.cmd,
+            msg.fenced,
+        );
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(
+            |(result, cell), act, ctx| {
+                if result == Err(WorkerExecError::Mailbox) {
+                    ctx.stop();
+                    return result;
+                }
+                if result.is_ok() && cell != act.cell {
+                    act.stats.transitioned(act.deps.clock.now());
+                }
+                act.apply(cell);
+                result
+            },
+        )))
+    }
+}
+
+impl Handler<ObserveWorker> for WorkerActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ObserveWorker, _ctx: &mut Self::Context) {
+        self.stats.dequeued();
+        if let Cell::Known(_, rev) = &self.cell {
+            if *rev >= msg.mod_revision {
+                return;
+            }
+        }
+        match decode_worker(msg.kv.as_ref()) {
+            Ok((w, _)) => self.apply(Cell::Known(w, msg.mod_revision)),
+            Err(_) => self.cell = Cell::Unknown,
+        }
+    }
+}
+
+fn decode_worker(kv: Option<&Kv>) -> Result<(Option<Worker>, i64), WorkerExecError> {
+    match kv {
+        None => Ok((None, 0)),
+        Some(kv) => serde_json::from_slice(&kv.value)
+            .map(|w| (Some(w), kv.mod_revision))
+            .map_err(|e| WorkerExecError::Corrupt(e.to_string())),
+    }
+}
+
+fn decode_instance(kv: Option<&Kv>) -> Option<(Instance, i64)> {
+    let kv = kv?;
+    serde_json::from_slice(&kv.value)
+        .ok()
+        .map(|i| (i, kv.mod_revision))
+}
+
+/// The pure part: the worker (and instance) a command leads to; `None` = no change.
+fn decide(
+    current: Option<&Worker>,
+    cmd: &WorkerCmd,
+    now: DateTime<Utc>,
+) -> Result<Option<(Worker, Option<Instance>)>, WorkerExecError> {
+    if let WorkerCmd::Create(w) = cmd {
+        return match current {
+            None => Ok(Some((w.clone(), None))),
+            Some(_) => Err(WorkerExecError::Exists),
+        };
+    }
+    let w = current.ok_or(WorkerExecError::NotFound)?;
+    let next = match cmd {
+        WorkerCmd::Create(_) => return Err(WorkerExecError::Exists),
+        WorkerCmd::Transition {
+            to,
+            cloud_instance_id,
+        } => {
+            let mut next = if w.state == *to {
+                w.clone()
+            } else {
+                transition(w, *to, now)?
+            };
+            if cloud_instance_id.is_some() {
+                next.cloud_instance_id.clone_from(cloud_instance_id);
+            }
+            (next, None)
+        }
+        WorkerCmd::SetCloudId(id) => {
+            let mut next = w.clone();
+            next.cloud_instance_id = Some(id.clone());
+            (next, None)
+        }
+        WorkerCmd::Place { instance, .. } => {
+            if w.instances.contains(&instance.id) {
+                return Ok(None);
+            }
+            if instance.state != InstanceState::Pending {
+                return Err(WorkerExecError::InstanceChanged(None));
+            }
+            let next = place(w, instance, now)?;
+            let inst = instance_transition(instance, InstanceState::Scheduled, Some(w.id.clone()))?;
+            (next, Some(inst))
+        }
+        WorkerCmd::Unplace {
+            instance_id,
+            requirements,
+            instance,
+        } => (
+            unplace(w, instance_id, requirements, now),
+            instance.as_ref().map(|(i, _)| i.clone()),
+        ),
+        WorkerCmd::Drain {
+            deadline,
+            voluntary,
+            instances,
+        } => {
+            if w.state == WorkerState::Draining {
+                return Ok(None);
+            }
+            (start_drain(w, instances, *deadline, *voluntary, now)?, None)
+        }
+        WorkerCmd::Heartbeat { at } => {
+            let mut next = w.clone();
+            next.last_heartbeat_at = Some(*at);
+            (next, None)
+        }
+    };
+    if next.0 == *w && next.1.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(next))
+}
+
+async fn execute(
+    deps: Arc<WorkerDeps>,
+    id: String,
+    mut cell: Cell,
+    cmd: WorkerCmd,
+    fenced: bool,
+) -> (Result<WorkerOutcome, WorkerExecError>, Cell) {
+    let key = keys::worker(&id);
+    let count = |result: &str| {
+        let kind = match &cmd {
+            WorkerCmd::Create(_) => "create",
+            WorkerCmd::Transition { .. } => "transition",
+            WorkerCmd::SetCloudId(_) => "set_cloud_id",
+            WorkerCmd::Place { .. } => "place",
+            WorkerCmd::Unplace { .. } => "unplace",
+            WorkerCmd::Drain { .. } => "drain",
+            WorkerCmd::Heartbeat { .. } => "heartbeat",
+        };
+        deps.metrics
+            .transitions
+            .with_label_values(&[WORKER_KIND, kind, result])
+            .inc();
+    };
+    for _ in 0..MAX_ATTEMPTS {
+        if cell == Cell::Unknown {
+            cell = match deps.store.get(&key).await {
+                Ok(kv) => match decode_worker(kv.as_ref()) {
+                    Ok((w, rev)) => Cell::Known(w, rev),
+                    Err(e) => return (Err(e), Cell::Unknown),
+                },
+                Err(e) => return (Err(e.into()), Cell::Unknown),
+            };
+        }
+        let Cell::Known(current, rev) = &cell else {
+            continue;
+        };
+        let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            decide(current.as_ref(), &cmd, deps.clock.now())
+        }));
+        let (next, inst) = match decided {
+            Err(_) => return (Err(WorkerExecError::Mailbox), Cell::Unknown),
+            Ok(Err(e)) => {
+                count("rejected");
+                return (Err(e), cell);
+            }
+            Ok(Ok(None)) => {
+                let worker = match current {
+                    Some(w) => w.clone(),
+                    None => return (Err(WorkerExecError::NotFound), cell),
+                };
+                return (
+                    Ok(WorkerOutcome {
+                        worker,
+                        instance: None,
+                    }),
+                    cell,
+                );
+            }
+            Ok(Ok(Some(change))) => change,
+        };
+        let fence = if fenced {
+            match deps.fence.compare() {
+                Some(c) => Some(c),
+                None => return (Err(WorkerExecError::Fenced), cell),
+            }
+        } else {
+            None
+        };
+        let instance_rev = match &cmd {
+            WorkerCmd::Place { instance_rev, .. } => Some(*instance_rev),
+            WorkerCmd::Unplace {
+                instance: Some((_, r)),
+                ..
+            } => Some(*r),
+            _ => None,
+        };
+        let mut txn = Txn {
+            compares: vec![Compare::ModRevision(key.clone(), *rev)],
+            success: vec![Op::Put {
+                key: key.clone(),
+                value: serde_json::to_vec(&next).unwrap_or_default(),
+                lease: None,
+            }],
+            failure_gets: vec![key.clone()],
+        };
+        if let (Some(inst), Some(irev)) = (&inst, instance_rev) {
+            let ikey = keys::instance(&inst.id);
+            txn.compares.push(Compare::ModRevision(ikey.clone(), irev));
+            txn.success.push(Op::Put {
+                key: ikey.clone(),
+                value: serde_json::to_vec(inst).unwrap_or_default(),
+                lease: None,
+            });
+            txn.failure_gets.push(ikey);
+        }
+        if let Some(f) = fence {
+            txn.compares.push(f);
+            txn.failure_gets.push(keys::LEADER.to_owned());
+        }
+        match deps.store.txn(txn).await {
+            Ok(r) if r.succeeded => {
+                count("applied");
+                debug!(worker = %id, state = ?next.state, revision = r.revision, "worker persisted");
+                let instance = inst.map(|i| (i, r.revision));
+                return (
+                    Ok(WorkerOutcome {
+                        worker: next.clone(),
+                        instance,
+                    }),
+                    Cell::Known(Some(next), r.revision),
+                );
+            }
+            Ok(r) => {
+                let mut fetched = r.fetched.into_iter();
+                let fresh = fetched.next().flatten();
+                let fresh_rev = fresh.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
+                let worker_moved = fresh_rev != *rev;
+                cell = match decode_worker(fresh.as_ref()) {
+                    Ok((w, r)) => Cell::Known(w, r),
+                    Err(e) => return (Err(e), Cell::Unknown),
+                };
+                if worker_moved {
+                    deps.metrics
+                        .cas_conflicts
+                        .with_label_values(&[WORKER_KIND])
+                        .inc();
+                    continue;
+                }
+                if let Some(irev) = instance_rev {
+                    let fresh_inst = fetched.next().flatten();
+                    if fresh_inst.as_ref().map(|kv| kv.mod_revision).unwrap_or(0) != irev {
+                        count("instance_changed");
+                        return (
+                            Err(WorkerExecError::InstanceChanged(decode_instance(
+                                fresh_inst.as_ref(),
+                            ))),
+                            cell,
+                        );
+                    }
+                }
+                count("fenced");
+                deps.fence.lose();
+                return (Err(WorkerExecError::Fenced), cell);
+            }
+            Err(e) => {
+                count("store_error");
+                return (Err(e.into()), Cell::Unknown);
+            }
+        }
+    }
+    (Err(WorkerExecError::Contention), cell)
+}
+
+#[derive(Clone)]
+struct Handle {
+    addr: Addr<WorkerActor>,
+    stats: Arc<ActorStats>,
+}
+
+/// Finds, spawns and feeds worker actors.
+pub struct WorkerRegistry {
+    deps: Arc<WorkerDeps>,
+    actors: DashMap<String, Handle>,
+    arbiter: ArbiterHandle,
+    loaded: AtomicBool,
+}
+
+impl WorkerRegistry {
+    /// A registry whose actors run on the current arbiter (the controller's), so that
+    /// controller tests with a paused clock see every step.
+    pub fn new(deps: Arc<WorkerDeps>) -> Arc<Self> {
+        Arc::new(Self {
+            deps,
+            actors: DashMap::new(),
+            arbiter: Arbiter::current(),
+            loaded: AtomicBool::new(false),
+        })
+    }
+
+    /// Shared dependencies.
+    pub fn deps(&self) -> &Arc<WorkerDeps> {
+        &self.deps
+    }
+
+    /// Whether the first listing was loaded.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst)
+    }
+
+    fn spawn(&self, id: &str, cell: Cell) -> Handle {
+        self.actors
+            .entry(id.to_owned())
+            .or_insert_with(|| {
+                let stats = Arc::new(ActorStats::default());
+                let (deps, s, wid) = (self.deps.clone(), stats.clone(), id.to_owned());
+                let addr = Supervisor::start_in_arbiter(&self.arbiter, move |_| WorkerActor {
+                    id: wid,
+                    cell,
+                    deps,
+                    stats: s,
+                });
+                self.deps
+                    .metrics
+                    .actors
+                    .with_label_values(&[WORKER_KIND])
+                    .inc();
+                Handle { addr, stats }
+            })
+            .clone()
+    }
+
+    /// Sends a command to worker `id` (spawning its actor, unloaded, if needed).
+    pub async fn send(
+        &self,
+        id: &str,
+        cmd: WorkerCmd,
+        fenced: bool,
+    ) -> Result<WorkerOutcome, WorkerExecError> {
+        let h = match self.actors.get(id) {
+            Some(h) => h.clone(),
+            None => self.spawn(id, Cell::Unknown),
+        };
+        h.stats.enqueued();
+        match h.addr.send(WorkerMsg { cmd, fenced }).await {
+            Ok(r) => r,
+            Err(_) => {
+                h.stats.dequeued();
+                Err(WorkerExecError::Mailbox)
+            }
+        }
+    }
+
+    /// Workers as this replica last saw them, sorted by id.
+    pub fn list(&self) -> Vec<Worker> {
+        let mut out: Vec<Worker> = self.deps.view.iter().map(|e| e.value().0.clone()).collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// One worker.
+    pub fn get(&self, id: &str) -> Option<Worker> {
+        self.deps.view.get(id).map(|e| e.value().0.clone())
+    }
+
+    /// Introspection of every worker actor.
+    pub fn actors(&self) -> Vec<ActorInfo> {
+        let mut out: Vec<ActorInfo> = self
+            .actors
+            .iter()
+            .map(|e| {
+                let view = self.deps.view.get(e.key()).map(|v| v.value().clone());
+                ActorInfo {
+                    kind: WORKER_KIND,
+                    id: e.key().clone(),
+                    state: view
+                        .as_ref()
+                        .map(|(w, _)| w.state.as_str().to_owned())
+                        .unwrap_or_else(|| "ABSENT".into()),
+                    version: None,
+                    mod_revision: view.as_ref().map(|(_, r)| *r),
+                    mailbox_depth: e.value().stats.mailbox_depth(),
+                    restarts: e.value().stats.restarts(),
+                    last_transition_at: e.value().stats.last_transition(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    fn observe(&self, id: &str, kv: Option<Kv>, rev: i64) {
+        match (self.actors.get(id).map(|h| h.clone()), kv) {
+            (Some(h), kv) => {
+                h.stats.enqueued();
+                h.addr.do_send(ObserveWorker {
+                    kv,
+                    mod_revision: rev,
+                });
+            }
+            (None, Some(kv)) => match decode_worker(Some(&kv)) {
+                Ok((w, r)) => {
+                    self.spawn(id, Cell::Known(w, r));
+                }
+                Err(e) => warn!(worker = %id, error = %e, "skipping undecodable worker"),
+            },
+            (None, None) => {}
+        }
+    }
+}
+
+impl Follower for WorkerRegistry {
+    fn prefix(&self) -> &'static str {
+        keys::WORKER_PREFIX
+    }
+
+    fn load(&self, kvs: Vec<Kv>, revision: i64) {
+        let mut seen = HashSet::new();
+        for kv in kvs {
+            if let Some(id) = keys::child(keys::WORKER_PREFIX, &kv.key).map(str::to_owned) {
+                let rev = kv.mod_revision;
+                seen.insert(id.clone());
+                self.observe(&id, Some(kv), rev);
+            }
+        }
+        let gone: Vec<String> = self
+            .actors
+            .iter()
+            .map(|e| e.key().clone())
+            .filter(|k| !seen.contains(k))
+            .collect();
+        for id in gone {
+            self.observe(&id, None, revision);
+        }
+        self.loaded.store(true, Ordering::SeqCst);
+    }
+
+    fn apply(&self, ev: WatchEvent) {
+        match ev {
+            WatchEvent::Put(kv) => {
+                if let Some(id) = keys::child(keys::WORKER_PREFIX, &kv.key).map(str::to_owned) {
+                    let rev = kv.mod_revision;
+                    self.observe(&id, Some(kv), rev);
+                }
+            }
+            WatchEvent::Delete { key, mod_revision } => {
+                if let Some(id) = keys::child(keys::WORKER_PREFIX, &key) {
+                    self.observe(id, None, mod_revision);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! Simulated `CloudProvider`: an in-memory cloud for the simulation mode and for tests.
+//!
+//! Instances are `Pending` until `boot` has passed since their launch, then `Running`;
+//! terminating one makes it `Terminated` at once. Time is `tokio::time::Instant`, so tests
+//! that pause tokio's clock decide when instances come up. Tests can also inject faults:
+//! failing launches, instances that vanish, and orphans nobody asked for.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::domain::worker::WorkerTemplate;
+use crate::ports::cloud::{CloudError, CloudInstance, CloudInstanceStatus, CloudProvider};
+
+#[derive(Debug)]
+struct SimInstance {
+    worker_id: Option<String>,
+    ready_at: Instant,
+    terminated: bool,
+}
+
+impl SimInstance {
+    fn status(&self, now: Instant) -> CloudInstanceStatus {
+        if self.terminated {
+            CloudInstanceStatus::Terminated
+        } else if now >= self.ready_at {
+            CloudInstanceStatus::Running
+        } else {
+            CloudInstanceStatus::Pending
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct SimState {
+    // Keyed by id; ids grow monotonically, so iteration is in launch order.
+    instances: BTreeMap<String, SimInstance>,
+    next_id: u64,
+    failing_creates: usize,
+    create_calls: usize,
+}
+
+impl SimState {
+    fn launch(&mut self, worker_id: Option<String>, ready_at: Instant) -> String {
+        self.next_id += 1;
+        let id = format!("i-{:017x}", self.next_id);
+        self.instances.insert(
+            id.clone(),
+            SimInstance {
+                worker_id,
+                ready_at,
+                terminated: false,
+            },
+        );
+        id
+    }
+}
+
+/// The simulated cloud.
+#[derive(Debug)]
+pub struct SimCloud {
+    boot: Duration,
+    state: Mutex<SimState>,
+}
+
+impl SimCloud {
+    /// A cloud whose instances take `boot` to go from `Pending` to `Running`.
+    pub fn new(boot: Duration) -> SimCloud {
+        SimCloud {
+            boot,
+            state: Mutex::new(SimState::default()),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, SimState> {
+        // A panic elsewhere while holding the lock leaves the map consistent (every
+        // mutation is a single insert or field write), so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the next `n` calls to `create_instance` fail with `Unavailable`.
+    pub fn fail_next_creates(&self, n: usize) {
+        self.state().failing_creates = n;
+    }
+
+    /// Makes an instance disappear without a trace: its status becomes `NotFound` and it
+    /// is no longer listed (a host lost outside our control).
+    pub fn vanish(&self, instance_id: &str) {
+        self.state().instances.remove(instance_id);
+    }
+
+    /// Adds an already running instance tagged for `worker_id` that nobody asked this
+    /// cloud to launch (left over by a crashed controller, say); returns its id.
+    pub fn add_orphan(&self, worker_id: &str) -> String {
+        let now = Instant::now();
+        self.state().launch(Some(worker_id.to_owned()), now)
+    }
+
+    /// How many times `create_instance` was called, failed and deduplicated calls
+    /// included.
+    pub fn create_calls(&self) -> usize {
+        self.state().create_calls
+    }
+
+    /// How many instances are `Running` now.
+    pub fn running_count(&self) -> usize {
+        let now = Instant::now();
+        self.state()
+            .instances
+            .values()
+            .filter(|i| i.status(now) == CloudInstanceStatus::Running)
+            .count()
+    }
+}
+
+#[async_trait]
+impl CloudProvider for SimCloud {
+    async fn create_instance(
+        &self,
+        _template: &WorkerTemplate,
+        worker_id: &str,
+    ) -> Result<String, CloudError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        state.create_calls += 1;
+        if state.failing_creates > 0 {
+            state.failing_creates -= 1;
+            return Err(CloudError::Unavailable(
+                "simulated cloud outage (injected)".into(),
+            ));
+        }
+        let existing = state
+            .instances
+            .iter()
+            .find(|(_, i)| !i.terminated && i.worker_id.as_deref() == Some(worker_id));
+        if let Some((id, _)) = existing {
+            return Ok(id.clone());
+        }
+        Ok(state.launch(Some(worker_id.to_owned()), now + self.boot))
+    }
+
+    async fn terminate_instance(&self, instance_id: &str) -> Result<(), CloudError> {
+        if let Some(i) = self.state().instances.get_mut(instance_id) {
+            i.terminated = true;
+        }
+        Ok(())
+    }
+
+    async fn get_instance_status(
+        &self,
+        instance_id: &str,
+    ) -> Result<CloudInstanceStatus, CloudError> {
+        let now = Instant::now();
+        Ok(self
+            .state()
+            .instances
+            .get(instance_id)
+            .map_or(CloudInstanceStatus::NotFound, |i| i.status(now)))
+    }
+
+    async fn list_instances(&self) -> Result<Vec<CloudInstance>, CloudError> {
+        let now = Instant::now();
+        Ok(self
+            .state()
+            .instances
+            .iter()
+            .filter(|(_, i)| !i.terminated)
+            .map(|(id, i)| CloudInstance {
+                instance_id: id.clone(),
+                worker_id: i.worker_id.clone(),
+                status: i.status(now),
+            })
+            .collect())
+    }
+
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::domain::worker::Resources;
+
+    const BOOT: Duration = Duration::from_secs(30);
+
+    fn template() -> WorkerTemplate {
+        WorkerTemplate {
+            name: "metal".into(),
+            instance_type: "m5zn.metal".into(),
+            image_id: "ami-12c6146b".into(),
+            subnet_id: None,
+            security_group_ids: None,
+            capacity: Resources {
+                cpu: 48.0,
+                memory_gb: 192.0,
+            },
+            min_workers: 0,
+            max_workers: 4,
+            hourly_cost: 3.96,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instance_is_pending_until_boot_elapses_then_running() {
+        let cloud = SimCloud::new(BOOT);
+        let id = cloud.create_instance(&template(), "w-1").await.unwrap();
+        assert_eq!(
+            cloud.get_instance_status(&id).await.unwrap(),
+            CloudInstanceStatus::Pending
+        );
+        assert_eq!(cloud.running_count(), 0);
+
+        tokio::time::advance(BOOT - Duration::from_millis(1)).await;
+        assert_eq!(
+            cloud.get_instance_status(&id).await.unwrap(),
+            CloudInstanceStatus::Pending
+        );
+
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            cloud.get_instance_status(&id).await.unwrap(),
+            CloudInstanceStatus::Running
+        );
+        assert_eq!(cloud.running_count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn terminate_makes_it_terminated_and_unlisted_and_is_idempotent() {
+        let cloud = SimCloud::new(BOOT);
+        let id = cloud.create_instance(&template(), "w-1").await.unwrap();
+        tokio::time::advance(BOOT).await;
+
+        cloud.terminate_instance(&id).await.unwrap();
+        cloud.terminate_instance(&id).await.unwrap();
+        cloud.terminate_instance("i-unknown").await.unwrap();
+
+        assert_eq!(
+            cloud.get_instance_status(&id).await.unwrap(),
+            CloudInstanceStatus::Terminated
+        );
+        assert!(cloud.list_instances().await.unwrap().is_empty());
+        assert_eq!(cloud.running_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn create_for_the_same_worker_returns_the_existing_instance() {
+        let cloud = SimCloud::new(BOOT);
+        let first = cloud.create_instance(&template(), "w-1").await.unwrap();
+        let again = cloud.create_instance(&template(), "w-1").await.unwrap();
+        let other = cloud.create_instance(&template(), "w-2").await.unwrap();
+
+        assert_eq!(first, again);
+        assert_ne!(first, other);
+        assert_eq!(cloud.create_calls(), 3);
+        assert_eq!(cloud.list_instances().await.unwrap().len(), 2);
+
+        // Once terminated, the worker id may be launched afresh.
+        cloud.terminate_instance(&first).await.unwrap();
+        let fresh = cloud.create_instance(&template(), "w-1").await.unwrap();
+        assert_ne!(fresh, first);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn injected_create_failures_are_unavailable_then_launches_resume() {
+        let cloud = SimCloud::new(BOOT);
+        cloud.fail_next_creates(2);
+
+        for _ in 0..2 {
+            let err = cloud.create_instance(&template(), "w-1").await.unwrap_err();
+            assert!(matches!(err, CloudError::Unavailable(_)), "{err:?}");
+        }
+        assert!(cloud.list_instances().await.unwrap().is_empty());
+
+        let id = cloud.create_instance(&template(), "w-1").await.unwrap();
+        assert_eq!(cloud.create_calls(), 3);
+        assert_eq!(
+            cloud.get_instance_status(&id).await.unwrap(),
+            CloudInstanceStatus::Pending
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn vanished_instance_is_not_found_and_unlisted() {
+        let cloud = SimCloud::new(BOOT);
+        let id = cloud.create_instance(&template(), "w-1").await.unwrap();
+        tokio::time::advance(BOOT).await;
+
+        cloud.vanish(&id);
+
+        assert_eq!(
+            cloud.get_instance_status(&id).await.unwrap(),
+            CloudInstanceStatus::NotFound
+        );
+        assert!(cloud.list_instances().await.unwrap().is_empty());
+        assert_eq!(cloud.running_count(), 0);
+        // Terminating what is gone is fine.
+        cloud.terminate_instance(&id).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn orphan_is_listed_running_with_its_worker_id_and_deduplicates() {
+        let cloud = SimCloud::new(BOOT);
+        let orphan = cloud.add_orphan("w-ghost");
+
+        let listed = cloud.list_instances().await.unwrap();
+        assert_eq!(
+            listed,
+            vec![CloudInstance {
+                instance_id: orphan.clone(),
+                worker_id: Some("w-ghost".into()),
+                status: CloudInstanceStatus::Running,
+            }]
+        );
+        assert_eq!(cloud.create_calls(), 0);
+        assert_eq!(cloud.running_count(), 1);
+
+        let id = cloud.create_instance(&template(), "w-ghost").await.unwrap();
+        assert_eq!(id, orphan);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_instance_is_not_found() {
+        let cloud = SimCloud::new(BOOT);
+        assert_eq!(
+            cloud.get_instance_status("i-nope").await.unwrap(),
+            CloudInstanceStatus::NotFound
+        );
+        assert_eq!(cloud.name(), "sim");
+    }
+}

@@ -1,0 +1,611 @@
+//! Kubernetes-facing operations: create a deployable, restart deployables, load a
+//! model, trigger a job. Each does its immediate Kubernetes action, durably stores a
+//! watch intent (with the idempotency record, in one transaction) and answers 202; a
+//! watcher then calls the caller back when the desired condition holds.
+
+use std::collections::BTreeMap;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::Duration as ChronoDuration;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::adapters::http_callback::check_at_request_time;
+use crate::api::body::read_json;
+use crate::api::error::ApiError;
+use crate::api::{method_not_allowed, reply_response, AppState};
+use crate::config::valid_segment;
+use crate::domain::callback::{CallbackTarget, UrlPolicy};
+use crate::domain::conditions::{Baseline, DesiredCondition, ResourceKind};
+use crate::domain::intent::{
+    Delivery, IntentStatus, Operation, WatchIntent, WatchedResource, WorkflowRef, SCHEMA_VERSION,
+};
+use crate::idempotency::{IdemRequest, Reply};
+use crate::keys;
+use crate::ports::kube::{
+    validate_pod_counts, DeployableSpec, JobSpec, KubeError, ModelSpec, ModelToLoad, ResourceSpec,
+};
+use crate::ports::store::{Compare, Op, Txn};
+
+/// Registers the routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    let r =
+        |path: &str| web::resource(path.to_owned()).default_service(web::to(method_not_allowed));
+    cfg.service(r("/api/1.0/{env}/deployables/restart").post(submit::<RestartBody>))
+        .service(r("/api/1.0/{env}/deployables").post(submit::<DeployableBody>))
+        .service(r("/api/1.0/{env}/models/load").post(submit::<ModelLoadBody>))
+        .service(r("/api/1.0/{env}/jobs").post(submit::<JobBody>))
+        .service(r("/api/1.0/{env}/operations/{request_id}").get(operation));
+}
+
+/// Body of `POST …/deployables`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployableBody {
+    /// Deployment / HPA name.
+    pub name: String,
+    /// Container image.
+    pub image: String,
+    /// Pod node selector.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// HPA minimum.
+    pub min_pod_count: i32,
+    /// HPA maximum.
+    pub max_pod_count: i32,
+    /// Container resources.
+    pub resources: ResourceSpec,
+    /// Models to load at start.
+    #[serde(rename = "modelsToLoad", default)]
+    pub models_to_load: Vec<ModelToLoad>,
+    /// Caller's run id.
+    pub workflow_run_id: Option<String>,
+    /// Caller's plan.
+    pub workflow_plan: Option<String>,
+    /// Caller's task id.
+    pub workflow_task_id: Option<String>,
+    /// Where to call back.
+    pub callback: CallbackTarget,
+}
+
+/// Body of `POST …/deployables/restart`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartBody {
+    /// Namespace (must be the environment's).
+    pub namespace: String,
+    /// One Deployment, or all in the namespace when absent.
+    pub name: Option<String>,
+    /// Caller's run id.
+    pub workflow_run_id: Option<String>,
+    /// Caller's plan.
+    pub workflow_plan: Option<String>,
+    /// Caller's task id.
+    pub workflow_task_id: Option<String>,
+    /// Where to call back.
+    pub callback: CallbackTarget,
+}
+
+/// Body of `POST …/models/load`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelLoadBody {
+    /// The deployable whose pods load the model.
+    pub deployable_name: String,
+    /// The model.
+    pub model: ModelSpec,
+    /// Caller's run id.
+    pub workflow_run_id: Option<String>,
+    /// Caller's plan.
+    pub workflow_plan: Option<String>,
+    /// Caller's task id.
+    pub workflow_task_id: Option<String>,
+    /// Where to call back.
+    pub callback: CallbackTarget,
+}
+
+/// `container` of a job.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerBody {
+    /// Image.
+    pub image: String,
+}
+
+/// Body of `POST …/jobs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobBody {
+    /// Job name.
+    pub job_name: String,
+    /// Its container.
+    pub container: ContainerBody,
+    /// Handed to the container as JSON.
+    #[serde(default)]
+    pub payload: serde_json::Value,
+    /// Caller's run id.
+    pub workflow_run_id: Option<String>,
+    /// Caller's plan.
+    pub workflow_plan: Option<String>,
+    /// Caller's task id.
+    pub workflow_task_id: Option<String>,
+    /// Where to call back.
+    pub callback: CallbackTarget,
+}
+
+/// Kubernetes object names: RFC 1123 labels.
+fn check_k8s_name(field: &str, name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{field} {name:?} must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"
+        )))
+    }
+}
+
+fn check_text(field: &str, v: &str) -> Result<(), ApiError> {
+    if v.trim().is_empty() || v.len() > 1024 || v.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(format!(
+            "{field} must be 1-1024 characters without control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn workflow(
+    run: Option<String>,
+    plan: Option<String>,
+    task: Option<String>,
+) -> Result<WorkflowRef, ApiError> {
+    for (f, v) in [
+        ("workflow_run_id", &run),
+        ("workflow_plan", &plan),
+        ("workflow_task_id", &task),
+    ] {
+        if let Some(v) = v {
+            check_text(f, v)?;
+        }
+    }
+    Ok(WorkflowRef {
+        run_id: run,
+        plan,
+        task_id: task,
+    })
+}
+
+/// Maps a Kubernetes failure, keeping the API server's reason.
+pub fn kube_error(e: KubeError, retry_after: u64) -> ApiError {
+    let msg = format!("kubernetes: {e}");
+    match e {
+        KubeError::NotFound(_) => ApiError::NotFound(msg),
+        KubeError::Conflict(_) => ApiError::Conflict(msg),
+        KubeError::Invalid(_) => ApiError::Unprocessable(msg),
+        KubeError::Unavailable(_) => ApiError::Unavailable {
+            message: msg,
+            retry_after,
+        },
+        KubeError::Forbidden(_) => ApiError::Upstream(502, msg),
+        other => ApiError::Upstream(other.http_status(), msg),
+    }
+}
+
+async fn check_callback(state: &AppState, cb: &CallbackTarget) -> Result<(), ApiError> {
+    let s = &state.ops.settings;
+    let policy = UrlPolicy {
+        allowed_hosts: s.callback_allowed_hosts.clone(),
+        allow_insecure_localhost: s.callback_allow_insecure_localhost,
+    };
+    check_at_request_time(cb, &policy).await.map_err(|e| {
+        if e.is_transient() {
+            ApiError::Unavailable {
+                message: format!("callback: {e}"),
+                retry_after: state.config.retry_after,
+            }
+        } else {
+            ApiError::BadRequest(format!("callback: {e}"))
+        }
+    })
+}
+
+/// What an operation's Kubernetes action produced.
+struct Started {
+    name: String,
+    resource: WatchedResource,
+    desired: DesiredCondition,
+    baselines: Vec<Baseline>,
+    message: String,
+}
+
+/// Replays a stored answer for `idem`, if there is one.
+async fn stored_reply(
+    state: &AppState,
+    idem: Option<&IdemRequest>,
+) -> Result<Option<Reply>, ApiError> {
+    let Some(i) = idem else { return Ok(None) };
+    let retry_after = state.config.retry_after;
+    match state.store.get(&i.store_key).await {
+        Ok(Some(kv)) => i
+            .replay(&kv.value)
+            .map(Some)
+            .map_err(|e| ApiError::from_exec(e.into(), retry_after)),
+        Ok(None) => Ok(None),
+        Err(e) => Err(ApiError::from_exec(e.into(), retry_after)),
+    }
+}
+
+/// Stores the intent (and the idempotency record) in one transaction and answers 202.
+#[allow(clippy::too_many_arguments)]
+async fn record(
+    state: &AppState,
+    env: &str,
+    operation: Operation,
+    started: Started,
+    callback: CallbackTarget,
+    workflow: WorkflowRef,
+    idem: Option<&IdemRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let retry_after = state.config.retry_after;
+    let store_err = |e: crate::ports::store::StoreError| ApiError::from_exec(e.into(), retry_after);
+    let now = state.ops.clock.now();
+    let request_id = format!("op-{}", uuid::Uuid::new_v4().simple());
+    let intent = WatchIntent {
+        schema_version: SCHEMA_VERSION.into(),
+        request_id: request_id.clone(),
+        env: env.to_owned(),
+        operation,
+        resource: started.resource,
+        desired_condition: started.desired,
+        baselines: started.baselines,
+        callback,
+        workflow,
+        created_at: now,
+        deadline: now
+            + ChronoDuration::from_std(state.ops.settings.watch_timeout).unwrap_or_default(),
+        status: IntentStatus::Pending,
+        observed_at: None,
+        detail: None,
+        delivery: Delivery {
+            webhook_id: format!("msg_{}", request_id.trim_start_matches("op-")),
+            attempts: Vec::new(),
+            delivered: false,
+            gave_up: false,
+            next_attempt_at: None,
+        },
+    };
+    let body = json!({
+        "message": started.message,
+        "name": started.name,
+        "status": "IN_PROGRESS",
+        "request_id": request_id,
+    });
+    let reply = Reply {
+        status: 202,
+        body: body.to_string(),
+        replayed: false,
+    };
+    let key = keys::watch_intent(&request_id);
+    let mut txn = Txn {
+        compares: vec![Compare::ModRevision(key.clone(), 0)],
+        success: vec![Op::Put {
+            key,
+            value: serde_json::to_vec(&intent).unwrap_or_default(),
+            lease: None,
+        }],
+        failure_gets: Vec::new(),
+    };
+    if let Some(i) = idem {
+        let lease = state
+            .registry
+            .deps()
+            .leases
+            .lease(state.store.as_ref())
+            .await
+            .map_err(store_err)?;
+        txn.compares
+            .push(Compare::ModRevision(i.store_key.clone(), 0));
+        txn.success.push(Op::Put {
+            key: i.store_key.clone(),
+            value: i.record(&reply, now),
+            lease: Some(lease),
+        });
+    }
+    let r = state.store.txn(txn).await.map_err(store_err)?;
+    if !r.succeeded {
+        // Another replica answered the same key first.
+        return match stored_reply(state, idem).await? {
+            Some(stored) => Ok(reply_response(&stored)),
+            None => Err(ApiError::Conflict("request collided; retry".into())),
+        };
+    }
+    state.ops.intents.note(&request_id, intent, r.revision);
+    state.ops.track(&request_id);
+    tracing::info!(request_id = %request_id, operation = ?operation, "watch intent stored");
+    Ok(reply_response(&reply))
+}
+
+/// A request body of one of the operations.
+trait OperationBody: serde::de::DeserializeOwned {
+    /// Logical route, for idempotency hashing.
+    const ROUTE: &'static str;
+    /// The operation recorded in the intent.
+    const OPERATION: Operation;
+    /// Checks what the type system cannot; `ns` is the environment's namespace.
+    fn validate(&self, env: &str, ns: &str) -> Result<(), ApiError>;
+    /// Where to call back.
+    fn callback(&self) -> &CallbackTarget;
+    /// The caller's workflow fields.
+    fn workflow(&self) -> (Option<String>, Option<String>, Option<String>);
+    /// The immediate Kubernetes action.
+    async fn start(self, state: &AppState, ns: String) -> Result<Started, KubeError>;
+}
+
+impl OperationBody for DeployableBody {
+    const ROUTE: &'static str = "deployables:create";
+    const OPERATION: Operation = Operation::CreateDeployable;
+
+    fn validate(&self, _env: &str, _ns: &str) -> Result<(), ApiError> {
+        check_k8s_name("name", &self.name)?;
+        check_text("image", &self.image)?;
+        validate_pod_counts(self.min_pod_count, Some(self.max_pod_count))
+            .map_err(|e| ApiError::BadRequest(e.to_string()))
+    }
+
+    fn callback(&self) -> &CallbackTarget {
+        &self.callback
+    }
+
+    fn workflow(&self) -> (Option<String>, Option<String>, Option<String>) {
+        (
+            self.workflow_run_id.clone(),
+            self.workflow_plan.clone(),
+            self.workflow_task_id.clone(),
+        )
+    }
+
+    async fn start(self, state: &AppState, ns: String) -> Result<Started, KubeError> {
+        let spec = DeployableSpec {
+            name: self.name.clone(),
+            namespace: ns.clone(),
+            image: self.image,
+            node_selector: self.node_selector,
+            min_pod_count: self.min_pod_count,
+            max_pod_count: self.max_pod_count,
+            resources: self.resources,
+            models_to_load: self.models_to_load,
+        };
+        let baseline = state.ops.kube.apply_deployable(&spec).await?;
+        Ok(Started {
+            message: format!(
+                "deployable {} applied; waiting until it is available",
+                self.name
+            ),
+            resource: WatchedResource {
+                kind: ResourceKind::Deployment,
+                namespace: ns,
+                label_selector: Some(format!("name={}", self.name)),
+                name: Some(self.name.clone()),
+            },
+            name: self.name,
+            desired: DesiredCondition::Available,
+            baselines: vec![baseline],
+        })
+    }
+}
+
+impl OperationBody for RestartBody {
+    const ROUTE: &'static str = "deployables:restart";
+    const OPERATION: Operation = Operation::RestartDeployables;
+
+    fn validate(&self, env: &str, ns: &str) -> Result<(), ApiError> {
+        if self.namespace != ns {
+            return Err(ApiError::BadRequest(format!(
+                "namespace {:?} is not environment {env}'s namespace ({ns})",
+                self.namespace
+            )));
+        }
+        match &self.name {
+            Some(n) => check_k8s_name("name", n),
+            None => Ok(()),
+        }
+    }
+
+    fn callback(&self) -> &CallbackTarget {
+        &self.callback
+    }
+
+    fn workflow(&self) -> (Option<String>, Option<String>, Option<String>) {
+        (
+            self.workflow_run_id.clone(),
+            self.workflow_plan.clone(),
+            self.workflow_task_id.clone(),
+        )
+    }
+
+    async fn start(self, state: &AppState, ns: String) -> Result<Started, KubeError> {
+        let baselines = state.ops.kube.restart(&ns, self.name.as_deref()).await?;
+        let what = self
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("all deployables in {ns}"));
+        Ok(Started {
+            name: self.name.clone().unwrap_or_else(|| ns.clone()),
+            resource: WatchedResource {
+                kind: ResourceKind::Deployment,
+                namespace: ns,
+                label_selector: self.name.as_ref().map(|n| format!("name={n}")),
+                name: self.name,
+            },
+            desired: DesiredCondition::RolloutComplete,
+            baselines,
+            message: format!("restart of {what} started; waiting for the rollout to complete"),
+        })
+    }
+}
+
+impl OperationBody for ModelLoadBody {
+    const ROUTE: &'static str = "models:load";
+    const OPERATION: Operation = Operation::LoadModel;
+
+    fn validate(&self, _env: &str, _ns: &str) -> Result<(), ApiError> {
+        check_k8s_name("deployable_name", &self.deployable_name)?;
+        check_text("model.name", &self.model.name)?;
+        check_text("model.version", &self.model.version)?;
+        check_text("model.artifact_location", &self.model.artifact_location)
+    }
+
+    fn callback(&self) -> &CallbackTarget {
+        &self.callback
+    }
+
+    fn workflow(&self) -> (Option<String>, Option<String>, Option<String>) {
+        (
+            self.workflow_run_id.clone(),
+            self.workflow_plan.clone(),
+            self.workflow_task_id.clone(),
+        )
+    }
+
+    async fn start(self, state: &AppState, ns: String) -> Result<Started, KubeError> {
+        let baseline = state
+            .ops
+            .kube
+            .load_model(&ns, &self.deployable_name, &self.model)
+            .await?;
+        Ok(Started {
+            message: format!(
+                "model {} {} recorded on {}; waiting for its pods to be ready",
+                self.model.name, self.model.version, self.deployable_name
+            ),
+            resource: WatchedResource {
+                kind: ResourceKind::Pod,
+                namespace: ns,
+                label_selector: Some(format!("deployable_name={}", self.deployable_name)),
+                name: Some(self.deployable_name.clone()),
+            },
+            name: self.deployable_name,
+            desired: DesiredCondition::PodsReadyOnNewTemplate,
+            baselines: vec![baseline],
+        })
+    }
+}
+
+impl OperationBody for JobBody {
+    const ROUTE: &'static str = "jobs:create";
+    const OPERATION: Operation = Operation::TriggerJob;
+
+    fn validate(&self, _env: &str, _ns: &str) -> Result<(), ApiError> {
+        check_k8s_name("job_name", &self.job_name)?;
+        check_text("container.image", &self.container.image)?;
+        if !(self.payload.is_null() || self.payload.is_object()) {
+            return Err(ApiError::BadRequest("payload must be a JSON object".into()));
+        }
+        Ok(())
+    }
+
+    fn callback(&self) -> &CallbackTarget {
+        &self.callback
+    }
+
+    fn workflow(&self) -> (Option<String>, Option<String>, Option<String>) {
+        (
+            self.workflow_run_id.clone(),
+            self.workflow_plan.clone(),
+            self.workflow_task_id.clone(),
+        )
+    }
+
+    async fn start(self, state: &AppState, ns: String) -> Result<Started, KubeError> {
+        let payload = if self.payload.is_null() {
+            json!({})
+        } else {
+            self.payload
+        };
+        let spec = JobSpec {
+            job_name: self.job_name.clone(),
+            namespace: ns.clone(),
+            image: self.container.image,
+            payload,
+        };
+        let baseline = state.ops.kube.create_job(&spec).await?;
+        Ok(Started {
+            message: format!("job {} created; waiting for it to complete", self.job_name),
+            resource: WatchedResource {
+                kind: ResourceKind::Job,
+                namespace: ns,
+                label_selector: Some(format!("name={}", self.job_name)),
+                name: Some(self.job_name.clone()),
+            },
+            name: self.job_name,
+            desired: DesiredCondition::JobComplete,
+            baselines: vec![baseline],
+        })
+    }
+}
+
+/// The one handler of every operation: validate, idempotency, Kubernetes action,
+/// intent + idempotency record in one transaction, 202.
+async fn submit<B: OperationBody>(
+    state: web::Data<AppState>,
+    env: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let env = state.env(&env)?;
+    let body = read_json::<B>(&req, payload).await?;
+    let ns = state.ops.settings.namespace(&env);
+    let b = body.value;
+    b.validate(&env, &ns)?;
+    let (run, plan, task) = b.workflow();
+    let wf = workflow(run, plan, task)?;
+    let callback = b.callback().clone();
+    check_callback(&state, &callback).await?;
+    let idem = state.idempotency(&req, &env, B::ROUTE, &body.canonical)?;
+    let idem_req = idem.as_ref().map(|i| &i.0);
+    if let Some(stored) = stored_reply(&state, idem_req).await? {
+        return Ok(reply_response(&stored));
+    }
+    let started = b
+        .start(&state, ns)
+        .await
+        .map_err(|e| kube_error(e, state.config.retry_after))?;
+    record(&state, &env, B::OPERATION, started, callback, wf, idem_req).await
+}
+
+async fn operation(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (env, id) = path.into_inner();
+    let env = state.env(&env)?;
+    if !valid_segment(&id) {
+        return Err(ApiError::BadRequest(format!("invalid request id {id:?}")));
+    }
+    let retry_after = state.config.retry_after;
+    let kv = state
+        .store
+        .get(&keys::watch_intent(&id))
+        .await
+        .map_err(|e| ApiError::from_exec(e.into(), retry_after))?;
+    let intent = kv
+        .and_then(|kv| serde_json::from_slice::<WatchIntent>(&kv.value).ok())
+        .filter(|i| i.env == env)
+        .ok_or_else(|| ApiError::NotFound(format!("operation {id:?} not found")))?;
+    let mut view = serde_json::to_value(&intent).unwrap_or_default();
+    if let Some(cb) = view.get_mut("callback").and_then(|c| c.as_object_mut()) {
+        // Callback headers often carry credentials: show their names only.
+        if let Some(h) = cb.get_mut("headers").and_then(|h| h.as_object_mut()) {
+            for v in h.values_mut() {
+                *v = json!("<redacted>");
+            }
+        }
+    }
+    Ok(HttpResponse::Ok().json(view))
+}

@@ -1,0 +1,302 @@
+//! Watch intents: "tell me when this change has taken effect". An intent records the
+//! change (its baselines), the condition awaited, the caller's callback and the
+//! delivery's progress; it is also the callback's durable outbox entry. Pure functions
+//! move it along.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::domain::callback::{AttemptOutcome, AttemptRecord, CallbackTarget};
+use crate::domain::conditions::{Baseline, DesiredCondition, ResourceKind, Verdict};
+
+/// Current schema version of stored intents.
+pub const SCHEMA_VERSION: &str = "v1";
+
+/// The operation that made the intent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Operation {
+    /// `POST …/deployables`.
+    CreateDeployable,
+    /// `POST …/deployables/restart`.
+    RestartDeployables,
+    /// `POST …/models/load`.
+    LoadModel,
+    /// `POST …/jobs`.
+    TriggerJob,
+}
+
+/// Where the intent stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum IntentStatus {
+    /// Waiting for the condition.
+    Pending,
+    /// The condition held.
+    Succeeded,
+    /// The condition can no longer hold.
+    Failed,
+    /// The deadline passed first.
+    TimedOut,
+}
+
+/// The resource watched, as the caller sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchedResource {
+    /// Kind.
+    pub kind: ResourceKind,
+    /// Namespace.
+    pub namespace: String,
+    /// Label selector of the objects involved.
+    pub label_selector: Option<String>,
+    /// Object name (none for "every Deployment in the namespace").
+    pub name: Option<String>,
+}
+
+/// The caller's workflow coordinates, echoed in the callback.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowRef {
+    /// Run id.
+    pub run_id: Option<String>,
+    /// Plan.
+    pub plan: Option<String>,
+    /// Task id.
+    pub task_id: Option<String>,
+}
+
+/// Progress of the callback delivery (the outbox entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// `webhook-id`, stable across attempts.
+    pub webhook_id: String,
+    /// Every attempt so far.
+    pub attempts: Vec<AttemptRecord>,
+    /// A 2xx was received.
+    pub delivered: bool,
+    /// No further attempt will be made.
+    pub gave_up: bool,
+    /// When the next attempt is due (none: now, once the intent is final).
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// A stored watch intent (`/watch-intents/{request_id}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchIntent {
+    /// Always [`SCHEMA_VERSION`].
+    pub schema_version: String,
+    /// Request id (also the key).
+    pub request_id: String,
+    /// Environment the request was made in.
+    pub env: String,
+    /// Operation.
+    pub operation: Operation,
+    /// What is watched.
+    pub resource: WatchedResource,
+    /// The condition awaited.
+    pub desired_condition: DesiredCondition,
+    /// What the change left behind, so a condition true before it does not count.
+    pub baselines: Vec<Baseline>,
+    /// Where to call back.
+    pub callback: CallbackTarget,
+    /// The caller's workflow.
+    pub workflow: WorkflowRef,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Past this the intent ends `TIMED_OUT`.
+    pub deadline: DateTime<Utc>,
+    /// Status.
+    pub status: IntentStatus,
+    /// When the status became final.
+    pub observed_at: Option<DateTime<Utc>>,
+    /// Why it ended the way it did (or what is still missing).
+    pub detail: Option<String>,
+    /// Callback delivery.
+    pub delivery: Delivery,
+}
+
+impl WatchIntent {
+    /// Whether the intent still waits for its condition.
+    pub fn is_pending(&self) -> bool {
+        self.status == IntentStatus::Pending
+    }
+
+    /// Whether a callback attempt is due at `now`.
+    pub fn delivery_due(&self, now: DateTime<Utc>) -> bool {
+        !self.is_pending()
+            && !self.delivery.delivered
+            && !self.delivery.gave_up
+            && self.delivery.next_attempt_at.is_none_or(|t| t <= now)
+    }
+
+    /// The callback body: the same bytes for every attempt.
+    pub fn callback_body(&self) -> Vec<u8> {
+        let body = json!({
+            "requestId": self.request_id,
+            "operation": self.operation,
+            "status": self.status,
+            "resource": self.resource,
+            "desiredCondition": self.desired_condition,
+            "workflow": self.workflow,
+            "observedAt": self.observed_at,
+            "detail": self.detail,
+        });
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+/// The intent after a verdict: `None` while still pending (nothing to write).
+pub fn conclude(
+    intent: &WatchIntent,
+    verdict: &Verdict,
+    now: DateTime<Utc>,
+) -> Option<WatchIntent> {
+    if !intent.is_pending() {
+        return None;
+    }
+    let (status, detail) = match verdict {
+        Verdict::Pending { .. } if now >= intent.deadline => (
+            IntentStatus::TimedOut,
+            Some(format!("condition not met before {}", intent.deadline)),
+        ),
+        Verdict::Pending { .. } => return None,
+        Verdict::Satisfied => (IntentStatus::Succeeded, None),
+        Verdict::Failed { reason } => (IntentStatus::Failed, Some(reason.clone())),
+    };
+    let mut next = intent.clone();
+    next.status = status;
+    next.detail = detail;
+    next.observed_at = Some(now);
+    next.delivery.next_attempt_at = None;
+    Some(next)
+}
+
+/// The intent after one delivery attempt; `next_in` is the wait before another attempt
+/// (none: the delivery is over).
+pub fn record_attempt(
+    intent: &WatchIntent,
+    outcome: &AttemptOutcome,
+    now: DateTime<Utc>,
+    next_in: Option<std::time::Duration>,
+) -> WatchIntent {
+    let mut next = intent.clone();
+    let n = u32::try_from(next.delivery.attempts.len())
+        .unwrap_or(u32::MAX)
+        .saturating_add(1);
+    next.delivery
+        .attempts
+        .push(AttemptRecord::new(n, now, outcome));
+    next.delivery.delivered = outcome.is_delivered();
+    next.delivery.gave_up = !next.delivery.delivered && next_in.is_none();
+    next.delivery.next_attempt_at = match next_in {
+        Some(d) if !next.delivery.delivered => {
+            Some(now + chrono::Duration::from_std(d).unwrap_or_default())
+        }
+        _ => None,
+    };
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn intent(now: DateTime<Utc>) -> WatchIntent {
+        WatchIntent {
+            schema_version: SCHEMA_VERSION.into(),
+            request_id: "r1".into(),
+            env: "int".into(),
+            operation: Operation::TriggerJob,
+            resource: WatchedResource {
+                kind: ResourceKind::Job,
+                namespace: "int".into(),
+                label_selector: Some("name=j".into()),
+                name: Some("j".into()),
+            },
+            desired_condition: DesiredCondition::JobComplete,
+            baselines: vec![Baseline::new(ResourceKind::Job, "int", "j")],
+            callback: CallbackTarget::post("https://example.com/cb"),
+            workflow: WorkflowRef::default(),
+            created_at: now,
+            deadline: now + chrono::Duration::seconds(60),
+            status: IntentStatus::Pending,
+            observed_at: None,
+            detail: None,
+            delivery: Delivery {
+                webhook_id: "msg_r1".into(),
+                attempts: Vec::new(),
+                delivered: false,
+                gave_up: false,
+                next_attempt_at: None,
+            },
+        }
+    }
+
+    #[test]
+    fn verdicts_conclude_and_deadlines_time_out() {
+        let now = Utc::now();
+        let i = intent(now);
+        let pending = Verdict::Pending { reason: "x".into() };
+        assert_eq!(conclude(&i, &pending, now), None);
+        let done = conclude(&i, &Verdict::Satisfied, now).expect("final");
+        assert_eq!(done.status, IntentStatus::Succeeded);
+        assert!(done.delivery_due(now));
+        assert_eq!(
+            conclude(&done, &Verdict::Satisfied, now),
+            None,
+            "final is final"
+        );
+        let late = conclude(&i, &pending, now + chrono::Duration::seconds(61)).expect("timeout");
+        assert_eq!(late.status, IntentStatus::TimedOut);
+        let failed = conclude(
+            &i,
+            &Verdict::Failed {
+                reason: "job failed".into(),
+            },
+            now,
+        )
+        .expect("f");
+        assert_eq!(
+            (failed.status, failed.detail.as_deref()),
+            (IntentStatus::Failed, Some("job failed"))
+        );
+    }
+
+    #[test]
+    fn attempts_schedule_retries_and_end_deliveries() {
+        let now = Utc::now();
+        let done = conclude(&intent(now), &Verdict::Satisfied, now).expect("final");
+        let failed = record_attempt(
+            &done,
+            &AttemptOutcome::HttpError { status: 503 },
+            now,
+            Some(std::time::Duration::from_secs(2)),
+        );
+        assert!(!failed.delivery_due(now));
+        assert!(failed.delivery_due(now + chrono::Duration::seconds(2)));
+        let ok = record_attempt(
+            &failed,
+            &AttemptOutcome::Delivered { status: 200 },
+            now,
+            None,
+        );
+        assert!(ok.delivery.delivered && !ok.delivery.gave_up && !ok.delivery_due(now));
+        assert_eq!(ok.delivery.attempts.len(), 2);
+        let stop = record_attempt(
+            &failed,
+            &AttemptOutcome::HttpError { status: 400 },
+            now,
+            None,
+        );
+        assert!(stop.delivery.gave_up && !stop.delivery_due(now));
+        assert_eq!(
+            done.callback_body(),
+            ok.callback_body(),
+            "body stable across attempts"
+        );
+    }
+}

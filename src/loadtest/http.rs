@@ -1,0 +1,127 @@
+//! The harness's HTTP client: one `reqwest` pool sized to the concurrency, the bearer
+//! token on every request, and one call that times a request and reads its JSON answer.
+
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::loadtest::stats::Answer;
+use crate::loadtest::LoadtestError;
+
+/// A timed answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// Status, or `Transport` when nothing came back.
+    pub answer: Answer,
+    /// Time from sending to having read the whole body.
+    pub latency: Duration,
+    /// The body as JSON (`Null` when empty, not JSON, or no answer).
+    pub body: Value,
+}
+
+impl Reply {
+    /// The HTTP status, 0 when there was none.
+    pub fn status(&self) -> u16 {
+        match self.answer {
+            Answer::Status(s) => s,
+            Answer::Transport => 0,
+        }
+    }
+
+    /// `body.status` as a string (`PROCURED`, `FAILED`, ...), or "".
+    pub fn outcome(&self) -> &str {
+        self.body["status"].as_str().unwrap_or_default()
+    }
+
+    /// Whether a retry with the same idempotency key may help: no answer, or 5xx.
+    pub fn retryable(&self) -> bool {
+        matches!(self.answer, Answer::Transport) || self.answer.is_server_error()
+    }
+}
+
+/// The client of one target.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    /// A client for `base` (`http://host:port`, no trailing slash needed) keeping up to
+    /// `pool` idle connections, with `timeout` per request.
+    pub fn new(
+        base: &str,
+        token: Option<&str>,
+        pool: usize,
+        timeout: Duration,
+    ) -> Result<Self, LoadtestError> {
+        let mut headers = HeaderMap::new();
+        if let Some(t) = token {
+            let mut v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
+                LoadtestError::Args("--token has characters not allowed in a header".into())
+            })?;
+            v.set_sensitive(true);
+            headers.insert(AUTHORIZATION, v);
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .pool_max_idle_per_host(pool)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| LoadtestError::Setup(format!("http client: {e}")))?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// Sends one request and reads the whole answer.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        idempotency_key: Option<&str>,
+    ) -> Reply {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req
+                .header(CONTENT_TYPE, "application/json")
+                .body(b.to_string());
+        }
+        if let Some(k) = idempotency_key {
+            req = req.header("X-Idempotency-Key", k);
+        }
+        let start = Instant::now();
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(_) => {
+                return Reply {
+                    answer: Answer::Transport,
+                    latency: start.elapsed(),
+                    body: Value::Null,
+                }
+            }
+        };
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await;
+        let latency = start.elapsed();
+        match bytes {
+            Ok(b) => Reply {
+                answer: Answer::Status(status),
+                latency,
+                body: serde_json::from_slice(&b).unwrap_or(Value::Null),
+            },
+            Err(_) => Reply {
+                answer: Answer::Transport,
+                latency,
+                body: Value::Null,
+            },
+        }
+    }
+}

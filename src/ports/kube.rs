@@ -1,0 +1,314 @@
+//! The `KubeExecutor` port: the Kubernetes actions the Resource Manager takes and the
+//! shared watch its watchers are fed by.
+//!
+//! Every action does one immediate change through the API server and answers with the
+//! [`Baseline`] a watcher needs to tell "our change has taken effect" from "it was
+//! already like that" (see [`crate::domain::conditions`]). The action/condition pairs:
+//!
+//! | action                               | desired condition                          |
+//! |--------------------------------------|--------------------------------------------|
+//! | [`KubeExecutor::apply_deployable`]   | `DesiredCondition::Available`              |
+//! | [`KubeExecutor::restart`]            | `DesiredCondition::RolloutComplete` (each) |
+//! | [`KubeExecutor::load_model`]         | `DesiredCondition::PodsReadyOnNewTemplate` |
+//! | [`KubeExecutor::create_job`]         | `DesiredCondition::JobComplete`            |
+//!
+//! A watcher is driven like this:
+//! 1. for each of `baseline.watched_kinds()`: `executor.subscribe(kind, &baseline.namespace)`
+//!    (subscribe *before* reading, so no change falls between the read and the stream);
+//! 2. `let mut obs = executor.observe(&baseline).await?` and `evaluate(&baseline, desired, &obs.objects)`;
+//! 3. on every event with `baseline.is_relevant(event.object())`: `obs.apply(&event)`
+//!    and evaluate again; on `RecvError::Lagged`, go back to step 2.
+//!
+//! There is one watch per (kind, namespace) in the process, shared by every watcher.
+//!
+//! The domain types ([`ResourceKind`], [`Baseline`], [`ObjectStatus`], [`ObjectEvent`],
+//! [`Observation`]) live in the pure domain and are re-exported here.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+pub use crate::domain::conditions::{
+    Baseline, DesiredCondition, ObjectEvent, ObjectStatus, Observation, ResourceKind,
+};
+
+/// Field manager of every write (server-side apply and patches).
+pub const FIELD_MANAGER: &str = "resource-plane";
+/// Label every created object carries: `name=<name>`.
+pub const NAME_LABEL: &str = "name";
+/// Label marking objects created by the resource plane.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Pod-template annotation a restart writes (the one `kubectl rollout restart` uses).
+pub const RESTARTED_AT_ANNOTATION: &str = "kubectl.kubernetes.io/restartedAt";
+/// Pod-template annotation: name of the model loaded by `load_model`.
+pub const MODEL_NAME_ANNOTATION: &str = "resource-plane/model-name";
+/// Pod-template annotation: version of the model loaded by `load_model`.
+pub const MODEL_VERSION_ANNOTATION: &str = "resource-plane/model-version";
+/// Pod-template annotation: artifact location of the model loaded by `load_model`.
+pub const MODEL_ARTIFACT_ANNOTATION: &str = "resource-plane/model-artifact";
+/// Pod-template annotation: when the model was loaded (RFC 3339); new on every load, so
+/// every load rolls the pods and pods on the new template can be told apart.
+pub const MODEL_LOADED_AT_ANNOTATION: &str = "resource-plane/model-loaded-at";
+/// Pod-template annotation: GPU memory request (no standard Kubernetes resource exists;
+/// it is recorded for GPU-sharing schedulers and the workload).
+pub const GPU_MEMORY_REQUEST_ANNOTATION: &str = "resource-plane/gpu-memory-request";
+/// Pod-template annotation: GPU memory limit.
+pub const GPU_MEMORY_LIMIT_ANNOTATION: &str = "resource-plane/gpu-memory-limit";
+/// Extended resource name of a GPU.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Environment variable holding a Job's payload as JSON.
+pub const JOB_PAYLOAD_ENV: &str = "JOB_PAYLOAD";
+/// Environment variable holding a deployable's `models_to_load` as a JSON array.
+pub const MODELS_TO_LOAD_ENV: &str = "MODELS_TO_LOAD";
+/// Name of the single container of a created Deployment.
+pub const DEPLOYABLE_CONTAINER: &str = "main";
+/// Name of the single container of a created Job.
+pub const JOB_CONTAINER: &str = "job";
+
+/// A request/limit pair of Kubernetes quantities (`"500m"`, `"2Gi"`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestLimit {
+    /// Requested quantity.
+    pub request: String,
+    /// Limit quantity.
+    pub limit: String,
+}
+
+/// GPU resources of a deployable.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuSpec {
+    /// GPUs requested (`nvidia.com/gpu`). Kubernetes requires request == limit for
+    /// extended resources; a mismatch is rejected by the API server (422).
+    pub request: String,
+    /// GPU limit.
+    pub limit: String,
+    /// GPU memory, recorded as pod-template annotations.
+    pub memory: Option<RequestLimit>,
+}
+
+/// Compute resources of a deployable's container.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceSpec {
+    /// CPU.
+    pub cpu: RequestLimit,
+    /// Memory.
+    pub memory: RequestLimit,
+    /// GPUs, if any.
+    pub gpu: Option<GpuSpec>,
+}
+
+/// A model the deployable loads at start. Serialized in camelCase, as handed to the
+/// container in [`MODELS_TO_LOAD_ENV`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelToLoad {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: String,
+    /// Serving runtime.
+    pub runtime: String,
+    /// Numeric precision (`fp16`, ...).
+    pub precision: String,
+    /// Batch size.
+    pub batch_size: u32,
+    /// Artifact version.
+    pub artifact_version: String,
+}
+
+/// A deployable to create or update: a Deployment and its HorizontalPodAutoscaler.
+/// The API layer owns the wire contract and converts into this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployableSpec {
+    /// Name of the Deployment, the HPA and the `name` label.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Container image.
+    pub image: String,
+    /// Pod node selector.
+    pub node_selector: BTreeMap<String, String>,
+    /// Minimum pods (HPA `minReplicas`; 0 scales the Deployment to zero).
+    pub min_pod_count: i32,
+    /// Maximum pods (HPA `maxReplicas`).
+    pub max_pod_count: i32,
+    /// Container resources.
+    pub resources: ResourceSpec,
+    /// Models to load at start.
+    pub models_to_load: Vec<ModelToLoad>,
+}
+
+/// A Job to create.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Name of the Job and its `name` label.
+    pub job_name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Container image.
+    pub image: String,
+    /// Handed to the container as JSON in [`JOB_PAYLOAD_ENV`].
+    pub payload: serde_json::Value,
+}
+
+/// A model to load into a running deployable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: String,
+    /// Where the artifact is (URL or path).
+    pub artifact_location: String,
+}
+
+/// Kubernetes failures, carrying the API server's message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KubeError {
+    /// 404: the object (or namespace) does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// 409: conflict or `AlreadyExists`.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// 422 (or 400): the object is invalid, or the request was refused before sending.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// 401/403: the service account may not do this.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The API server cannot be reached, or answered 429/5xx; retrying later may help.
+    #[error("kubernetes unavailable: {0}")]
+    Unavailable(String),
+    /// Any other answer; `status` is the HTTP status, or 0 when there was none (e.g. a
+    /// response that could not be decoded).
+    #[error("kubernetes error {status}: {message}")]
+    Other {
+        /// HTTP status, or 0.
+        status: u16,
+        /// The server's reason and message.
+        message: String,
+    },
+}
+
+impl KubeError {
+    /// The HTTP status an API answering for this error should use.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            KubeError::NotFound(_) => 404,
+            KubeError::Conflict(_) => 409,
+            KubeError::Invalid(_) => 422,
+            KubeError::Forbidden(_) => 403,
+            KubeError::Unavailable(_) => 503,
+            KubeError::Other { status, .. } if (400..600).contains(status) => *status,
+            KubeError::Other { .. } => 502,
+        }
+    }
+
+    /// Whether the same call may succeed later unchanged.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, KubeError::Unavailable(_))
+    }
+}
+
+/// Checks pod counts before anything is sent: `min >= 0`, and when a maximum is given,
+/// `max >= 1` (an HPA's `maxReplicas`) and `max >= min`.
+pub fn validate_pod_counts(min: i32, max: Option<i32>) -> Result<(), KubeError> {
+    if min < 0 {
+        return Err(KubeError::Invalid(format!(
+            "min pod count must not be negative, got {min}"
+        )));
+    }
+    if let Some(max) = max {
+        if max < 1 {
+            return Err(KubeError::Invalid(format!(
+                "max pod count must be at least 1, got {max}"
+            )));
+        }
+        if max < min {
+            return Err(KubeError::Invalid(format!(
+                "max pod count {max} is below min pod count {min}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The Kubernetes operations of the Resource Manager (real cluster or simulated).
+#[async_trait]
+pub trait KubeExecutor: Send + Sync + 'static {
+    /// Server-side applies (field manager [`FIELD_MANAGER`], forced) the Deployment and
+    /// its `autoscaling/v2` HPA, both labelled `name=<name>`, then converges the minimum
+    /// replicas as [`KubeExecutor::set_min_replicas`] does. The Deployment's
+    /// `spec.replicas` is left to the HPA and the scale subresource.
+    /// Baseline: `Deployment` `name`, with the generation of the applied Deployment.
+    async fn apply_deployable(&self, spec: &DeployableSpec) -> Result<Baseline, KubeError>;
+
+    /// Rolling restart: sets the pod-template annotation [`RESTARTED_AT_ANNOTATION`] to
+    /// now on the Deployment `name`, or on every Deployment in `namespace`
+    /// ([`KubeError::NotFound`] when there is none). One `Deployment` baseline per
+    /// Deployment restarted.
+    async fn restart(
+        &self,
+        namespace: &str,
+        name: Option<&str>,
+    ) -> Result<Vec<Baseline>, KubeError>;
+
+    /// Records `model` on the Deployment `deployable`'s pod template as the annotations
+    /// [`MODEL_NAME_ANNOTATION`], [`MODEL_VERSION_ANNOTATION`],
+    /// [`MODEL_ARTIFACT_ANNOTATION`] and [`MODEL_LOADED_AT_ANNOTATION`], so its pods roll.
+    /// The workload reads them through the downward API. Baseline: `Pod`, selecting the
+    /// Deployment's pods, with `MODEL_LOADED_AT_ANNOTATION` as the template annotation.
+    async fn load_model(
+        &self,
+        namespace: &str,
+        deployable: &str,
+        model: &ModelSpec,
+    ) -> Result<Baseline, KubeError>;
+
+    /// Creates a `batch/v1` Job labelled `name=<job_name>`, one container, restart policy
+    /// `Never`, the payload as JSON in [`JOB_PAYLOAD_ENV`]. An existing Job of that name
+    /// is [`KubeError::Conflict`]. Baseline: `Job` `job_name` with its uid.
+    async fn create_job(&self, spec: &JobSpec) -> Result<Baseline, KubeError>;
+
+    /// Makes `min` the deployable's minimum pod count. An HPA cannot have
+    /// `minReplicas: 0` (without an alpha feature gate), so:
+    /// - `min >= 1`: HPA `minReplicas = min`, and the Deployment is scaled up to `min`
+    ///   at once if it has fewer replicas (an HPA never scales up from zero);
+    /// - `min == 0`: HPA `minReplicas = 1` and the Deployment is scaled to 0, which
+    ///   also pauses the HPA (it leaves a target with zero replicas alone).
+    ///
+    /// Negative `min` is [`KubeError::Invalid`]; a `min` above the HPA's `maxReplicas`
+    /// is refused by the API server (422).
+    async fn set_min_replicas(
+        &self,
+        namespace: &str,
+        deployable: &str,
+        min: i32,
+    ) -> Result<(), KubeError>;
+
+    /// One authoritative read of every object the baseline's condition consults (see
+    /// [`Baseline::watched_kinds`]). Objects that do not exist are simply absent.
+    async fn observe(&self, baseline: &Baseline) -> Result<Observation, KubeError>;
+
+    /// Subscribes to the shared watch of `kind` in `namespace`, starting it on first
+    /// use. The stream replays nothing: subscribe, then [`KubeExecutor::observe`].
+    /// After the watch restarts, every object is sent again as `Applied`, and objects
+    /// that vanished meanwhile as `Deleted`. Must be called inside a Tokio runtime (the
+    /// real adapter spawns the watch task there; a watch whose runtime stopped is
+    /// restarted by the next subscription).
+    fn subscribe(&self, kind: ResourceKind, namespace: &str) -> broadcast::Receiver<ObjectEvent>;
+
+    /// Adapter name for logs and metrics.
+    fn name(&self) -> &'static str;
+}
+
+/// Capacity of each shared watch's broadcast channel; a subscriber further behind gets
+/// `RecvError::Lagged` and must re-observe.
+pub const WATCH_CHANNEL_CAPACITY: usize = 1024;

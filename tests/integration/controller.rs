@@ -1,0 +1,573 @@
+//! The Resource Controller end to end, in-process, with the simulated cloud and a
+//! paused clock: scale-up and batching, template choice, max_workers, scale-down, the
+//! drain deadline, do_not_disrupt, vanished and orphan cloud instances.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::test;
+use resource_plane::adapters::memory::MemoryStore;
+use resource_plane::adapters::sim_cloud::SimCloud;
+use resource_plane::api;
+use resource_plane::app::Service;
+use resource_plane::config::Config;
+use resource_plane::ports::store::Store;
+use serde_json::{json, Value};
+
+use crate::support::{self, get, post, send, TestApp};
+
+pub const TEMPLATES: &str = "templates:
+  - name: small
+    instance_type: m5.xlarge
+    image_id: ami-12c6146b
+    capacity: { cpu: 4, memory_gb: 16 }
+    min_workers: 0
+    max_workers: 10
+    hourly_cost: 0.2
+    labels: {}
+  - name: big
+    instance_type: m5zn.metal
+    image_id: ami-12c6146b
+    capacity: { cpu: 48, memory_gb: 192 }
+    min_workers: 0
+    max_workers: 2
+    hourly_cost: 4.0
+    labels: {}
+";
+
+/// A controller-tuned configuration with `templates` written to a temp file.
+pub fn controller_config(dir: &tempfile::TempDir, templates: &str) -> Config {
+    let path = dir.path().join("templates.yaml");
+    std::fs::write(&path, templates).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = support::config();
+    let s = &mut c.controller;
+    s.templates_file = path;
+    s.templates_file_explicit = true;
+    s.scale_up_batch = Duration::from_millis(200);
+    s.cloud_poll = Duration::from_millis(100);
+    s.reconcile_interval = Duration::from_secs(1);
+    s.scale_down_idle = Duration::from_secs(5);
+    s.drain_deadline = Duration::from_secs(3600);
+    s.provision_timeout = Duration::from_secs(30);
+    c
+}
+
+struct Fixture {
+    svc: Service,
+    cloud: Arc<SimCloud>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(templates: &str, boot: Duration) -> Fixture {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let cfg = controller_config(&dir, templates);
+    let cloud = Arc::new(SimCloud::new(boot));
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let svc = Service::start_with(cfg, store, cloud.clone()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(svc.wait_hydrated(Duration::from_secs(10)).await);
+    let led = wait(Duration::from_secs(5), || {
+        svc.state.controller.leader_status().is_leader
+    })
+    .await;
+    assert!(led, "single replica did not become leader");
+    Fixture {
+        svc,
+        cloud,
+        _dir: dir,
+    }
+}
+
+/// Lets (paused) time pass in small steps until `f` holds or `limit` passes.
+async fn wait(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let step = Duration::from_millis(50);
+    let mut spent = Duration::ZERO;
+    while !f() {
+        if spent >= limit {
+            return false;
+        }
+        tokio::time::sleep(step).await;
+        spent += step;
+    }
+    true
+}
+
+async fn submit(app: &impl TestApp, cpu: f64, mem: f64, dnd: bool) -> String {
+    let r = send(
+        app,
+        post(
+            "/api/1.0/instances",
+            &json!({"requirements": {"cpu": cpu, "memory_gb": mem}, "do_not_disrupt": dnd}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.json);
+    assert_eq!(r.json["state"], "PENDING");
+    r.json["id"].as_str().unwrap_or_default().to_owned()
+}
+
+fn states(f: &Fixture) -> Vec<String> {
+    f.svc
+        .state
+        .controller
+        .workers
+        .list()
+        .iter()
+        .map(|w| format!("{:?}", w.state))
+        .collect()
+}
+
+fn instance_state(f: &Fixture, id: &str) -> String {
+    f.svc
+        .state
+        .controller
+        .instances
+        .get(id)
+        .map(|(i, _)| format!("{:?}", i.state))
+        .unwrap_or_default()
+}
+
+async fn heartbeat_all(app: &impl TestApp, f: &Fixture) {
+    for w in f.svc.state.controller.workers.list() {
+        if w.state == resource_plane::domain::worker::WorkerState::Running {
+            let r = send(
+                app,
+                post(
+                    &format!("/api/1.0/workers/{}/heartbeat", w.id),
+                    &json!({"running_instances": w.instances}),
+                )
+                .to_request(),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{:?}", r.json);
+        }
+    }
+}
+
+#[actix_web::test]
+async fn scale_up_batches_demand_and_picks_the_least_wasteful_template() {
+    tokio::time::pause();
+    let f = start(TEMPLATES, Duration::from_secs(1)).await;
+    let app = test::init_service(api::app(f.svc.state.clone())).await;
+    let ids = [
+        submit(&app, 2.0, 4.0, false).await,
+        submit(&app, 2.0, 4.0, false).await,
+        submit(&app, 2.0, 4.0, false).await,
+    ];
+    // inside the batching window nothing is launched yet
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        f.cloud.create_calls(),
+        0,
+        "launched before the batch window closed"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 3 x (2 cpu, 4 GiB): two small workers waste less than one big one
+    assert_eq!(f.cloud.create_calls(), 2);
+    let workers = f.svc.state.controller.workers.list();
+    assert_eq!(workers.len(), 2);
+    assert!(workers.iter().all(|w| w.template == "small"), "{workers:?}");
+    // no over-provisioning while they boot: more reconciles, still two
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(f.cloud.create_calls(), 2);
+    // once the cloud says running, everything is placed
+    assert!(
+        wait(Duration::from_secs(5), || ids
+            .iter()
+            .all(|i| instance_state(&f, i) == "Scheduled"))
+        .await,
+        "{:?}",
+        states(&f)
+    );
+    heartbeat_all(&app, &f).await;
+    for id in &ids {
+        let r = send(&app, get(&format!("/api/1.0/instances/{id}")).to_request()).await;
+        assert_eq!(r.json["state"], "RUNNING");
+    }
+    // the latency from unplaceable to the cloud call was recorded per launch
+    let text = f.svc.state.metrics.render();
+    assert!(
+        text.contains("scale_up_latency_seconds_count{template=\"small\"} 2"),
+        "{text}"
+    );
+    let r = send(&app, get("/api/1.0/controller").to_request()).await;
+    assert_eq!(r.json["leader"]["is_leader"], true);
+    let decisions = r.json["recent_decisions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        decisions
+            .iter()
+            .filter(|d| d["action"] == "scale_up")
+            .count()
+            == 2,
+        "{decisions:?}"
+    );
+}
+
+#[actix_web::test]
+async fn max_workers_is_respected_and_impossible_demand_is_reported() {
+    tokio::time::pause();
+    let one_small = TEMPLATES.replace("max_workers: 10", "max_workers: 1");
+    let f = start(
+        &one_small.replace("max_workers: 2", "max_workers: 0"),
+        Duration::from_millis(300),
+    )
+    .await;
+    let app = test::init_service(api::app(f.svc.state.clone())).await;
+    for _ in 0..3 {
+        submit(&app, 2.0, 4.0, false).await;
+    }
+    let huge = submit(&app, 500.0, 10.0, false).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(f.cloud.create_calls(), 1, "max_workers of 1 exceeded");
+    assert_eq!(f.svc.state.controller.workers.list().len(), 1);
+    let r = send(&app, get("/api/1.0/controller").to_request()).await;
+    let unplaceable: Vec<Value> = r.json["recent_decisions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| d["action"] == "unplaceable")
+        .collect();
+    assert!(
+        unplaceable.iter().any(|d| d["subject"] == huge.as_str()),
+        "{unplaceable:?}"
+    );
+    assert_eq!(
+        r.json["pending_demand"]["instances"], 2,
+        "one small slot short, one impossible"
+    );
+}
+
+#[actix_web::test]
+async fn idle_workers_drain_stop_and_terminate_but_do_not_disrupt_blocks_a_drain() {
+    tokio::time::pause();
+    let f = start(TEMPLATES, Duration::from_millis(300)).await;
+    let app = test::init_service(api::app(f.svc.state.clone())).await;
+    let keep = submit(&app, 4.0, 16.0, true).await;
+    assert!(
+        wait(Duration::from_secs(5), || instance_state(&f, &keep)
+            == "Scheduled")
+        .await
+    );
+    let worker = f
+        .svc
+        .state
+        .controller
+        .instances
+        .get(&keep)
+        .and_then(|(i, _)| i.worker_id)
+        .unwrap_or_default();
+    let r = send(
+        &app,
+        post(&format!("/api/1.0/workers/{worker}/drain"), &json!({})).to_request(),
+    )
+    .await;
+    assert_eq!(
+        r.status, 409,
+        "do_not_disrupt must block a voluntary drain: {:?}",
+        r.json
+    );
+    // idle scale-down does not touch a busy worker
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(states(&f), vec!["Running"]);
+    // once the instance completes the worker idles, drains, stops, terminates
+    let r = send(
+        &app,
+        post(&format!("/api/1.0/instances/{keep}/complete"), &json!({})).to_request(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json["state"].as_str()),
+        (200, Some("COMPLETED"))
+    );
+    let r = send(
+        &app,
+        post(&format!("/api/1.0/instances/{keep}/complete"), &json!({})).to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 409, "completing twice");
+    assert!(
+        wait(Duration::from_secs(15), || states(&f) == vec!["Terminated"]).await,
+        "{:?}",
+        states(&f)
+    );
+    assert_eq!(f.cloud.running_count(), 0);
+    let text = f.svc.state.metrics.render();
+    for action in ["drain", "stop", "terminated"] {
+        assert!(
+            text.contains(&format!(
+                "controller_decisions_total{{action=\"{action}\"}}"
+            )),
+            "{action} not counted"
+        );
+    }
+}
+
+#[actix_web::test]
+async fn a_drain_deadline_stops_a_busy_worker_and_its_instance_is_rescheduled() {
+    tokio::time::pause();
+    let f = start(TEMPLATES, Duration::from_millis(300)).await;
+    let app = test::init_service(api::app(f.svc.state.clone())).await;
+    let inst = submit(&app, 4.0, 16.0, false).await;
+    assert!(
+        wait(Duration::from_secs(5), || instance_state(&f, &inst)
+            == "Scheduled")
+        .await
+    );
+    let first = f
+        .svc
+        .state
+        .controller
+        .instances
+        .get(&inst)
+        .and_then(|(i, _)| i.worker_id)
+        .unwrap_or_default();
+    let r = send(
+        &app,
+        post(
+            &format!("/api/1.0/workers/{first}/drain"),
+            &json!({"deadline_seconds": 30}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json["state"].as_str()),
+        (202, Some("DRAINING"))
+    );
+    // a draining worker receives nothing new: a second instance gets its own worker
+    let other = submit(&app, 1.0, 1.0, false).await;
+    assert!(
+        wait(Duration::from_secs(5), || instance_state(&f, &other)
+            == "Scheduled")
+        .await
+    );
+    let second = f
+        .svc
+        .state
+        .controller
+        .instances
+        .get(&other)
+        .and_then(|(i, _)| i.worker_id)
+        .unwrap_or_default();
+    assert_ne!(first, second);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        f.svc
+            .state
+            .controller
+            .workers
+            .get(&first)
+            .map(|w| format!("{:?}", w.state))
+            .as_deref(),
+        Some("Draining")
+    );
+    // past the deadline it stops anyway, and its instance goes back to the scheduler
+    let moved = wait(Duration::from_secs(40), || {
+        f.svc
+            .state
+            .controller
+            .instances
+            .get(&inst)
+            .and_then(|(i, _)| i.worker_id)
+            .is_some_and(|w| w != first)
+    })
+    .await;
+    assert!(
+        moved,
+        "instance was not rescheduled: {:?}",
+        instance_state(&f, &inst)
+    );
+    let w = f
+        .svc
+        .state
+        .controller
+        .workers
+        .get(&first)
+        .map(|w| format!("{:?}", w.state));
+    assert!(
+        matches!(w.as_deref(), Some("Stopping" | "Stopped" | "Terminated")),
+        "{w:?}"
+    );
+}
+
+#[actix_web::test]
+async fn a_vanished_worker_is_replaced_and_orphans_are_terminated() {
+    tokio::time::pause();
+    let f = start(TEMPLATES, Duration::from_millis(300)).await;
+    let app = test::init_service(api::app(f.svc.state.clone())).await;
+    let inst = submit(&app, 2.0, 2.0, false).await;
+    assert!(
+        wait(Duration::from_secs(5), || instance_state(&f, &inst)
+            == "Scheduled")
+        .await
+    );
+    let first = f.svc.state.controller.workers.list()[0].clone();
+    f.cloud
+        .vanish(first.cloud_instance_id.as_deref().unwrap_or_default());
+    let orphan = f.cloud.add_orphan("ghost-worker");
+    let replaced = wait(Duration::from_secs(10), || {
+        f.svc
+            .state
+            .controller
+            .instances
+            .get(&inst)
+            .is_some_and(|(i, _)| {
+                i.worker_id.as_deref().is_some_and(|w| w != first.id)
+                    && format!("{:?}", i.state) == "Scheduled"
+            })
+    })
+    .await;
+    assert!(
+        replaced,
+        "instance not rescheduled onto a new worker: {:?}",
+        states(&f)
+    );
+    let old = f
+        .svc
+        .state
+        .controller
+        .workers
+        .get(&first.id)
+        .map(|w| format!("{:?}", w.state));
+    assert!(
+        matches!(old.as_deref(), Some("Failed" | "Terminated")),
+        "{old:?}"
+    );
+    let status =
+        resource_plane::ports::cloud::CloudProvider::get_instance_status(&*f.cloud, &orphan).await;
+    assert!(
+        matches!(
+            status,
+            Ok(
+                resource_plane::ports::cloud::CloudInstanceStatus::Terminated
+                    | resource_plane::ports::cloud::CloudInstanceStatus::NotFound
+            )
+        ),
+        "{status:?}"
+    );
+}
+
+#[actix_web::test]
+async fn twenty_instances_scale_up_run_complete_and_scale_down() {
+    tokio::time::pause();
+    let f = start(TEMPLATES, Duration::from_millis(500)).await;
+    let app = test::init_service(api::app(f.svc.state.clone())).await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(submit(&app, 2.0, 8.0, false).await);
+    }
+    assert!(
+        wait(Duration::from_secs(10), || ids
+            .iter()
+            .all(|i| instance_state(&f, i) == "Scheduled"))
+        .await,
+        "{:?}",
+        states(&f)
+    );
+    heartbeat_all(&app, &f).await;
+    assert!(ids.iter().all(|i| instance_state(&f, i) == "Running"));
+    let workers = f.svc.state.controller.workers.list();
+    for w in &workers {
+        assert!(
+            w.allocated.cpu <= w.capacity.cpu && w.allocated.memory_gb <= w.capacity.memory_gb,
+            "{w:?}"
+        );
+    }
+    assert_eq!(
+        f.cloud.create_calls(),
+        workers.len(),
+        "one launch per worker"
+    );
+    // the hosts report their instances finished
+    for w in &workers {
+        let r = send(
+            &app,
+            post(
+                &format!("/api/1.0/workers/{}/heartbeat", w.id),
+                &json!({"running_instances": []}),
+            )
+            .to_request(),
+        )
+        .await;
+        assert_eq!(
+            r.json["completed"].as_array().map(Vec::len),
+            Some(w.instances.len())
+        );
+    }
+    assert!(ids.iter().all(|i| instance_state(&f, i) == "Completed"));
+    assert!(
+        wait(Duration::from_secs(20), || states(&f)
+            .iter()
+            .all(|s| s == "Terminated"))
+        .await,
+        "{:?}",
+        states(&f)
+    );
+    assert_eq!(f.cloud.running_count(), 0);
+    // actors and instances are visible through introspection
+    let r = send(&app, get("/api/1.0/actors").to_request()).await;
+    let data = r.json["data"].as_array().cloned().unwrap_or_default();
+    assert!(data.iter().any(|a| a["kind"] == "worker"));
+    assert!(data.iter().filter(|a| a["kind"] == "instance").count() == 20);
+}
+
+#[actix_web::test]
+async fn controller_routes_validate_input() {
+    tokio::time::pause();
+    let f = start(TEMPLATES, Duration::from_millis(300)).await;
+    let app = test::init_service(api::app(f.svc.state.clone())).await;
+    for body in [
+        json!({"requirements": {"cpu": -1, "memory_gb": 1}}),
+        json!({"requirements": {"cpu": 1}}),
+        json!({"requirements": {"cpu": 1, "memory_gb": 1}, "colour": "red"}),
+        json!({"requirements": {"cpu": 1e300, "memory_gb": 1}}),
+        json!({"requirements": "lots"}),
+    ] {
+        let r = send(&app, post("/api/1.0/instances", &body).to_request()).await;
+        assert_eq!(r.status, 400, "{body}: {:?}", r.json);
+        assert!(r.json["error"].is_string());
+    }
+    assert_eq!(
+        send(&app, get("/api/1.0/instances/nope").to_request())
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        send(&app, get("/api/1.0/workers/nope").to_request())
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        send(
+            &app,
+            post("/api/1.0/workers/nope/drain", &json!({})).to_request()
+        )
+        .await
+        .status,
+        404
+    );
+    let r = send(
+        &app,
+        post(
+            "/api/1.0/workers/nope/heartbeat",
+            &json!({"running_instances": "x"}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = send(&app, get("/api/1.0/worker-templates").to_request()).await;
+    assert_eq!(r.json["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        send(&app, get("/api/1.0/workers").to_request())
+            .await
+            .status,
+        200
+    );
+}

@@ -1,0 +1,132 @@
+//! Leader election on a real etcd: two controllers, one leads; the leader stops; the
+//! other takes over within the lease TTL (+1 s) and no worker is launched twice; the old
+//! leader's fenced writes are refused.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::test;
+use resource_plane::adapters::sim_cloud::SimCloud;
+use resource_plane::api;
+use resource_plane::app::Service;
+use resource_plane::domain::worker::WorkerState;
+use serde_json::json;
+
+use crate::controller::controller_config;
+use crate::support::{self, post, send, Etcd};
+
+#[actix_web::test]
+async fn the_follower_takes_over_within_the_ttl_and_nothing_launches_twice() {
+    let etcd = Etcd::start();
+    let prefix = support::unique_prefix();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let cloud = Arc::new(SimCloud::new(Duration::from_millis(200)));
+    let ttl = Duration::from_secs(3);
+    let mut services = Vec::new();
+    for name in ["ctl-a", "ctl-b"] {
+        let mut cfg = controller_config(&dir, include_str!("../../config/worker-templates.yaml"));
+        cfg.controller.instance_id = name.to_owned();
+        cfg.controller.leader_lease_ttl = ttl;
+        let svc = Service::start_with(cfg, etcd.store(&prefix), cloud.clone())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(svc.wait_hydrated(Duration::from_secs(15)).await);
+        services.push(svc);
+    }
+    let leader_of = |svcs: &Vec<Service>| {
+        svcs.iter()
+            .position(|s| s.state.controller.leader_status().is_leader)
+    };
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            leader_of(&services).is_some()
+        })
+        .await,
+        "nobody was elected"
+    );
+    let first = leader_of(&services).unwrap_or(0);
+    let second = 1 - first;
+    assert!(
+        !services[second].state.controller.leader_status().is_leader,
+        "two leaders"
+    );
+
+    // demand arrives through the follower; the leader launches for it
+    let app = test::init_service(api::app(services[second].state.clone())).await;
+    for _ in 0..3 {
+        let r = send(
+            &app,
+            post(
+                "/api/1.0/instances",
+                &json!({"requirements": {"cpu": 8, "memory_gb": 32}}),
+            )
+            .to_request(),
+        )
+        .await;
+        assert_eq!(r.status, 202);
+    }
+    let running = || async {
+        let ws = services[second].state.controller.workers.list();
+        !ws.is_empty() && ws.iter().all(|w| w.state == WorkerState::Running)
+    };
+    assert!(
+        support::eventually(Duration::from_secs(15), running).await,
+        "workers did not come up"
+    );
+
+    // the leader freezes: no keepalive, no revoke
+    let stopped_at = Instant::now();
+    services[first].state.controller.fence.halt();
+    services[first].state.controller.stop_leading();
+    let took_over = support::eventually(ttl + Duration::from_secs(5), || async {
+        services[second].state.controller.leader_status().is_leader
+    })
+    .await;
+    let failover = stopped_at.elapsed();
+    assert!(took_over, "follower never took over");
+    println!("failover took {failover:?} with a {ttl:?} lease");
+    assert!(
+        failover <= ttl + Duration::from_secs(1),
+        "failover took {failover:?}"
+    );
+
+    // the old leader still believes its epoch; its fenced writes are refused
+    let w = services[first].state.controller.workers.list()[0].clone();
+    let cmd = resource_plane::actors::worker::WorkerCmd::Transition {
+        to: WorkerState::Draining,
+        cloud_instance_id: None,
+    };
+    let r = services[first]
+        .state
+        .controller
+        .workers
+        .send(&w.id, cmd, true)
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(resource_plane::actors::worker::WorkerExecError::Fenced)
+        ),
+        "{r:?}"
+    );
+    assert!(
+        services[first].state.controller.fence.epoch().is_none(),
+        "zombie leader did not step down"
+    );
+
+    // the new leader reconciles without launching anything again
+    let launched = cloud.create_calls();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let workers = services[second].state.controller.workers.list();
+    assert_eq!(cloud.create_calls(), launched, "new leader launched again");
+    let mut cloud_ids: Vec<_> = workers
+        .iter()
+        .filter_map(|w| w.cloud_instance_id.clone())
+        .collect();
+    cloud_ids.sort();
+    cloud_ids.dedup();
+    assert_eq!(
+        cloud_ids.len(),
+        workers.len(),
+        "one cloud instance per worker"
+    );
+}
