@@ -3,7 +3,7 @@
 export CARGO_TARGET_DIR ?= /var/tmp/resource-plane-target
 CARGO ?= cargo
 
-.PHONY: setup build run test lint fmt bench clean
+.PHONY: setup build run test lint fmt bench scale clean
 
 setup:
 	@bash scripts/setup.sh
@@ -25,6 +25,12 @@ lint: setup
 
 fmt:
 	$(CARGO) fmt --all
+
+bench: setup
+	bash scripts/bench.sh
+
+scale: setup
+	bash scripts/scale.sh
 
 clean:
 	$(CARGO) clean

@@ -60,6 +60,10 @@ wait_http() { # url, seconds
   done
 }
 
+cpu_ticks() { # utime + stime of a process, in clock ticks
+  awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
 rss_mib() {
   awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"
 }
@@ -109,15 +113,23 @@ RSS_READY=$(rss_mib "$SVC")
 LISTED=$(curl -fs "$URL/api/1.0/int/shadow-deployables" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["data"]))')
 WORKERS=$(curl -fs "$URL/api/1.0/workers" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["data"]))')
 
+# Background work that grows with the fleet shows up as CPU while no request arrives.
+IDLE_SECS=${SCALE_IDLE_SECONDS:-5}
+C0=$(cpu_ticks "$SVC")
+sleep "$IDLE_SECS"
+C1=$(cpu_ticks "$SVC")
+IDLE_CPU=$(python3 -c "print(f'{100 * ($C1 - $C0) / $(getconf CLK_TCK) / $IDLE_SECS:.1f}')")
+
 lt list --url "$URL" --scenario list --workflows "$LIST_CLIENTS" --duration "${SECS}s"
-lt procure --url "$URL" --scenario shadow --skip-register --deployables "$N" --workflows "$W" --duration "${SECS}s"
+lt procure --url "$URL" --scenario shadow --skip-register --deployables "$N" --workflows "$W" --duration "${SECS}s" \
+  --etcd-metrics-url "http://$ETCD/metrics"
 RSS_AFTER=$(rss_mib "$SVC")
 
 MEM_GIB=$(awk '/MemTotal/ {printf "%.1f", $2 / 1048576}' /proc/meminfo)
 ETCD_VERSION=$(etcd --version | awk '/etcd Version/ {print $3}')
 export MACHINE="nproc $(nproc), ${MEM_GIB} GiB, $(uname -sr), etcd $ETCD_VERSION, load average before the run $LOAD_BEFORE"
 export COMMAND="SCALE_DEPLOYABLES=$N SCALE_WORKERS=$M SCALE_SECONDS=$SECS SCALE_WORKFLOWS=$W SCALE_LIST_CLIENTS=$LIST_CLIENTS scripts/scale.sh"
-export WORK N M HYDRATE RSS_READY RSS_AFTER LISTED WORKERS W LIST_CLIENTS
+export WORK N M HYDRATE RSS_READY RSS_AFTER LISTED WORKERS W LIST_CLIENTS IDLE_CPU IDLE_SECS
 python3 - <<'EOF'
 import json, os
 
@@ -145,6 +157,7 @@ print("|---|---:|---|")
 print(f"| seed {e['N']} deployables + {e['M']} workers into etcd | {seed['elapsed_secs']:.2f} s | {seed['cycles']} txns of <= 128 puts |")
 print(f"| start-up to /health/ready (hydration) | {float(e['HYDRATE']):.2f} s | lists {e['LISTED']} deployables, {e['WORKERS']} workers once ready |")
 print(f"| resident memory after hydration (VmRSS) | {e['RSS_READY']} MiB | |")
+print(f"| service CPU while idle after hydration | {e['IDLE_CPU']} % of one core | over {e['IDLE_SECS']} s with no request |")
 print(f"| resident memory after the load phases | {e['RSS_AFTER']} MiB | |")
 l = row(lst, "list")
 print(f"| GET list of {e['N']} ({e['LIST_CLIENTS']} clients) p50 / p99 | {l['p50_ms']:.1f} / {l['p99_ms']:.1f} ms | {l['ops_per_sec']:.1f} lists/s, max {l['max_ms']:.1f} ms, errors {errs(l)} |")
@@ -153,6 +166,9 @@ for name in ("procure", "procure (busy)", "min-pod-count", "release"):
     if r["count"]:
         print(f"| {name} under load ({e['W']} workflows over {e['N']}) p50 / p99 | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms | {r['ops_per_sec']:.1f}/s, max {r['max_ms']:.1f} ms, errors {errs(r)} |")
 print(f"| workflow cycles under load | {proc['cycles_per_sec']:.1f}/s | {proc['throughput']:.1f} state transitions/s |")
+t = ((proc.get("etcd_rpcs") or {}).get("steps", {})).get("transition")
+if t:
+    print(f"| etcd RPCs per state transition under load | Txn {t['txn_per_op']:.2f}, Range {t['range_per_op']:.2f} | {t['txn']} Txn, {t['range']} Range / {t['ops']} transitions |")
 inv = proc["invariants"]
 print()
 print("invariants: " + ("OK" if inv["ok"] else "VIOLATED: " + "; ".join(inv["messages"])))

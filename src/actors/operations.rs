@@ -3,7 +3,7 @@
 //! manager on the leader; and the converger that keeps every shadow deployable's
 //! Kubernetes minimum replicas equal to its recorded `min_pod_count`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
@@ -50,6 +50,7 @@ pub struct OpsCtx {
     pub shadows: Arc<Registry>,
     manager: Mutex<Option<Addr<IntentManager>>>,
     converge_now: Notify,
+    dirty: Mutex<HashSet<ShadowKey>>,
 }
 
 /// Why persisting an intent failed.
@@ -98,6 +99,7 @@ impl OpsCtx {
             shadows,
             manager: Mutex::new(None),
             converge_now: Notify::new(),
+            dirty: Mutex::new(HashSet::new()),
         })
     }
 
@@ -151,8 +153,12 @@ impl OpsCtx {
         }
     }
 
-    /// Asks the converger to run now.
-    pub fn converge_soon(&self) {
+    /// Asks the converger to look at `key` now (the periodic sweep covers changes made
+    /// through other replicas).
+    pub fn converge_soon(&self, key: ShadowKey) {
+        if let Ok(mut d) = self.dirty.lock() {
+            d.insert(key);
+        }
         self.converge_now.notify_one();
     }
 
@@ -162,7 +168,7 @@ impl OpsCtx {
                 *slot = Some(IntentManager::new(self.clone()).start());
             }
         }
-        self.converge_soon();
+        self.converge_now.notify_one();
     }
 
     /// Stops the intent manager and its watchers (leadership lost, or shutdown).
@@ -190,19 +196,21 @@ impl OpsCtx {
     }
 
     /// Keeps Kubernetes minimum replicas equal to each shadow deployable's recorded
-    /// `min_pod_count`, on the leader: after every change and periodically, so a failed
-    /// patch is retried (and everything is re-applied after a start-up or failover).
+    /// `min_pod_count`, on the leader: right after a change made here (only that
+    /// deployable), and in a full sweep every `KUBE_CONVERGE_INTERVAL_MS`, which picks up
+    /// changes made through other replicas, retries failed patches, and re-applies
+    /// everything after a start-up or failover.
     pub async fn converge_forever(self: Arc<Self>) {
         let mut applied: HashMap<ShadowKey, u32> = HashMap::new();
         let mut leading = false;
         loop {
-            let _ = tokio::time::timeout(
+            let woken = tokio::time::timeout(
                 self.settings.converge_interval,
                 self.converge_now.notified(),
             )
-            .await;
-            let leads = self.fence.epoch().is_some();
-            if !leads {
+            .await
+            .is_ok();
+            if self.fence.epoch().is_none() {
                 leading = false;
                 continue;
             }
@@ -211,42 +219,55 @@ impl OpsCtx {
                 applied.clear();
                 leading = true;
             }
-            for env in self.shadows.envs() {
-                for entry in self.shadows.list(&env) {
-                    let key = ShadowKey::new(&env, &entry.record.name);
-                    let want = entry.record.min_pod_count;
-                    if applied.get(&key) == Some(&want) {
-                        continue;
-                    }
-                    let ns = self.settings.namespace(&env);
-                    let min = i32::try_from(want).unwrap_or(i32::MAX);
-                    match self
-                        .kube
-                        .set_min_replicas(&ns, &entry.record.name, min)
-                        .await
-                    {
-                        Ok(()) => {
-                            debug!(env = %env, name = %entry.record.name, min, "min replicas converged");
-                            self.metrics
-                                .decisions
-                                .with_label_values(&["converge_min_replicas"])
-                                .inc();
-                            applied.insert(key, want);
-                        }
-                        Err(KubeError::NotFound(m)) => {
-                            // Not in the cluster (yet): remember, retry when it changes.
-                            debug!(env = %env, name = %entry.record.name, error = %m, "deployable not in the cluster");
-                            applied.insert(key, want);
-                        }
-                        Err(e) => {
-                            warn!(env = %env, name = %entry.record.name, error = %e, "cannot converge min replicas; will retry");
-                            self.metrics
-                                .decisions
-                                .with_label_values(&["converge_failed"])
-                                .inc();
-                        }
-                    }
+            let dirty: Vec<ShadowKey> = self
+                .dirty
+                .lock()
+                .map(|mut d| d.drain().collect())
+                .unwrap_or_default();
+            let targets: Vec<(ShadowKey, u32)> = if woken && !applied.is_empty() {
+                dirty
+                    .into_iter()
+                    .filter_map(|k| self.shadows.min_pod_count(&k).map(|m| (k, m)))
+                    .collect()
+            } else {
+                self.shadows.min_pod_counts()
+            };
+            for (key, want) in targets {
+                if applied.get(&key) == Some(&want) {
+                    continue;
                 }
+                if self.converge_one(&key, want).await {
+                    applied.insert(key, want);
+                }
+            }
+        }
+    }
+
+    /// Patches one deployable; `true` when nothing is left to do for `want`.
+    async fn converge_one(&self, key: &ShadowKey, want: u32) -> bool {
+        let ns = self.settings.namespace(&key.env);
+        let min = i32::try_from(want).unwrap_or(i32::MAX);
+        match self.kube.set_min_replicas(&ns, &key.name, min).await {
+            Ok(()) => {
+                debug!(env = %key.env, name = %key.name, min, "min replicas converged");
+                self.metrics
+                    .decisions
+                    .with_label_values(&["converge_min_replicas"])
+                    .inc();
+                true
+            }
+            Err(KubeError::NotFound(m)) => {
+                // Not in the cluster (yet): nothing to patch until it changes again.
+                debug!(env = %key.env, name = %key.name, error = %m, "deployable not in the cluster");
+                true
+            }
+            Err(e) => {
+                warn!(env = %key.env, name = %key.name, error = %e, "cannot converge min replicas; will retry");
+                self.metrics
+                    .decisions
+                    .with_label_values(&["converge_failed"])
+                    .inc();
+                false
             }
         }
     }

@@ -216,12 +216,18 @@ impl Registry {
         }
     }
 
-    /// Environments that have records.
-    pub fn envs(&self) -> Vec<String> {
-        let mut envs: Vec<String> = self.deps.view.iter().map(|e| e.key().env.clone()).collect();
-        envs.sort();
-        envs.dedup();
-        envs
+    /// Every record's `min_pod_count` (unordered; cheap enough to sweep often).
+    pub fn min_pod_counts(&self) -> Vec<(ShadowKey, u32)> {
+        self.deps
+            .view
+            .iter()
+            .map(|e| (e.key().clone(), e.value().record.min_pod_count))
+            .collect()
+    }
+
+    /// One record's `min_pod_count`.
+    pub fn min_pod_count(&self, key: &ShadowKey) -> Option<u32> {
+        self.deps.view.get(key).map(|e| e.record.min_pod_count)
     }
 
     /// Published records of `env`, sorted by name.

@@ -366,7 +366,7 @@ async fn run(
         }
     };
     if converge && !reply.replayed {
-        state.ops.converge_soon();
+        state.ops.converge_soon(key);
     }
     if reply.replayed {
         state

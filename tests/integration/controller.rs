@@ -571,3 +571,106 @@ async fn controller_routes_validate_input() {
         200
     );
 }
+
+/// A cloud that records when each launch was asked for.
+struct Recording {
+    inner: SimCloud,
+    calls: std::sync::Mutex<Vec<(String, std::time::Instant)>>,
+}
+
+#[async_trait::async_trait]
+impl resource_plane::ports::cloud::CloudProvider for Recording {
+    async fn create_instance(
+        &self,
+        template: &resource_plane::domain::worker::WorkerTemplate,
+        worker_id: &str,
+    ) -> Result<String, resource_plane::ports::cloud::CloudError> {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push((worker_id.to_owned(), std::time::Instant::now()));
+        }
+        self.inner.create_instance(template, worker_id).await
+    }
+    async fn terminate_instance(
+        &self,
+        id: &str,
+    ) -> Result<(), resource_plane::ports::cloud::CloudError> {
+        self.inner.terminate_instance(id).await
+    }
+    async fn get_instance_status(
+        &self,
+        id: &str,
+    ) -> Result<
+        resource_plane::ports::cloud::CloudInstanceStatus,
+        resource_plane::ports::cloud::CloudError,
+    > {
+        self.inner.get_instance_status(id).await
+    }
+    async fn list_instances(
+        &self,
+    ) -> Result<
+        Vec<resource_plane::ports::cloud::CloudInstance>,
+        resource_plane::ports::cloud::CloudError,
+    > {
+        self.inner.list_instances().await
+    }
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+}
+
+/// Real time: each instance needs a whole worker, so each submission is unplaceable;
+/// measures submission -> cloud launch call (the batching window is most of it).
+#[actix_web::test]
+async fn time_from_unplaceable_instance_to_cloud_call() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let cfg = controller_config(
+        &dir,
+        &TEMPLATES.replace("max_workers: 10", "max_workers: 40"),
+    );
+    let cloud = Arc::new(Recording {
+        inner: SimCloud::new(Duration::from_millis(100)),
+        calls: std::sync::Mutex::new(Vec::new()),
+    });
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let svc = Service::start_with(cfg, store, cloud.clone()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(svc.wait_hydrated(Duration::from_secs(10)).await);
+    assert!(
+        support::eventually(Duration::from_secs(5), || async {
+            svc.state.controller.leader_status().is_leader
+        })
+        .await
+    );
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let mut lat = Vec::new();
+    for i in 0..20 {
+        let before = cloud.calls.lock().map(|c| c.len()).unwrap_or(0);
+        let t = std::time::Instant::now();
+        submit(&app, 4.0, 16.0, false).await;
+        let launched = support::eventually(Duration::from_secs(5), || async {
+            cloud.calls.lock().map(|c| c.len()).unwrap_or(0) > before
+        })
+        .await;
+        assert!(launched, "submission {i} launched nothing");
+        let at = cloud.calls.lock().ok().and_then(|c| c.last().map(|x| x.1));
+        lat.push(
+            at.map(|a| a.duration_since(t).as_secs_f64() * 1000.0)
+                .unwrap_or(f64::NAN),
+        );
+        // let the worker boot so the next one is a clean, separate scale-up
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(
+        cloud.calls.lock().map(|c| c.len()).unwrap_or(0),
+        20,
+        "one launch per submission"
+    );
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "unplaceable -> cloud call over {} scale-ups (SCALE_UP_BATCH_MS=200): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        lat.len(),
+        q(0.5),
+        q(0.99),
+        lat[lat.len() - 1]
+    );
+}
