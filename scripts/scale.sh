@@ -17,48 +17,9 @@ M=${SCALE_WORKERS:-10000}
 SECS=${SCALE_SECONDS:-10}
 W=${SCALE_WORKFLOWS:-64}
 LIST_CLIENTS=${SCALE_LIST_CLIENTS:-4}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/resource-plane-target}
-BIN=$CARGO_TARGET_DIR/release/resource-plane
-
-for bin in etcd python3 curl; do
-  command -v "$bin" >/dev/null 2>&1 || {
-    echo "scale: $bin is missing (etcd: apt-get install etcd-server, or run scripts/setup.sh)" >&2
-    exit 1
-  }
-done
-
-echo "scale: building the release binary" >&2
-cargo build --release --quiet
-
-LOAD_BEFORE=$(cut -d" " -f1-3 /proc/loadavg)
-WORK=$(mktemp -d -t rp-scale.XXXXXX)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-wait_http() { # url, seconds
-  local deadline=$((SECONDS + $2))
-  until curl -fs -o /dev/null "$1"; do
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      echo "scale: $1 not ready after $2 s" >&2
-      return 1
-    fi
-    sleep 0.05
-  done
-}
+TOOL=scale
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 cpu_ticks() { # utime + stime of a process, in clock ticks
   awk '{print $14 + $15}' "/proc/$1/stat"
