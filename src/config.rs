@@ -105,6 +105,8 @@ pub struct Config {
 pub struct OperationsSettings {
     /// How long an intent waits for its condition (`WATCH_TIMEOUT_SECONDS`).
     pub watch_timeout: Duration,
+    /// How long a finished intent stays readable (`INTENT_RETENTION_SECONDS`).
+    pub intent_retention: Duration,
     /// HMAC key for `webhook-signature` (`CALLBACK_SIGNING_SECRET`).
     pub callback_signing_secret: Option<Secret>,
     /// Delivery attempts in all (`CALLBACK_MAX_ATTEMPTS`).
@@ -300,6 +302,8 @@ impl Config {
         }
         let operations = OperationsSettings {
             watch_timeout: secs("WATCH_TIMEOUT_SECONDS", 1_800)?,
+            intent_retention: secs("INTENT_RETENTION_SECONDS", 7 * 86_400)?
+                .max(Duration::from_secs(60)),
             callback_signing_secret: env
                 .get("CALLBACK_SIGNING_SECRET")
                 .filter(|s| !s.is_empty())

@@ -20,6 +20,7 @@ use crate::clock::Clock;
 use crate::config::OperationsSettings;
 use crate::domain::callback::RetryPolicy;
 use crate::domain::intent::WatchIntent;
+use crate::idempotency::LeasePool;
 use crate::keys;
 use crate::ports::callback::CallbackSender;
 use crate::ports::kube::{KubeError, KubeExecutor};
@@ -48,6 +49,7 @@ pub struct OpsCtx {
     pub clock: Clock,
     /// Shadow deployables (for convergence).
     pub shadows: Arc<Registry>,
+    retention: LeasePool,
     manager: Mutex<Option<Addr<IntentManager>>>,
     converge_now: Notify,
     dirty: Mutex<HashSet<ShadowKey>>,
@@ -86,6 +88,7 @@ impl OpsCtx {
             max_age: settings.callback_max_age,
             ..RetryPolicy::default()
         };
+        let retention = LeasePool::new(settings.intent_retention);
         Arc::new(Self {
             store,
             kube,
@@ -97,6 +100,7 @@ impl OpsCtx {
             metrics,
             clock,
             shadows,
+            retention,
             manager: Mutex::new(None),
             converge_now: Notify::new(),
             dirty: Mutex::new(HashSet::new()),
@@ -111,6 +115,14 @@ impl OpsCtx {
         fenced: bool,
     ) -> Result<i64, IntentWriteError> {
         let key = keys::watch_intent(&next.request_id);
+        // A finished intent (final, callback delivered or given up) is kept for
+        // INTENT_RETENTION_SECONDS on a shared lease, then etcd removes it.
+        let finished = !next.is_pending() && (next.delivery.delivered || next.delivery.gave_up);
+        let lease = if finished {
+            Some(self.retention.lease(self.store.as_ref()).await?)
+        } else {
+            None
+        };
         let mut compares = vec![Compare::ModRevision(key.clone(), rev)];
         if fenced {
             compares.push(self.fence.compare().ok_or(IntentWriteError::Fenced)?);
@@ -122,11 +134,16 @@ impl OpsCtx {
                 success: vec![Op::Put {
                     key: key.clone(),
                     value: serde_json::to_vec(next).unwrap_or_default(),
-                    lease: None,
+                    lease,
                 }],
                 failure_gets: vec![key],
             })
-            .await?;
+            .await
+            .inspect_err(|e| {
+                if *e == StoreError::LeaseNotFound {
+                    self.retention.invalidate();
+                }
+            })?;
         if r.succeeded {
             self.intents
                 .note(&next.request_id, next.clone(), r.revision);

@@ -461,6 +461,20 @@ async fn pending_intents_and_retries_survive_a_restart_on_the_same_etcd() {
     let q = flaky.for_request(&quick);
     assert_eq!(q[0].webhook_id, q[q.len() - 1].webhook_id);
     assert_eq!(rx.for_request(&slow)[0].body["status"], "SUCCEEDED");
+
+    // once delivered, the intent is kept on a retention lease (etcd removes it later)
+    let key = format!("{prefix}/watch-intents/{slow}");
+    let leased = support::eventually(Duration::from_secs(10), || async {
+        let Ok(mut c) = etcd_client::Client::connect([etcd.endpoint()], None).await else {
+            return false;
+        };
+        let Ok(r) = c.get(key.clone(), None).await else {
+            return false;
+        };
+        r.kvs().first().is_some_and(|kv| kv.lease() != 0)
+    })
+    .await;
+    assert!(leased, "a finished intent has no retention lease");
 }
 
 #[actix_web::test]
