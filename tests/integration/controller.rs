@@ -674,3 +674,83 @@ async fn time_from_unplaceable_instance_to_cloud_call() {
         lat[lat.len() - 1]
     );
 }
+
+#[actix_web::test]
+async fn missed_heartbeats_fail_a_worker_and_its_instances_move() {
+    tokio::time::pause();
+    let f = start(TEMPLATES, Duration::from_millis(300)).await;
+    let app = test::init_service(api::app(f.svc.state.clone())).await;
+    let inst = submit(&app, 2.0, 2.0, false).await;
+    assert!(
+        wait(Duration::from_secs(5), || instance_state(&f, &inst)
+            == "Scheduled")
+        .await
+    );
+    heartbeat_all(&app, &f).await;
+    assert_eq!(instance_state(&f, &inst), "Running");
+    let first = f
+        .svc
+        .state
+        .controller
+        .instances
+        .get(&inst)
+        .and_then(|(i, _)| i.worker_id)
+        .unwrap_or_default();
+    // no heartbeat for longer than HEARTBEAT_TIMEOUT_SECONDS (120 s)
+    let moved = wait(Duration::from_secs(150), || {
+        f.svc
+            .state
+            .controller
+            .instances
+            .get(&inst)
+            .is_some_and(|(i, _)| i.worker_id.as_deref().is_some_and(|w| w != first))
+    })
+    .await;
+    assert!(moved, "instance stayed on the silent worker");
+    let w = f
+        .svc
+        .state
+        .controller
+        .workers
+        .get(&first)
+        .map(|w| format!("{:?}", w.state));
+    assert!(
+        matches!(w.as_deref(), Some("Failed" | "Terminated")),
+        "{w:?}"
+    );
+    let r = send(&app, get("/api/1.0/controller").to_request()).await;
+    let reasons: Vec<String> = r.json["recent_decisions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|d| d["subject"] == first.as_str())
+        .filter_map(|d| d["reason"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "missed heartbeats"),
+        "{reasons:?}"
+    );
+}
+
+#[actix_web::test]
+async fn a_launch_that_never_boots_times_out_and_is_replaced() {
+    tokio::time::pause();
+    // instances take 60 s to boot; PROVISION_TIMEOUT_SECONDS is 30 in this config
+    let f = start(TEMPLATES, Duration::from_secs(60)).await;
+    let app = test::init_service(api::app(f.svc.state.clone())).await;
+    let inst = submit(&app, 2.0, 2.0, false).await;
+    assert!(wait(Duration::from_secs(2), || f.cloud.create_calls() == 1).await);
+    let first = f.svc.state.controller.workers.list()[0].id.clone();
+    let failed =
+        wait(Duration::from_secs(40), || {
+            f.svc.state.controller.workers.get(&first).is_some_and(|w| {
+                matches!(format!("{:?}", w.state).as_str(), "Failed" | "Terminated")
+            })
+        })
+        .await;
+    assert!(failed, "{:?}", states(&f));
+    // the demand is still there, so another worker is launched for it
+    assert!(wait(Duration::from_secs(5), || f.cloud.create_calls() >= 2).await);
+    assert_eq!(instance_state(&f, &inst), "Pending");
+}
