@@ -235,6 +235,7 @@ impl Service {
             fence: fence.clone(),
             view: DashMap::new(),
             clock: crate::clock::Clock::new(),
+            retention: LeasePool::new(config.controller.record_retention),
         }));
         let instances = Arc::new(Mirror::new(keys::INSTANCE_PREFIX));
         let controller = ControllerCtx::new(

@@ -166,6 +166,9 @@ pub struct ControllerSettings {
     pub templates_file: PathBuf,
     /// Whether `templates_file` was set explicitly.
     pub templates_file_explicit: bool,
+    /// How long ended instances and terminated workers stay readable
+    /// (`RECORD_RETENTION_SECONDS`).
+    pub record_retention: Duration,
     /// Boot time of simulated cloud instances (`SIM_CLOUD_BOOT_MS`).
     pub sim_cloud_boot: Duration,
     /// AWS region (`AWS_REGION`, default us-east-1).
@@ -279,6 +282,8 @@ impl Config {
             cloud_poll,
             templates_file,
             templates_file_explicit,
+            record_retention: secs("RECORD_RETENTION_SECONDS", 7 * 86_400)?
+                .max(Duration::from_secs(60)),
             sim_cloud_boot: millis("SIM_CLOUD_BOOT_MS", 2_000)?,
             aws_region: get("AWS_REGION")
                 .filter(|s| !s.is_empty())

@@ -4,6 +4,7 @@
 
 use crate::actors::leader::Fence;
 use crate::domain::worker::Instance;
+use crate::idempotency::LeasePool;
 use crate::keys;
 use crate::ports::store::{Compare, Op, Store, StoreError, Txn};
 
@@ -58,11 +59,13 @@ pub async fn get(store: &dyn Store, id: &str) -> Result<Option<(Instance, i64)>,
 }
 
 /// Read-modify-write with CAS: `f` returns the new record, `None` for no change, or a
-/// refusal. Retries on conflicts. With `fence`, the write is leader-only.
+/// refusal. Retries on conflicts. With `fence`, the write is leader-only. An instance
+/// that ends (COMPLETED/FAILED) is put on the `retention` lease.
 pub async fn update<F>(
     store: &dyn Store,
     id: &str,
     fence: Option<&Fence>,
+    retention: &LeasePool,
     f: F,
 ) -> Result<(Instance, i64), InstanceError>
 where
@@ -79,17 +82,27 @@ where
         if let Some(fence) = fence {
             compares.push(fence.compare().ok_or(InstanceError::Fenced)?);
         }
+        let lease = if next.is_live() {
+            None
+        } else {
+            Some(retention.lease(store).await?)
+        };
         let r = store
             .txn(Txn {
                 compares,
                 success: vec![Op::Put {
                     key: key.clone(),
                     value: serde_json::to_vec(&next).unwrap_or_default(),
-                    lease: None,
+                    lease,
                 }],
                 failure_gets: vec![key.clone()],
             })
-            .await?;
+            .await
+            .inspect_err(|e| {
+                if *e == StoreError::LeaseNotFound {
+                    retention.invalidate();
+                }
+            })?;
         if r.succeeded {
             return Ok((next, r.revision));
         }

@@ -120,15 +120,21 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
             Some(w) if !w.instances.contains(&inst.id) => "its worker does not list it",
             Some(_) => continue,
         };
-        let back = instances::update(ctx.store.as_ref(), &inst.id, Some(&ctx.fence), |i| {
-            if !matches!(i.state, InstanceState::Scheduled | InstanceState::Running) {
-                return Ok(None);
-            }
-            let mut n = i.clone();
-            n.state = InstanceState::Pending;
-            n.worker_id = None;
-            Ok(Some(n))
-        })
+        let back = instances::update(
+            ctx.store.as_ref(),
+            &inst.id,
+            Some(&ctx.fence),
+            &ctx.workers.deps().retention,
+            |i| {
+                if !matches!(i.state, InstanceState::Scheduled | InstanceState::Running) {
+                    return Ok(None);
+                }
+                let mut n = i.clone();
+                n.state = InstanceState::Pending;
+                n.worker_id = None;
+                Ok(Some(n))
+            },
+        )
         .await;
         match back {
             Ok((i, rev)) => {

@@ -21,6 +21,7 @@ use crate::domain::worker::{
     instance_transition, place, start_drain, transition, unplace, Instance, InstanceState,
     Resources, Worker, WorkerError, WorkerState,
 };
+use crate::idempotency::LeasePool;
 use crate::keys;
 use crate::ports::store::{Compare, Kv, Op, Store, StoreError, Txn, WatchEvent};
 use crate::telemetry::Metrics;
@@ -146,6 +147,9 @@ pub struct WorkerDeps {
     pub view: DashMap<String, (Worker, i64)>,
     /// Time source.
     pub clock: Clock,
+    /// Lease for ended records (TERMINATED workers, ended instances), so etcd drops
+    /// them after `RECORD_RETENTION_SECONDS`.
+    pub retention: LeasePool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -406,12 +410,22 @@ async fn execute(
             } => Some(*r),
             _ => None,
         };
+        let ends_worker = next.state == WorkerState::Terminated;
+        let ends_instance = inst.as_ref().is_some_and(|i| !i.is_live());
+        let lease = if ends_worker || ends_instance {
+            match deps.retention.lease(deps.store.as_ref()).await {
+                Ok(l) => Some(l),
+                Err(e) => return (Err(e.into()), cell),
+            }
+        } else {
+            None
+        };
         let mut txn = Txn {
             compares: vec![Compare::ModRevision(key.clone(), *rev)],
             success: vec![Op::Put {
                 key: key.clone(),
                 value: serde_json::to_vec(&next).unwrap_or_default(),
-                lease: None,
+                lease: lease.filter(|_| ends_worker),
             }],
             failure_gets: vec![key.clone()],
         };
@@ -421,7 +435,7 @@ async fn execute(
             txn.success.push(Op::Put {
                 key: ikey.clone(),
                 value: serde_json::to_vec(inst).unwrap_or_default(),
-                lease: None,
+                lease: lease.filter(|_| ends_instance),
             });
             txn.failure_gets.push(ikey);
         }
@@ -474,6 +488,7 @@ async fn execute(
                 deps.fence.lose();
                 return (Err(WorkerExecError::Fenced), cell);
             }
+            Err(StoreError::LeaseNotFound) => deps.retention.invalidate(),
             Err(e) => {
                 count("store_error");
                 return (Err(e.into()), Cell::Unknown);

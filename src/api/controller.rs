@@ -181,14 +181,20 @@ async fn end_instance(state: &AppState, id: &str, to: InstanceState) -> Result<I
         let mut done = inst.clone();
         done.state = to;
         let Some(worker_id) = inst.worker_id.clone() else {
-            let r = instances::update(state.controller.store.as_ref(), id, None, |cur| {
-                if cur.state != InstanceState::Pending {
-                    return Err("instance changed; retry".into());
-                }
-                let mut n = cur.clone();
-                n.state = to;
-                Ok(Some(n))
-            })
+            let r = instances::update(
+                state.controller.store.as_ref(),
+                id,
+                None,
+                &state.controller.workers.deps().retention,
+                |cur| {
+                    if cur.state != InstanceState::Pending {
+                        return Err("instance changed; retry".into());
+                    }
+                    let mut n = cur.clone();
+                    n.state = to;
+                    Ok(Some(n))
+                },
+            )
             .await;
             match r {
                 Ok((i, r)) => {
@@ -215,11 +221,17 @@ async fn end_instance(state: &AppState, id: &str, to: InstanceState) -> Result<I
             Err(WorkerExecError::InstanceChanged(_)) => continue,
             Err(WorkerExecError::NotFound) => {
                 // The worker record is gone: end the instance on its own.
-                let r = instances::update(state.controller.store.as_ref(), id, None, |cur| {
-                    let mut n = cur.clone();
-                    n.state = to;
-                    Ok(Some(n))
-                })
+                let r = instances::update(
+                    state.controller.store.as_ref(),
+                    id,
+                    None,
+                    &state.controller.workers.deps().retention,
+                    |cur| {
+                        let mut n = cur.clone();
+                        n.state = to;
+                        Ok(Some(n))
+                    },
+                )
                 .await
                 .map_err(|e| instance_error(e, retry_after))?;
                 return Ok(r.0);
@@ -343,14 +355,20 @@ async fn heartbeat(
         };
         match (inst.state, running.contains(iid.as_str())) {
             (InstanceState::Scheduled, true) => {
-                let r = instances::update(ctl.store.as_ref(), iid, None, |cur| {
-                    if cur.state != InstanceState::Scheduled {
-                        return Ok(None);
-                    }
-                    let mut n = cur.clone();
-                    n.state = InstanceState::Running;
-                    Ok(Some(n))
-                })
+                let r = instances::update(
+                    ctl.store.as_ref(),
+                    iid,
+                    None,
+                    &ctl.workers.deps().retention,
+                    |cur| {
+                        if cur.state != InstanceState::Scheduled {
+                            return Ok(None);
+                        }
+                        let mut n = cur.clone();
+                        n.state = InstanceState::Running;
+                        Ok(Some(n))
+                    },
+                )
                 .await
                 .map_err(|e| instance_error(e, retry_after))?;
                 ctl.instances.note(iid, r.0, r.1);

@@ -754,3 +754,69 @@ async fn a_launch_that_never_boots_times_out_and_is_replaced() {
     assert!(wait(Duration::from_secs(5), || f.cloud.create_calls() >= 2).await);
     assert_eq!(instance_state(&f, &inst), "Pending");
 }
+
+/// Ended instances and terminated workers are kept on a retention lease in etcd, so
+/// the store does not grow forever.
+#[actix_web::test]
+async fn ended_records_are_put_on_a_retention_lease() {
+    let etcd = crate::support::Etcd::start();
+    let prefix = support::unique_prefix();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = controller_config(&dir, TEMPLATES);
+    cfg.controller.scale_down_idle = Duration::from_secs(1);
+    let cloud = Arc::new(SimCloud::new(Duration::from_millis(100)));
+    let svc =
+        Service::start_with(cfg, etcd.store(&prefix), cloud).unwrap_or_else(|e| panic!("{e}"));
+    assert!(svc.wait_hydrated(Duration::from_secs(10)).await);
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let inst = submit(&app, 2.0, 2.0, false).await;
+    let placed = support::eventually(Duration::from_secs(10), || async {
+        svc.state
+            .controller
+            .instances
+            .get(&inst)
+            .is_some_and(|(i, _)| i.worker_id.is_some())
+    })
+    .await;
+    assert!(placed);
+    let worker = svc
+        .state
+        .controller
+        .instances
+        .get(&inst)
+        .and_then(|(i, _)| i.worker_id)
+        .unwrap_or_default();
+    let r = send(
+        &app,
+        post(&format!("/api/1.0/instances/{inst}/complete"), &json!({})).to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let terminated = support::eventually(Duration::from_secs(20), || async {
+        svc.state
+            .controller
+            .workers
+            .get(&worker)
+            .is_some_and(|w| format!("{:?}", w.state) == "Terminated")
+    })
+    .await;
+    assert!(
+        terminated,
+        "worker not terminated: {:?}",
+        svc.state.controller.workers.get(&worker)
+    );
+    let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for key in [
+        format!("{prefix}/instances/{inst}"),
+        format!("{prefix}/workers/{worker}"),
+    ] {
+        let r = c
+            .get(key.clone(), None)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let lease = r.kvs().first().map(|kv| kv.lease()).unwrap_or(0);
+        assert_ne!(lease, 0, "{key} has no retention lease");
+    }
+}
