@@ -117,6 +117,15 @@ fn states(f: &Fixture) -> Vec<String> {
         .collect()
 }
 
+fn worker_of(f: &Fixture, id: &str) -> Option<String> {
+    f.svc
+        .state
+        .controller
+        .instances
+        .get(id)
+        .and_then(|(i, _)| i.worker_id)
+}
+
 fn instance_state(f: &Fixture, id: &str) -> String {
     f.svc
         .state
@@ -252,14 +261,7 @@ async fn idle_workers_drain_stop_and_terminate_but_do_not_disrupt_blocks_a_drain
             == "Scheduled")
         .await
     );
-    let worker = f
-        .svc
-        .state
-        .controller
-        .instances
-        .get(&keep)
-        .and_then(|(i, _)| i.worker_id)
-        .unwrap_or_default();
+    let worker = worker_of(&f, &keep).unwrap_or_default();
     let r = send(
         &app,
         post(&format!("/api/1.0/workers/{worker}/drain"), &json!({})).to_request(),
@@ -317,14 +319,7 @@ async fn a_drain_deadline_stops_a_busy_worker_and_its_instance_is_rescheduled() 
             == "Scheduled")
         .await
     );
-    let first = f
-        .svc
-        .state
-        .controller
-        .instances
-        .get(&inst)
-        .and_then(|(i, _)| i.worker_id)
-        .unwrap_or_default();
+    let first = worker_of(&f, &inst).unwrap_or_default();
     let r = send(
         &app,
         post(
@@ -345,14 +340,7 @@ async fn a_drain_deadline_stops_a_busy_worker_and_its_instance_is_rescheduled() 
             == "Scheduled")
         .await
     );
-    let second = f
-        .svc
-        .state
-        .controller
-        .instances
-        .get(&other)
-        .and_then(|(i, _)| i.worker_id)
-        .unwrap_or_default();
+    let second = worker_of(&f, &other).unwrap_or_default();
     assert_ne!(first, second);
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(
@@ -688,14 +676,7 @@ async fn missed_heartbeats_fail_a_worker_and_its_instances_move() {
     );
     heartbeat_all(&app, &f).await;
     assert_eq!(instance_state(&f, &inst), "Running");
-    let first = f
-        .svc
-        .state
-        .controller
-        .instances
-        .get(&inst)
-        .and_then(|(i, _)| i.worker_id)
-        .unwrap_or_default();
+    let first = worker_of(&f, &inst).unwrap_or_default();
     // no heartbeat for longer than HEARTBEAT_TIMEOUT_SECONDS (120 s)
     let moved = wait(Duration::from_secs(150), || {
         f.svc
