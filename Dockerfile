@@ -1,12 +1,13 @@
 # syntax=docker/dockerfile:1
 # Build stage: release binary (protoc is needed by etcd-client's build script).
-FROM rust:1.89-bookworm AS build
+FROM rust:1.95-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends protobuf-compiler \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY benches ./benches
 RUN cargo build --release --locked --bin resource-plane
 
 # Runtime stage: the binary, its default config, a non-root user.
