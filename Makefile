@@ -2,6 +2,9 @@
 # they need themselves. CARGO_TARGET_DIR defaults outside the clone so builds are reused.
 export CARGO_TARGET_DIR ?= /var/tmp/resource-plane-target
 CARGO ?= cargo
+# Tools scripts/setup.sh installs outside the clone (moto's virtualenv).
+export RP_TOOLS ?= /var/tmp/resource-plane-tools
+export PATH := $(RP_TOOLS)/venv/bin:$(PATH)
 
 .PHONY: setup build run test lint fmt bench scale clean
 

@@ -12,7 +12,7 @@ use resource_plane::adapters::ec2::{Ec2Cloud, Ec2Settings};
 use crate::support::free_port;
 
 const INSTALL: &str =
-    "install it with `python3 -m pip install 'moto[server]'` (or run `make test`, which does)";
+    "run `bash scripts/setup.sh` (it installs moto[server] into /var/tmp/resource-plane-tools/venv), or set MOTO_SERVER";
 
 /// Region the tests use (moto has default VPCs and subnets in every region).
 pub const REGION: &str = "us-east-1";
@@ -20,7 +20,19 @@ pub const REGION: &str = "us-east-1";
 /// An AMI among moto's built-in images.
 pub const AMI: &str = "ami-12c6146b";
 
+/// `moto_server` from `MOTO_SERVER`, else the virtualenv `scripts/setup.sh` makes
+/// (`$RP_TOOLS/venv`, default `/var/tmp/resource-plane-tools`), else PATH.
 fn moto_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MOTO_SERVER") {
+        return PathBuf::from(p);
+    }
+    let tools = std::env::var_os("RP_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/resource-plane-tools"));
+    let venv = tools.join("venv/bin/moto_server");
+    if venv.is_file() {
+        return venv;
+    }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|d| d.join("moto_server"))
