@@ -178,7 +178,7 @@ impl Service {
             new_sim_kube(&config)?
         } else {
             Arc::new(
-                KubeAdapter::connect()
+                KubeAdapter::connect(&config.operations.kube_client)
                     .await
                     .map_err(|e| ConfigError::Invalid {
                         var: "KUBE_ADAPTER".into(),

@@ -127,6 +127,22 @@ pub struct OperationsSettings {
     /// How often shadow deployables' minimum replicas are converged
     /// (`KUBE_CONVERGE_INTERVAL_MS`).
     pub converge_interval: Duration,
+    /// Callback deliveries in flight at once, at most (`CALLBACK_CONCURRENCY`).
+    pub callback_concurrency: usize,
+    /// Timeouts of the Kubernetes client's request paths.
+    pub kube_client: KubeClientSettings,
+}
+
+/// Timeouts of the Kubernetes client on request paths (actions and reads); the shared
+/// watches keep no read timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KubeClientSettings {
+    /// TCP/TLS connect (`KUBE_CONNECT_TIMEOUT_MS`, default 5000).
+    pub connect_timeout: Duration,
+    /// Waiting for the response (`KUBE_READ_TIMEOUT_MS`, default 30000).
+    pub read_timeout: Duration,
+    /// Sending the request (`KUBE_WRITE_TIMEOUT_MS`, default 30000).
+    pub write_timeout: Duration,
 }
 
 impl OperationsSettings {
@@ -328,6 +344,14 @@ impl Config {
             kube_namespaces,
             converge_interval: millis("KUBE_CONVERGE_INTERVAL_MS", 2_000)?
                 .max(Duration::from_millis(10)),
+            callback_concurrency: parse(env, "CALLBACK_CONCURRENCY", 16)?.max(1),
+            kube_client: KubeClientSettings {
+                connect_timeout: millis("KUBE_CONNECT_TIMEOUT_MS", 5_000)?
+                    .max(Duration::from_millis(1)),
+                read_timeout: millis("KUBE_READ_TIMEOUT_MS", 30_000)?.max(Duration::from_millis(1)),
+                write_timeout: millis("KUBE_WRITE_TIMEOUT_MS", 30_000)?
+                    .max(Duration::from_millis(1)),
+            },
         };
         if let Some(secret) = &operations.callback_signing_secret {
             crate::domain::callback::decode_secret(secret.expose().as_bytes())

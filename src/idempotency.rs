@@ -121,6 +121,9 @@ pub struct LeasePool {
     ttl: Duration,
     window: Duration,
     current: Mutex<Option<(i64, Instant)>>,
+    /// Held while a grant is in flight: concurrent callers wait for it and share the
+    /// lease it returns (single flight) instead of each granting one.
+    granting: tokio::sync::Mutex<()>,
 }
 
 impl LeasePool {
@@ -131,17 +134,25 @@ impl LeasePool {
             ttl,
             window,
             current: Mutex::new(None),
+            granting: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// The lease to attach a record to now (grants a new one when the window passed).
+    fn fresh(&self) -> Option<i64> {
+        let cur = self.current.lock().ok()?;
+        cur.filter(|(_, at)| at.elapsed() < self.window)
+            .map(|(id, _)| id)
+    }
+
+    /// The lease to attach a record to now (grants a new one when the window passed;
+    /// concurrent callers share one grant).
     pub async fn lease(&self, store: &dyn Store) -> Result<i64, StoreError> {
-        if let Ok(cur) = self.current.lock() {
-            if let Some((id, at)) = *cur {
-                if at.elapsed() < self.window {
-                    return Ok(id);
-                }
-            }
+        if let Some(id) = self.fresh() {
+            return Ok(id);
+        }
+        let _one = self.granting.lock().await;
+        if let Some(id) = self.fresh() {
+            return Ok(id);
         }
         let ttl = i64::try_from((self.ttl + self.window).as_secs()).unwrap_or(i64::MAX);
         let id = store.grant_lease(ttl).await?;

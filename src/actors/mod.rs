@@ -7,6 +7,7 @@ pub mod instances;
 pub mod leader;
 pub mod mirror;
 pub mod operations;
+pub mod ops_types;
 pub mod outbox;
 pub mod reconciler;
 pub mod registry;

@@ -1,188 +1,119 @@
-//! Shared context of the asynchronous operations: the Kubernetes executor, the intents
-//! mirror, the callback sender and policy; the leadership hook that starts the intent
+//! The asynchronous operations' life cycle around the shared context
+//! ([`crate::actors::ops_types`]): storing a submission (intent SUBMITTING with the
+//! idempotency record, in one transaction) before anything touches Kubernetes, and
+//! withdrawing it when Kubernetes refuses; the leadership hook that starts the intent
 //! manager on the leader; and the converger that keeps every shadow deployable's
-//! Kubernetes minimum replicas equal to its recorded `min_pod_count`.
+//! Kubernetes minimum replicas equal to its recorded `min_pod_count`, correcting drift
+//! it reads back from the cluster.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use actix::prelude::*;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::actors::leader::on_leadership;
-use crate::actors::leader::Fence;
-use crate::actors::mirror::Mirror;
-use crate::actors::outbox::{IntentManager, Stop, Track};
-use crate::actors::registry::Registry;
+pub use crate::actors::ops_types::{
+    ActError, ConvergeReport, Drift, IntentWriteError, ManagerHandle, OpsCtx,
+};
+use crate::actors::ops_types::{Stop, Sweep};
+use crate::actors::outbox::IntentManager;
 use crate::actors::shadow::ShadowKey;
-use crate::clock::Clock;
-use crate::config::OperationsSettings;
-use crate::domain::callback::RetryPolicy;
 use crate::domain::intent::WatchIntent;
-use crate::idempotency::LeasePool;
 use crate::keys;
-use crate::ports::callback::CallbackSender;
-use crate::ports::kube::{KubeError, KubeExecutor};
-use crate::ports::store::{Compare, Op, Store, StoreError, Txn};
-use crate::telemetry::Metrics;
+use crate::ports::kube::{min_replicas_hold, KubeError};
+use crate::ports::store::{Compare, Op, StoreError, Txn};
 
-/// Everything the operations actors share.
-pub struct OpsCtx {
-    /// Store.
-    pub store: Arc<dyn Store>,
-    /// Kubernetes.
-    pub kube: Arc<dyn KubeExecutor>,
-    /// Callback sender.
-    pub sender: Arc<dyn CallbackSender>,
-    /// Retry policy of callbacks.
-    pub policy: RetryPolicy,
-    /// Intents, watch-fed.
-    pub intents: Arc<Mirror<WatchIntent>>,
-    /// Leader fence.
-    pub fence: Arc<Fence>,
-    /// Settings.
-    pub settings: OperationsSettings,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Time source.
-    pub clock: Clock,
-    /// Shadow deployables (for convergence).
-    pub shadows: Arc<Registry>,
-    retention: LeasePool,
-    manager: Mutex<Option<Addr<IntentManager>>>,
-    converge_now: Notify,
-    dirty: Mutex<HashSet<ShadowKey>>,
-}
+/// The converger reads the cluster back (to find drift) on every this-many-th sweep;
+/// the sweeps in between only re-apply recorded changes.
+pub const DRIFT_CHECK_EVERY: u64 = 15;
 
-/// Why persisting an intent failed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum IntentWriteError {
-    /// Another writer changed it first.
-    #[error("intent changed concurrently")]
-    Conflict,
-    /// Not the leader.
-    #[error("not the leader")]
-    Fenced,
-    /// Store failure.
-    #[error(transparent)]
-    Store(#[from] StoreError),
+/// An idempotency record to write with a submission or its withdrawal.
+#[derive(Debug, Clone)]
+pub struct IdemWrite<'a> {
+    /// `/idempotency/{scope}/{key}`.
+    pub key: &'a str,
+    /// The record (see [`crate::idempotency::IdemRequest::record`]).
+    pub record: Vec<u8>,
+    /// The TTL lease it hangs on.
+    pub lease: i64,
 }
 
 impl OpsCtx {
-    /// A context.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        store: Arc<dyn Store>,
-        kube: Arc<dyn KubeExecutor>,
-        sender: Arc<dyn CallbackSender>,
-        intents: Arc<Mirror<WatchIntent>>,
-        fence: Arc<Fence>,
-        settings: OperationsSettings,
-        metrics: Metrics,
-        clock: Clock,
-        shadows: Arc<Registry>,
-    ) -> Arc<Self> {
-        let policy = RetryPolicy {
-            max_attempts: settings.callback_max_attempts,
-            max_age: settings.callback_max_age,
-            ..RetryPolicy::default()
-        };
-        let retention = LeasePool::new(settings.intent_retention);
-        Arc::new(Self {
-            store,
-            kube,
-            sender,
-            policy,
-            intents,
-            fence,
-            settings,
-            metrics,
-            clock,
-            shadows,
-            retention,
-            manager: Mutex::new(None),
-            converge_now: Notify::new(),
-            dirty: Mutex::new(HashSet::new()),
-        })
-    }
-
-    /// Replaces an intent with CAS (and the leader fence when `fenced`).
-    pub async fn write_intent(
+    /// Stores a SUBMITTING intent together with its idempotency record, in one
+    /// transaction that requires both keys to be absent. `Ok(Some(revision))` when
+    /// stored; `Ok(None)` when either key exists (the same request was stored first,
+    /// here or on another replica).
+    pub async fn store_submission(
         &self,
-        next: &WatchIntent,
-        rev: i64,
-        fenced: bool,
-    ) -> Result<i64, IntentWriteError> {
-        let key = keys::watch_intent(&next.request_id);
-        // A finished intent (final, callback delivered or given up) is kept for
-        // INTENT_RETENTION_SECONDS on a shared lease, then etcd removes it.
-        let finished = !next.is_pending() && (next.delivery.delivered || next.delivery.gave_up);
-        let lease = if finished {
-            Some(self.retention.lease(self.store.as_ref()).await?)
-        } else {
-            None
+        intent: &WatchIntent,
+        idem: Option<IdemWrite<'_>>,
+    ) -> Result<Option<i64>, StoreError> {
+        let key = keys::watch_intent(&intent.request_id);
+        let value = serde_json::to_vec(intent)
+            .map_err(|e| StoreError::Other(format!("cannot encode intent: {e}")))?;
+        let mut txn = Txn {
+            compares: vec![Compare::ModRevision(key.clone(), 0)],
+            success: vec![Op::Put {
+                key,
+                value,
+                lease: None,
+            }],
+            failure_gets: Vec::new(),
         };
-        let mut compares = vec![Compare::ModRevision(key.clone(), rev)];
-        if fenced {
-            compares.push(self.fence.compare().ok_or(IntentWriteError::Fenced)?);
+        if let Some(i) = idem {
+            txn.compares.push(Compare::ModRevision(i.key.to_owned(), 0));
+            txn.success.push(Op::Put {
+                key: i.key.to_owned(),
+                value: i.record,
+                lease: Some(i.lease),
+            });
         }
-        let r = self
-            .store
-            .txn(Txn {
-                compares,
-                success: vec![Op::Put {
-                    key: key.clone(),
-                    value: serde_json::to_vec(next).unwrap_or_default(),
-                    lease,
-                }],
-                failure_gets: vec![key],
-            })
-            .await
-            .inspect_err(|e| {
-                if *e == StoreError::LeaseNotFound {
-                    self.retention.invalidate();
-                }
-            })?;
-        if r.succeeded {
-            self.intents
-                .note(&next.request_id, next.clone(), r.revision);
-            return Ok(r.revision);
+        let r = self.store.txn(txn).await?;
+        if !r.succeeded {
+            return Ok(None);
         }
-        let moved = r
-            .fetched
-            .first()
-            .and_then(|k| k.as_ref())
-            .map(|k| k.mod_revision)
-            != Some(rev);
-        if moved {
-            Err(IntentWriteError::Conflict)
-        } else {
-            self.fence.lose();
-            Err(IntentWriteError::Fenced)
-        }
+        self.intents
+            .note(&intent.request_id, intent.clone(), r.revision);
+        Ok(Some(r.revision))
     }
 
-    /// Asks the intent manager (if this replica leads) to look at `request_id` now.
-    pub fn track(&self, request_id: &str) {
-        if let Some(m) = self.manager.lock().ok().and_then(|m| m.clone()) {
-            m.do_send(Track(request_id.to_owned()));
+    /// Withdraws a submission Kubernetes refused: deletes the intent (if still at `rev`)
+    /// and replaces the idempotency record with the refusal, so a retry gets the same
+    /// answer. When the intent moved on meanwhile (the leader finished it), nothing is
+    /// written.
+    pub async fn withdraw_submission(
+        &self,
+        intent: &WatchIntent,
+        rev: i64,
+        idem: Option<IdemWrite<'_>>,
+    ) -> Result<bool, StoreError> {
+        let key = keys::watch_intent(&intent.request_id);
+        let mut txn = Txn {
+            compares: vec![Compare::ModRevision(key.clone(), rev)],
+            success: vec![Op::Delete { key }],
+            failure_gets: Vec::new(),
+        };
+        if let Some(i) = idem {
+            txn.success.push(Op::Put {
+                key: i.key.to_owned(),
+                value: i.record,
+                lease: Some(i.lease),
+            });
         }
-    }
-
-    /// Asks the converger to look at `key` now (the periodic sweep covers changes made
-    /// through other replicas).
-    pub fn converge_soon(&self, key: ShadowKey) {
-        if let Ok(mut d) = self.dirty.lock() {
-            d.insert(key);
-        }
-        self.converge_now.notify_one();
+        Ok(self.store.txn(txn).await?.succeeded)
     }
 
     fn start_leading(self: &Arc<Self>) {
         if let Ok(mut slot) = self.manager.lock() {
             if slot.is_none() {
-                *slot = Some(IntentManager::new(self.clone()).start());
+                let addr = IntentManager::new(self.clone()).start();
+                *slot = Some(ManagerHandle {
+                    track: addr.clone().recipient(),
+                    sweep: addr.clone().recipient(),
+                    stop: addr.recipient(),
+                });
             }
         }
         self.converge_now.notify_one();
@@ -191,7 +122,7 @@ impl OpsCtx {
     /// Stops the intent manager and its watchers (leadership lost, or shutdown).
     pub fn stop_leading(&self) {
         if let Some(m) = self.manager.lock().ok().and_then(|mut m| m.take()) {
-            m.do_send(Stop);
+            m.stop.do_send(Stop);
         }
     }
 
@@ -206,20 +137,26 @@ impl OpsCtx {
         let notify = self.intents.changes();
         loop {
             notify.notified().await;
-            if let Some(m) = self.manager.lock().ok().and_then(|m| m.clone()) {
-                m.do_send(crate::actors::outbox::Sweep);
+            if let Some(m) = self.manager() {
+                m.sweep.do_send(Sweep);
             }
         }
     }
 
     /// Keeps Kubernetes minimum replicas equal to each shadow deployable's recorded
     /// `min_pod_count`, on the leader: right after a change made here (only that
-    /// deployable), and in a full sweep every `KUBE_CONVERGE_INTERVAL_MS`, which picks up
+    /// deployable), and in a sweep every `KUBE_CONVERGE_INTERVAL_MS`, which picks up
     /// changes made through other replicas, retries failed patches, and re-applies
-    /// everything after a start-up or failover.
+    /// everything after a start-up or failover. Every [`DRIFT_CHECK_EVERY`]-th sweep
+    /// reads each deployable back from the cluster and patches the ones that drifted
+    /// (edited by someone else) or were missing; the result is kept for
+    /// `GET /api/1.0/controller` and counted in `controller_decisions_total`
+    /// (`min_replicas_drift`, `min_replicas_missing`).
     pub async fn converge_forever(self: Arc<Self>) {
         let mut applied: HashMap<ShadowKey, u32> = HashMap::new();
         let mut leading = false;
+        let mut sweeps: u64 = 0;
+        let mut corrected: u64 = 0;
         loop {
             let woken = tokio::time::timeout(
                 self.settings.converge_interval,
@@ -232,36 +169,113 @@ impl OpsCtx {
                 continue;
             }
             if !leading {
-                // New leadership: re-apply everything once.
+                // New leadership: re-apply everything once, and check the cluster.
                 applied.clear();
                 leading = true;
+                sweeps = 0;
+                corrected = 0;
             }
             let dirty: Vec<ShadowKey> = self
                 .dirty
                 .lock()
                 .map(|mut d| d.drain().collect())
                 .unwrap_or_default();
-            let targets: Vec<(ShadowKey, u32)> = if woken && !applied.is_empty() {
-                dirty
-                    .into_iter()
-                    .filter_map(|k| self.shadows.min_pod_count(&k).map(|m| (k, m)))
-                    .collect()
-            } else {
-                self.shadows.min_pod_counts()
+            if woken && !applied.is_empty() {
+                for key in dirty {
+                    if let Some(want) = self.shadows.min_pod_count(&key) {
+                        if applied.get(&key) != Some(&want)
+                            && self.converge_one(&key, want).await.is_ok()
+                        {
+                            applied.insert(key, want);
+                        }
+                    }
+                }
+                continue;
+            }
+            let check = sweeps.is_multiple_of(DRIFT_CHECK_EVERY);
+            sweeps += 1;
+            let targets = self.shadows.min_pod_counts();
+            if !check {
+                for (key, want) in targets {
+                    if applied.get(&key) != Some(&want)
+                        && self.converge_one(&key, want).await.is_ok()
+                    {
+                        applied.insert(key, want);
+                    }
+                }
+                continue;
+            }
+            let mut report = ConvergeReport {
+                last_check_at: Some(self.clock.now()),
+                checked: targets.len(),
+                ..ConvergeReport::default()
             };
             for (key, want) in targets {
-                if applied.get(&key) == Some(&want) {
-                    continue;
+                if self.fence.epoch().is_none() {
+                    break;
                 }
-                if self.converge_one(&key, want).await {
-                    applied.insert(key, want);
+                let ns = self.settings.namespace(&key.env);
+                let entry = |observed: Option<i32>, error: Option<String>| Drift {
+                    env: key.env.clone(),
+                    name: key.name.clone(),
+                    want,
+                    observed,
+                    error,
+                };
+                let wanted = i32::try_from(want).unwrap_or(i32::MAX);
+                match self.kube.observed_min_replicas(&ns, &key.name).await {
+                    Ok(Some(have)) if min_replicas_hold(wanted, have) => {
+                        report.in_sync += 1;
+                        applied.insert(key, want);
+                    }
+                    Ok(Some(have)) => {
+                        if applied.get(&key) == Some(&want) {
+                            // We had converged it: someone changed the cluster since.
+                            warn!(env = %key.env, name = %key.name, want, have, "min replicas drifted in the cluster; correcting");
+                            self.metrics
+                                .decisions
+                                .with_label_values(&["min_replicas_drift"])
+                                .inc();
+                        }
+                        match self.converge_one(&key, want).await {
+                            Ok(()) => {
+                                corrected += 1;
+                                report.drifted.push(entry(Some(have), None));
+                                applied.insert(key, want);
+                            }
+                            Err(e) => {
+                                report.failed.push(entry(Some(have), Some(e.to_string())));
+                                applied.remove(&key);
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        self.metrics
+                            .decisions
+                            .with_label_values(&["min_replicas_missing"])
+                            .inc();
+                        report.missing.push(entry(None, None));
+                        applied.remove(&key);
+                    }
+                    Err(e) => {
+                        report.failed.push(entry(None, Some(e.to_string())));
+                    }
                 }
+            }
+            report.drift_corrected_total = corrected;
+            if let Ok(mut c) = self.convergence.lock() {
+                *c = report;
             }
         }
     }
 
-    /// Patches one deployable; `true` when nothing is left to do for `want`.
-    async fn converge_one(&self, key: &ShadowKey, want: u32) -> bool {
+    /// Patches one deployable's minimum replicas to `want`.
+    async fn converge_one(&self, key: &ShadowKey, want: u32) -> Result<(), KubeError> {
+        // fence: leadership is checked right before each patch; the lead wires the shared
+        // per-side-effect fence (actors/leader.rs) in here.
+        if self.fence.epoch().is_none() {
+            return Err(KubeError::Unavailable("not the leader".into()));
+        }
         let ns = self.settings.namespace(&key.env);
         let min = i32::try_from(want).unwrap_or(i32::MAX);
         match self.kube.set_min_replicas(&ns, &key.name, min).await {
@@ -271,12 +285,12 @@ impl OpsCtx {
                     .decisions
                     .with_label_values(&["converge_min_replicas"])
                     .inc();
-                true
+                Ok(())
             }
-            Err(KubeError::NotFound(m)) => {
-                // Not in the cluster (yet): nothing to patch until it changes again.
-                debug!(env = %key.env, name = %key.name, error = %m, "deployable not in the cluster");
-                true
+            Err(e @ KubeError::NotFound(_)) => {
+                // Not in the cluster (yet): the next drift check tries again.
+                debug!(env = %key.env, name = %key.name, error = %e, "deployable not in the cluster");
+                Err(e)
             }
             Err(e) => {
                 warn!(env = %key.env, name = %key.name, error = %e, "cannot converge min replicas; will retry");
@@ -284,7 +298,7 @@ impl OpsCtx {
                     .decisions
                     .with_label_values(&["converge_failed"])
                     .inc();
-                false
+                Err(e)
             }
         }
     }

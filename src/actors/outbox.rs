@@ -1,51 +1,54 @@
-//! The intent manager (leader only): one watcher actor per pending intent, and the
-//! durable callback outbox — an intent whose status is final and whose callback is not
-//! yet delivered is an outbox entry; each attempt is recorded in the intent before the
-//! next is planned, so a restart or failover resumes deliveries where they stopped
-//! (at least once, with a stable `webhook-id`).
+//! The intent manager (leader only): finishes SUBMITTING intents whose replica did not
+//! (crashed between storing and acting, or Kubernetes was unavailable), runs one watcher
+//! actor per pending intent, and owns the durable callback outbox — an intent whose
+//! status is final and whose callback is not yet delivered is an outbox entry; each
+//! attempt is recorded in the intent before the next is planned, so a restart or
+//! failover resumes deliveries where they stopped (at least once, with a stable
+//! `webhook-id`). At most `CALLBACK_CONCURRENCY` deliveries are in flight at once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use rand::Rng;
 use tracing::{info, warn};
 
-use crate::actors::operations::{IntentWriteError, OpsCtx};
+use crate::actors::ops_types::{
+    ActError, IntentWriteError, OpsCtx, Stop, StopWatching, Sweep, Track, WatcherDone,
+};
 use crate::actors::watcher::Watcher;
-use crate::domain::intent::{record_attempt, WatchIntent};
+use crate::domain::intent::{record_attempt, submission_failed, WatchIntent};
 use crate::keys;
 use crate::ports::callback::CallbackRequest;
 
 /// How often the manager sweeps for due deliveries and unwatched intents.
 const SWEEP: Duration = Duration::from_millis(500);
 
-/// Look at one intent now.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Track(pub String);
+/// A SUBMITTING intent younger than this is left to the replica that stored it (it is
+/// acting right now); older ones are finished here.
+pub const SUBMIT_GRACE: Duration = Duration::from_secs(5);
 
-/// Look at every intent now.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Sweep;
-
-/// A watcher ended.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct WatcherDone(pub String);
-
-/// Stop (leadership lost).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Stop;
+/// First wait before running a SUBMITTING intent's action again after Kubernetes was
+/// unavailable; doubles per attempt up to [`SUBMIT_RETRY_MAX`]. The intent's deadline
+/// bounds the attempts.
+const SUBMIT_RETRY_FIRST: Duration = Duration::from_millis(200);
+const SUBMIT_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// The intent manager actor.
 pub struct IntentManager {
     ctx: Arc<OpsCtx>,
     watchers: HashMap<String, Addr<Watcher>>,
     delivering: HashSet<String>,
+    submitting: HashSet<String>,
+    /// Per SUBMITTING intent: failed attempts so far, and when to try again.
+    retry_at: HashMap<String, (u32, Instant)>,
+}
+
+/// How finishing a SUBMITTING intent went.
+enum Finish {
+    Done,
+    Retry,
 }
 
 impl IntentManager {
@@ -55,14 +58,22 @@ impl IntentManager {
             ctx,
             watchers: HashMap::new(),
             delivering: HashSet::new(),
+            submitting: HashSet::new(),
+            retry_at: HashMap::new(),
         }
     }
 
     fn look_at(&mut self, intent: WatchIntent, rev: i64, ctx: &mut Context<Self>) {
         let id = intent.request_id.clone();
+        if intent.is_submitting() {
+            self.finish_submission(intent, rev, ctx);
+            return;
+        }
+        self.retry_at.remove(&id);
         if intent.is_pending() {
             if !self.watchers.contains_key(&id) {
-                let w = Watcher::new(self.ctx.clone(), intent, rev, ctx.address()).start();
+                let w =
+                    Watcher::new(self.ctx.clone(), intent, rev, ctx.address().recipient()).start();
                 self.watchers.insert(id, w);
             }
             return;
@@ -70,14 +81,110 @@ impl IntentManager {
         if intent.delivery_due(self.ctx.clock.now()) && self.delivering.insert(id.clone()) {
             let octx = self.ctx.clone();
             ctx.spawn(
-                async move { deliver(&octx, &id).await }
-                    .into_actor(self)
-                    .map(|id, act, _| {
-                        act.delivering.remove(&id);
-                    }),
+                async move {
+                    // Bounded concurrency: wait for a permit, then read fresh and send.
+                    let Ok(_permit) = octx.deliveries.clone().acquire_owned().await else {
+                        return id;
+                    };
+                    deliver(&octx, &id).await
+                }
+                .into_actor(self)
+                .map(|id, act, _| {
+                    act.delivering.remove(&id);
+                }),
             );
         }
     }
+
+    fn finish_submission(&mut self, intent: WatchIntent, rev: i64, ctx: &mut Context<Self>) {
+        let id = intent.request_id.clone();
+        if self.submitting.contains(&id) {
+            return;
+        }
+        let now = self.ctx.clock.now();
+        let age = (now - intent.created_at).to_std().unwrap_or_default();
+        if age < SUBMIT_GRACE {
+            return;
+        }
+        if self
+            .retry_at
+            .get(&id)
+            .is_some_and(|(_, at)| Instant::now() < *at)
+        {
+            return;
+        }
+        self.submitting.insert(id.clone());
+        let octx = self.ctx.clone();
+        ctx.spawn(
+            async move {
+                let outcome = finish(&octx, &intent, rev).await;
+                (intent.request_id, outcome)
+            }
+            .into_actor(self)
+            .map(|(id, outcome), act, ctx| {
+                act.submitting.remove(&id);
+                match outcome {
+                    Finish::Done => {
+                        act.retry_at.remove(&id);
+                    }
+                    Finish::Retry => {
+                        let tries = act.retry_at.get(&id).map_or(0, |(n, _)| *n) + 1;
+                        let wait = SUBMIT_RETRY_FIRST
+                            .saturating_mul(2u32.saturating_pow(tries.min(16)))
+                            .min(SUBMIT_RETRY_MAX);
+                        act.retry_at
+                            .insert(id.clone(), (tries, Instant::now() + wait));
+                        ctx.run_later(wait, move |_, ctx| ctx.notify(Track(id)));
+                    }
+                }
+            }),
+        );
+    }
+}
+
+/// Runs a SUBMITTING intent's action on the leader, or fails the intent when that
+/// cannot succeed (refused, unreadable, or past its deadline); the callback then says so.
+async fn finish(ctx: &OpsCtx, intent: &WatchIntent, rev: i64) -> Finish {
+    let id = intent.request_id.as_str();
+    let now = ctx.clock.now();
+    let failed = |reason: String| submission_failed(intent, &reason, now);
+    let give_up = if now >= intent.deadline {
+        Some(failed(format!(
+            "the action could not be carried out before {}",
+            intent.deadline
+        )))
+    } else {
+        // fence: leadership is checked right before the Kubernetes action; the lead wires
+        // the shared per-side-effect fence (actors/leader.rs) in here.
+        if ctx.fence.epoch().is_none() {
+            return Finish::Done;
+        }
+        match ctx.act(intent, rev, true).await {
+            Ok(()) => {
+                info!(request_id = %id, "submitting intent finished by the leader");
+                return Finish::Done;
+            }
+            Err(e @ (ActError::Retryable(_) | ActError::NotRecorded(_))) => {
+                warn!(request_id = %id, error = %e, "cannot finish submitting intent yet; will retry");
+                return Finish::Retry;
+            }
+            Err(e @ (ActError::Rejected(_) | ActError::Corrupt(_))) => Some(failed(e.to_string())),
+        }
+    };
+    if let Some(next) = give_up.flatten() {
+        match ctx.write_intent(&next, rev, true).await {
+            Ok(_) => {
+                warn!(request_id = %id, detail = ?next.detail, "submitting intent failed");
+                ctx.track(id);
+            }
+            Err(IntentWriteError::Conflict | IntentWriteError::Fenced) => {}
+            Err(e) => {
+                warn!(request_id = %id, error = %e, "cannot record the failed submission");
+                return Finish::Retry;
+            }
+        }
+    }
+    Finish::Done
 }
 
 impl Actor for IntentManager {
@@ -89,7 +196,7 @@ impl Actor for IntentManager {
             .intents
             .all()
             .iter()
-            .filter(|(i, _)| i.is_pending())
+            .filter(|(i, _)| !i.is_final())
             .count();
         info!(pending, "resuming watch intents");
         ctx.notify(Sweep);
@@ -98,7 +205,7 @@ impl Actor for IntentManager {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         for (_, w) in self.watchers.drain() {
-            w.do_send(crate::actors::watcher::StopWatching);
+            w.do_send(StopWatching);
         }
     }
 }
@@ -158,6 +265,11 @@ async fn deliver(ctx: &OpsCtx, id: &str) -> String {
     };
     let now = ctx.clock.now();
     if !intent.delivery_due(now) {
+        return id.to_owned();
+    }
+    // fence: leadership is checked right before the callback is sent; the lead wires the
+    // shared per-side-effect fence (actors/leader.rs) in here.
+    if ctx.fence.epoch().is_none() {
         return id.to_owned();
     }
     let req = CallbackRequest {

@@ -4,6 +4,11 @@
 //! event against the baseline captured when the change was made; when the condition
 //! holds, fails, or the deadline passes, it records the final status (the callback's
 //! outbox entry) and ends.
+//!
+//! A read runs concurrently with the event stream: events that arrive while it is in
+//! flight are kept and applied again on top of the read's snapshot, so a read that
+//! returns late never undoes them. A failed read is retried with backoff until the
+//! deadline.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,17 +17,21 @@ use actix::prelude::*;
 use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, info, warn};
 
-use crate::actors::operations::{IntentWriteError, OpsCtx};
-use crate::actors::outbox::{IntentManager, WatcherDone};
+use crate::actors::ops_types::{IntentWriteError, OpsCtx, StopWatching, WatcherDone};
 use crate::domain::conditions::{evaluate_all, ObjectEvent, Observation};
 use crate::domain::intent::{conclude, WatchIntent};
+use crate::ports::kube::KubeError;
+
+/// First wait before reading again after a failed read; doubles up to [`REREAD_MAX`].
+const REREAD_FIRST: Duration = Duration::from_millis(200);
+const REREAD_MAX: Duration = Duration::from_secs(5);
 
 /// A Kubernetes event for this watcher.
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Event(ObjectEvent);
 
-/// Re-read the current state (after a lagging subscription, or at start).
+/// Re-read the current state (after a lagging subscription, at start, or to retry).
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Reobserve;
@@ -32,28 +41,29 @@ struct Reobserve;
 #[rtype(result = "()")]
 struct Judge;
 
-/// Stop without concluding (leadership lost).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct StopWatching;
-
 /// The watcher actor.
 pub struct Watcher {
     ctx: Arc<OpsCtx>,
     intent: WatchIntent,
     rev: i64,
     obs: Observation,
-    manager: Addr<IntentManager>,
+    manager: Recipient<WatcherDone>,
     concluding: bool,
+    /// Number of the latest read started; an older read's answer is dropped.
+    read_seq: u64,
+    /// Events applied since the latest read started (replayed on its snapshot).
+    since_read: Option<Vec<ObjectEvent>>,
+    /// Consecutive failed reads.
+    read_failures: u32,
 }
 
 impl Watcher {
-    /// A watcher for `intent` (read at `rev`).
+    /// A watcher for `intent` (read at `rev`), reporting its end to `manager`.
     pub fn new(
         ctx: Arc<OpsCtx>,
         intent: WatchIntent,
         rev: i64,
-        manager: Addr<IntentManager>,
+        manager: Recipient<WatcherDone>,
     ) -> Self {
         Self {
             ctx,
@@ -62,6 +72,9 @@ impl Watcher {
             obs: Observation::default(),
             manager,
             concluding: false,
+            read_seq: 0,
+            since_read: None,
+            read_failures: 0,
         }
     }
 
@@ -131,30 +144,49 @@ impl Handler<Reobserve> for Watcher {
     type Result = ();
 
     fn handle(&mut self, _msg: Reobserve, ctx: &mut Self::Context) {
+        if self.concluding {
+            return;
+        }
+        self.read_seq += 1;
+        let seq = self.read_seq;
+        self.since_read = Some(Vec::new());
         let octx = self.ctx.clone();
         let baselines = self.intent.baselines.clone();
         ctx.spawn(
             async move {
                 let mut all = Observation::default();
                 for b in &baselines {
-                    match octx.kube.observe(b).await {
-                        Ok(o) => {
-                            for obj in o.objects {
-                                all.apply(&ObjectEvent::Applied(obj));
-                            }
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "cannot read the watched resource; waiting for events");
-                            return None;
-                        }
+                    let o = octx.kube.observe(b).await?;
+                    for obj in o.objects {
+                        all.apply(&ObjectEvent::Applied(obj));
                     }
                 }
-                Some(all)
+                Ok::<Observation, KubeError>(all)
             }
             .into_actor(self)
-            .map(|obs, act, ctx| {
-                if let Some(obs) = obs {
-                    act.obs = obs;
+            .map(move |read, act, ctx| {
+                if seq != act.read_seq {
+                    return; // a newer read is under way; its answer counts
+                }
+                let since = act.since_read.take().unwrap_or_default();
+                match read {
+                    Ok(mut snapshot) => {
+                        // Events that arrived while reading are at least as new as the
+                        // snapshot for their objects: apply them again on top of it.
+                        for ev in &since {
+                            snapshot.apply(ev);
+                        }
+                        act.obs = snapshot;
+                        act.read_failures = 0;
+                    }
+                    Err(e) => {
+                        act.read_failures = act.read_failures.saturating_add(1);
+                        let wait = REREAD_FIRST
+                            .saturating_mul(2u32.saturating_pow(act.read_failures.min(16) - 1))
+                            .min(REREAD_MAX);
+                        warn!(request_id = %act.intent.request_id, error = %e, retry_in = ?wait, "cannot read the watched resource; retrying");
+                        ctx.run_later(wait, |_, ctx| ctx.notify(Reobserve));
+                    }
                 }
                 ctx.notify(Judge);
             }),
@@ -168,6 +200,9 @@ impl Handler<Event> for Watcher {
     fn handle(&mut self, msg: Event, ctx: &mut Self::Context) {
         if self.relevant(&msg.0) {
             self.obs.apply(&msg.0);
+            if let Some(since) = self.since_read.as_mut() {
+                since.push(msg.0);
+            }
             ctx.notify(Judge);
         }
     }

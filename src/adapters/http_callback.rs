@@ -1,13 +1,13 @@
 //! `CallbackSender` over HTTP(S) with reqwest and rustls, SSRF-safe.
 //!
-//! Each attempt validates the target against the [`UrlPolicy`], resolves its host once,
-//! refuses if any resolved address is forbidden, and then builds a client that can reach
-//! only the addresses it checked: the host name is pinned to them
-//! (`ClientBuilder::resolve_to_addrs`) and any other name fails to resolve, so DNS
-//! rebinding between the check and the connection cannot redirect it. Redirects are not
+//! Each attempt validates the target against the [`UrlPolicy`], resolves its host and
+//! refuses if any resolved address is forbidden. One client, built once, sends every
+//! attempt and keeps its connections: its resolver checks every address it resolves
+//! against the same policy and fails the lookup when one is forbidden, so DNS rebinding
+//! between the check and the connection cannot redirect it to a forbidden address (IP
+//! literals need no resolution and were checked by the validation). Redirects are not
 //! followed and proxies from the environment are ignored (a proxy would resolve the name
-//! itself). A client per attempt costs a TLS configuration build; callbacks are rare
-//! enough for that to be worth the simplicity.
+//! itself).
 //!
 //! Headers sent: the caller's, `content-type: application/json`, `webhook-id`,
 //! `webhook-timestamp` and, with a signing secret, `webhook-signature`. The secret and
@@ -28,8 +28,9 @@ use reqwest::redirect;
 
 use crate::config::Secret;
 use crate::domain::callback::{
-    sign, validate_target, AttemptOutcome, CallbackError, CallbackTarget, TargetHost, UrlPolicy,
-    ValidatedTarget, HEADER_WEBHOOK_ID, HEADER_WEBHOOK_SIGNATURE, HEADER_WEBHOOK_TIMESTAMP,
+    is_forbidden_ip, is_loopback_ip, sign, validate_target, AttemptOutcome, CallbackError,
+    CallbackTarget, TargetHost, UrlPolicy, ValidatedTarget, HEADER_WEBHOOK_ID,
+    HEADER_WEBHOOK_SIGNATURE, HEADER_WEBHOOK_TIMESTAMP,
 };
 use crate::ports::callback::{CallbackRequest, CallbackSender};
 
@@ -121,15 +122,39 @@ fn resolve_error(target: &ValidatedTarget, reason: &str) -> CallbackError {
     }
 }
 
-/// Fails every lookup: installed on each client so that only the pinned name resolves.
-struct PinnedOnly;
+/// The shared client's resolver: resolves with the sender's [`HostResolver`] and fails
+/// the lookup when any address is one the policy forbids for every target (an allowed
+/// host may use any address; loopback only under `allow_insecure_localhost`).
+struct CheckingResolver {
+    resolver: Arc<dyn HostResolver>,
+    policy: UrlPolicy,
+}
 
-impl reqwest::dns::Resolve for PinnedOnly {
+impl reqwest::dns::Resolve for CheckingResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let name = name.as_str().to_owned();
-        let err: Box<dyn std::error::Error + Send + Sync> =
-            format!("refusing to resolve {name}: only checked addresses are used").into();
-        Box::pin(async move { Err(err) })
+        let host = name.as_str().to_owned();
+        let resolver = self.resolver.clone();
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            // The connector puts the URL's port on each address.
+            let found = resolver.resolve(&host, 0).await?;
+            let allowed = |ip: IpAddr| {
+                policy.is_allowed_host(&host)
+                    || !is_forbidden_ip(ip)
+                    || (policy.allow_insecure_localhost && is_loopback_ip(ip))
+            };
+            if found.is_empty() || found.iter().any(|a| !allowed(a.ip())) {
+                let err: Box<dyn std::error::Error + Send + Sync> =
+                    format!("refusing to connect to {host}: it resolves to a forbidden address")
+                        .into();
+                return Err(err);
+            }
+            let addrs: Vec<SocketAddr> = found
+                .into_iter()
+                .map(|a| SocketAddr::new(a.ip(), 0))
+                .collect();
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 
@@ -140,6 +165,8 @@ pub struct HttpCallbackSender {
     timeout: Duration,
     resolver: Arc<dyn HostResolver>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// The one client every attempt uses (built with the resolver above).
+    client: Result<reqwest::Client, String>,
 }
 
 /// The TLS configuration every attempt shares: Mozilla's roots plus the system's, read
@@ -174,18 +201,22 @@ impl HttpCallbackSender {
     /// [`crate::domain::callback::sign`]), and giving each attempt (resolution, connect,
     /// request and response head) at most `timeout`.
     pub fn new(policy: UrlPolicy, signing_secret: Option<Secret>, timeout: Duration) -> Self {
-        Self {
+        let mut s = Self {
             policy,
             signing_secret,
             timeout,
             resolver: Arc::new(SystemResolver),
             tls: tls_config(),
-        }
+            client: Err("not built".into()),
+        };
+        s.client = s.build_client();
+        s
     }
 
     /// Replaces the resolver (tests use a fixed table).
     pub fn with_resolver(mut self, resolver: Arc<dyn HostResolver>) -> Self {
         self.resolver = resolver;
+        self.client = self.build_client();
         self
     }
 
@@ -214,14 +245,12 @@ impl HttpCallbackSender {
                 return AttemptOutcome::Refused(format!("invalid method {}", target.method()))
             }
         };
-        let client = match self.client(&target, &addrs) {
+        if addrs.is_empty() {
+            return AttemptOutcome::NetworkError("no address to connect to".into());
+        }
+        let client = match &self.client {
             Ok(c) => c,
-            Err(e) => {
-                return AttemptOutcome::NetworkError(format!(
-                    "cannot build http client: {}",
-                    describe(&e.without_url())
-                ))
-            }
+            Err(e) => return AttemptOutcome::NetworkError(format!("no http client: {e}")),
         };
         let sent = client
             .request(method, target.url().clone())
@@ -282,26 +311,22 @@ impl HttpCallbackSender {
         Ok(h)
     }
 
-    fn client(
-        &self,
-        target: &ValidatedTarget,
-        addrs: &[SocketAddr],
-    ) -> reqwest::Result<reqwest::Client> {
+    fn build_client(&self) -> Result<reqwest::Client, String> {
         let mut b = reqwest::Client::builder()
             .redirect(redirect::Policy::none())
             .no_proxy()
             .timeout(self.timeout)
             .connect_timeout(self.timeout)
-            .pool_max_idle_per_host(0)
+            .pool_idle_timeout(Duration::from_secs(30))
             .user_agent(USER_AGENT)
-            .dns_resolver(Arc::new(PinnedOnly));
-        if let TargetHost::Name(_) = target.host() {
-            b = b.resolve_to_addrs(target.host_str(), addrs);
-        }
+            .dns_resolver(Arc::new(CheckingResolver {
+                resolver: self.resolver.clone(),
+                policy: self.policy.clone(),
+            }));
         if let Some(tls) = &self.tls {
             b = b.use_preconfigured_tls((**tls).clone());
         }
-        b.build()
+        b.build().map_err(|e| describe(&e.without_url()))
     }
 }
 

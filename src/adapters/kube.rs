@@ -20,10 +20,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -38,6 +37,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
+use crate::config::KubeClientSettings;
 use crate::domain::conditions::{
     selector_from_labels, Condition, DeploymentStatus, HpaStatus, JobStatus, PodStatus,
     StatusDetail, Truth,
@@ -48,11 +48,8 @@ use crate::ports::kube::{
     GPU_MEMORY_LIMIT_ANNOTATION, GPU_MEMORY_REQUEST_ANNOTATION, GPU_RESOURCE, JOB_CONTAINER,
     JOB_PAYLOAD_ENV, MANAGED_BY_LABEL, MODELS_TO_LOAD_ENV, MODEL_ARTIFACT_ANNOTATION,
     MODEL_LOADED_AT_ANNOTATION, MODEL_NAME_ANNOTATION, MODEL_VERSION_ANNOTATION, NAME_LABEL,
-    RESTARTED_AT_ANNOTATION, WATCH_CHANNEL_CAPACITY,
+    REQUEST_ID_LABEL, RESTARTED_AT_ANNOTATION, WATCH_CHANNEL_CAPACITY,
 };
-
-/// Source of "now" for the annotation values restarts and model loads write.
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
 struct SharedWatch {
     events: broadcast::Sender<ObjectEvent>,
@@ -61,38 +58,61 @@ struct SharedWatch {
 
 /// The Kubernetes adapter.
 pub struct KubeAdapter {
+    /// Request paths (actions, reads): explicit connect/read/write timeouts.
     client: Client,
-    clock: Clock,
+    /// The shared watches: no read timeout (a quiet watch is not a dead one; the
+    /// watcher's own idle timeout and backoff cover a dead connection).
+    watch_client: Client,
     watches: Mutex<HashMap<(ResourceKind, String), SharedWatch>>,
 }
 
 impl KubeAdapter {
     /// Connects with the ambient configuration: in-cluster service account when running
-    /// in a pod, else the kubeconfig (`KUBECONFIG` or `~/.kube/config`).
-    pub async fn connect() -> Result<Self, KubeError> {
-        let client = Client::try_default().await.map_err(|e| {
+    /// in a pod, else the kubeconfig (`KUBECONFIG` or `~/.kube/config`), with the
+    /// request timeouts of `timeouts`.
+    pub async fn connect(timeouts: &KubeClientSettings) -> Result<Self, KubeError> {
+        let config = kube::Config::infer().await.map_err(|e| {
             KubeError::Unavailable(format!("cannot configure kubernetes client: {e}"))
         })?;
-        Ok(Self::new(client))
+        Self::from_config(config, timeouts)
     }
 
-    /// Wraps an existing client (tests hand in one over a mock service).
+    /// Builds the clients from an explicit configuration (cluster URL, credentials),
+    /// overriding its timeouts with `timeouts` on request paths.
+    pub fn from_config(
+        config: kube::Config,
+        timeouts: &KubeClientSettings,
+    ) -> Result<Self, KubeError> {
+        let mut requests = config.clone();
+        requests.connect_timeout = Some(timeouts.connect_timeout);
+        requests.read_timeout = Some(timeouts.read_timeout);
+        requests.write_timeout = Some(timeouts.write_timeout);
+        // Count the read timeout from when the request is sent, not from when a pooled
+        // connection went idle.
+        requests.reset_reader_on_write = true;
+        let mut watches = config;
+        watches.connect_timeout = Some(timeouts.connect_timeout);
+        watches.write_timeout = Some(timeouts.write_timeout);
+        watches.read_timeout = None;
+        let build = |c: kube::Config| {
+            Client::try_from(c)
+                .map_err(|e| KubeError::Unavailable(format!("cannot build kubernetes client: {e}")))
+        };
+        Ok(Self {
+            client: build(requests)?,
+            watch_client: build(watches)?,
+            watches: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Wraps an existing client for both requests and watches (tests hand in one over a
+    /// mock service).
     pub fn new(client: Client) -> Self {
         Self {
+            watch_client: client.clone(),
             client,
-            clock: Arc::new(Utc::now),
             watches: Mutex::new(HashMap::new()),
         }
-    }
-
-    /// Replaces the clock (tests pin it to get stable request bodies).
-    pub fn with_clock(mut self, clock: Clock) -> Self {
-        self.clock = clock;
-        self
-    }
-
-    fn now_stamp(&self) -> String {
-        (self.clock)().to_rfc3339_opts(SecondsFormat::Millis, true)
     }
 
     fn api<K>(&self, namespace: &str) -> Api<K>
@@ -101,6 +121,14 @@ impl KubeAdapter {
         <K as Resource>::DynamicType: Default,
     {
         Api::namespaced(self.client.clone(), namespace)
+    }
+
+    fn watch_api<K>(&self, namespace: &str) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.watch_client.clone(), namespace)
     }
 
     /// Ensures the Deployment runs at least `min` replicas, or none when `min == 0`.
@@ -295,6 +323,7 @@ pub fn job_manifest(spec: &JobSpec) -> Result<Job, KubeError> {
     let labels = BTreeMap::from([(NAME_LABEL.to_string(), spec.job_name.clone())]);
     let mut object_labels = labels.clone();
     object_labels.insert(MANAGED_BY_LABEL.to_string(), FIELD_MANAGER.to_string());
+    object_labels.insert(REQUEST_ID_LABEL.to_string(), spec.request_id.clone());
     Ok(Job {
         metadata: ObjectMeta {
             name: Some(spec.job_name.clone()),
@@ -381,6 +410,7 @@ impl KubeExecutor for KubeAdapter {
         &self,
         namespace: &str,
         name: Option<&str>,
+        stamp: &str,
     ) -> Result<Vec<Baseline>, KubeError> {
         let names = match name {
             Some(n) => vec![n.to_string()],
@@ -403,7 +433,7 @@ impl KubeExecutor for KubeAdapter {
                 names
             }
         };
-        let stamp = self.now_stamp();
+        let stamp = stamp.to_owned();
         let mut baselines = Vec::with_capacity(names.len());
         for n in names {
             let mut annotations = Map::new();
@@ -427,8 +457,9 @@ impl KubeExecutor for KubeAdapter {
         namespace: &str,
         deployable: &str,
         model: &ModelSpec,
+        stamp: &str,
     ) -> Result<Baseline, KubeError> {
-        let stamp = self.now_stamp();
+        let stamp = stamp.to_owned();
         let mut annotations = Map::new();
         for (key, value) in [
             (MODEL_NAME_ANNOTATION, &model.name),
@@ -461,11 +492,22 @@ impl KubeExecutor for KubeAdapter {
             field_manager: Some(FIELD_MANAGER.to_string()),
             ..PostParams::default()
         };
-        let created = self
-            .api::<Job>(&spec.namespace)
-            .create(&params, &job)
-            .await
-            .map_err(map_error)?;
+        let jobs = self.api::<Job>(&spec.namespace);
+        let created = match jobs.create(&params, &job).await {
+            Ok(created) => created,
+            Err(e) => match map_error(e) {
+                KubeError::Conflict(message) => {
+                    // AlreadyExists: ours (a repeated create of this request) counts as
+                    // created; anyone else's is a real conflict.
+                    let existing = jobs.get_opt(&spec.job_name).await.map_err(map_error)?;
+                    match existing {
+                        Some(j) if job_request_id(&j) == Some(spec.request_id.as_str()) => j,
+                        _ => return Err(KubeError::Conflict(message)),
+                    }
+                }
+                other => return Err(other),
+            },
+        };
         Ok(Baseline {
             generation: created.metadata.generation,
             uid: created.metadata.uid,
@@ -488,6 +530,35 @@ impl KubeExecutor for KubeAdapter {
             .await
             .map_err(map_error)?;
         self.converge_replicas(namespace, deployable, min).await
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn observed_min_replicas(
+        &self,
+        namespace: &str,
+        deployable: &str,
+    ) -> Result<Option<i32>, KubeError> {
+        let hpa = self
+            .api::<HorizontalPodAutoscaler>(namespace)
+            .get_opt(deployable)
+            .await
+            .map_err(map_error)?;
+        let Some(hpa) = hpa else { return Ok(None) };
+        let replicas = match self
+            .api::<Deployment>(namespace)
+            .get_scale(deployable)
+            .await
+        {
+            Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0),
+            Err(e) => match map_error(e) {
+                KubeError::NotFound(_) => return Ok(None),
+                other => return Err(other),
+            },
+        };
+        if replicas == 0 {
+            return Ok(Some(0));
+        }
+        Ok(Some(hpa.spec.and_then(|s| s.min_replicas).unwrap_or(1)))
     }
 
     async fn observe(&self, baseline: &Baseline) -> Result<Observation, KubeError> {
@@ -530,12 +601,12 @@ impl KubeExecutor for KubeAdapter {
         let (events, receiver) = broadcast::channel(WATCH_CHANNEL_CAPACITY);
         let task = match kind {
             ResourceKind::Deployment => {
-                spawn_watch::<Deployment>(self.api(namespace), events.clone())
+                spawn_watch::<Deployment>(self.watch_api(namespace), events.clone())
             }
-            ResourceKind::Pod => spawn_watch::<Pod>(self.api(namespace), events.clone()),
-            ResourceKind::Job => spawn_watch::<Job>(self.api(namespace), events.clone()),
+            ResourceKind::Pod => spawn_watch::<Pod>(self.watch_api(namespace), events.clone()),
+            ResourceKind::Job => spawn_watch::<Job>(self.watch_api(namespace), events.clone()),
             ResourceKind::HorizontalPodAutoscaler => {
-                spawn_watch::<HorizontalPodAutoscaler>(self.api(namespace), events.clone())
+                spawn_watch::<HorizontalPodAutoscaler>(self.watch_api(namespace), events.clone())
             }
         };
         watches.insert(key, SharedWatch { events, task });
@@ -545,6 +616,14 @@ impl KubeExecutor for KubeAdapter {
     fn name(&self) -> &'static str {
         "kube"
     }
+}
+
+fn job_request_id(job: &Job) -> Option<&str> {
+    job.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(REQUEST_ID_LABEL))
+        .map(String::as_str)
 }
 
 async fn get_status<K>(api: Api<K>, name: &str) -> Result<Option<ObjectStatus>, KubeError>

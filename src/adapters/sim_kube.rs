@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::sync::broadcast;
 
 use crate::adapters::kube::deployment_manifest;
@@ -29,16 +28,18 @@ use crate::ports::kube::{
     ObjectEvent, ObjectStatus, Observation, ResourceKind, FIELD_MANAGER,
     GPU_MEMORY_LIMIT_ANNOTATION, GPU_MEMORY_REQUEST_ANNOTATION, MANAGED_BY_LABEL,
     MODEL_ARTIFACT_ANNOTATION, MODEL_LOADED_AT_ANNOTATION, MODEL_NAME_ANNOTATION,
-    MODEL_VERSION_ANNOTATION, NAME_LABEL, RESTARTED_AT_ANNOTATION, WATCH_CHANNEL_CAPACITY,
+    MODEL_VERSION_ANNOTATION, NAME_LABEL, REQUEST_ID_LABEL, RESTARTED_AT_ANNOTATION,
+    WATCH_CHANNEL_CAPACITY,
 };
 
 /// Operation names accepted by [`SimKube::fail_next`].
-pub const OPERATIONS: [&str; 6] = [
+pub const OPERATIONS: [&str; 7] = [
     "apply_deployable",
     "restart",
     "load_model",
     "create_job",
     "set_min_replicas",
+    "observed_min_replicas",
     "observe",
 ];
 
@@ -72,25 +73,12 @@ struct SimState {
     failing_jobs: HashSet<String>,
     channels: HashMap<(ResourceKind, String), broadcast::Sender<ObjectEvent>>,
     next_uid: u64,
-    last_stamp: Option<DateTime<Utc>>,
 }
 
 impl SimState {
     fn uid(&mut self) -> String {
         self.next_uid += 1;
         format!("00000000-0000-4000-8000-{:012x}", self.next_uid)
-    }
-
-    /// Strictly increasing "now", so two changes in the same millisecond still differ.
-    fn stamp(&mut self) -> String {
-        let mut now = Utc::now();
-        if let Some(last) = self.last_stamp {
-            if now <= last {
-                now = last + chrono::Duration::milliseconds(1);
-            }
-        }
-        self.last_stamp = Some(now);
-        now.to_rfc3339_opts(SecondsFormat::Millis, true)
     }
 
     fn take_failure(&mut self, op: &str) -> Result<(), KubeError> {
@@ -532,8 +520,9 @@ impl KubeExecutor for SimKube {
         &self,
         namespace: &str,
         name: Option<&str>,
+        stamp: &str,
     ) -> Result<Vec<Baseline>, KubeError> {
-        let (names, stamp) = {
+        let names = {
             let mut st = self.inner.lock();
             st.take_failure("restart")?;
             let names: Vec<String> = match name {
@@ -553,15 +542,15 @@ impl KubeExecutor for SimKube {
                     "no deployments found in namespace {namespace}"
                 )));
             }
-            (names, st.stamp())
+            names
         };
         let mut baselines = Vec::with_capacity(names.len());
         for n in names {
             let baseline =
-                self.annotate_template(namespace, &n, &[(RESTARTED_AT_ANNOTATION, &stamp)])?;
+                self.annotate_template(namespace, &n, &[(RESTARTED_AT_ANNOTATION, stamp)])?;
             baselines.push(Baseline {
                 template_annotation: Some(RESTARTED_AT_ANNOTATION.to_string()),
-                template_hash: Some(stamp.clone()),
+                template_hash: Some(stamp.to_owned()),
                 ..baseline
             });
         }
@@ -573,13 +562,13 @@ impl KubeExecutor for SimKube {
         namespace: &str,
         deployable: &str,
         model: &ModelSpec,
+        stamp: &str,
     ) -> Result<Baseline, KubeError> {
-        let stamp = {
+        {
             let mut st = self.inner.lock();
             st.take_failure("load_model")?;
             st.deployment_mut(namespace, deployable)?;
-            st.stamp()
-        };
+        }
         let baseline = self.annotate_template(
             namespace,
             deployable,
@@ -587,13 +576,13 @@ impl KubeExecutor for SimKube {
                 (MODEL_NAME_ANNOTATION, &model.name),
                 (MODEL_VERSION_ANNOTATION, &model.version),
                 (MODEL_ARTIFACT_ANNOTATION, &model.artifact_location),
-                (MODEL_LOADED_AT_ANNOTATION, &stamp),
+                (MODEL_LOADED_AT_ANNOTATION, stamp),
             ],
         )?;
         Ok(Baseline {
             kind: ResourceKind::Pod,
             template_annotation: Some(MODEL_LOADED_AT_ANNOTATION.to_string()),
-            template_hash: Some(stamp),
+            template_hash: Some(stamp.to_owned()),
             ..baseline
         })
     }
@@ -602,13 +591,22 @@ impl KubeExecutor for SimKube {
         let mut st = self.inner.lock();
         st.take_failure("create_job")?;
         let (ns, name) = (spec.namespace.as_str(), spec.job_name.as_str());
-        if st.jobs.contains_key(&key(ns, name)) {
+        if let Some(existing) = st.jobs.get(&key(ns, name)) {
+            // A repeated create of the same request counts as created.
+            if existing.labels.get(REQUEST_ID_LABEL) == Some(&spec.request_id) {
+                return Ok(Baseline {
+                    generation: existing.generation,
+                    uid: existing.uid.clone(),
+                    label_selector: Some(format!("{NAME_LABEL}={name}")),
+                    ..Baseline::new(ResourceKind::Job, ns, name)
+                });
+            }
             return Err(KubeError::Conflict(format!(
                 "jobs.batch \"{name}\" already exists"
             )));
         }
         let uid = st.uid();
-        let job = object(
+        let mut job = object(
             ns,
             name,
             uid.clone(),
@@ -617,6 +615,8 @@ impl KubeExecutor for SimKube {
                 ..JobStatus::default()
             }),
         );
+        job.labels
+            .insert(REQUEST_ID_LABEL.to_string(), spec.request_id.clone());
         st.emit(ObjectEvent::Applied(job.clone()));
         st.jobs.insert(key(ns, name), job);
         drop(st);
@@ -679,6 +679,30 @@ impl KubeExecutor for SimKube {
             self.schedule_rollout(namespace, deployable, g);
         }
         Ok(())
+    }
+
+    async fn observed_min_replicas(
+        &self,
+        namespace: &str,
+        deployable: &str,
+    ) -> Result<Option<i32>, KubeError> {
+        let mut st = self.inner.lock();
+        st.take_failure("observed_min_replicas")?;
+        let Some(hpa) = st.hpas.get(&key(namespace, deployable)) else {
+            return Ok(None);
+        };
+        let min = match &hpa.object.detail {
+            StatusDetail::HorizontalPodAutoscaler(h) => h.min_replicas.unwrap_or(1),
+            _ => 1,
+        };
+        let replicas = match st.deployments.get(&key(namespace, deployable)) {
+            Some(d) => match &d.object.detail {
+                StatusDetail::Deployment(d) => d.replicas,
+                _ => 0,
+            },
+            None => return Ok(None),
+        };
+        Ok(Some(if replicas == 0 { 0 } else { min }))
     }
 
     async fn observe(&self, baseline: &Baseline) -> Result<Observation, KubeError> {
@@ -813,7 +837,10 @@ mod tests {
         tokio::time::advance(DELAY).await;
         settle().await;
 
-        let baselines = sim.restart("int", None).await.unwrap();
+        let baselines = sim
+            .restart("int", None, "2026-01-01T00:00:00.000Z")
+            .await
+            .unwrap();
         assert_eq!(baselines.len(), 2);
         for b in &baselines {
             assert_eq!(b.generation, Some(2));
@@ -830,7 +857,10 @@ mod tests {
                 Verdict::Satisfied
             );
         }
-        let err = sim.restart("prod", None).await.unwrap_err();
+        let err = sim
+            .restart("prod", None, "2026-01-01T00:00:00.000Z")
+            .await
+            .unwrap_err();
         assert!(matches!(err, KubeError::NotFound(_)));
     }
 
@@ -848,7 +878,10 @@ mod tests {
             version: "7".into(),
             artifact_location: "s3://models/ranker/7".into(),
         };
-        let b = sim.load_model("int", "web", &model).await.unwrap();
+        let b = sim
+            .load_model("int", "web", &model, "2026-01-01T00:00:00.000Z")
+            .await
+            .unwrap();
         assert_eq!(b.kind, ResourceKind::Pod);
         assert_eq!(b.label_selector.as_deref(), Some("name=web"));
         assert!(matches!(
@@ -879,7 +912,10 @@ mod tests {
             }
         }
         assert_eq!(deleted, 2);
-        let missing = sim.load_model("int", "nope", &model).await.unwrap_err();
+        let missing = sim
+            .load_model("int", "nope", &model, "2026-01-01T00:00:00.000Z")
+            .await
+            .unwrap_err();
         assert_eq!(
             missing,
             KubeError::NotFound("deployments.apps \"nope\" not found".into())
@@ -894,12 +930,19 @@ mod tests {
             namespace: "int".into(),
             image: "busybox".into(),
             payload: serde_json::json!({"k": 1}),
+            request_id: format!("op-{name}"),
         };
         sim.fail_job("bad");
         let ok = sim.create_job(&job("good")).await.unwrap();
         let bad = sim.create_job(&job("bad")).await.unwrap();
+        let again = sim.create_job(&job("good")).await.unwrap();
+        assert_eq!(again.uid, ok.uid, "the same request creates nothing new");
+        let other = JobSpec {
+            request_id: "op-other".into(),
+            ..job("good")
+        };
         assert!(matches!(
-            sim.create_job(&job("good")).await,
+            sim.create_job(&other).await,
             Err(KubeError::Conflict(_))
         ));
         assert!(matches!(

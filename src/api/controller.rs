@@ -74,10 +74,7 @@ fn worker_error(e: WorkerExecError, retry_after: u64) -> ApiError {
         WorkerExecError::Exists | WorkerExecError::InstanceChanged(_) => {
             ApiError::Conflict(e.to_string())
         }
-        WorkerExecError::Store(s) => ApiError::Unavailable {
-            message: format!("state store unavailable: {s}"),
-            retry_after,
-        },
+        WorkerExecError::Store(s) => ApiError::from_store(s, retry_after),
         WorkerExecError::Fenced | WorkerExecError::Contention | WorkerExecError::Mailbox => {
             ApiError::Unavailable {
                 message: e.to_string(),
@@ -92,10 +89,7 @@ fn instance_error(e: InstanceError, retry_after: u64) -> ApiError {
     match e {
         InstanceError::NotFound => ApiError::NotFound("instance not found".into()),
         InstanceError::Refused(m) => ApiError::Conflict(m),
-        InstanceError::Store(s) => ApiError::Unavailable {
-            message: format!("state store unavailable: {s}"),
-            retry_after,
-        },
+        InstanceError::Store(s) => ApiError::from_store(s, retry_after),
         InstanceError::Fenced | InstanceError::Contention => ApiError::Unavailable {
             message: e.to_string(),
             retry_after,
@@ -412,6 +406,7 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
         "last_reconcile": ctl.reconcile_status(),
         "pending_demand": {"instances": pending.len(), "ids": pending},
         "recent_decisions": ctl.decisions(),
+        "min_replicas": state.ops.convergence(),
     }))
 }
 

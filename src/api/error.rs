@@ -49,12 +49,33 @@ pub enum ApiError {
     /// 500.
     #[error("internal error")]
     Internal(String),
+    /// 500: the store refused the request as invalid (etcd `InvalidArgument` or
+    /// `FailedPrecondition`, e.g. a transaction too large); retrying the same request
+    /// cannot help, so no `Retry-After`.
+    #[error("the state store refused the request as invalid (retrying will not help): {0}")]
+    StoreRefused(String),
     /// An upstream (Kubernetes API server) error passed through with its status.
     #[error("{1}")]
     Upstream(u16, String),
 }
 
 impl ApiError {
+    /// Maps a store failure: an outage (or a lost lease, or a compacted watch) is 503
+    /// with `Retry-After`; a request the store refused as invalid is 500.
+    pub fn from_store(e: StoreError, retry_after: u64) -> Self {
+        match e {
+            StoreError::Other(m) => Self::StoreRefused(m),
+            StoreError::Unavailable(m) => Self::Unavailable {
+                message: format!("state store unavailable: {m}"),
+                retry_after,
+            },
+            other => Self::Unavailable {
+                message: format!("state store error: {other}"),
+                retry_after,
+            },
+        }
+    }
+
     /// Maps an actor failure; `retry_after` is used for store outages.
     pub fn from_exec(e: ExecError, retry_after: u64) -> Self {
         match e {
@@ -65,14 +86,7 @@ impl ApiError {
                 }
                 ShadowError::CountTooLarge => Self::BadRequest(d.to_string()),
             },
-            ExecError::Store(StoreError::Unavailable(m)) => Self::Unavailable {
-                message: format!("state store unavailable: {m}"),
-                retry_after,
-            },
-            ExecError::Store(other) => Self::Unavailable {
-                message: format!("state store error: {other}"),
-                retry_after,
-            },
+            ExecError::Store(e) => Self::from_store(e, retry_after),
             ExecError::Idempotency(IdemError::Mismatch) => {
                 Self::Unprocessable(IdemError::Mismatch.to_string())
             }
@@ -101,7 +115,7 @@ impl ResponseError for ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal(_) | Self::StoreRefused(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Upstream(code, _) => {
                 StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY)
             }
@@ -118,8 +132,36 @@ impl ResponseError for ApiError {
                 resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
             }
             Self::Internal(detail) => error!(detail = %detail, "internal error"),
+            Self::StoreRefused(detail) => error!(detail = %detail, "store refused a request"),
             _ => {}
         }
         resp.json(json!({ "error": self.to_string() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_refusal_is_not_a_retryable_outage() {
+        let refused = ApiError::from_exec(
+            ExecError::Store(StoreError::Other(
+                "etcdserver: too many operations in txn request".into(),
+            )),
+            2,
+        );
+        assert_eq!(refused.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
+        let shown = refused.to_string();
+        assert!(
+            shown.contains("refused") && shown.contains("too many operations"),
+            "{shown}"
+        );
+        assert!(!refused
+            .error_response()
+            .headers()
+            .contains_key(header::RETRY_AFTER));
+        let outage = ApiError::from_exec(ExecError::Store(StoreError::Unavailable("x".into())), 2);
+        assert_eq!(outage.status_code(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -1,31 +1,33 @@
 //! Kubernetes-facing operations: create a deployable, restart deployables, load a
-//! model, trigger a job. Each does its immediate Kubernetes action, durably stores a
-//! watch intent (with the idempotency record, in one transaction) and answers 202; a
-//! watcher then calls the caller back when the desired condition holds.
+//! model, trigger a job. Each durably stores a watch intent (SUBMITTING, with the
+//! idempotency record, in one transaction), then does its Kubernetes action (idempotent
+//! by request id), marks the intent PENDING and answers 202; a watcher then calls the
+//! caller back when the desired condition holds.
 
 use std::collections::BTreeMap;
 
-use actix_web::{web, HttpRequest, HttpResponse};
-use chrono::Duration as ChronoDuration;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use chrono::{Duration as ChronoDuration, SecondsFormat};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::actors::operations::{ActError, IdemWrite};
 use crate::adapters::http_callback::check_at_request_time;
 use crate::api::body::read_json;
 use crate::api::error::ApiError;
 use crate::api::{method_not_allowed, reply_response, AppState};
 use crate::config::valid_segment;
 use crate::domain::callback::{CallbackTarget, UrlPolicy};
-use crate::domain::conditions::{Baseline, DesiredCondition, ResourceKind};
+use crate::domain::conditions::{DesiredCondition, ResourceKind};
 use crate::domain::intent::{
     Delivery, IntentStatus, Operation, WatchIntent, WatchedResource, WorkflowRef, SCHEMA_VERSION,
 };
 use crate::idempotency::{IdemRequest, Reply};
 use crate::keys;
 use crate::ports::kube::{
-    validate_pod_counts, DeployableSpec, JobSpec, KubeError, ModelSpec, ModelToLoad, ResourceSpec,
+    validate_pod_counts, DeployableSpec, JobSpec, KubeAction, KubeError, ModelSpec, ModelToLoad,
+    ResourceSpec,
 };
-use crate::ports::store::{Compare, Op, Txn};
 
 /// Registers the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -215,12 +217,12 @@ async fn check_callback(state: &AppState, cb: &CallbackTarget) -> Result<(), Api
     })
 }
 
-/// What an operation's Kubernetes action produced.
-struct Started {
+/// What an operation will do, decided before anything is stored or sent.
+struct Planned {
     name: String,
     resource: WatchedResource,
     desired: DesiredCondition,
-    baselines: Vec<Baseline>,
+    action: KubeAction,
     message: String,
 }
 
@@ -237,98 +239,8 @@ async fn stored_reply(
             .map(Some)
             .map_err(|e| ApiError::from_exec(e.into(), retry_after)),
         Ok(None) => Ok(None),
-        Err(e) => Err(ApiError::from_exec(e.into(), retry_after)),
+        Err(e) => Err(ApiError::from_store(e, retry_after)),
     }
-}
-
-/// Stores the intent (and the idempotency record) in one transaction and answers 202.
-#[allow(clippy::too_many_arguments)]
-async fn record(
-    state: &AppState,
-    env: &str,
-    operation: Operation,
-    started: Started,
-    callback: CallbackTarget,
-    workflow: WorkflowRef,
-    idem: Option<&IdemRequest>,
-) -> Result<HttpResponse, ApiError> {
-    let retry_after = state.config.retry_after;
-    let store_err = |e: crate::ports::store::StoreError| ApiError::from_exec(e.into(), retry_after);
-    let now = state.ops.clock.now();
-    let request_id = format!("op-{}", uuid::Uuid::new_v4().simple());
-    let intent = WatchIntent {
-        schema_version: SCHEMA_VERSION.into(),
-        request_id: request_id.clone(),
-        env: env.to_owned(),
-        operation,
-        resource: started.resource,
-        desired_condition: started.desired,
-        baselines: started.baselines,
-        callback,
-        workflow,
-        created_at: now,
-        deadline: now
-            + ChronoDuration::from_std(state.ops.settings.watch_timeout).unwrap_or_default(),
-        status: IntentStatus::Pending,
-        observed_at: None,
-        detail: None,
-        delivery: Delivery {
-            webhook_id: format!("msg_{}", request_id.trim_start_matches("op-")),
-            attempts: Vec::new(),
-            delivered: false,
-            gave_up: false,
-            next_attempt_at: None,
-        },
-    };
-    let body = json!({
-        "message": started.message,
-        "name": started.name,
-        "status": "IN_PROGRESS",
-        "request_id": request_id,
-    });
-    let reply = Reply {
-        status: 202,
-        body: body.to_string(),
-        replayed: false,
-    };
-    let key = keys::watch_intent(&request_id);
-    let mut txn = Txn {
-        compares: vec![Compare::ModRevision(key.clone(), 0)],
-        success: vec![Op::Put {
-            key,
-            value: serde_json::to_vec(&intent).unwrap_or_default(),
-            lease: None,
-        }],
-        failure_gets: Vec::new(),
-    };
-    if let Some(i) = idem {
-        let lease = state
-            .registry
-            .deps()
-            .leases
-            .lease(state.store.as_ref())
-            .await
-            .map_err(store_err)?;
-        txn.compares
-            .push(Compare::ModRevision(i.store_key.clone(), 0));
-        txn.success.push(Op::Put {
-            key: i.store_key.clone(),
-            value: i.record(&reply, now),
-            lease: Some(lease),
-        });
-    }
-    let r = state.store.txn(txn).await.map_err(store_err)?;
-    if !r.succeeded {
-        // Another replica answered the same key first.
-        return match stored_reply(state, idem).await? {
-            Some(stored) => Ok(reply_response(&stored)),
-            None => Err(ApiError::Conflict("request collided; retry".into())),
-        };
-    }
-    state.ops.intents.note(&request_id, intent, r.revision);
-    state.ops.track(&request_id);
-    tracing::info!(request_id = %request_id, operation = ?operation, "watch intent stored");
-    Ok(reply_response(&reply))
 }
 
 /// A request body of one of the operations.
@@ -343,8 +255,9 @@ trait OperationBody: serde::de::DeserializeOwned {
     fn callback(&self) -> &CallbackTarget;
     /// The caller's workflow fields.
     fn workflow(&self) -> (Option<String>, Option<String>, Option<String>);
-    /// The immediate Kubernetes action.
-    async fn start(self, state: &AppState, ns: String) -> Result<Started, KubeError>;
+    /// The Kubernetes action and what to watch, for request `request_id`; `stamp` (RFC
+    /// 3339) is the request's time, written by restarts and model loads.
+    fn plan(self, ns: String, request_id: &str, stamp: &str) -> Planned;
 }
 
 impl OperationBody for DeployableBody {
@@ -370,7 +283,7 @@ impl OperationBody for DeployableBody {
         )
     }
 
-    async fn start(self, state: &AppState, ns: String) -> Result<Started, KubeError> {
+    fn plan(self, ns: String, _request_id: &str, _stamp: &str) -> Planned {
         let spec = DeployableSpec {
             name: self.name.clone(),
             namespace: ns.clone(),
@@ -381,10 +294,9 @@ impl OperationBody for DeployableBody {
             resources: self.resources,
             models_to_load: self.models_to_load,
         };
-        let baseline = state.ops.kube.apply_deployable(&spec).await?;
-        Ok(Started {
+        Planned {
             message: format!(
-                "deployable {} applied; waiting until it is available",
+                "deployable {} submitted; waiting until it is available",
                 self.name
             ),
             resource: WatchedResource {
@@ -395,8 +307,8 @@ impl OperationBody for DeployableBody {
             },
             name: self.name,
             desired: DesiredCondition::Available,
-            baselines: vec![baseline],
-        })
+            action: KubeAction::ApplyDeployable { spec },
+        }
     }
 }
 
@@ -429,24 +341,27 @@ impl OperationBody for RestartBody {
         )
     }
 
-    async fn start(self, state: &AppState, ns: String) -> Result<Started, KubeError> {
-        let baselines = state.ops.kube.restart(&ns, self.name.as_deref()).await?;
+    fn plan(self, ns: String, _request_id: &str, stamp: &str) -> Planned {
         let what = self
             .name
             .clone()
             .unwrap_or_else(|| format!("all deployables in {ns}"));
-        Ok(Started {
+        Planned {
             name: self.name.clone().unwrap_or_else(|| ns.clone()),
             resource: WatchedResource {
                 kind: ResourceKind::Deployment,
-                namespace: ns,
+                namespace: ns.clone(),
                 label_selector: self.name.as_ref().map(|n| format!("name={n}")),
-                name: self.name,
+                name: self.name.clone(),
             },
             desired: DesiredCondition::RolloutComplete,
-            baselines,
-            message: format!("restart of {what} started; waiting for the rollout to complete"),
-        })
+            action: KubeAction::Restart {
+                namespace: ns,
+                name: self.name,
+                stamp: stamp.to_owned(),
+            },
+            message: format!("restart of {what} submitted; waiting for the rollout to complete"),
+        }
     }
 }
 
@@ -473,27 +388,27 @@ impl OperationBody for ModelLoadBody {
         )
     }
 
-    async fn start(self, state: &AppState, ns: String) -> Result<Started, KubeError> {
-        let baseline = state
-            .ops
-            .kube
-            .load_model(&ns, &self.deployable_name, &self.model)
-            .await?;
-        Ok(Started {
+    fn plan(self, ns: String, _request_id: &str, stamp: &str) -> Planned {
+        Planned {
             message: format!(
-                "model {} {} recorded on {}; waiting for its pods to be ready",
+                "model {} {} submitted for {}; waiting for its pods to be ready",
                 self.model.name, self.model.version, self.deployable_name
             ),
             resource: WatchedResource {
                 kind: ResourceKind::Pod,
-                namespace: ns,
+                namespace: ns.clone(),
                 label_selector: Some(format!("deployable_name={}", self.deployable_name)),
                 name: Some(self.deployable_name.clone()),
             },
-            name: self.deployable_name,
+            name: self.deployable_name.clone(),
             desired: DesiredCondition::PodsReadyOnNewTemplate,
-            baselines: vec![baseline],
-        })
+            action: KubeAction::LoadModel {
+                namespace: ns,
+                deployable: self.deployable_name,
+                model: self.model,
+                stamp: stamp.to_owned(),
+            },
+        }
     }
 }
 
@@ -522,7 +437,7 @@ impl OperationBody for JobBody {
         )
     }
 
-    async fn start(self, state: &AppState, ns: String) -> Result<Started, KubeError> {
+    fn plan(self, ns: String, request_id: &str, _stamp: &str) -> Planned {
         let payload = if self.payload.is_null() {
             json!({})
         } else {
@@ -533,10 +448,13 @@ impl OperationBody for JobBody {
             namespace: ns.clone(),
             image: self.container.image,
             payload,
+            request_id: request_id.to_owned(),
         };
-        let baseline = state.ops.kube.create_job(&spec).await?;
-        Ok(Started {
-            message: format!("job {} created; waiting for it to complete", self.job_name),
+        Planned {
+            message: format!(
+                "job {} submitted; waiting for it to complete",
+                self.job_name
+            ),
             resource: WatchedResource {
                 kind: ResourceKind::Job,
                 namespace: ns,
@@ -545,13 +463,22 @@ impl OperationBody for JobBody {
             },
             name: self.job_name,
             desired: DesiredCondition::JobComplete,
-            baselines: vec![baseline],
-        })
+            action: KubeAction::CreateJob { spec },
+        }
     }
 }
 
-/// The one handler of every operation: validate, idempotency, Kubernetes action,
-/// intent + idempotency record in one transaction, 202.
+/// The one handler of every operation: validate, idempotency, then store the intent
+/// (SUBMITTING, with the idempotency record, in one transaction) before anything is
+/// sent to Kubernetes, run the action, mark the intent PENDING, answer 202.
+///
+/// - The store write fails: 503 (or 500 when etcd refused the request), nothing sent.
+/// - The same request was stored first (retry, or another replica): its stored answer.
+/// - Kubernetes refuses the action: its error; the intent is withdrawn and the refusal
+///   becomes the stored answer.
+/// - Kubernetes is unavailable, or the PENDING mark fails: 202 all the same; the leader
+///   runs the (idempotent) action again until it holds or the deadline passes, and the
+///   callback reports how it ended.
 async fn submit<B: OperationBody>(
     state: web::Data<AppState>,
     env: web::Path<String>,
@@ -572,11 +499,112 @@ async fn submit<B: OperationBody>(
     if let Some(stored) = stored_reply(&state, idem_req).await? {
         return Ok(reply_response(&stored));
     }
-    let started = b
-        .start(&state, ns)
+    let retry_after = state.config.retry_after;
+    let store_err = |e| ApiError::from_store(e, retry_after);
+    let now = state.ops.clock.now();
+    let request_id = format!("op-{}", uuid::Uuid::new_v4().simple());
+    let stamp = now.to_rfc3339_opts(SecondsFormat::Millis, true);
+    let planned = b.plan(ns, &request_id, &stamp);
+    let submission = serde_json::to_value(&planned.action)
+        .map_err(|e| ApiError::Internal(format!("cannot encode the action: {e}")))?;
+    let intent = WatchIntent {
+        schema_version: SCHEMA_VERSION.into(),
+        request_id: request_id.clone(),
+        env: env.clone(),
+        operation: B::OPERATION,
+        resource: planned.resource,
+        desired_condition: planned.desired,
+        baselines: Vec::new(),
+        callback,
+        workflow: wf,
+        created_at: now,
+        deadline: now
+            + ChronoDuration::from_std(state.ops.settings.watch_timeout).unwrap_or_default(),
+        status: IntentStatus::Submitting,
+        observed_at: None,
+        detail: None,
+        delivery: Delivery {
+            webhook_id: format!("msg_{}", request_id.trim_start_matches("op-")),
+            attempts: Vec::new(),
+            delivered: false,
+            gave_up: false,
+            next_attempt_at: None,
+        },
+        submission: Some(submission),
+    };
+    let reply = Reply {
+        status: 202,
+        body: json!({
+            "message": planned.message,
+            "name": planned.name,
+            "status": "IN_PROGRESS",
+            "request_id": request_id,
+        })
+        .to_string(),
+        replayed: false,
+    };
+    let lease = match idem_req {
+        Some(_) => Some(
+            state
+                .registry
+                .deps()
+                .leases
+                .lease(state.store.as_ref())
+                .await
+                .map_err(store_err)?,
+        ),
+        None => None,
+    };
+    let idem_write = |answer: &Reply| {
+        idem_req.zip(lease).map(|(i, lease)| IdemWrite {
+            key: &i.store_key,
+            record: i.record(answer, now),
+            lease,
+        })
+    };
+    let Some(rev) = state
+        .ops
+        .store_submission(&intent, idem_write(&reply))
         .await
-        .map_err(|e| kube_error(e, state.config.retry_after))?;
-    record(&state, &env, B::OPERATION, started, callback, wf, idem_req).await
+        .map_err(store_err)?
+    else {
+        // The same request was stored first, here or on another replica.
+        return match stored_reply(&state, idem_req).await? {
+            Some(stored) => Ok(reply_response(&stored)),
+            None => Err(ApiError::Conflict("request collided; retry".into())),
+        };
+    };
+    tracing::info!(request_id = %request_id, operation = ?B::OPERATION, "watch intent stored");
+    match state.ops.act(&intent, rev, false).await {
+        Ok(()) => {}
+        Err(e @ (ActError::Retryable(_) | ActError::NotRecorded(_))) => {
+            tracing::warn!(request_id = %request_id, error = %e, "action left to the leader");
+        }
+        Err(ActError::Rejected(e)) => {
+            let err = kube_error(e, retry_after);
+            let answer = Reply {
+                status: err.status_code().as_u16(),
+                body: json!({ "error": err.to_string() }).to_string(),
+                replayed: false,
+            };
+            match state
+                .ops
+                .withdraw_submission(&intent, rev, idem_write(&answer))
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(request_id = %request_id, "refused action's intent moved on; the leader reports it")
+                }
+                Err(se) => {
+                    tracing::warn!(request_id = %request_id, error = %se, "cannot withdraw the refused action's intent; the leader fails it")
+                }
+            }
+            return Err(err);
+        }
+        Err(ActError::Corrupt(m)) => return Err(ApiError::Internal(m)),
+    }
+    Ok(reply_response(&reply))
 }
 
 async fn operation(
@@ -593,14 +621,20 @@ async fn operation(
         .store
         .get(&keys::watch_intent(&id))
         .await
-        .map_err(|e| ApiError::from_exec(e.into(), retry_after))?;
+        .map_err(|e| ApiError::from_store(e, retry_after))?;
     let intent = kv
         .and_then(|kv| serde_json::from_slice::<WatchIntent>(&kv.value).ok())
         .filter(|i| i.env == env)
         .ok_or_else(|| ApiError::NotFound(format!("operation {id:?} not found")))?;
     let mut view = serde_json::to_value(&intent).unwrap_or_default();
+    if let Some(v) = view.as_object_mut() {
+        // The stored action repeats the request (a job's payload, say): not shown.
+        v.remove("submission");
+    }
     if let Some(cb) = view.get_mut("callback").and_then(|c| c.as_object_mut()) {
-        // Callback headers often carry credentials: show their names only.
+        // Callback headers and URL queries often carry credentials: show header names
+        // only, and the URL without its query.
+        cb.insert("url".into(), json!(intent.callback.redacted_url()));
         if let Some(h) = cb.get_mut("headers").and_then(|h| h.as_object_mut()) {
             for v in h.values_mut() {
                 *v = json!("<redacted>");

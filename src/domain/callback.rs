@@ -168,6 +168,15 @@ impl CallbackTarget {
             headers: BTreeMap::new(),
         }
     }
+
+    /// The URL to show in answers and logs: without its fragment, and its query (which
+    /// may hold a token) replaced by `<redacted>`.
+    pub fn redacted_url(&self) -> String {
+        match Url::parse(&self.url) {
+            Ok(u) => redacted_url(&u),
+            Err(_) => "<unparsable>".to_owned(),
+        }
+    }
 }
 
 // Header values (often credentials) and the URL's query (sometimes a token) stay out of logs.

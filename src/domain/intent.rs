@@ -31,6 +31,10 @@ pub enum Operation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum IntentStatus {
+    /// Stored (with the idempotency record) before its Kubernetes action ran; the
+    /// replica that stored it runs the action next, and the leader finishes (or fails)
+    /// the ones left behind.
+    Submitting,
     /// Waiting for the condition.
     Pending,
     /// The condition held.
@@ -117,6 +121,10 @@ pub struct WatchIntent {
     pub detail: Option<String>,
     /// Callback delivery.
     pub delivery: Delivery,
+    /// While SUBMITTING: the Kubernetes action to run (idempotent by request id), in the
+    /// shape the Kubernetes port defines (opaque here); dropped once it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submission: Option<serde_json::Value>,
 }
 
 impl WatchIntent {
@@ -125,9 +133,22 @@ impl WatchIntent {
         self.status == IntentStatus::Pending
     }
 
+    /// Whether the intent waits for its Kubernetes action to run.
+    pub fn is_submitting(&self) -> bool {
+        self.status == IntentStatus::Submitting
+    }
+
+    /// Whether the status is final (succeeded, failed or timed out).
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self.status,
+            IntentStatus::Succeeded | IntentStatus::Failed | IntentStatus::TimedOut
+        )
+    }
+
     /// Whether a callback attempt is due at `now`.
     pub fn delivery_due(&self, now: DateTime<Utc>) -> bool {
-        !self.is_pending()
+        self.is_final()
             && !self.delivery.delivered
             && !self.delivery.gave_up
             && self.delivery.next_attempt_at.is_none_or(|t| t <= now)
@@ -172,6 +193,38 @@ pub fn conclude(
     next.detail = detail;
     next.observed_at = Some(now);
     next.delivery.next_attempt_at = None;
+    Some(next)
+}
+
+/// The intent once its action ran: PENDING with the action's baselines (`None` unless it
+/// was SUBMITTING).
+pub fn submitted(intent: &WatchIntent, baselines: Vec<Baseline>) -> Option<WatchIntent> {
+    if !intent.is_submitting() {
+        return None;
+    }
+    let mut next = intent.clone();
+    next.status = IntentStatus::Pending;
+    next.baselines = baselines;
+    next.submission = None;
+    Some(next)
+}
+
+/// The intent when its action cannot be carried out: FAILED with `reason`, its callback
+/// due now (`None` unless it was SUBMITTING).
+pub fn submission_failed(
+    intent: &WatchIntent,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Option<WatchIntent> {
+    if !intent.is_submitting() {
+        return None;
+    }
+    let mut next = intent.clone();
+    next.status = IntentStatus::Failed;
+    next.detail = Some(reason.to_owned());
+    next.observed_at = Some(now);
+    next.delivery.next_attempt_at = None;
+    next.submission = None;
     Some(next)
 }
 
@@ -233,7 +286,36 @@ mod tests {
                 gave_up: false,
                 next_attempt_at: None,
             },
+            submission: None,
         }
+    }
+
+    #[test]
+    fn submitting_intents_become_pending_or_fail_and_only_then_call_back() {
+        let now = Utc::now();
+        let mut i = intent(now);
+        i.status = IntentStatus::Submitting;
+        i.baselines.clear();
+        i.submission = Some(json!({"type": "CREATE_JOB"}));
+        assert!(!i.delivery_due(now), "no callback before the action ran");
+        assert_eq!(conclude(&i, &Verdict::Satisfied, now), None);
+        let b = vec![Baseline::new(ResourceKind::Job, "int", "j")];
+        let p = submitted(&i, b.clone()).expect("pending");
+        assert_eq!(
+            (p.status, p.baselines.clone(), p.submission.clone()),
+            (IntentStatus::Pending, b.clone(), None)
+        );
+        assert_eq!(submitted(&p, b), None, "only from SUBMITTING");
+        let f = submission_failed(&i, "forbidden", now).expect("failed");
+        assert_eq!(
+            (f.status, f.detail.as_deref()),
+            (IntentStatus::Failed, Some("forbidden"))
+        );
+        assert!(f.delivery_due(now));
+        let text = serde_json::to_string(&i).expect("json");
+        assert!(text.contains("\"status\":\"SUBMITTING\""), "{text}");
+        let back: WatchIntent = serde_json::from_str(&text).expect("decode");
+        assert_eq!(back, i);
     }
 
     #[test]

@@ -62,6 +62,9 @@ pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 pub const JOB_PAYLOAD_ENV: &str = "JOB_PAYLOAD";
 /// Environment variable holding a deployable's `models_to_load` as a JSON array.
 pub const MODELS_TO_LOAD_ENV: &str = "MODELS_TO_LOAD";
+/// Label every created Job carries: the id of the request that created it, so a
+/// repeated create of the same request can be told from a name clash.
+pub const REQUEST_ID_LABEL: &str = "resource-plane/request-id";
 /// Name of the single container of a created Deployment.
 pub const DEPLOYABLE_CONTAINER: &str = "main";
 /// Name of the single container of a created Job.
@@ -154,6 +157,8 @@ pub struct JobSpec {
     pub image: String,
     /// Handed to the container as JSON in [`JOB_PAYLOAD_ENV`].
     pub payload: serde_json::Value,
+    /// The request that creates it, recorded as the [`REQUEST_ID_LABEL`] label.
+    pub request_id: String,
 }
 
 /// A model to load into a running deployable.
@@ -166,6 +171,68 @@ pub struct ModelSpec {
     pub version: String,
     /// Where the artifact is (URL or path).
     pub artifact_location: String,
+}
+
+/// One Kubernetes action of an operation, as stored in a SUBMITTING watch intent (so the
+/// leader can run it again after a crash). Every action is idempotent by request: the
+/// restart and model-load stamps are fixed when the request is accepted, the deployable
+/// is server-side applied, and the Job carries [`REQUEST_ID_LABEL`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum KubeAction {
+    /// [`KubeExecutor::apply_deployable`].
+    ApplyDeployable {
+        /// The deployable.
+        spec: DeployableSpec,
+    },
+    /// [`KubeExecutor::restart`].
+    Restart {
+        /// Namespace.
+        namespace: String,
+        /// One Deployment, or all of the namespace.
+        name: Option<String>,
+        /// The `restartedAt` value.
+        stamp: String,
+    },
+    /// [`KubeExecutor::load_model`].
+    LoadModel {
+        /// Namespace.
+        namespace: String,
+        /// The Deployment.
+        deployable: String,
+        /// The model.
+        model: ModelSpec,
+        /// The `model-loaded-at` value.
+        stamp: String,
+    },
+    /// [`KubeExecutor::create_job`].
+    CreateJob {
+        /// The Job.
+        spec: JobSpec,
+    },
+}
+
+impl KubeAction {
+    /// Runs the action; answers the baselines its watcher needs.
+    pub async fn run(&self, kube: &dyn KubeExecutor) -> Result<Vec<Baseline>, KubeError> {
+        match self {
+            Self::ApplyDeployable { spec } => Ok(vec![kube.apply_deployable(spec).await?]),
+            Self::Restart {
+                namespace,
+                name,
+                stamp,
+            } => kube.restart(namespace, name.as_deref(), stamp).await,
+            Self::LoadModel {
+                namespace,
+                deployable,
+                model,
+                stamp,
+            } => Ok(vec![
+                kube.load_model(namespace, deployable, model, stamp).await?,
+            ]),
+            Self::CreateJob { spec } => Ok(vec![kube.create_job(spec).await?]),
+        }
+    }
 }
 
 /// Kubernetes failures, carrying the API server's message.
@@ -251,18 +318,20 @@ pub trait KubeExecutor: Send + Sync + 'static {
     async fn apply_deployable(&self, spec: &DeployableSpec) -> Result<Baseline, KubeError>;
 
     /// Rolling restart: sets the pod-template annotation [`RESTARTED_AT_ANNOTATION`] to
-    /// now on the Deployment `name`, or on every Deployment in `namespace`
-    /// ([`KubeError::NotFound`] when there is none). One `Deployment` baseline per
-    /// Deployment restarted.
+    /// `stamp` (RFC 3339, fixed per request so a repeated call changes nothing) on the
+    /// Deployment `name`, or on every Deployment in `namespace` ([`KubeError::NotFound`]
+    /// when there is none). One `Deployment` baseline per Deployment restarted.
     async fn restart(
         &self,
         namespace: &str,
         name: Option<&str>,
+        stamp: &str,
     ) -> Result<Vec<Baseline>, KubeError>;
 
     /// Records `model` on the Deployment `deployable`'s pod template as the annotations
     /// [`MODEL_NAME_ANNOTATION`], [`MODEL_VERSION_ANNOTATION`],
-    /// [`MODEL_ARTIFACT_ANNOTATION`] and [`MODEL_LOADED_AT_ANNOTATION`], so its pods roll.
+    /// [`MODEL_ARTIFACT_ANNOTATION`] and [`MODEL_LOADED_AT_ANNOTATION`] (= `stamp`, RFC
+    /// 3339, fixed per request so a repeated call changes nothing), so its pods roll.
     /// The workload reads them through the downward API. Baseline: `Pod`, selecting the
     /// Deployment's pods, with `MODEL_LOADED_AT_ANNOTATION` as the template annotation.
     async fn load_model(
@@ -270,11 +339,15 @@ pub trait KubeExecutor: Send + Sync + 'static {
         namespace: &str,
         deployable: &str,
         model: &ModelSpec,
+        stamp: &str,
     ) -> Result<Baseline, KubeError>;
 
-    /// Creates a `batch/v1` Job labelled `name=<job_name>`, one container, restart policy
-    /// `Never`, the payload as JSON in [`JOB_PAYLOAD_ENV`]. An existing Job of that name
-    /// is [`KubeError::Conflict`]. Baseline: `Job` `job_name` with its uid.
+    /// Creates a `batch/v1` Job labelled `name=<job_name>` and
+    /// [`REQUEST_ID_LABEL`]`=<request_id>`, one container, restart policy `Never`, the
+    /// payload as JSON in [`JOB_PAYLOAD_ENV`]. An existing Job of that name created by the
+    /// same request counts as created (the call is idempotent by request id); one created
+    /// by another request is [`KubeError::Conflict`]. Baseline: `Job` `job_name` with its
+    /// uid.
     async fn create_job(&self, spec: &JobSpec) -> Result<Baseline, KubeError>;
 
     /// Makes `min` the deployable's minimum pod count. An HPA cannot have
@@ -293,6 +366,15 @@ pub trait KubeExecutor: Send + Sync + 'static {
         min: i32,
     ) -> Result<(), KubeError>;
 
+    /// The deployable's effective minimum pod count as the cluster has it now: `None`
+    /// when it has no HPA, `Some(0)` when its Deployment is scaled to zero, else the
+    /// HPA's `minReplicas`. [`min_replicas_hold`] compares it with a wanted minimum.
+    async fn observed_min_replicas(
+        &self,
+        namespace: &str,
+        deployable: &str,
+    ) -> Result<Option<i32>, KubeError>;
+
     /// One authoritative read of every object the baseline's condition consults (see
     /// [`Baseline::watched_kinds`]). Objects that do not exist are simply absent.
     async fn observe(&self, baseline: &Baseline) -> Result<Observation, KubeError>;
@@ -307,6 +389,17 @@ pub trait KubeExecutor: Send + Sync + 'static {
 
     /// Adapter name for logs and metrics.
     fn name(&self) -> &'static str;
+}
+
+/// Whether the cluster's effective minimum (see
+/// [`KubeExecutor::observed_min_replicas`]) is what [`KubeExecutor::set_min_replicas`]
+/// with `want` leaves behind.
+pub fn min_replicas_hold(want: i32, observed: i32) -> bool {
+    if want <= 0 {
+        observed == 0
+    } else {
+        observed == want
+    }
 }
 
 /// Capacity of each shared watch's broadcast channel; a subscriber further behind gets

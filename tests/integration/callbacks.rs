@@ -34,6 +34,7 @@ struct Received {
     path: String,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
+    peer: Option<SocketAddr>,
 }
 
 impl Received {
@@ -91,6 +92,7 @@ async fn record(
         path,
         headers,
         body: body.to_vec(),
+        peer: req.peer_addr(),
     };
     state
         .log
@@ -530,5 +532,24 @@ async fn unreachable_and_slow_receivers_are_retryable_network_errors() {
     }
     assert!(retry.should_retry(&out, 1, Duration::ZERO));
     assert_eq!(rx.received().len(), 1);
+    rx.stop().await;
+}
+
+#[actix_web::test]
+async fn sequential_deliveries_share_one_client_and_its_connections() {
+    let rx = Receiver::start(vec![]);
+    let s = sender(dev_policy(), true);
+    for _ in 0..5 {
+        let out = s.send(&request(&rx.url("/cb"))).await;
+        assert!(out.is_delivered(), "{out:?}");
+    }
+    let peers: std::collections::HashSet<SocketAddr> =
+        rx.received().iter().filter_map(|r| r.peer).collect();
+    assert_eq!(rx.received().len(), 5);
+    assert_eq!(
+        peers.len(),
+        1,
+        "one shared client keeps its connection: {peers:?}"
+    );
     rx.stop().await;
 }

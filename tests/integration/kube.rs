@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{TimeZone, Utc};
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
@@ -118,8 +117,7 @@ where
 {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let server = api_server(handle, script);
-    let clock = Arc::new(|| Utc.with_ymd_and_hms(2024, 5, 1, 10, 0, 0).unwrap());
-    let adapter = Arc::new(KubeAdapter::new(Client::new(service, "default")).with_clock(clock));
+    let adapter = Arc::new(KubeAdapter::new(Client::new(service, "default")));
     let out = tokio::time::timeout(Duration::from_secs(10), op(adapter))
         .await
         .expect("operation sent a request the script does not answer");
@@ -407,7 +405,7 @@ async fn restart_one_deployment_patches_the_restarted_at_annotation() {
             ),
     ];
     let baselines = run(script, |k| async move {
-        k.restart("int", Some("predator")).await
+        k.restart("int", Some("predator"), NOW).await
     })
     .await;
     assert_eq!(
@@ -443,7 +441,7 @@ async fn restart_all_lists_the_namespace_and_patches_each_deployment() {
             .sends(MERGE, restart_patch())
             .answers(200, deployment_response("ranker", 13, json!({}))),
     ];
-    let baselines = run(script, |k| async move { k.restart("int", None).await })
+    let baselines = run(script, |k| async move { k.restart("int", None, NOW).await })
         .await
         .unwrap();
     let summary: Vec<(Option<String>, Option<i64>)> = baselines
@@ -463,7 +461,7 @@ async fn restart_all_lists_the_namespace_and_patches_each_deployment() {
 async fn restart_of_an_empty_namespace_is_not_found() {
     let list = json!({ "kind": "DeploymentList", "apiVersion": "apps/v1", "metadata": { "resourceVersion": "1" }, "items": [] });
     let script = vec![exchange(Method::GET, &format!("{DEPLOYMENT_PATH}?")).answers(200, list)];
-    let err = run(script, |k| async move { k.restart("int", None).await }).await;
+    let err = run(script, |k| async move { k.restart("int", None, NOW).await }).await;
     assert!(matches!(err, Err(KubeError::NotFound(m)) if m.contains("namespace int")));
 }
 
@@ -480,10 +478,9 @@ async fn restart_of_a_missing_deployment_is_not_found_with_the_servers_message()
                 json!({ "name": "nope", "group": "apps", "kind": "deployments" }),
             ),
         )];
-    let err = run(
-        script,
-        |k| async move { k.restart("int", Some("nope")).await },
-    )
+    let err = run(script, |k| async move {
+        k.restart("int", Some("nope"), NOW).await
+    })
     .await;
     assert_eq!(
         err,
@@ -525,7 +522,7 @@ async fn load_model_annotates_the_pod_template_and_waits_on_pods() {
             ),
     ];
     let baseline = run(script, |k| async move {
-        k.load_model("int", "predator", &model()).await
+        k.load_model("int", "predator", &model(), NOW).await
     })
     .await;
     assert_eq!(
@@ -558,7 +555,7 @@ async fn load_model_on_a_missing_deployable_is_not_found() {
             ),
     ];
     let err = run(script, |k| async move {
-        k.load_model("int", "ghost", &model()).await
+        k.load_model("int", "ghost", &model(), NOW).await
     })
     .await;
     assert_eq!(
@@ -575,6 +572,7 @@ fn job_spec() -> JobSpec {
         namespace: "int".into(),
         image: "registry.local/warmup:2".into(),
         payload: json!({ "deployable": "predator", "requests": 1000 }),
+        request_id: "op-7f3a".into(),
     }
 }
 
@@ -585,7 +583,11 @@ fn expected_job() -> Value {
         "metadata": {
             "name": "warmup-er5tdgsh",
             "namespace": "int",
-            "labels": { "name": "warmup-er5tdgsh", "app.kubernetes.io/managed-by": "resource-plane" },
+            "labels": {
+                "name": "warmup-er5tdgsh",
+                "app.kubernetes.io/managed-by": "resource-plane",
+                "resource-plane/request-id": "op-7f3a",
+            },
         },
         "spec": {
             "template": {
@@ -628,19 +630,35 @@ async fn create_job_posts_a_batch_v1_job_with_the_payload_in_an_env_var() {
     );
 }
 
+fn already_exists() -> Value {
+    status_error(
+        409,
+        "AlreadyExists",
+        "jobs.batch \"warmup-er5tdgsh\" already exists",
+        json!({ "name": "warmup-er5tdgsh", "group": "batch", "kind": "jobs" }),
+    )
+}
+
+/// The Job as the API server has it, created by request `request_id`.
+fn existing_job(request_id: &str) -> Value {
+    let mut job = expected_job();
+    job["metadata"]["labels"]["resource-plane/request-id"] = json!(request_id);
+    job["metadata"]["uid"] = json!("uid-existing");
+    job["metadata"]["generation"] = json!(1);
+    job["status"] = json!({ "active": 1 });
+    job
+}
+
+const JOB_GET_URI: &str = "/apis/batch/v1/namespaces/int/jobs/warmup-er5tdgsh";
+
 #[tokio::test]
-async fn create_job_that_exists_is_a_conflict() {
-    let script = vec![exchange(Method::POST, JOB_URI)
-        .sends(JSON, expected_job())
-        .answers(
-            409,
-            status_error(
-                409,
-                "AlreadyExists",
-                "jobs.batch \"warmup-er5tdgsh\" already exists",
-                json!({ "name": "warmup-er5tdgsh", "group": "batch", "kind": "jobs" }),
-            ),
-        )];
+async fn create_job_that_exists_for_another_request_is_a_conflict() {
+    let script = vec![
+        exchange(Method::POST, JOB_URI)
+            .sends(JSON, expected_job())
+            .answers(409, already_exists()),
+        exchange(Method::GET, JOB_GET_URI).answers(200, existing_job("op-someone-else")),
+    ];
     let err = run(script, |k| async move { k.create_job(&job_spec()).await }).await;
     assert_eq!(
         err,
@@ -648,6 +666,95 @@ async fn create_job_that_exists_is_a_conflict() {
             "jobs.batch \"warmup-er5tdgsh\" already exists".into()
         ))
     );
+}
+
+#[tokio::test]
+async fn create_job_that_exists_for_the_same_request_counts_as_created() {
+    let script = vec![
+        exchange(Method::POST, JOB_URI)
+            .sends(JSON, expected_job())
+            .answers(409, already_exists()),
+        exchange(Method::GET, JOB_GET_URI).answers(200, existing_job("op-7f3a")),
+    ];
+    let baseline = run(script, |k| async move { k.create_job(&job_spec()).await }).await;
+    assert_eq!(
+        baseline,
+        Ok(Baseline {
+            generation: Some(1),
+            uid: Some("uid-existing".into()),
+            label_selector: Some("name=warmup-er5tdgsh".into()),
+            ..Baseline::new(ResourceKind::Job, "int", "warmup-er5tdgsh")
+        })
+    );
+}
+
+#[tokio::test]
+async fn observed_min_replicas_reads_the_hpa_and_the_scale() {
+    let hpa_get = "/apis/autoscaling/v2/namespaces/int/horizontalpodautoscalers/predator";
+    let scale_get = "/apis/apps/v1/namespaces/int/deployments/predator/scale";
+    let script = vec![
+        exchange(Method::GET, hpa_get).answers(200, hpa_response("predator", 4, 8)),
+        exchange(Method::GET, scale_get).answers(200, scale_response("predator", 5)),
+    ];
+    let got = run(script, |k| async move {
+        k.observed_min_replicas("int", "predator").await
+    })
+    .await;
+    assert_eq!(got, Ok(Some(4)));
+    let script = vec![
+        exchange(Method::GET, hpa_get).answers(200, hpa_response("predator", 1, 8)),
+        exchange(Method::GET, scale_get).answers(200, scale_response("predator", 0)),
+    ];
+    let got = run(script, |k| async move {
+        k.observed_min_replicas("int", "predator").await
+    })
+    .await;
+    assert_eq!(got, Ok(Some(0)), "scaled to zero");
+    let script = vec![exchange(Method::GET, hpa_get).answers(
+        404,
+        status_error(
+            404,
+            "NotFound",
+            "horizontalpodautoscalers.autoscaling \"predator\" not found",
+            json!({}),
+        ),
+    )];
+    let got = run(script, |k| async move {
+        k.observed_min_replicas("int", "predator").await
+    })
+    .await;
+    assert_eq!(
+        got,
+        Ok(None),
+        "not in the cluster is reported, not an error"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_api_server_times_out_on_request_paths() {
+    // accepts connections and reads requests, never answers
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    let uri: http::Uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
+    let timeouts = resource_plane::config::KubeClientSettings {
+        connect_timeout: Duration::from_millis(500),
+        read_timeout: Duration::from_millis(300),
+        write_timeout: Duration::from_millis(500),
+    };
+    let adapter = KubeAdapter::from_config(kube::Config::new(uri), &timeouts).expect("client");
+    let got = tokio::time::timeout(Duration::from_secs(20), adapter.create_job(&job_spec()))
+        .await
+        .expect("the request hung: no read timeout on the request path");
+    assert!(matches!(got, Err(KubeError::Unavailable(_))), "{got:?}");
+    server.abort();
 }
 
 #[tokio::test]

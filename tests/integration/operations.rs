@@ -279,14 +279,19 @@ async fn every_operation_calls_back_signed_when_its_condition_holds() {
     assert_eq!(r.body["status"], "FAILED");
     assert!(r.body["detail"].is_string());
 
-    // a Kubernetes error is answered with the API server's reason, and no intent is stored
+    // a Kubernetes error is answered with the API server's reason, and the intent stored
+    // before the action is withdrawn
     let before = svc.state.ops.intents.all().len();
     let r = send(&app, post("/api/1.0/int/jobs", &json!({"job_name": "warmup", "container": {"image": "x"}, "callback": callback(&rx.url)})).to_request()).await;
     assert_eq!(r.status, 409, "{:?}", r.json);
     assert!(r.error().contains("kubernetes"), "{}", r.error());
     let r = send(&app, post("/api/1.0/int/models/load", &json!({"deployable_name": "ghost", "model": {"name": "m", "version": "1", "artifact_location": "s3://x"}, "callback": callback(&rx.url)})).to_request()).await;
     assert_eq!(r.status, 404, "{:?}", r.json);
-    assert_eq!(svc.state.ops.intents.all().len(), before);
+    let withdrawn = support::eventually(Duration::from_secs(5), || async {
+        svc.state.ops.intents.all().len() == before
+    })
+    .await;
+    assert!(withdrawn, "refused actions leave no intent behind");
 
     // bad input
     let mut bad = deployable("Bad_Name", &rx.url);
@@ -577,4 +582,726 @@ async fn shadow_min_pod_count_converges_to_kubernetes_min_replicas() {
     })
     .await;
     assert!(down, "release did not bring min replicas to 0");
+}
+
+// ---------------------------------------------------------------------------------------
+// Idempotency end to end (issue 8 item 7) and operations defects (item 8).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use resource_plane::ports::kube::{
+    Baseline, JobSpec, KubeError, KubeExecutor, ModelSpec, ObjectEvent, Observation, ResourceKind,
+};
+use resource_plane::ports::store::{Kv, StoreError, Txn, TxnResult, WatchReceiver};
+use tokio::sync::{broadcast, Semaphore};
+
+/// A store that answers the next `fail` transactions touching `/watch-intents/` with
+/// `error`, as an etcd that refuses or loses the request would.
+struct FailingTxns {
+    inner: Arc<dyn Store>,
+    fail: AtomicUsize,
+    error: StoreError,
+}
+
+impl FailingTxns {
+    fn new(inner: Arc<dyn Store>, error: StoreError) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            fail: AtomicUsize::new(0),
+            error,
+        })
+    }
+    fn fail_next(&self, n: usize) {
+        self.fail.store(n, Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for FailingTxns {
+    async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+        let touches_intents = txn.success.iter().any(|op| match op {
+            resource_plane::ports::store::Op::Put { key, .. }
+            | resource_plane::ports::store::Op::Delete { key } => key.contains("/watch-intents/"),
+        });
+        if touches_intents
+            && self
+                .fail
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(self.error.clone());
+        }
+        self.inner.txn(txn).await
+    }
+    async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
+        self.inner.grant_lease(ttl).await
+    }
+    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        self.inner.revoke_lease(lease).await
+    }
+    async fn watch(&self, prefix: &str, rev: i64) -> Result<WatchReceiver, StoreError> {
+        self.inner.watch(prefix, rev).await
+    }
+    async fn health(&self) -> Result<(), StoreError> {
+        self.inner.health().await
+    }
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+}
+
+/// The simulated cluster behind a counter of create_job calls, an optional delay on
+/// actions, and an optional gate that holds `observe` answers (the snapshot is taken
+/// when `observe` is called, the answer is released when the test opens the gate).
+struct Counting {
+    sim: Arc<SimKube>,
+    jobs: AtomicUsize,
+    observes: AtomicUsize,
+    delay: Duration,
+    gate: Option<Arc<Semaphore>>,
+}
+
+impl Counting {
+    fn new(sim: Arc<SimKube>, delay: Duration, gate: Option<Arc<Semaphore>>) -> Arc<Self> {
+        Arc::new(Self {
+            sim,
+            jobs: AtomicUsize::new(0),
+            observes: AtomicUsize::new(0),
+            delay,
+            gate,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl KubeExecutor for Counting {
+    async fn apply_deployable(&self, spec: &DeployableSpec) -> Result<Baseline, KubeError> {
+        tokio::time::sleep(self.delay).await;
+        self.sim.apply_deployable(spec).await
+    }
+    async fn restart(
+        &self,
+        namespace: &str,
+        name: Option<&str>,
+        stamp: &str,
+    ) -> Result<Vec<Baseline>, KubeError> {
+        tokio::time::sleep(self.delay).await;
+        self.sim.restart(namespace, name, stamp).await
+    }
+    async fn load_model(
+        &self,
+        namespace: &str,
+        deployable: &str,
+        model: &ModelSpec,
+        stamp: &str,
+    ) -> Result<Baseline, KubeError> {
+        tokio::time::sleep(self.delay).await;
+        self.sim
+            .load_model(namespace, deployable, model, stamp)
+            .await
+    }
+    async fn create_job(&self, spec: &JobSpec) -> Result<Baseline, KubeError> {
+        tokio::time::sleep(self.delay).await;
+        self.jobs.fetch_add(1, Ordering::SeqCst);
+        self.sim.create_job(spec).await
+    }
+    async fn set_min_replicas(&self, ns: &str, d: &str, min: i32) -> Result<(), KubeError> {
+        self.sim.set_min_replicas(ns, d, min).await
+    }
+    async fn observed_min_replicas(&self, ns: &str, d: &str) -> Result<Option<i32>, KubeError> {
+        self.sim.observed_min_replicas(ns, d).await
+    }
+    async fn observe(&self, baseline: &Baseline) -> Result<Observation, KubeError> {
+        let snapshot = self.sim.observe(baseline).await;
+        self.observes.fetch_add(1, Ordering::SeqCst);
+        if let Some(gate) = &self.gate {
+            if let Ok(p) = gate.acquire().await {
+                p.forget();
+            }
+        }
+        snapshot
+    }
+    fn subscribe(&self, kind: ResourceKind, namespace: &str) -> broadcast::Receiver<ObjectEvent> {
+        self.sim.subscribe(kind, namespace)
+    }
+    fn name(&self) -> &'static str {
+        "counting-sim"
+    }
+}
+
+fn start_with(cfg: Config, store: Arc<dyn Store>, kube: Arc<dyn KubeExecutor>) -> Service {
+    let cloud = Arc::new(SimCloud::new(Duration::from_millis(100)));
+    Service::start_full(cfg, store, cloud, kube).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn job(name: &str, url: &str) -> Value {
+    json!({"job_name": name, "container": {"image": "registry.local/x:1"}, "callback": callback(url)})
+}
+
+async fn operation_json(app: &impl TestApp, id: &str) -> Value {
+    send(
+        app,
+        get(&format!("/api/1.0/int/operations/{id}")).to_request(),
+    )
+    .await
+    .json
+}
+
+#[actix_web::test]
+async fn etcd_down_at_submit_means_no_kubernetes_action() {
+    let mut etcd = Etcd::start();
+    let prefix = support::unique_prefix();
+    let rx = Receiver::start(0).await;
+    let kube = Arc::new(SimKube::new(Duration::from_millis(50)));
+    let svc = start_with_kube(ops_config(), etcd.store(&prefix), kube.clone());
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+
+    etcd.kill();
+    let r = send(
+        &app,
+        post("/api/1.0/int/jobs", &job("outage", &rx.url)).to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{:?}", r.json);
+    assert!(r.headers.contains_key("retry-after"));
+    assert!(
+        kube.job("int", "outage").is_none(),
+        "the Job was created although its intent could not be stored"
+    );
+
+    etcd.restart();
+    let mut id = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while id.is_empty() && Instant::now() < deadline {
+        let r = send(
+            &app,
+            post("/api/1.0/int/jobs", &job("outage", &rx.url)).to_request(),
+        )
+        .await;
+        if r.status == 202 {
+            id = r.json["request_id"].as_str().unwrap_or_default().to_owned();
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let stored = !id.is_empty();
+    assert!(stored, "never accepted after etcd came back");
+    let cb = delivered(&rx, &id).await;
+    assert_eq!(cb.body["status"], "SUCCEEDED");
+}
+
+#[actix_web::test]
+async fn one_request_on_two_replicas_runs_one_action_and_one_callback() {
+    let etcd = Etcd::start();
+    let prefix = support::unique_prefix();
+    let rx = Receiver::start(0).await;
+    let sim = Arc::new(SimKube::new(Duration::from_millis(100)));
+    let kube = Counting::new(sim.clone(), Duration::from_millis(300), None);
+    let mut cfg = ops_config();
+    cfg.controller.instance_id = "a".into();
+    let a = start_with(cfg.clone(), etcd.store(&prefix), kube.clone());
+    cfg.controller.instance_id = "b".into();
+    let b = start_with(cfg, etcd.store(&prefix), kube.clone());
+    assert!(a.wait_hydrated(Duration::from_secs(15)).await);
+    assert!(b.wait_hydrated(Duration::from_secs(15)).await);
+    let app_a = test::init_service(api::app(a.state.clone())).await;
+    let app_b = test::init_service(api::app(b.state.clone())).await;
+    let body = job("twice", &rx.url);
+    let req = || {
+        post("/api/1.0/int/jobs", &body)
+            .insert_header(("X-Idempotency-Key", "job-twice-1"))
+            .to_request()
+    };
+    let (ra, rb) = futures::join!(send(&app_a, req()), send(&app_b, req()));
+    assert_eq!((ra.status, rb.status), (202, 202), "{ra:?} {rb:?}");
+    assert_eq!(ra.json["request_id"], rb.json["request_id"]);
+    let id = ra.json["request_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // a plain retry on either replica replays too
+    let rc = send(&app_b, req()).await;
+    assert_eq!(
+        (rc.status, &rc.json["request_id"]),
+        (202, &ra.json["request_id"])
+    );
+    let cb = delivered(&rx, &id).await;
+    assert_eq!(cb.body["status"], "SUCCEEDED");
+    let done = support::eventually(Duration::from_secs(10), || async {
+        operation_json(&app_a, &id).await["delivery"]["delivered"] == true
+    })
+    .await;
+    assert!(done);
+    assert_eq!(kube.jobs.load(Ordering::SeqCst), 1, "one Kubernetes action");
+    assert_eq!(rx.for_request(&id).len(), 1, "one callback");
+}
+
+#[actix_web::test]
+async fn a_job_retried_after_a_failed_store_write_gets_its_callback_not_409() {
+    let rx = Receiver::start(0).await;
+    let sim = Arc::new(SimKube::new(Duration::from_millis(50)));
+    let kube = Counting::new(sim.clone(), Duration::ZERO, None);
+    let store = FailingTxns::new(
+        Arc::new(MemoryStore::new()),
+        StoreError::Unavailable("injected".into()),
+    );
+    let svc = start_with(ops_config(), store.clone(), kube.clone());
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let body = job("retried", &rx.url);
+    store.fail_next(1);
+    let r = send(
+        &app,
+        post("/api/1.0/int/jobs", &body)
+            .insert_header(("X-Idempotency-Key", "retried-1"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{:?}", r.json);
+    let r = send(
+        &app,
+        post("/api/1.0/int/jobs", &body)
+            .insert_header(("X-Idempotency-Key", "retried-1"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 202, "the retry must be accepted: {:?}", r.json);
+    let id = r.json["request_id"].as_str().unwrap_or_default().to_owned();
+    let cb = delivered(&rx, &id).await;
+    assert_eq!(cb.body["status"], "SUCCEEDED");
+    assert_eq!(kube.jobs.load(Ordering::SeqCst), 1);
+}
+
+/// A stored intent as a replica that crashed between storing and acting left it.
+fn submitting_intent(id: &str, job_name: &str, url: &str) -> Value {
+    let now = chrono::Utc::now();
+    json!({
+        "schemaVersion": "v1", "requestId": id, "env": "int", "operation": "TRIGGER_JOB",
+        "resource": {"kind": "Job", "namespace": "int", "labelSelector": format!("name={job_name}"), "name": job_name},
+        "desiredCondition": "JobComplete", "baselines": [],
+        "callback": {"url": url, "method": "POST", "headers": {}},
+        "workflow": {"runId": null, "plan": null, "taskId": null},
+        "createdAt": (now - chrono::Duration::seconds(60)).to_rfc3339(),
+        "deadline": (now + chrono::Duration::seconds(600)).to_rfc3339(),
+        "status": "SUBMITTING", "observedAt": null, "detail": null,
+        "delivery": {"webhookId": format!("msg_{id}"), "attempts": [], "delivered": false, "gaveUp": false, "nextAttemptAt": null},
+        "submission": {"type": "CREATE_JOB", "spec": {"job_name": job_name, "namespace": "int", "image": "x", "payload": {}, "request_id": id}}
+    })
+}
+
+async fn put_raw(store: &dyn Store, key: &str, value: &Value) {
+    let r = store
+        .txn(Txn {
+            compares: vec![],
+            success: vec![resource_plane::ports::store::Op::Put {
+                key: key.to_owned(),
+                value: serde_json::to_vec(value).unwrap_or_default(),
+                lease: None,
+            }],
+            failure_gets: vec![],
+        })
+        .await;
+    assert!(r.is_ok_and(|r| r.succeeded));
+}
+
+#[actix_web::test]
+async fn a_submitting_intent_found_at_start_is_finished() {
+    let rx = Receiver::start(0).await;
+    let sim = Arc::new(SimKube::new(Duration::from_millis(50)));
+    let kube = Counting::new(sim.clone(), Duration::ZERO, None);
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    // crashed before acting
+    put_raw(
+        store.as_ref(),
+        "/watch-intents/op-crashed1",
+        &submitting_intent("op-crashed1", "crashed-before", &rx.url),
+    )
+    .await;
+    // crashed after acting, before marking it pending: the Job exists, labelled with
+    // the request id
+    sim.create_job(&JobSpec {
+        job_name: "crashed-after".into(),
+        namespace: "int".into(),
+        image: "x".into(),
+        payload: json!({}),
+        request_id: "op-crashed2".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    put_raw(
+        store.as_ref(),
+        "/watch-intents/op-crashed2",
+        &submitting_intent("op-crashed2", "crashed-after", &rx.url),
+    )
+    .await;
+    let svc = start_with(ops_config(), store, kube.clone());
+    ready(&svc).await;
+    for id in ["op-crashed1", "op-crashed2"] {
+        let cb = delivered(&rx, id).await;
+        assert_eq!(cb.body["status"], "SUCCEEDED", "{id}: {:?}", cb.body);
+    }
+    assert!(sim.job("int", "crashed-before").is_some());
+    assert_eq!(
+        kube.jobs.load(Ordering::SeqCst),
+        2,
+        "one create per intent (the second answered AlreadyExists with our id)"
+    );
+}
+
+#[actix_web::test]
+async fn operation_reads_redact_the_callback_query_and_header_values() {
+    let rx = Receiver::start(0).await;
+    let kube = Arc::new(SimKube::new(Duration::from_millis(50)));
+    let svc = start_with_kube(ops_config(), Arc::new(MemoryStore::new()), kube);
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let url = format!("{}?token=s3cr3t-query&x=1", rx.url);
+    let body = json!({"job_name": "redact", "container": {"image": "x"},
+        "callback": {"url": url, "headers": {"authorization": "Bearer s3cr3t-header"}}});
+    let id = accepted(&app, "/api/1.0/int/jobs", body).await;
+    let cb = delivered(&rx, &id).await;
+    assert_eq!(cb.body["status"], "SUCCEEDED", "the real URL is still used");
+    let op = operation_json(&app, &id).await;
+    let text = op.to_string();
+    assert!(!text.contains("s3cr3t"), "{text}");
+    assert_eq!(op["callback"]["headers"]["authorization"], "<redacted>");
+    let shown = op["callback"]["url"].as_str().unwrap_or_default();
+    assert!(
+        shown.ends_with("/callbacks?<redacted>"),
+        "query shown as <redacted>: {shown}"
+    );
+}
+
+#[actix_web::test]
+async fn a_store_that_refuses_the_request_as_invalid_answers_500_not_503() {
+    let rx = Receiver::start(0).await;
+    let kube = Arc::new(SimKube::new(Duration::from_millis(50)));
+    let store = FailingTxns::new(
+        Arc::new(MemoryStore::new()),
+        StoreError::Other("etcdserver: request is too large".into()),
+    );
+    let svc = start_with_kube(ops_config(), store.clone(), kube.clone());
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    store.fail_next(1);
+    let r = send(
+        &app,
+        post("/api/1.0/int/jobs", &job("refused", &rx.url)).to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 500, "{:?}", r.json);
+    assert!(!r.headers.contains_key("retry-after"));
+    assert!(
+        r.error().contains("refused") && r.error().contains("too large"),
+        "clear message: {}",
+        r.error()
+    );
+    assert!(kube.job("int", "refused").is_none());
+}
+
+#[actix_web::test]
+async fn a_reread_that_returns_late_does_not_undo_events_that_arrived_meanwhile() {
+    let rx = Receiver::start(0).await;
+    let sim = Arc::new(SimKube::new(Duration::from_millis(300)));
+    for name in ["alpha", "beta"] {
+        sim.seed_deployable(&DeployableSpec {
+            name: name.into(),
+            namespace: "int".into(),
+            image: "x".into(),
+            node_selector: Default::default(),
+            min_pod_count: 1,
+            max_pod_count: 20,
+            resources: ResourceSpec::default(),
+            models_to_load: Vec::new(),
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let gate = Arc::new(Semaphore::new(0));
+    let kube = Counting::new(sim.clone(), Duration::ZERO, Some(gate.clone()));
+    let svc = start_with(ops_config(), Arc::new(MemoryStore::new()), kube.clone());
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let id = accepted(
+        &app,
+        "/api/1.0/int/deployables/restart",
+        json!({"namespace": "int", "callback": callback(&rx.url)}),
+    )
+    .await;
+    // the watcher's first read took its snapshot (both rollouts in progress) and is held
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            kube.observes.load(Ordering::SeqCst) >= 1
+        })
+        .await
+    );
+    // beta changes again, so its rollout ends later than alpha's
+    sim.set_min_replicas("int", "beta", 2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let alpha_done = support::eventually(Duration::from_secs(10), || async {
+        sim.pods("int")
+            .iter()
+            .filter(|p| p.labels.get("name").map(String::as_str) == Some("alpha"))
+            .any(|p| {
+                p.annotations
+                    .contains_key("kubectl.kubernetes.io/restartedAt")
+            })
+    })
+    .await;
+    assert!(alpha_done);
+    sim.set_min_replicas("int", "beta", 3)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // now the stale snapshot comes back, after alpha's completion event was applied
+    gate.add_permits(1000);
+    let cb = delivered(&rx, &id).await;
+    assert_eq!(cb.body["status"], "SUCCEEDED", "{:?}", cb.body);
+}
+
+#[actix_web::test]
+async fn a_failed_reread_is_retried() {
+    let rx = Receiver::start(0).await;
+    let kube = Arc::new(SimKube::new(Duration::from_millis(50)));
+    let base = kube
+        .seed_deployable(&DeployableSpec {
+            name: "steady".into(),
+            namespace: "int".into(),
+            image: "x".into(),
+            node_selector: Default::default(),
+            min_pod_count: 1,
+            max_pod_count: 20,
+            resources: ResourceSpec::default(),
+            models_to_load: Vec::new(),
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    // an intent whose condition already holds (its change rolled out while no leader
+    // watched); only a read can tell, and the first read fails
+    let now = chrono::Utc::now();
+    let intent = json!({
+        "schemaVersion": "v1", "requestId": "op-steady", "env": "int", "operation": "CREATE_DEPLOYABLE",
+        "resource": {"kind": "Deployment", "namespace": "int", "labelSelector": "name=steady", "name": "steady"},
+        "desiredCondition": "Available", "baselines": [serde_json::to_value(&base).unwrap_or_default()],
+        "callback": {"url": rx.url, "method": "POST", "headers": {}},
+        "workflow": {"runId": null, "plan": null, "taskId": null},
+        "createdAt": now.to_rfc3339(), "deadline": (now + chrono::Duration::seconds(600)).to_rfc3339(),
+        "status": "PENDING", "observedAt": null, "detail": null,
+        "delivery": {"webhookId": "msg_steady", "attempts": [], "delivered": false, "gaveUp": false, "nextAttemptAt": null}
+    });
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    put_raw(store.as_ref(), "/watch-intents/op-steady", &intent).await;
+    kube.fail_next("observe", KubeError::Unavailable("injected".into()));
+    let svc = start_with_kube(ops_config(), store, kube);
+    ready(&svc).await;
+    let cb = delivered(&rx, "op-steady").await;
+    assert_eq!(cb.body["status"], "SUCCEEDED");
+}
+
+fn shadow_spec(name: &str) -> DeployableSpec {
+    DeployableSpec {
+        name: name.into(),
+        namespace: "int".into(),
+        image: "x".into(),
+        node_selector: Default::default(),
+        min_pod_count: 0,
+        max_pod_count: 20,
+        resources: ResourceSpec::default(),
+        models_to_load: Vec::new(),
+    }
+}
+
+#[actix_web::test]
+async fn min_replica_drift_in_the_cluster_is_corrected_and_reported() {
+    let kube = Arc::new(SimKube::new(Duration::from_millis(50)));
+    kube.seed_deployable(&shadow_spec("drifty"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let svc = start_with_kube(ops_config(), Arc::new(MemoryStore::new()), kube.clone());
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let base = "/api/1.0/int/shadow-deployables";
+    for (name, dns) in [("drifty", "d1"), ("late", "d2")] {
+        send(
+            &app,
+            put(
+                &format!("{base}/{name}"),
+                &json!({"node_pool": "p", "dns": dns}),
+            )
+            .to_request(),
+        )
+        .await;
+        send(
+            &app,
+            post(
+                base,
+                &json!({"action": "PROCURE", "name": name, "workflow_run_id": "r1"}),
+            )
+            .to_request(),
+        )
+        .await;
+        let r = send(
+            &app,
+            post(
+                &format!("{base}/min-pod-count"),
+                &json!({"action": "INCREASE", "count": 3, "name": name, "workflow_run_id": "r1"}),
+            )
+            .to_request(),
+        )
+        .await;
+        assert_eq!(r.json["min_pod_count"], 3, "{:?}", r.json);
+    }
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            kube.min_replicas("int", "drifty") == Some(3)
+        })
+        .await
+    );
+    // someone edits the cluster behind our back
+    kube.set_min_replicas("int", "drifty", 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let corrected = support::eventually(Duration::from_secs(10), || async {
+        kube.min_replicas("int", "drifty") == Some(3)
+    })
+    .await;
+    assert!(corrected, "drift never corrected");
+    let status = send(&app, get("/api/1.0/controller").to_request()).await;
+    let conv = &status.json["min_replicas"];
+    assert!(
+        conv["drift_corrected_total"].as_u64().unwrap_or(0) >= 1,
+        "{status:?}"
+    );
+    // "late" is not in the cluster: reported missing, and converged once it appears
+    let missing = support::eventually(Duration::from_secs(10), || async {
+        let s = send(&app, get("/api/1.0/controller").to_request()).await;
+        s.json["min_replicas"]["missing"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|e| e["name"] == "late"))
+    })
+    .await;
+    assert!(missing, "a deployable missing from the cluster is reported");
+    kube.seed_deployable(&shadow_spec("late"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let converged = support::eventually(Duration::from_secs(10), || async {
+        kube.min_replicas("int", "late") == Some(3)
+    })
+    .await;
+    assert!(converged, "NotFound was taken as done");
+    let metrics = svc.state.metrics.render();
+    assert!(
+        metrics.contains("controller_decisions_total{action=\"min_replicas_drift\"}"),
+        "{metrics}"
+    );
+}
+
+#[actix_web::test]
+async fn callback_deliveries_run_with_bounded_concurrency() {
+    // a receiver that holds every request a while and records the peak in flight
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let (i, p, s) = (inflight.clone(), peak.clone(), seen.clone());
+    let server = HttpServer::new(move || {
+        let (i, p, s) = (i.clone(), p.clone(), s.clone());
+        App::new().default_service(web::to(move || {
+            let (i, p, s) = (i.clone(), p.clone(), s.clone());
+            async move {
+                let now = i.fetch_add(1, Ordering::SeqCst) + 1;
+                p.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                i.fetch_sub(1, Ordering::SeqCst);
+                s.fetch_add(1, Ordering::SeqCst);
+                HttpResponse::NoContent().finish()
+            }
+        }))
+    })
+    .workers(2)
+    .bind(("127.0.0.1", 0))
+    .unwrap_or_else(|e| panic!("bind: {e}"));
+    let port = server.addrs()[0].port();
+    let server = server.run();
+    let _handle = server.handle();
+    actix_rt::spawn(server);
+    let url = format!("http://127.0.0.1:{port}/cb");
+
+    let kube = Arc::new(SimKube::new(Duration::from_millis(20)));
+    let mut cfg = ops_config();
+    cfg.operations.callback_concurrency = 4;
+    let svc = start_with_kube(cfg, Arc::new(MemoryStore::new()), kube);
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    for n in 0..24 {
+        accepted(&app, "/api/1.0/int/jobs", job(&format!("burst-{n}"), &url)).await;
+    }
+    let all = support::eventually(Duration::from_secs(60), || async {
+        seen.load(Ordering::SeqCst) >= 24
+    })
+    .await;
+    assert!(all, "only {} callbacks", seen.load(Ordering::SeqCst));
+    let peak = peak.load(Ordering::SeqCst);
+    println!("peak concurrent callback deliveries: {peak}");
+    assert!(
+        peak <= 4,
+        "at most CALLBACK_CONCURRENCY at once, saw {peak}"
+    );
+}
+
+#[actix_web::test]
+async fn concurrent_lease_requests_share_one_grant() {
+    struct SlowGrants {
+        inner: MemoryStore,
+        grants: AtomicUsize,
+    }
+    #[async_trait::async_trait]
+    impl Store for SlowGrants {
+        async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+            self.inner.txn(txn).await
+        }
+        async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
+            self.grants.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.inner.grant_lease(ttl).await
+        }
+        async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+            self.inner.revoke_lease(lease).await
+        }
+        async fn watch(&self, prefix: &str, rev: i64) -> Result<WatchReceiver, StoreError> {
+            self.inner.watch(prefix, rev).await
+        }
+        async fn health(&self) -> Result<(), StoreError> {
+            self.inner.health().await
+        }
+        fn name(&self) -> &'static str {
+            "slow-grants"
+        }
+    }
+    let store = SlowGrants {
+        inner: MemoryStore::new(),
+        grants: AtomicUsize::new(0),
+    };
+    let pool = resource_plane::idempotency::LeasePool::new(Duration::from_secs(600));
+    let got = futures::future::join_all((0..16).map(|_| pool.lease(&store))).await;
+    let ids: std::collections::HashSet<i64> = got
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    assert_eq!(ids.len(), 1, "every caller got the same lease");
+    assert_eq!(store.grants.load(Ordering::SeqCst), 1, "one grant RPC");
 }
