@@ -1,13 +1,12 @@
 //! `CallbackSender` over HTTP(S) with reqwest and rustls, SSRF-safe.
 //!
-//! Each attempt validates the target against the [`UrlPolicy`], resolves its host and
-//! refuses if any resolved address is forbidden. One client, built once, sends every
-//! attempt and keeps its connections: its resolver checks every address it resolves
-//! against the same policy and fails the lookup when one is forbidden, so DNS rebinding
-//! between the check and the connection cannot redirect it to a forbidden address (IP
-//! literals need no resolution and were checked by the validation). Redirects are not
-//! followed and proxies from the environment are ignored (a proxy would resolve the name
-//! itself).
+//! Each attempt validates the target against the [`UrlPolicy`], resolves its host once
+//! and refuses if any resolved address is forbidden. One client, built once, sends every
+//! attempt and keeps its connections; its resolver answers a host name only with the
+//! addresses an attempt just checked for it (any other name fails to resolve), so DNS
+//! rebinding between the check and the connection cannot redirect it (IP literals need
+//! no resolution and were checked by the validation). Redirects are not followed and
+//! proxies from the environment are ignored (a proxy would resolve the name itself).
 //!
 //! Headers sent: the caller's, `content-type: application/json`, `webhook-id`,
 //! `webhook-timestamp` and, with a signing secret, `webhook-signature`. The secret and
@@ -122,37 +121,43 @@ fn resolve_error(target: &ValidatedTarget, reason: &str) -> CallbackError {
     }
 }
 
-/// The shared client's resolver: resolves with the sender's [`HostResolver`] and fails
-/// the lookup when any address is one the policy forbids for every target (an allowed
-/// host may use any address; loopback only under `allow_insecure_localhost`).
-struct CheckingResolver {
-    resolver: Arc<dyn HostResolver>,
+/// Most host names whose checked addresses are kept for the shared client.
+const PINNED_HOSTS: usize = 1024;
+
+/// Host name -> the addresses the last attempt to it resolved and checked.
+type Pinned = Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<IpAddr>>>>;
+
+/// The shared client's resolver: answers only with the addresses an attempt resolved
+/// and checked for that host just before sending (any other name fails to resolve), and
+/// checks them once more against the policy.
+struct PinnedResolver {
+    pinned: Pinned,
     policy: UrlPolicy,
 }
 
-impl reqwest::dns::Resolve for CheckingResolver {
+impl reqwest::dns::Resolve for PinnedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_owned();
-        let resolver = self.resolver.clone();
+        let ips = self
+            .pinned
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&host).cloned())
+            .unwrap_or_default();
         let policy = self.policy.clone();
         Box::pin(async move {
-            // The connector puts the URL's port on each address.
-            let found = resolver.resolve(&host, 0).await?;
             let allowed = |ip: IpAddr| {
                 policy.is_allowed_host(&host)
                     || !is_forbidden_ip(ip)
                     || (policy.allow_insecure_localhost && is_loopback_ip(ip))
             };
-            if found.is_empty() || found.iter().any(|a| !allowed(a.ip())) {
+            if ips.is_empty() || ips.iter().any(|ip| !allowed(*ip)) {
                 let err: Box<dyn std::error::Error + Send + Sync> =
-                    format!("refusing to connect to {host}: it resolves to a forbidden address")
-                        .into();
+                    format!("refusing to resolve {host}: only checked addresses are used").into();
                 return Err(err);
             }
-            let addrs: Vec<SocketAddr> = found
-                .into_iter()
-                .map(|a| SocketAddr::new(a.ip(), 0))
-                .collect();
+            // The connector puts the URL's port on each address.
+            let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect();
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
     }
@@ -165,8 +170,9 @@ pub struct HttpCallbackSender {
     timeout: Duration,
     resolver: Arc<dyn HostResolver>,
     tls: Option<Arc<rustls::ClientConfig>>,
-    /// The one client every attempt uses (built with the resolver above).
+    /// The one client every attempt uses (its resolver answers from `pinned`).
     client: Result<reqwest::Client, String>,
+    pinned: Pinned,
 }
 
 /// The TLS configuration every attempt shares: Mozilla's roots plus the system's, read
@@ -208,6 +214,7 @@ impl HttpCallbackSender {
             resolver: Arc::new(SystemResolver),
             tls: tls_config(),
             client: Err("not built".into()),
+            pinned: Pinned::default(),
         };
         s.client = s.build_client();
         s
@@ -216,7 +223,6 @@ impl HttpCallbackSender {
     /// Replaces the resolver (tests use a fixed table).
     pub fn with_resolver(mut self, resolver: Arc<dyn HostResolver>) -> Self {
         self.resolver = resolver;
-        self.client = self.build_client();
         self
     }
 
@@ -245,8 +251,14 @@ impl HttpCallbackSender {
                 return AttemptOutcome::Refused(format!("invalid method {}", target.method()))
             }
         };
-        if addrs.is_empty() {
-            return AttemptOutcome::NetworkError("no address to connect to".into());
+        if let TargetHost::Name(host) = target.host() {
+            // Pin the name to what was just checked: the connection can only use these.
+            if let Ok(mut p) = self.pinned.lock() {
+                if p.len() >= PINNED_HOSTS && !p.contains_key(host) {
+                    p.clear();
+                }
+                p.insert(host.clone(), addrs.iter().map(SocketAddr::ip).collect());
+            }
         }
         let client = match &self.client {
             Ok(c) => c,
@@ -319,8 +331,8 @@ impl HttpCallbackSender {
             .connect_timeout(self.timeout)
             .pool_idle_timeout(Duration::from_secs(30))
             .user_agent(USER_AGENT)
-            .dns_resolver(Arc::new(CheckingResolver {
-                resolver: self.resolver.clone(),
+            .dns_resolver(Arc::new(PinnedResolver {
+                pinned: self.pinned.clone(),
                 policy: self.policy.clone(),
             }));
         if let Some(tls) = &self.tls {
