@@ -688,13 +688,14 @@ async fn create_job_that_exists_for_the_same_request_counts_as_created() {
     );
 }
 
+const HPA_GET_URI: &str = "/apis/autoscaling/v2/namespaces/int/horizontalpodautoscalers/predator";
+const SCALE_GET_URI: &str = "/apis/apps/v1/namespaces/int/deployments/predator/scale";
+
 #[tokio::test]
 async fn observed_min_replicas_reads_the_hpa_and_the_scale() {
-    let hpa_get = "/apis/autoscaling/v2/namespaces/int/horizontalpodautoscalers/predator";
-    let scale_get = "/apis/apps/v1/namespaces/int/deployments/predator/scale";
     let script = vec![
-        exchange(Method::GET, hpa_get).answers(200, hpa_response("predator", 4, 8)),
-        exchange(Method::GET, scale_get).answers(200, scale_response("predator", 5)),
+        exchange(Method::GET, HPA_GET_URI).answers(200, hpa_response("predator", 4, 8)),
+        exchange(Method::GET, SCALE_GET_URI).answers(200, scale_response("predator", 5)),
     ];
     let got = run(script, |k| async move {
         k.observed_min_replicas("int", "predator").await
@@ -702,15 +703,15 @@ async fn observed_min_replicas_reads_the_hpa_and_the_scale() {
     .await;
     assert_eq!(got, Ok(Some(4)));
     let script = vec![
-        exchange(Method::GET, hpa_get).answers(200, hpa_response("predator", 1, 8)),
-        exchange(Method::GET, scale_get).answers(200, scale_response("predator", 0)),
+        exchange(Method::GET, HPA_GET_URI).answers(200, hpa_response("predator", 1, 8)),
+        exchange(Method::GET, SCALE_GET_URI).answers(200, scale_response("predator", 0)),
     ];
     let got = run(script, |k| async move {
         k.observed_min_replicas("int", "predator").await
     })
     .await;
     assert_eq!(got, Ok(Some(0)), "scaled to zero");
-    let script = vec![exchange(Method::GET, hpa_get).answers(
+    let script = vec![exchange(Method::GET, HPA_GET_URI).answers(
         404,
         status_error(
             404,

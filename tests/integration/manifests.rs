@@ -36,6 +36,7 @@ const MOCK_TESTED_REQUESTS: &[&str] = &[
     "PATCH(merge) /apis/apps/v1/namespaces/{ns}/deployments/{name}",
     "GET /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale",
     "PATCH(merge) /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale",
+    "GET /apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers/{name}",
     "PATCH(apply) /apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers/{name}",
     "PATCH(merge) /apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers/{name}",
     "POST /apis/batch/v1/namespaces/{ns}/jobs",
@@ -49,10 +50,6 @@ const MOCK_TESTED_REQUESTS: &[&str] = &[
 /// watch test pins; `get_status` is the generic `get_opt` pinned for Deployments and
 /// Jobs. Move an entry to [`MOCK_TESTED_REQUESTS`] when a mock test starts asserting it.
 const UNASSERTED_ADAPTER_REQUESTS: &[(&str, &str)] = &[
-    (
-        "GET /apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers/{name}",
-        "get_status::<HorizontalPodAutoscaler>",
-    ),
     (
         "GET /apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
         "spawn_watch::<HorizontalPodAutoscaler>",
