@@ -1305,3 +1305,54 @@ async fn concurrent_lease_requests_share_one_grant() {
     assert_eq!(ids.len(), 1, "every caller got the same lease");
     assert_eq!(store.grants.load(Ordering::SeqCst), 1, "one grant RPC");
 }
+
+#[actix_web::test]
+async fn kubernetes_unavailable_at_submit_is_finished_by_the_leader_and_refusals_replay() {
+    let rx = Receiver::start(0).await;
+    let sim = Arc::new(SimKube::new(Duration::from_millis(50)));
+    let kube = Counting::new(sim.clone(), Duration::ZERO, None);
+    let svc = start_with(ops_config(), Arc::new(MemoryStore::new()), kube.clone());
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+
+    // unavailable: accepted all the same, and the leader runs the action again later
+    sim.fail_next(
+        "create_job",
+        KubeError::Unavailable("apiserver down".into()),
+    );
+    let id = accepted(&app, "/api/1.0/int/jobs", job("flaky-api", &rx.url)).await;
+    assert!(sim.job("int", "flaky-api").is_none());
+    let cb = delivered(&rx, &id).await;
+    assert_eq!(cb.body["status"], "SUCCEEDED", "{:?}", cb.body);
+    assert_eq!(
+        kube.jobs.load(Ordering::SeqCst),
+        2,
+        "first try failed, leader retried"
+    );
+
+    // refused: the refusal is the stored answer of the key, and nothing is left behind
+    let taken = |key: &'static str| {
+        post("/api/1.0/int/jobs", &job("flaky-api", &rx.url))
+            .insert_header(("X-Idempotency-Key", key))
+            .to_request()
+    };
+    let first = send(&app, taken("taken-1")).await;
+    assert_eq!(first.status, 409, "{:?}", first.json);
+    let again = send(&app, taken("taken-1")).await;
+    assert_eq!(
+        (again.status, again.json.clone()),
+        (409, first.json.clone())
+    );
+    assert_eq!(
+        again
+            .headers
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+    assert_eq!(
+        kube.jobs.load(Ordering::SeqCst),
+        3,
+        "the replay sent nothing"
+    );
+}
