@@ -98,6 +98,8 @@ pub struct Config {
     pub controller: ControllerSettings,
     /// Asynchronous operations (Kubernetes, watch intents, callbacks).
     pub operations: OperationsSettings,
+    /// Worker agent (`WORKER_AGENT`) and CML client settings.
+    pub agent: AgentSettings,
 }
 
 /// Settings of the Kubernetes-facing operations, watch intents and callbacks.
@@ -397,6 +399,7 @@ impl Config {
             log_format,
             controller,
             operations,
+            agent: AgentSettings::from_map(env, use_mock_adapters)?,
         };
         Ok(cfg)
     }
@@ -465,6 +468,194 @@ fn parse_bool(
         Some("true" | "1" | "yes") => Ok(true),
         Some("false" | "0" | "no") => Ok(false),
         Some(other) => Err(invalid(var, &format!("{other:?} is not true or false"))),
+    }
+}
+
+/// Which worker agent keeps workers and their instances in step with the hosts
+/// (`WORKER_AGENT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerAgentKind {
+    /// Pull each worker's labs from its CML REST API.
+    Cml,
+    /// Only the push route `POST /api/1.0/workers/{id}/heartbeat`.
+    Heartbeat,
+    /// The simulated agent of the embedded mode.
+    Sim,
+}
+
+/// How the service reaches one worker's CML (`CML_*`).
+#[derive(Debug, Clone)]
+pub struct CmlSettings {
+    /// Base URL in front of `/api/v0/` (`CML_URL_TEMPLATE`, default `https://{private_ip}`;
+    /// placeholders `{private_ip}`, `{instance_id}`, `{worker_id}`).
+    pub url_template: String,
+    /// `CML_USERNAME`.
+    pub username: String,
+    /// `CML_PASSWORD` (redacted in `Debug`).
+    pub password: Secret,
+    /// Extra PEM CA bundle trusted for CML's certificate (`CML_CA_FILE`).
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate (`CML_INSECURE_SKIP_VERIFY`, default false).
+    pub insecure_skip_verify: bool,
+    /// Allow `http://` bases (`CML_ALLOW_HTTP`, default false; for loopback tests).
+    pub allow_http: bool,
+    /// Timeout of one CML request (`CML_REQUEST_TIMEOUT_MS`, default 5000).
+    pub request_timeout: Duration,
+    /// CML requests in flight at once, over all workers (`CML_CONCURRENCY`, default 8).
+    pub concurrency: usize,
+}
+
+/// Worker agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// `WORKER_AGENT` = `cml` | `heartbeat` | `sim` (default `sim` with
+    /// `USE_MOCK_ADAPTERS`, `cml` otherwise).
+    pub kind: WorkerAgentKind,
+    /// How often the leader reads every RUNNING/DRAINING worker's labs
+    /// (`CML_SYNC_INTERVAL_MS`, default 5000).
+    pub sync_interval: Duration,
+    /// Stop started labs that match no instance (`CML_STOP_UNKNOWN_LABS`, default false:
+    /// they are only reported).
+    pub stop_unknown_labs: bool,
+    /// The CML client.
+    pub cml: CmlSettings,
+}
+
+impl AgentSettings {
+    /// Reads the `WORKER_AGENT` and `CML_*` variables. `CONTROL_PLANE_API_URL` is refused:
+    /// this service is its own control plane.
+    pub fn from_map(
+        env: &HashMap<String, String>,
+        use_mock_adapters: bool,
+    ) -> Result<Self, ConfigError> {
+        let get = |k: &str| {
+            env.get(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        if get("CONTROL_PLANE_API_URL").is_some() {
+            return Err(invalid(
+                "CONTROL_PLANE_API_URL",
+                "not used: this service is the control plane (its own /api/1.0/instances); \
+                 unset it",
+            ));
+        }
+        let kind = match get("WORKER_AGENT").as_deref() {
+            None if use_mock_adapters => WorkerAgentKind::Sim,
+            None => WorkerAgentKind::Cml,
+            Some("cml") => WorkerAgentKind::Cml,
+            Some("heartbeat") => WorkerAgentKind::Heartbeat,
+            Some("sim") => WorkerAgentKind::Sim,
+            Some(other) => {
+                return Err(invalid(
+                    "WORKER_AGENT",
+                    &format!("{other:?} is not cml, heartbeat or sim"),
+                ))
+            }
+        };
+        let allow_http = parse_bool(env, "CML_ALLOW_HTTP", false)?;
+        let url_template = get("CML_URL_TEMPLATE").unwrap_or_else(|| "https://{private_ip}".into());
+        crate::domain::cml::expand_url_template(
+            &url_template,
+            &crate::domain::cml::UrlParts {
+                worker_id: "w",
+                instance_id: Some("i-0"),
+                private_ip: Some("10.0.0.1"),
+            },
+            allow_http,
+        )
+        .map_err(|e| invalid("CML_URL_TEMPLATE", &e))?;
+        let timeout_ms: u64 = parse(env, "CML_REQUEST_TIMEOUT_MS", 5_000)?;
+        if timeout_ms == 0 {
+            return Err(invalid("CML_REQUEST_TIMEOUT_MS", "must be above 0"));
+        }
+        let interval_ms: u64 = parse(env, "CML_SYNC_INTERVAL_MS", 5_000)?;
+        if interval_ms == 0 {
+            return Err(invalid("CML_SYNC_INTERVAL_MS", "must be above 0"));
+        }
+        Ok(Self {
+            kind,
+            sync_interval: Duration::from_millis(interval_ms),
+            stop_unknown_labs: parse_bool(env, "CML_STOP_UNKNOWN_LABS", false)?,
+            cml: CmlSettings {
+                url_template,
+                username: get("CML_USERNAME").unwrap_or_default(),
+                password: Secret::new(env.get("CML_PASSWORD").cloned().unwrap_or_default()),
+                ca_file: get("CML_CA_FILE").map(PathBuf::from),
+                insecure_skip_verify: parse_bool(env, "CML_INSECURE_SKIP_VERIFY", false)?,
+                allow_http,
+                request_timeout: Duration::from_millis(timeout_ms),
+                concurrency: parse(env, "CML_CONCURRENCY", 8usize)?.max(1),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod agent_settings_tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_follow_the_mode() {
+        let a = AgentSettings::from_map(&HashMap::new(), true).expect("defaults");
+        assert_eq!(a.kind, WorkerAgentKind::Sim);
+        assert_eq!(a.sync_interval, Duration::from_millis(5_000));
+        assert!(!a.stop_unknown_labs && !a.cml.allow_http && !a.cml.insecure_skip_verify);
+        assert_eq!(a.cml.url_template, "https://{private_ip}");
+        let a = AgentSettings::from_map(&HashMap::new(), false).expect("defaults");
+        assert_eq!(a.kind, WorkerAgentKind::Cml);
+        let a = AgentSettings::from_map(&map(&[("WORKER_AGENT", "heartbeat")]), false)
+            .expect("heartbeat");
+        assert_eq!(a.kind, WorkerAgentKind::Heartbeat);
+    }
+
+    #[test]
+    fn bad_agent_settings_name_the_variable() {
+        for (pairs, var) in [
+            (vec![("WORKER_AGENT", "ssh")], "WORKER_AGENT"),
+            (
+                vec![("CML_URL_TEMPLATE", "http://{private_ip}")],
+                "CML_URL_TEMPLATE",
+            ),
+            (
+                vec![("CML_URL_TEMPLATE", "https://{hostname}")],
+                "CML_URL_TEMPLATE",
+            ),
+            (vec![("CML_URL_TEMPLATE", "ftp://x")], "CML_URL_TEMPLATE"),
+            (vec![("CML_SYNC_INTERVAL_MS", "0")], "CML_SYNC_INTERVAL_MS"),
+            (vec![("CML_ALLOW_HTTP", "perhaps")], "CML_ALLOW_HTTP"),
+            (
+                vec![("CONTROL_PLANE_API_URL", "http://cp:8080")],
+                "CONTROL_PLANE_API_URL",
+            ),
+        ] {
+            let e = Config::from_map(&map(&pairs)).expect_err("refused");
+            assert!(e.to_string().starts_with(&format!("{var}:")), "{e}");
+        }
+        let ok = map(&[
+            ("CML_URL_TEMPLATE", "http://127.0.0.1:9000/{worker_id}"),
+            ("CML_ALLOW_HTTP", "true"),
+        ]);
+        assert!(Config::from_map(&ok).is_ok());
+    }
+
+    #[test]
+    fn cml_password_is_redacted_in_debug() {
+        let c = Config::from_map(&map(&[
+            ("CML_USERNAME", "admin"),
+            ("CML_PASSWORD", "cml-pw-789"),
+        ]))
+        .expect("config");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("cml-pw-789"), "{dbg}");
+        assert_eq!(c.agent.cml.password.expose(), "cml-pw-789");
     }
 }
 

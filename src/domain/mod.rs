@@ -1,6 +1,7 @@
 //! Pure domain: entities, commands, transition functions. No I/O, no actix, no etcd.
 
 pub mod callback;
+pub mod cml;
 pub mod conditions;
 pub mod controller;
 pub mod intent;

@@ -3,6 +3,7 @@
 
 mod callbacks;
 mod cluster;
+mod cml;
 mod concurrency;
 mod contract;
 mod controller;
