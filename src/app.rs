@@ -11,6 +11,7 @@ use dashmap::DashMap;
 use serde::Deserialize;
 use tracing::{info, warn};
 
+use crate::actors::cml_sync::AgentSync;
 use crate::actors::controller::ControllerCtx;
 use crate::actors::follow::follow;
 use crate::actors::leader::{run_election, Fence};
@@ -19,22 +20,25 @@ use crate::actors::operations::OpsCtx;
 use crate::actors::registry::Registry;
 use crate::actors::shadow::{Deps, View};
 use crate::actors::worker::{WorkerDeps, WorkerRegistry};
+use crate::adapters::cml::CmlAgent;
 use crate::adapters::ec2::{Ec2Cloud, Ec2Settings};
 use crate::adapters::etcd::EtcdStore;
 use crate::adapters::http_callback::HttpCallbackSender;
 use crate::adapters::instrumented::InstrumentedStore;
 use crate::adapters::kube::KubeAdapter;
 use crate::adapters::memory::MemoryStore;
+use crate::adapters::sim_agent::SimAgent;
 use crate::adapters::sim_cloud::SimCloud;
 use crate::adapters::sim_kube::SimKube;
 use crate::api::AppState;
-use crate::config::{valid_segment, Config, ConfigError};
+use crate::config::{valid_segment, Config, ConfigError, WorkerAgentKind};
 use crate::domain::callback::UrlPolicy;
 use crate::domain::controller::validate_templates;
 use crate::domain::shadow::ShadowDeployable;
 use crate::domain::worker::WorkerTemplate;
 use crate::idempotency::LeasePool;
 use crate::keys;
+use crate::ports::agent::WorkerAgent;
 use crate::ports::cloud::CloudProvider;
 use crate::ports::kube::{DeployableSpec, KubeExecutor, ResourceSpec};
 use crate::ports::store::{Compare, Op, Store, StoreError, Txn};
@@ -218,6 +222,7 @@ impl Service {
     ) -> Result<Self, ConfigError> {
         let seed = load_seed(&config)?;
         let templates = load_templates(&config)?;
+        let agent = new_worker_agent(&config)?;
         let metrics = Metrics::new();
         let store: Arc<dyn Store> = Arc::new(InstrumentedStore::new(store, metrics.clone()));
         let deps = Arc::new(Deps {
@@ -285,6 +290,17 @@ impl Service {
         actix_rt::spawn(controller.clone().kick_on_changes());
         actix_rt::spawn(follow(store.clone(), workers));
         actix_rt::spawn(follow(store.clone(), instances));
+        if let Some(agent) = agent {
+            let a = &config.agent;
+            let sync = AgentSync::new(
+                controller.clone(),
+                agent,
+                a.stop_unknown_labs,
+                a.cml.concurrency,
+                a.sync_interval,
+            );
+            actix_rt::spawn(sync.run_forever());
+        }
         let state = web::Data::new(AppState {
             config: Arc::new(config),
             registry: registry.clone(),
@@ -336,6 +352,20 @@ impl Service {
         }
         true
     }
+}
+
+/// The worker agent `WORKER_AGENT` names (`None` for `heartbeat`: only the push route).
+pub fn new_worker_agent(config: &Config) -> Result<Option<Arc<dyn WorkerAgent>>, ConfigError> {
+    Ok(match config.agent.kind {
+        WorkerAgentKind::Heartbeat => None,
+        WorkerAgentKind::Sim => Some(Arc::new(SimAgent::new())),
+        WorkerAgentKind::Cml => Some(Arc::new(CmlAgent::new(config.agent.cml.clone()).map_err(
+            |reason| ConfigError::Invalid {
+                var: "WORKER_AGENT".into(),
+                reason,
+            },
+        )?)),
+    })
 }
 
 /// A simulated cluster holding a ready Deployment + HPA for every seeded shadow

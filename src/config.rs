@@ -409,6 +409,8 @@ impl Config {
         let mut env = HashMap::new();
         env.insert("SHADOW_SEED_FILE".to_owned(), String::new());
         env.insert("ACTOR_THREADS".to_owned(), "2".to_owned());
+        // Tests drive instance states themselves unless they opt into an agent.
+        env.insert("WORKER_AGENT".to_owned(), "heartbeat".to_owned());
         // Only fails if the defaults themselves are invalid, which a unit test guards.
         Self::from_map(&env).unwrap_or_else(|e| panic!("default config is invalid: {e}"))
     }

@@ -1,6 +1,7 @@
 //! Actors: one supervised actor per entity, and the registry that finds or spawns them.
 
 pub mod autoscaler;
+pub mod cml_sync;
 pub mod controller;
 pub mod follow;
 pub mod instances;

@@ -138,6 +138,10 @@ impl WorkerAgent for SimAgent {
         Ok(())
     }
 
+    fn observe_placement(&self, worker_id: &str, instances: &[Instance]) {
+        self.follow(worker_id, instances);
+    }
+
     fn name(&self) -> &'static str {
         "sim"
     }

@@ -4,6 +4,7 @@
 use async_trait::async_trait;
 
 pub use crate::domain::cml::{Lab, LabState};
+use crate::domain::worker::Instance;
 
 /// What an agent needs to find one worker's host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +44,9 @@ pub trait WorkerAgent: Send + Sync + 'static {
     async fn labs(&self, worker: &AgentTarget) -> Result<Vec<Lab>, AgentError>;
     /// Stops one lab; an unknown lab is `Ok` (already gone).
     async fn stop_lab(&self, worker: &AgentTarget, lab_id: &str) -> Result<(), AgentError>;
+    /// Told, before each read, what the controller has placed on the worker. Real hosts
+    /// learn it from their labs and ignore this; the simulated agent mirrors it.
+    fn observe_placement(&self, _worker_id: &str, _instances: &[Instance]) {}
     /// Adapter name for logs and metrics.
     fn name(&self) -> &'static str;
 }

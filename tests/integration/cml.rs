@@ -643,3 +643,142 @@ async fn cml_password_and_tokens_never_reach_debug_or_logs() {
     );
     emu.stop().await;
 }
+
+fn add_host(emu: &Emulator, host: &str, ready: bool) {
+    emu.with(|s| {
+        s.hosts.entry(host.to_owned()).or_default().ready = ready;
+    });
+}
+
+async fn until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while !f() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    true
+}
+
+/// The embedded service with `WORKER_AGENT=cml` against the emulator: a lab started on
+/// the worker's CML makes its instance RUNNING, a stopped or deleted lab COMPLETES it, a
+/// stray lab is reported and left alone, every successful read records a heartbeat, and
+/// an unreachable CML records none.
+#[actix_web::test]
+async fn cml_sync_drives_instances_end_to_end() {
+    use resource_plane::adapters::memory::MemoryStore;
+    use resource_plane::adapters::sim_cloud::SimCloud;
+    use resource_plane::app::Service;
+    use resource_plane::config::WorkerAgentKind;
+    use resource_plane::ports::store::Store;
+
+    let emu = Emulator::start(&[]);
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = super::controller::controller_config(&dir, super::controller::TEMPLATES);
+    cfg.agent.kind = WorkerAgentKind::Cml;
+    cfg.agent.cml = settings(&emu.template());
+    cfg.agent.sync_interval = Duration::from_millis(100);
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let cloud = Arc::new(SimCloud::new(Duration::from_millis(50)));
+    let svc = Service::start_with(cfg, store, cloud).unwrap_or_else(|e| panic!("{e}"));
+    assert!(svc.wait_hydrated(Duration::from_secs(10)).await);
+    let ctl = svc.state.controller.clone();
+    assert!(until(Duration::from_secs(5), || ctl.leader_status().is_leader).await);
+
+    let app = actix_web::test::init_service(resource_plane::api::app(svc.state.clone())).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = super::support::send(
+            &app,
+            super::support::post(
+                "/api/1.0/instances",
+                &json!({"requirements": {"cpu": 1, "memory_gb": 2}}),
+            )
+            .to_request(),
+        )
+        .await;
+        assert_eq!(r.status, 202, "{:?}", r.json);
+        ids.push(r.json["id"].as_str().unwrap_or_default().to_owned());
+    }
+    let state = |id: &str| ctl.instances.get(id).map(|(i, _)| i.state);
+    let worker_of = |id: &str| ctl.instances.get(id).and_then(|(i, _)| i.worker_id);
+    assert!(
+        until(Duration::from_secs(15), || ids
+            .iter()
+            .all(|i| state(i) == Some(InstanceState::Scheduled)))
+        .await,
+        "instances were not placed: {:?}",
+        ctl.workers.list()
+    );
+    let wid = worker_of(&ids[0]).unwrap_or_default();
+    assert_eq!(worker_of(&ids[1]).as_deref(), Some(wid.as_str()));
+
+    // CML not up yet on the host: the syncs fail, nothing moves, no heartbeat.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(state(&ids[0]), Some(InstanceState::Scheduled));
+    assert!(ctl
+        .workers
+        .get(&wid)
+        .is_some_and(|w| w.last_heartbeat_at.is_none()));
+
+    // CML answers; one lab by title, one by tag, one stray.
+    add_host(&emu, &wid, true);
+    emu.put_lab(&wid, "lab-a", &ids[0], "STARTED", None);
+    let tag = format!("resource-plane/instance={}", ids[1]);
+    emu.put_lab(
+        &wid,
+        "lab-b",
+        "Customer lab",
+        "STARTED",
+        Some(&[tag.as_str()]),
+    );
+    emu.put_lab(&wid, "lab-x", "hand made", "STARTED", None);
+    assert!(
+        until(Duration::from_secs(10), || ids
+            .iter()
+            .all(|i| state(i) == Some(InstanceState::Running)))
+        .await,
+        "labs started but instances did not run: {:?}",
+        ids.iter().map(|i| state(i)).collect::<Vec<_>>()
+    );
+    assert!(ctl
+        .workers
+        .get(&wid)
+        .is_some_and(|w| w.last_heartbeat_at.is_some()));
+
+    // One lab stopped, one deleted: both instances complete and leave the worker.
+    emu.put_lab(&wid, "lab-a", &ids[0], "STOPPED", None);
+    emu.remove_lab(&wid, "lab-b");
+    assert!(
+        until(Duration::from_secs(10), || ids
+            .iter()
+            .all(|i| state(i) == Some(InstanceState::Completed)))
+        .await,
+        "labs ended but instances did not complete"
+    );
+    assert!(
+        until(Duration::from_secs(5), || ctl
+            .workers
+            .get(&wid)
+            .is_some_and(|w| w.instances.is_empty()))
+        .await
+    );
+    // The stray lab was reported, never stopped.
+    assert_eq!(emu.lab_state(&wid, "lab-x").as_deref(), Some("STARTED"));
+    assert!(!emu
+        .log()
+        .iter()
+        .any(|(m, p, _)| m == "PUT" && p.ends_with("/stop")));
+
+    // CML goes away: the heartbeat stops moving.
+    emu.with(|s| {
+        s.hosts.remove(&wid);
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hb = ctl.workers.get(&wid).and_then(|w| w.last_heartbeat_at);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(ctl.workers.get(&wid).and_then(|w| w.last_heartbeat_at), hb);
+    svc.shutdown();
+    emu.stop().await;
+}
