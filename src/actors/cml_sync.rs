@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use futures::stream::{self, StreamExt};
 use tracing::{info, warn};
 
@@ -44,7 +45,12 @@ pub struct AgentSync {
     stop_unknown: bool,
     concurrency: usize,
     interval: Duration,
+    /// Cloud instance id -> private IP.
+    ips: DashMap<String, String>,
 }
+
+/// Most private IPs kept before the cache starts afresh.
+const MAX_CACHED_IPS: usize = 4_096;
 
 impl AgentSync {
     /// A sync over `agent`.
@@ -61,6 +67,7 @@ impl AgentSync {
             stop_unknown,
             concurrency: concurrency.max(1),
             interval,
+            ips: DashMap::new(),
         })
     }
 
@@ -90,6 +97,28 @@ impl AgentSync {
             .await
     }
 
+    /// The worker's private IP, asked of the cloud once per cloud instance and kept.
+    async fn private_ip(&self, w: &Worker) -> Option<String> {
+        let cid = w.cloud_instance_id.as_deref()?;
+        if let Some(ip) = self.ips.get(cid) {
+            return Some(ip.clone());
+        }
+        match self.ctl.cloud.instance_private_ip(cid).await {
+            Ok(Some(ip)) => {
+                if self.ips.len() >= MAX_CACHED_IPS {
+                    self.ips.clear();
+                }
+                self.ips.insert(cid.to_owned(), ip.clone());
+                Some(ip)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(worker = %w.id, error = %e, "private IP not known yet");
+                None
+            }
+        }
+    }
+
     /// Reads one worker's labs and applies the decision.
     pub async fn sync_worker(&self, w: &Worker) -> WorkerSync {
         let mut out = WorkerSync {
@@ -106,7 +135,7 @@ impl AgentSync {
         let target = AgentTarget {
             worker_id: w.id.clone(),
             instance_id: w.cloud_instance_id.clone(),
-            private_ip: None,
+            private_ip: self.private_ip(w).await,
         };
         let labs = match self.agent.labs(&target).await {
             Ok(l) => l,

@@ -381,6 +381,22 @@ impl CloudProvider for Ec2Cloud {
             .unwrap_or(CloudInstanceStatus::NotFound))
     }
 
+    async fn instance_private_ip(&self, instance_id: &str) -> Result<Option<String>, CloudError> {
+        let request = self.client.describe_instances().instance_ids(instance_id);
+        match request.send().await {
+            Ok(output) => Ok(output
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .find(|i| i.instance_id() == Some(instance_id))
+                .and_then(|i| i.private_ip_address())
+                .filter(|ip| !ip.is_empty())
+                .map(str::to_owned)),
+            Err(e) if is_instance_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err("DescribeInstances", e)),
+        }
+    }
+
     #[tracing::instrument(skip(self), fields(cluster_id = %self.cluster_id))]
     async fn list_instances(&self) -> Result<Vec<CloudInstance>, CloudError> {
         let instances = self.describe_all(self.describe_ours()).await?;

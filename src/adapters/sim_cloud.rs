@@ -161,6 +161,17 @@ impl CloudProvider for SimCloud {
             .map_or(CloudInstanceStatus::NotFound, |i| i.status(now)))
     }
 
+    /// Simulated hosts live on loopback: a simulated instance that is not terminated
+    /// answers `127.0.0.1`.
+    async fn instance_private_ip(&self, instance_id: &str) -> Result<Option<String>, CloudError> {
+        Ok(self
+            .state()
+            .instances
+            .get(instance_id)
+            .filter(|i| !i.terminated)
+            .map(|_| "127.0.0.1".to_owned()))
+    }
+
     async fn list_instances(&self) -> Result<Vec<CloudInstance>, CloudError> {
         let now = Instant::now();
         Ok(self

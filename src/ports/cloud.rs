@@ -89,6 +89,13 @@ pub trait CloudProvider: Send + Sync + 'static {
     /// Instances tagged managed-by=resource-plane and with this adapter's cluster id
     /// (any state except terminated).
     async fn list_instances(&self) -> Result<Vec<CloudInstance>, CloudError>;
+    /// Private IP address of an instance (how the CML agent reaches its host; the
+    /// `{private_ip}` of `CML_URL_TEMPLATE`). `None` while the cloud has assigned none or
+    /// does not know the instance. The default answers `None`.
+    async fn instance_private_ip(&self, instance_id: &str) -> Result<Option<String>, CloudError> {
+        let _ = instance_id;
+        Ok(None)
+    }
     /// Adapter name for logs and metrics.
     fn name(&self) -> &'static str;
 }

@@ -782,3 +782,60 @@ async fn cml_sync_drives_instances_end_to_end() {
     svc.shutdown();
     emu.stop().await;
 }
+
+/// The cloud port reports the private IP the default `CML_URL_TEMPLATE`
+/// (`https://{private_ip}`) needs: EC2 against moto, and the simulated cloud (loopback).
+#[tokio::test]
+async fn cloud_reports_the_private_ip_cml_is_reached_at() {
+    use resource_plane::adapters::sim_cloud::SimCloud;
+    use resource_plane::domain::worker::WorkerTemplate;
+    use resource_plane::ports::cloud::CloudProvider;
+
+    let tpl = WorkerTemplate {
+        name: "metal".into(),
+        instance_type: "m5zn.metal".into(),
+        image_id: super::moto::AMI.into(),
+        subnet_id: None,
+        security_group_ids: None,
+        capacity: Resources {
+            cpu: 48.0,
+            memory_gb: 192.0,
+        },
+        min_workers: 0,
+        max_workers: 4,
+        hourly_cost: 3.96,
+        labels: BTreeMap::new(),
+    };
+    let moto = super::moto::Moto::start();
+    let cluster = format!("cml-{}", uuid::Uuid::new_v4().simple());
+    let ec2 = moto.cloud(&cluster).await;
+    let id = ec2
+        .create_instance(&tpl, "w-ip")
+        .await
+        .unwrap_or_else(|e| panic!("launch: {e}"));
+    let ip = ec2
+        .instance_private_ip(&id)
+        .await
+        .unwrap_or_else(|e| panic!("private ip: {e}"))
+        .unwrap_or_else(|| panic!("moto assigned no private ip"));
+    assert!(
+        ip.parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| a.is_private()),
+        "{ip}"
+    );
+    assert_eq!(
+        ec2.instance_private_ip("i-00000000000000000").await,
+        Ok(None)
+    );
+
+    let sim = SimCloud::new(Duration::ZERO);
+    let sid = sim
+        .create_instance(&tpl, "w-sim")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        sim.instance_private_ip(&sid).await,
+        Ok(Some("127.0.0.1".to_owned()))
+    );
+    assert_eq!(sim.instance_private_ip("i-none").await, Ok(None));
+}
