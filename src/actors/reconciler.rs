@@ -10,14 +10,14 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use chrono::Duration as ChronoDuration;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::actors::autoscaler::{Autoscaler, Demand, EnsureMinimum};
 use crate::actors::controller::ControllerCtx;
 use crate::actors::instances;
-use crate::actors::worker::WorkerCmd;
+use crate::actors::worker::{WorkerCmd, WorkerExecError};
 use crate::domain::controller::idle_to_drain;
-use crate::domain::worker::{InstanceState, Worker, WorkerState};
+use crate::domain::worker::{InstanceState, Worker, WorkerError, WorkerState};
 use crate::ports::cloud::CloudInstanceStatus;
 
 /// Run one pass now.
@@ -152,15 +152,27 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
                 Some((i, _)) => !i.is_live() || i.worker_id.as_deref() != Some(w.id.as_str()),
             };
             if stale {
-                let req = ctx
-                    .instances
-                    .get(id)
-                    .map(|(i, _)| i.requirements)
-                    .unwrap_or_default();
+                // The mirror may lag the worker record (another watch stream): confirm
+                // with the store before taking an instance off its worker.
+                let fresh = match instances::get(ctx.store.as_ref(), id).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        note(format!("read instance {id}: {e}"));
+                        continue;
+                    }
+                };
+                if let Some((i, rev)) = &fresh {
+                    if i.is_live() && i.worker_id.as_deref() == Some(w.id.as_str()) {
+                        ctx.instances.note(id, i.clone(), *rev);
+                        continue;
+                    }
+                }
+                let req = fresh.map(|(i, _)| i.requirements).unwrap_or_default();
                 let cmd = WorkerCmd::Unplace {
                     instance_id: id.clone(),
                     requirements: req,
                     instance: None,
+                    idem: None,
                 };
                 match ctx.workers.send(&w.id, cmd, true).await {
                     Ok(_) => ctx.decide(
@@ -269,13 +281,17 @@ async fn reconcile_capacity(
     }
     autoscaler.do_send(EnsureMinimum);
     let idle = ChronoDuration::from_std(ctx.settings.scale_down_idle).unwrap_or_default();
-    let deadline =
-        ctx.clock.now() + ChronoDuration::from_std(ctx.settings.drain_deadline).unwrap_or_default();
-    for id in idle_to_drain(&ctx.workers.list(), &ctx.templates, ctx.clock.now(), idle) {
+    let now = ctx.clock.now();
+    let deadline = now + ChronoDuration::from_std(ctx.settings.drain_deadline).unwrap_or_default();
+    for id in idle_to_drain(&ctx.workers.list(), &ctx.templates, now, idle) {
+        // Picked on this replica's view; the worker actor re-checks idleness and
+        // do_not_disrupt on the record it writes against, so a placement since the
+        // pick cancels the drain.
         let cmd = WorkerCmd::Drain {
             deadline,
             voluntary: true,
-            instances: Vec::new(),
+            idle_cutoff: now.checked_sub_signed(idle),
+            idem: None,
         };
         match ctx.workers.send(&id, cmd, true).await {
             Ok(_) => ctx.decide(
@@ -283,6 +299,11 @@ async fn reconcile_capacity(
                 &id,
                 "idle past SCALE_DOWN_IDLE_SECONDS, above min_workers",
             ),
+            Err(WorkerExecError::Domain(
+                e @ (WorkerError::NotIdle | WorkerError::DoNotDisrupt),
+            )) => {
+                debug!(worker = %id, reason = %e, "idle drain cancelled");
+            }
             Err(e) => note(format!("drain {id}: {e}")),
         }
     }
