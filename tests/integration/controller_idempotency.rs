@@ -444,3 +444,38 @@ async fn a_heartbeat_of_many_instances_goes_in_consistent_resumable_steps_on_rea
         );
     }
 }
+
+#[actix_web::test]
+async fn a_retry_on_another_replica_replays_through_the_transaction_guard() {
+    let etcd = Etcd::start();
+    let prefix = support::unique_prefix();
+    let seed = etcd.store(&prefix);
+    seed_worker(seed.as_ref(), "w-x", 0).await;
+    let (a, _da) = start(etcd.store(&prefix)).await;
+    let (b, _db) = start(etcd.store(&prefix)).await;
+    let app_a = test::init_service(api::app(a.state.clone())).await;
+    let app_b = test::init_service(api::app(b.state.clone())).await;
+    let s = seed.as_ref();
+
+    let body = json!({"requirements": {"cpu": 1000.0, "memory_gb": 1.0}, "do_not_disrupt": true});
+    let first = call(&app_a, "/api/1.0/instances", &body, "x-create").await;
+    assert_eq!(first.status, 202, "{:?}", first.json);
+    let count = instance_count(s).await;
+    // B never looks the key up first: its create transaction finds the record
+    let again = call(&app_b, "/api/1.0/instances", &body, "x-create").await;
+    assert_replay(&first, &again);
+    assert_eq!(instance_count(s).await, count);
+
+    let first = call(&app_a, "/api/1.0/workers/w-x/drain", &json!({}), "x-drain").await;
+    assert_eq!(first.status, 202, "{:?}", first.json);
+    let again = call(&app_b, "/api/1.0/workers/w-x/drain", &json!({}), "x-drain").await;
+    assert_replay(&first, &again);
+    let r = call(
+        &app_b,
+        "/api/1.0/workers/w-x/drain",
+        &json!({"deadline_seconds": 60}),
+        "x-drain",
+    )
+    .await;
+    assert_eq!(r.status, 422, "{:?}", r.json);
+}
