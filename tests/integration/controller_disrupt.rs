@@ -394,6 +394,66 @@ async fn an_api_drain_is_decided_on_the_store_not_on_a_lagging_instance_view() {
     assert_not_drained(&f, "w-lag").await;
 }
 
+#[actix_web::test]
+async fn the_reconciler_does_not_take_an_instance_off_its_worker_on_a_lagging_view() {
+    tokio::time::pause();
+    let f = start("w-rec", 0, Duration::from_secs(3600)).await;
+    f.store.hold_instances.store(true, Ordering::SeqCst);
+    place_directly(
+        f.store.as_ref(),
+        "w-rec",
+        "i-dnd-rec",
+        1.0,
+        true,
+        InstanceState::Running,
+    )
+    .await;
+    let ctl = f.svc.state.controller.clone();
+    let mut seen = false;
+    for _ in 0..100 {
+        seen = ctl
+            .workers
+            .get("w-rec")
+            .is_some_and(|w| w.instances.iter().any(|i| i == "i-dnd-rec"));
+        if seen {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen, "worker view never saw the placement");
+    let autoscaler = ctl
+        .autoscaler()
+        .unwrap_or_else(|| panic!("the leader runs an autoscaler"));
+    // a pass while the instance view lags, then one after it caught up
+    let _ = resource_plane::actors::reconciler::reconcile_once(&ctl, &autoscaler).await;
+    f.store.hold_instances.store(false, Ordering::SeqCst);
+    for _ in 0..100 {
+        if ctl.instances.get("i-dnd-rec").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = resource_plane::actors::reconciler::reconcile_once(&ctl, &autoscaler).await;
+    let w = stored_worker(f.store.as_ref(), "w-rec").await;
+    assert!(
+        w.instances.iter().any(|i| i == "i-dnd-rec"),
+        "the reconciler took a running instance off its worker: {w:?}"
+    );
+    let kv = f
+        .store
+        .get(&keys::instance("i-dnd-rec"))
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("instance missing"));
+    let i: Instance = serde_json::from_slice(&kv.value).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (i.state, i.worker_id.as_deref()),
+        (InstanceState::Running, Some("w-rec")),
+        "the do_not_disrupt instance was disrupted"
+    );
+}
+
 mod interleavings {
     //! Worker actors of two replicas over one memory store, fed no watch (so their
     //! cached records go stale and their transactions lose compares), driven by random
