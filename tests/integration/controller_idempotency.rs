@@ -116,6 +116,16 @@ async fn suite(store: Arc<dyn Store>) {
         InstanceState::Running,
     )
     .await;
+    // busy, so its drain waits for the deadline instead of moving on to STOPPING
+    place_directly(
+        store.as_ref(),
+        "w-free",
+        "i-keep",
+        0.5,
+        false,
+        InstanceState::Running,
+    )
+    .await;
     let (svc, _dir) = start(store.clone()).await;
     let app = test::init_service(api::app(svc.state.clone())).await;
     let s = store.as_ref();
@@ -451,6 +461,15 @@ async fn a_retry_on_another_replica_replays_through_the_transaction_guard() {
     let prefix = support::unique_prefix();
     let seed = etcd.store(&prefix);
     seed_worker(seed.as_ref(), "w-x", 0).await;
+    place_directly(
+        seed.as_ref(),
+        "w-x",
+        "i-x",
+        0.5,
+        false,
+        InstanceState::Running,
+    )
+    .await;
     let (a, _da) = start(etcd.store(&prefix)).await;
     let (b, _db) = start(etcd.store(&prefix)).await;
     let app_a = test::init_service(api::app(a.state.clone())).await;
