@@ -120,13 +120,36 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
             Some(w) if !w.instances.contains(&inst.id) => "its worker does not list it",
             Some(_) => continue,
         };
+        // The worker view may lag the instance view (another watch stream): confirm
+        // with the store before moving an instance off its worker.
+        let placed_on = inst.worker_id.clone();
+        if let Some(wid) = &placed_on {
+            match ctx.store.get(&crate::keys::worker(wid)).await {
+                Ok(Some(kv)) => {
+                    let holds = serde_json::from_slice::<Worker>(&kv.value).is_ok_and(|w| {
+                        w.instances.contains(&inst.id)
+                            && !matches!(w.state, WorkerState::Failed | WorkerState::Terminated)
+                    });
+                    if holds {
+                        continue;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    note(format!("read worker {wid}: {e}"));
+                    continue;
+                }
+            }
+        }
         let back = instances::update(
             ctx.store.as_ref(),
             &inst.id,
             Some(&ctx.fence),
             &ctx.workers.deps().retention,
             |i| {
-                if !matches!(i.state, InstanceState::Scheduled | InstanceState::Running) {
+                if !matches!(i.state, InstanceState::Scheduled | InstanceState::Running)
+                    || i.worker_id != placed_on
+                {
                     return Ok(None);
                 }
                 let mut n = i.clone();

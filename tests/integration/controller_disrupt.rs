@@ -155,6 +155,8 @@ pub struct Interleave {
     pub placed: AtomicUsize,
     /// While set, events of the `/instances/` watch are held back (in order).
     pub hold_instances: Arc<AtomicBool>,
+    /// While set, events of the `/workers/` watch are held back (in order).
+    pub hold_workers: Arc<AtomicBool>,
 }
 
 impl Interleave {
@@ -165,6 +167,7 @@ impl Interleave {
             before_drain_of: Mutex::new(None),
             placed: AtomicUsize::new(0),
             hold_instances: Arc::new(AtomicBool::new(false)),
+            hold_workers: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -227,11 +230,12 @@ impl Store for Interleave {
     }
     async fn watch(&self, prefix: &str, rev: i64) -> Result<WatchReceiver, StoreError> {
         let mut rx = self.inner.watch(prefix, rev).await?;
-        if prefix != keys::INSTANCE_PREFIX {
-            return Ok(rx);
-        }
+        let hold = match prefix {
+            keys::INSTANCE_PREFIX => self.hold_instances.clone(),
+            keys::WORKER_PREFIX => self.hold_workers.clone(),
+            _ => return Ok(rx),
+        };
         let (tx, out) = tokio::sync::mpsc::channel(1024);
-        let hold = self.hold_instances.clone();
         tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
                 // bounded: a held watch is released by the test or after ~10 min
@@ -451,6 +455,52 @@ async fn the_reconciler_does_not_take_an_instance_off_its_worker_on_a_lagging_vi
         (i.state, i.worker_id.as_deref()),
         (InstanceState::Running, Some("w-rec")),
         "the do_not_disrupt instance was disrupted"
+    );
+}
+
+#[actix_web::test]
+async fn the_reconciler_does_not_reschedule_a_running_instance_on_a_lagging_worker_view() {
+    tokio::time::pause();
+    let f = start("w-lagw", 0, Duration::from_secs(3600)).await;
+    f.store.hold_workers.store(true, Ordering::SeqCst);
+    place_directly(
+        f.store.as_ref(),
+        "w-lagw",
+        "i-dnd-lagw",
+        1.0,
+        true,
+        InstanceState::Running,
+    )
+    .await;
+    let ctl = f.svc.state.controller.clone();
+    for _ in 0..100 {
+        if ctl.instances.get("i-dnd-lagw").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ctl.instances.get("i-dnd-lagw").is_some());
+    assert!(ctl
+        .workers
+        .get("w-lagw")
+        .is_some_and(|w| w.instances.is_empty()));
+    let autoscaler = ctl
+        .autoscaler()
+        .unwrap_or_else(|| panic!("the leader runs an autoscaler"));
+    let _ = resource_plane::actors::reconciler::reconcile_once(&ctl, &autoscaler).await;
+    f.store.hold_workers.store(false, Ordering::SeqCst);
+    let kv = f
+        .store
+        .get(&keys::instance("i-dnd-lagw"))
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("instance missing"));
+    let i: Instance = serde_json::from_slice(&kv.value).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (i.state, i.worker_id.as_deref()),
+        (InstanceState::Running, Some("w-lagw")),
+        "a running do_not_disrupt instance was rescheduled on a stale view"
     );
 }
 
