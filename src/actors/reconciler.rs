@@ -10,14 +10,14 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use chrono::Duration as ChronoDuration;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::actors::autoscaler::{Autoscaler, Demand, EnsureMinimum};
 use crate::actors::controller::ControllerCtx;
 use crate::actors::instances;
-use crate::actors::worker::WorkerCmd;
+use crate::actors::worker::{WorkerCmd, WorkerExecError};
 use crate::domain::controller::idle_to_drain;
-use crate::domain::worker::{InstanceState, Worker, WorkerState};
+use crate::domain::worker::{InstanceState, Worker, WorkerError, WorkerState};
 use crate::ports::cloud::CloudInstanceStatus;
 
 /// Run one pass now.
@@ -120,13 +120,36 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
             Some(w) if !w.instances.contains(&inst.id) => "its worker does not list it",
             Some(_) => continue,
         };
+        // The worker view may lag the instance view (another watch stream): confirm
+        // with the store before moving an instance off its worker.
+        let placed_on = inst.worker_id.clone();
+        if let Some(wid) = &placed_on {
+            match ctx.store.get(&crate::keys::worker(wid)).await {
+                Ok(Some(kv)) => {
+                    let holds = serde_json::from_slice::<Worker>(&kv.value).is_ok_and(|w| {
+                        w.instances.contains(&inst.id)
+                            && !matches!(w.state, WorkerState::Failed | WorkerState::Terminated)
+                    });
+                    if holds {
+                        continue;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    note(format!("read worker {wid}: {e}"));
+                    continue;
+                }
+            }
+        }
         let back = instances::update(
             ctx.store.as_ref(),
             &inst.id,
             Some(&ctx.fence),
             &ctx.workers.deps().retention,
             |i| {
-                if !matches!(i.state, InstanceState::Scheduled | InstanceState::Running) {
+                if !matches!(i.state, InstanceState::Scheduled | InstanceState::Running)
+                    || i.worker_id != placed_on
+                {
                     return Ok(None);
                 }
                 let mut n = i.clone();
@@ -152,15 +175,27 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
                 Some((i, _)) => !i.is_live() || i.worker_id.as_deref() != Some(w.id.as_str()),
             };
             if stale {
-                let req = ctx
-                    .instances
-                    .get(id)
-                    .map(|(i, _)| i.requirements)
-                    .unwrap_or_default();
+                // The mirror may lag the worker record (another watch stream): confirm
+                // with the store before taking an instance off its worker.
+                let fresh = match instances::get(ctx.store.as_ref(), id).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        note(format!("read instance {id}: {e}"));
+                        continue;
+                    }
+                };
+                if let Some((i, rev)) = &fresh {
+                    if i.is_live() && i.worker_id.as_deref() == Some(w.id.as_str()) {
+                        ctx.instances.note(id, i.clone(), *rev);
+                        continue;
+                    }
+                }
+                let req = fresh.map(|(i, _)| i.requirements).unwrap_or_default();
                 let cmd = WorkerCmd::Unplace {
                     instance_id: id.clone(),
                     requirements: req,
                     instance: None,
+                    idem: None,
                 };
                 match ctx.workers.send(&w.id, cmd, true).await {
                     Ok(_) => ctx.decide(
@@ -269,13 +304,17 @@ async fn reconcile_capacity(
     }
     autoscaler.do_send(EnsureMinimum);
     let idle = ChronoDuration::from_std(ctx.settings.scale_down_idle).unwrap_or_default();
-    let deadline =
-        ctx.clock.now() + ChronoDuration::from_std(ctx.settings.drain_deadline).unwrap_or_default();
-    for id in idle_to_drain(&ctx.workers.list(), &ctx.templates, ctx.clock.now(), idle) {
+    let now = ctx.clock.now();
+    let deadline = now + ChronoDuration::from_std(ctx.settings.drain_deadline).unwrap_or_default();
+    for id in idle_to_drain(&ctx.workers.list(), &ctx.templates, now, idle) {
+        // Picked on this replica's view; the worker actor re-checks idleness and
+        // do_not_disrupt on the record it writes against, so a placement since the
+        // pick cancels the drain.
         let cmd = WorkerCmd::Drain {
             deadline,
             voluntary: true,
-            instances: Vec::new(),
+            idle_cutoff: now.checked_sub_signed(idle),
+            idem: None,
         };
         match ctx.workers.send(&id, cmd, true).await {
             Ok(_) => ctx.decide(
@@ -283,6 +322,11 @@ async fn reconcile_capacity(
                 &id,
                 "idle past SCALE_DOWN_IDLE_SECONDS, above min_workers",
             ),
+            Err(WorkerExecError::Domain(
+                e @ (WorkerError::NotIdle | WorkerError::DoNotDisrupt),
+            )) => {
+                debug!(worker = %id, reason = %e, "idle drain cancelled");
+            }
             Err(e) => note(format!("drain {id}: {e}")),
         }
     }

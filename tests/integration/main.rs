@@ -6,6 +6,8 @@ mod cluster;
 mod concurrency;
 mod contract;
 mod controller;
+mod controller_disrupt;
+mod controller_idempotency;
 mod ec2;
 mod faults;
 mod hostile;
