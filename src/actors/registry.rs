@@ -334,7 +334,7 @@ impl Registry {
                         .and_then(|v| v.as_str().map(str::to_owned))
                         .unwrap_or_default()
                 })
-                .unwrap_or_else(|| "ABSENT".into()),
+                .unwrap_or_else(|| "UNKNOWN".into()),
             version: record.map(|r| r.version),
             mod_revision: view.as_ref().map(|v| v.mod_revision),
             mailbox_depth: h.stats.mailbox_depth(),
