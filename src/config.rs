@@ -457,6 +457,21 @@ fn parse_bool(
 mod tests {
     use super::*;
 
+    #[test]
+    fn actor_send_timeout_defaults_to_ten_seconds_and_must_be_positive() {
+        let env = HashMap::new();
+        let cfg = Config::from_map(&env).map(|c| c.actor_send_timeout);
+        assert_eq!(cfg.ok(), Some(Duration::from_secs(10)));
+        for bad in ["0", "-1", "soon"] {
+            let env = HashMap::from([("ACTOR_SEND_TIMEOUT_MS".to_owned(), bad.to_owned())]);
+            let e = Config::from_map(&env).map(|_| ()).unwrap_err();
+            assert!(
+                e.to_string().contains("ACTOR_SEND_TIMEOUT_MS"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
     fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
             .iter()

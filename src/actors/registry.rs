@@ -37,6 +37,7 @@ pub const SHADOW_KIND: &str = "shadow-deployable";
 /// A live actor.
 #[derive(Clone)]
 pub struct Handle {
+    key: ShadowKey,
     addr: Addr<ShadowActor>,
     stats: Arc<ActorStats>,
 }
@@ -96,20 +97,20 @@ impl Registry {
                 let stats = e.get().stats.clone();
                 stats.replaced();
                 warn!(env = %key.env, name = %key.name, "shadow actor died; starting a fresh one from the store");
-                let addr = self.start(key, cell, stats.clone());
-                let h = Handle { addr, stats };
+                let addr = self.start(key.clone(), cell, stats.clone());
+                let h = Handle { key, addr, stats };
                 e.insert(h.clone());
                 h
             }
             Entry::Vacant(e) => {
                 let stats = Arc::new(ActorStats::default());
-                let addr = self.start(key, cell, stats.clone());
+                let addr = self.start(key.clone(), cell, stats.clone());
                 self.deps
                     .metrics
                     .actors
                     .with_label_values(&[SHADOW_KIND])
                     .inc();
-                e.insert(Handle { addr, stats }).clone()
+                e.insert(Handle { key, addr, stats }).clone()
             }
         }
     }
@@ -120,6 +121,20 @@ impl Registry {
             .get(key)
             .filter(|h| h.addr.connected())
             .map(|h| h.clone())
+    }
+
+    fn drop_if_same(&self, handle: &Handle) {
+        let removed = self
+            .actors
+            .remove_if(&handle.key, |_, h| h.addr == handle.addr)
+            .is_some();
+        if removed {
+            self.deps
+                .metrics
+                .actors
+                .with_label_values(&[SHADOW_KIND])
+                .dec();
+        }
     }
 
     /// Removes the actor of a record deleted at `revision`, unless the record was
@@ -198,6 +213,11 @@ impl Registry {
             }),
         )
         .await;
+        // An actor left without a record (its record deleted, or a registration that
+        // failed) serves nothing: drop it now rather than wait for the watch.
+        if !self.deps.view.contains_key(&handle.key) {
+            self.drop_if_same(handle);
+        }
         match sent {
             Ok(Ok(r)) => r,
             // Died before or while handling it; the next lookup replaces it.

@@ -653,6 +653,18 @@ impl WorkerRegistry {
             h.addr.send(WorkerMsg { cmd, fenced }),
         )
         .await;
+        // An actor left without a record (deleted, or a create that failed) serves
+        // nothing: drop it now rather than wait for the watch.
+        if !self.deps.view.contains_key(id) {
+            let removed = self.actors.remove_if(id, |_, x| x.addr == h.addr).is_some();
+            if removed {
+                self.deps
+                    .metrics
+                    .actors
+                    .with_label_values(&[WORKER_KIND])
+                    .dec();
+            }
+        }
         match sent {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => {
