@@ -35,6 +35,7 @@ struct Hostile {
     inner: Arc<dyn Store>,
     panic_on: Mutex<Option<String>>,
     hang_on: Mutex<Option<String>>,
+    fail_on: Mutex<Option<String>>,
     released: watch::Sender<bool>,
 }
 
@@ -44,12 +45,17 @@ impl Hostile {
             inner,
             panic_on: Mutex::new(None),
             hang_on: Mutex::new(None),
+            fail_on: Mutex::new(None),
             released: watch::channel(false).0,
         })
     }
 
     fn panic_next(&self, key: &str) {
         *self.panic_on.lock().unwrap_or_else(|p| p.into_inner()) = Some(key.to_owned());
+    }
+
+    fn fail(&self, key: Option<&str>) {
+        *self.fail_on.lock().unwrap_or_else(|p| p.into_inner()) = key.map(str::to_owned);
     }
 
     fn hang(&self, key: &str) {
@@ -86,6 +92,15 @@ impl Store for Hostile {
         };
         if let Some(k) = poisoned {
             panic!("poisoned dependency: the store panicked in a transaction on {k}");
+        }
+        let failing = self
+            .fail_on
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            .is_some_and(|k| touches(&txn, k));
+        if failing {
+            return Err(StoreError::Unavailable("injected outage".into()));
         }
         let stuck = self
             .hang_on
@@ -623,4 +638,30 @@ async fn introspection_without_a_limit_answers_at_most_500_with_a_continue_token
     assert_eq!(pages, 2);
     assert_eq!(seen.len(), 520);
     assert_eq!(seen.iter().collect::<BTreeSet<_>>().len(), 520);
+}
+
+#[actix_web::test]
+async fn failed_registrations_leave_no_actor_behind() {
+    let store = Hostile::new(Arc::new(MemoryStore::new()));
+    let svc = support::service(config(&[]), store.clone()).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    register(&app, "int", "d0").await;
+    for i in 1..=5 {
+        let name = format!("gone-{i}");
+        store.fail(Some(&keys::shadow("int", &name)));
+        let r = send(
+            &app,
+            put(
+                &format!("{BASE}/{name}"),
+                &json!({"node_pool": "p", "dns": "x.example"}),
+            )
+            .to_request(),
+        )
+        .await;
+        assert_eq!(r.status, 503, "{:?}", r.json);
+    }
+    store.fail(None);
+    let only: BTreeSet<(String, String)> =
+        [("shadow-deployable".to_owned(), "int/d0".to_owned())].into();
+    assert_eq!(listed(&app).await, only);
 }
