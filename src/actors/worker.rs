@@ -113,12 +113,12 @@ pub enum WorkerExecError {
     /// Lost the CAS too often.
     #[error("too much contention on this worker")]
     Contention,
-    /// The actor is gone or panicked.
-    #[error("worker actor unavailable")]
-    Mailbox,
     /// The actor did not answer within the send deadline (the command may still run).
     #[error("worker actor busy: no answer within the deadline")]
     Busy,
+    /// The actor is gone or panicked.
+    #[error("worker actor unavailable")]
+    Mailbox,
 }
 
 /// Runs a command.
