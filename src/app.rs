@@ -226,6 +226,7 @@ impl Service {
             leases: LeasePool::new(config.idempotency_ttl),
             retry_delay: config.procure_retry_delay,
             view: View::new(),
+            send_timeout: config.actor_send_timeout,
         });
         let registry = Registry::new(deps, config.actor_threads);
         let fence = Arc::new(Fence::default());
@@ -236,6 +237,7 @@ impl Service {
             view: DashMap::new(),
             clock: crate::clock::Clock::new(),
             retention: LeasePool::new(config.controller.record_retention),
+            send_timeout: config.actor_send_timeout,
         }));
         let instances = Arc::new(Mirror::new(keys::INSTANCE_PREFIX));
         let controller = ControllerCtx::new(

@@ -92,6 +92,9 @@ pub struct Config {
     pub http_workers: usize,
     /// Threads the entity actors are spread over (`ACTOR_THREADS`).
     pub actor_threads: usize,
+    /// How long a request waits for an entity actor's answer before it gets 503
+    /// (`ACTOR_SEND_TIMEOUT_MS`).
+    pub actor_send_timeout: Duration,
     /// Log format (`LOG_FORMAT`: text|json).
     pub log_format: LogFormat,
     /// Resource Controller settings.
@@ -366,6 +369,11 @@ impl Config {
         };
         let sim_kube = choose("KUBE_ADAPTER", "kube")?;
         let sim_cloud = choose("CLOUD_ADAPTER", "ec2")?;
+        let actor_send_timeout =
+            Duration::from_millis(parse(env, "ACTOR_SEND_TIMEOUT_MS", 10_000u64)?);
+        if actor_send_timeout.is_zero() {
+            return Err(invalid("ACTOR_SEND_TIMEOUT_MS", "must be positive"));
+        }
         let cfg = Self {
             host: get("APP_HOST").unwrap_or_else(|| "0.0.0.0".into()),
             port: parse(env, "APP_PORT", 8080)?,
@@ -394,6 +402,7 @@ impl Config {
             seed_file_explicit,
             http_workers: parse(env, "HTTP_WORKERS", cpus)?.max(1),
             actor_threads: parse(env, "ACTOR_THREADS", cpus)?.max(1),
+            actor_send_timeout,
             log_format,
             controller,
             operations,
@@ -471,6 +480,21 @@ fn parse_bool(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn actor_send_timeout_defaults_to_ten_seconds_and_must_be_positive() {
+        let env = HashMap::new();
+        let cfg = Config::from_map(&env).map(|c| c.actor_send_timeout);
+        assert_eq!(cfg.ok(), Some(Duration::from_secs(10)));
+        for bad in ["0", "-1", "soon"] {
+            let env = HashMap::from([("ACTOR_SEND_TIMEOUT_MS".to_owned(), bad.to_owned())]);
+            let e = Config::from_map(&env).map(|_| ()).unwrap_err();
+            assert!(
+                e.to_string().contains("ACTOR_SEND_TIMEOUT_MS"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs

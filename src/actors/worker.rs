@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use serde_json::json;
 use tracing::{debug, warn};
@@ -151,6 +152,9 @@ pub enum WorkerExecError {
     /// Lost the CAS too often.
     #[error("too much contention on this worker")]
     Contention,
+    /// The actor did not answer within the send deadline (the command may still run).
+    #[error("worker actor busy: no answer within the deadline")]
+    Busy,
     /// The actor is gone or panicked.
     #[error("worker actor unavailable")]
     Mailbox,
@@ -192,6 +196,8 @@ pub struct WorkerDeps {
     /// Lease for ended records (TERMINATED workers, ended instances), so etcd drops
     /// them after `RECORD_RETENTION_SECONDS`.
     pub retention: LeasePool,
+    /// How long a caller waits for a worker actor's answer (`ACTOR_SEND_TIMEOUT_MS`).
+    pub send_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -846,45 +852,141 @@ impl WorkerRegistry {
         self.loaded.load(Ordering::SeqCst)
     }
 
+    fn start(&self, id: &str, cell: Cell, stats: Arc<ActorStats>) -> Addr<WorkerActor> {
+        let (deps, wid) = (self.deps.clone(), id.to_owned());
+        Supervisor::start_in_arbiter(&self.arbiter, move |_| WorkerActor {
+            id: wid,
+            cell,
+            deps,
+            stats,
+        })
+    }
+
+    /// The actor of `id`, started from `cell` when there is none or when the one
+    /// registered has died (a panic outside `decide` closes its mailbox): a dead
+    /// address is never kept.
     fn spawn(&self, id: &str, cell: Cell) -> Handle {
-        self.actors
-            .entry(id.to_owned())
-            .or_insert_with(|| {
+        match self.actors.entry(id.to_owned()) {
+            Entry::Occupied(mut e) => {
+                if e.get().addr.connected() {
+                    return e.get().clone();
+                }
+                let stats = e.get().stats.clone();
+                stats.replaced();
+                warn!(worker = %id, "worker actor died; starting a fresh one from the store");
+                let h = Handle {
+                    addr: self.start(id, cell, stats.clone()),
+                    stats,
+                };
+                e.insert(h.clone());
+                h
+            }
+            Entry::Vacant(e) => {
                 let stats = Arc::new(ActorStats::default());
-                let (deps, s, wid) = (self.deps.clone(), stats.clone(), id.to_owned());
-                let addr = Supervisor::start_in_arbiter(&self.arbiter, move |_| WorkerActor {
-                    id: wid,
-                    cell,
-                    deps,
-                    stats: s,
-                });
+                let addr = self.start(id, cell, stats.clone());
                 self.deps
                     .metrics
                     .actors
                     .with_label_values(&[WORKER_KIND])
                     .inc();
-                Handle { addr, stats }
-            })
-            .clone()
+                e.insert(Handle { addr, stats }).clone()
+            }
+        }
     }
 
-    /// Sends a command to worker `id` (spawning its actor, unloaded, if needed).
+    /// The registered actor of `id` if it is alive.
+    fn live(&self, id: &str) -> Option<Handle> {
+        self.actors
+            .get(id)
+            .filter(|h| h.addr.connected())
+            .map(|h| h.clone())
+    }
+
+    /// The actor of an existing worker: the live one, or one started from the record
+    /// read now. An unknown id spawns nothing.
+    async fn find(&self, id: &str) -> Result<Handle, WorkerExecError> {
+        if let Some(h) = self.live(id) {
+            return Ok(h);
+        }
+        let kv = self.deps.store.get(&keys::worker(id)).await?;
+        let Some(kv) = kv else {
+            self.actors.remove_if(id, |_, h| !h.addr.connected());
+            return Err(WorkerExecError::NotFound);
+        };
+        let (w, rev) = decode_worker(Some(&kv))?;
+        Ok(self.spawn(id, Cell::Known(w, rev)))
+    }
+
+    /// Removes the actor of a worker record deleted (or expired) at `revision`, unless
+    /// it was written again since.
+    fn retire(&self, id: &str, revision: i64) {
+        let recreated = self
+            .deps
+            .view
+            .get(id)
+            .is_some_and(|v| v.value().1 > revision);
+        if let Some(h) = self.live(id) {
+            h.stats.enqueued();
+            h.addr.do_send(ObserveWorker {
+                kv: None,
+                mod_revision: revision,
+            });
+        }
+        if !recreated {
+            // A dead actor cannot unpublish its record: do it here.
+            self.deps.view.remove_if(id, |_, v| v.1 < revision);
+            if self.actors.remove(id).is_some() {
+                self.deps
+                    .metrics
+                    .actors
+                    .with_label_values(&[WORKER_KIND])
+                    .dec();
+            }
+        }
+    }
+
+    /// Sends a command to worker `id` and waits for the answer, at most the send
+    /// deadline. Only `Create` starts an actor for a worker that does not exist yet;
+    /// anything else for an unknown id is `NotFound` and leaves nothing behind.
     pub async fn send(
         &self,
         id: &str,
         cmd: WorkerCmd,
         fenced: bool,
     ) -> Result<WorkerOutcome, WorkerExecError> {
-        let h = match self.actors.get(id) {
-            Some(h) => h.clone(),
-            None => self.spawn(id, Cell::Unknown),
+        let h = match (&cmd, self.live(id)) {
+            (_, Some(h)) => h,
+            (WorkerCmd::Create(_), None) => self.spawn(id, Cell::Unknown),
+            (_, None) => self.find(id).await?,
         };
         h.stats.enqueued();
-        match h.addr.send(WorkerMsg { cmd, fenced }).await {
-            Ok(r) => r,
-            Err(_) => {
+        let sent = tokio::time::timeout(
+            self.deps.send_timeout,
+            h.addr.send(WorkerMsg { cmd, fenced }),
+        )
+        .await;
+        // An actor left without a record (deleted, or a create that failed) serves
+        // nothing: drop it now rather than wait for the watch.
+        if !self.deps.view.contains_key(id) {
+            let removed = self.actors.remove_if(id, |_, x| x.addr == h.addr).is_some();
+            if removed {
+                self.deps
+                    .metrics
+                    .actors
+                    .with_label_values(&[WORKER_KIND])
+                    .dec();
+            }
+        }
+        match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => {
                 h.stats.dequeued();
                 Err(WorkerExecError::Mailbox)
+            }
+            Err(_) => {
+                warn!(worker = %id, timeout_ms = self.deps.send_timeout.as_millis() as u64,
+                    "worker actor did not answer within the send deadline");
+                Err(WorkerExecError::Busy)
             }
         }
     }
@@ -901,48 +1003,59 @@ impl WorkerRegistry {
         self.deps.view.get(id).map(|e| e.value().0.clone())
     }
 
-    /// Introspection of every worker actor.
+    /// Introspection of every live worker actor, sorted by id.
     pub fn actors(&self) -> Vec<ActorInfo> {
         let mut out: Vec<ActorInfo> = self
             .actors
             .iter()
-            .map(|e| {
-                let view = self.deps.view.get(e.key()).map(|v| v.value().clone());
-                ActorInfo {
-                    kind: WORKER_KIND,
-                    id: e.key().clone(),
-                    state: view
-                        .as_ref()
-                        .map(|(w, _)| w.state.as_str().to_owned())
-                        .unwrap_or_else(|| "ABSENT".into()),
-                    version: None,
-                    mod_revision: view.as_ref().map(|(_, r)| *r),
-                    mailbox_depth: e.value().stats.mailbox_depth(),
-                    restarts: e.value().stats.restarts(),
-                    last_transition_at: e.value().stats.last_transition(),
-                }
-            })
+            .filter(|e| e.value().addr.connected())
+            .map(|e| self.info(e.key(), e.value()))
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }
 
+    /// Introspection of one live worker actor.
+    pub fn actor(&self, id: &str) -> Option<ActorInfo> {
+        self.live(id).map(|h| self.info(id, &h))
+    }
+
+    fn info(&self, id: &str, h: &Handle) -> ActorInfo {
+        let view = self.deps.view.get(id).map(|v| v.value().clone());
+        ActorInfo {
+            kind: WORKER_KIND,
+            id: id.to_owned(),
+            state: view
+                .as_ref()
+                .map(|(w, _)| w.state.as_str().to_owned())
+                .unwrap_or_else(|| "UNKNOWN".into()),
+            version: None,
+            mod_revision: view.as_ref().map(|(_, r)| *r),
+            mailbox_depth: h.stats.mailbox_depth(),
+            restarts: h.stats.restarts(),
+            last_transition_at: h.stats.last_transition(),
+        }
+    }
+
     fn observe(&self, id: &str, kv: Option<Kv>, rev: i64) {
-        match (self.actors.get(id).map(|h| h.clone()), kv) {
-            (Some(h), kv) => {
+        let Some(kv) = kv else {
+            self.retire(id, rev);
+            return;
+        };
+        match self.live(id) {
+            Some(h) => {
                 h.stats.enqueued();
                 h.addr.do_send(ObserveWorker {
-                    kv,
+                    kv: Some(kv),
                     mod_revision: rev,
                 });
             }
-            (None, Some(kv)) => match decode_worker(Some(&kv)) {
+            None => match decode_worker(Some(&kv)) {
                 Ok((w, r)) => {
                     self.spawn(id, Cell::Known(w, r));
                 }
                 Err(e) => warn!(worker = %id, error = %e, "skipping undecodable worker"),
             },
-            (None, None) => {}
         }
     }
 }

@@ -7,7 +7,6 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::actors::instances::{self, Created, InstanceError};
-use crate::actors::stats::ActorInfo;
 use crate::actors::worker::{WorkerCmd, WorkerExecError, WorkerOutcome};
 use crate::api::body::read_json;
 use crate::api::error::ApiError;
@@ -78,12 +77,13 @@ fn worker_error(e: WorkerExecError, retry_after: u64) -> ApiError {
             ApiError::Conflict(e.to_string())
         }
         WorkerExecError::Store(s) => ApiError::from_store(s, retry_after),
-        WorkerExecError::Fenced | WorkerExecError::Contention | WorkerExecError::Mailbox => {
-            ApiError::Unavailable {
-                message: e.to_string(),
-                retry_after,
-            }
-        }
+        WorkerExecError::Fenced
+        | WorkerExecError::Contention
+        | WorkerExecError::Mailbox
+        | WorkerExecError::Busy => ApiError::Unavailable {
+            message: e.to_string(),
+            retry_after,
+        },
         WorkerExecError::Corrupt(m) => ApiError::Internal(m),
         WorkerExecError::Idempotency(e) => idem_error(e),
     }
@@ -520,29 +520,4 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
         "recent_decisions": ctl.decisions(),
         "min_replicas": state.ops.convergence(),
     }))
-}
-
-/// Instances as introspection entries.
-pub fn instance_infos(state: &AppState) -> Vec<ActorInfo> {
-    let mut out: Vec<ActorInfo> = state
-        .controller
-        .instances
-        .all()
-        .into_iter()
-        .map(|(i, rev)| ActorInfo {
-            kind: "instance",
-            id: i.id.clone(),
-            state: serde_json::to_value(i.state)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-            version: None,
-            mod_revision: Some(rev),
-            mailbox_depth: 0,
-            restarts: 0,
-            last_transition_at: None,
-        })
-        .collect();
-    out.sort_by(|a, b| a.id.cmp(&b.id));
-    out
 }

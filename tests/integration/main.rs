@@ -20,4 +20,5 @@ mod moto;
 mod openapi;
 mod operations;
 mod outage;
+mod supervision;
 mod support;
