@@ -560,6 +560,7 @@ mod interleavings {
             view: Default::default(),
             clock: Clock::new(),
             retention: LeasePool::new(std::time::Duration::from_secs(600)),
+            send_timeout: std::time::Duration::from_secs(10),
         }))
     }
 
