@@ -130,3 +130,55 @@ async fn the_follower_takes_over_within_the_ttl_and_nothing_launches_twice() {
         "one cloud instance per worker"
     );
 }
+
+#[actix_web::test]
+async fn a_graceful_shutdown_hands_leadership_over_well_before_the_ttl() {
+    let etcd = Etcd::start();
+    let prefix = support::unique_prefix();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let cloud = Arc::new(SimCloud::new(Duration::from_millis(200)));
+    // A long lease: waiting it out would take 20 s.
+    let ttl = Duration::from_secs(20);
+    let mut services = Vec::new();
+    for name in ["ctl-a", "ctl-b"] {
+        let mut cfg = controller_config(&dir, include_str!("../../config/worker-templates.yaml"));
+        cfg.controller.instance_id = name.to_owned();
+        cfg.controller.leader_lease_ttl = ttl;
+        let svc = Service::start_with(cfg, etcd.store(&prefix), cloud.clone())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(svc.wait_hydrated(Duration::from_secs(15)).await);
+        services.push(svc);
+        if services.len() == 1 {
+            let first = &services[0];
+            assert!(
+                support::eventually(Duration::from_secs(10), || async {
+                    first.state.controller.leader_status().is_leader
+                })
+                .await,
+                "nobody was elected"
+            );
+        }
+    }
+    assert!(!services[1].state.controller.leader_status().is_leader);
+
+    let stopped_at = Instant::now();
+    services[0].shutdown().await;
+    assert!(!services[0].state.controller.leader_status().is_leader);
+    // Well before the TTL: the lease was revoked, so the follower need not wait for it.
+    let took_over = support::eventually(ttl / 4, || async {
+        services[1].state.controller.leader_status().is_leader
+    })
+    .await;
+    println!(
+        "graceful handover took {:?} with a {ttl:?} lease",
+        stopped_at.elapsed()
+    );
+    assert!(
+        took_over,
+        "the follower was not leader {:?} after a graceful shutdown (lease {ttl:?})",
+        ttl / 4
+    );
+    // The one that shut down stays out of the election.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!services[0].state.controller.leader_status().is_leader);
+}

@@ -8,6 +8,7 @@ mod contract;
 mod controller;
 mod ec2;
 mod faults;
+mod fencing;
 mod hostile;
 mod idempotency;
 mod kube;
