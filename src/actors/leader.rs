@@ -400,3 +400,108 @@ pub async fn on_leadership(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::memory::MemoryStore;
+
+    /// Wins the election key directly, as `campaign` does; returns (lease, epoch).
+    async fn win(store: &MemoryStore, id: &str) -> (i64, i64) {
+        match campaign(store, id, 10).await {
+            Ok(Campaign::Won { lease, epoch }) => (lease, epoch),
+            _ => panic!("{id} did not win"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn authorize_records_the_intent_on_the_leader_lease() {
+        let store = MemoryStore::new();
+        let fence = Fence::default();
+        let (lease, epoch) = win(&store, "a").await;
+        fence.set(epoch, lease, Instant::now() + Duration::from_secs(10));
+
+        let permit = fence
+            .authorize(&store, "cloud_terminate", "i-1")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(permit.epoch, epoch);
+        let kv = store
+            .get("/leader-effects/cloud_terminate/i-1")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no intent record"));
+        let rec: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+        assert_eq!(rec["epoch"], epoch);
+        assert_eq!(rec["kind"], "cloud_terminate");
+
+        // The record lives and dies with the leadership.
+        store
+            .revoke_lease(lease)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            store.get("/leader-effects/cloud_terminate/i-1").await,
+            Ok(None)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deposed_leader_is_refused_and_forgets_its_epoch() {
+        let store = MemoryStore::new();
+        let old = Fence::default();
+        let (lease, epoch) = win(&store, "a").await;
+        old.set(epoch, lease, Instant::now() + Duration::from_secs(10));
+        // Another replica takes the key (the old lease was lost behind our back).
+        store
+            .revoke_lease(lease)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (_, new_epoch) = win(&store, "b").await;
+        assert_ne!(new_epoch, epoch);
+        assert_eq!(old.epoch(), Some(epoch), "the old leader still believes");
+
+        let r = old.authorize(&store, "cloud_create", "w-1").await;
+        assert_eq!(r, Err(FenceError::Deposed));
+        assert_eq!(old.epoch(), None);
+        assert_eq!(
+            store.get("/leader-effects/cloud_create/w-1").await,
+            Ok(None)
+        );
+        // Once deposed, nothing is even attempted.
+        let r = old.authorize(&store, "cloud_create", "w-1").await;
+        assert_eq!(r, Err(FenceError::NotLeader));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leadership_lapses_with_the_lease_deadline_even_before_etcd_says_so() {
+        let store = MemoryStore::new();
+        let fence = Fence::default();
+        let (lease, epoch) = win(&store, "a").await;
+        fence.set(epoch, lease, Instant::now() + Duration::from_secs(10));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(fence.is_leading());
+        // A process frozen past its deadline wakes up: no longer a leader, no permit.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!fence.is_leading());
+        assert_eq!(fence.compare(), None);
+        let r = fence.authorize(&store, "callback", "r-1").await;
+        assert_eq!(r, Err(FenceError::NotLeader));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resign_revokes_the_lease_so_the_key_is_free_at_once() {
+        let store = MemoryStore::new();
+        let fence = Fence::default();
+        let (lease, epoch) = win(&store, "a").await;
+        fence.set(epoch, lease, Instant::now() + Duration::from_secs(10));
+
+        assert!(fence.resign(&store).await);
+        assert!(!fence.is_leading());
+        assert_eq!(store.get(keys::LEADER).await, Ok(None));
+        let (_, next) = win(&store, "b").await;
+        assert!(next > epoch);
+        // Nothing left to revoke.
+        assert!(!fence.resign(&store).await);
+    }
+}
