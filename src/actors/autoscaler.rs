@@ -11,6 +11,7 @@ use std::time::Instant;
 use actix::prelude::*;
 
 use crate::actors::controller::{ControllerCtx, EffectError};
+use crate::actors::leader::FenceError;
 use crate::actors::scheduler::{Schedule, Scheduler};
 use crate::actors::worker::{WorkerCmd, WorkerExecError};
 use crate::domain::controller::{plan_min_workers, plan_scale_up};
@@ -235,7 +236,7 @@ async fn create_and_record(
 ) -> Result<(), WorkerExecError> {
     let cloud_id = match ctx.cloud_create(tpl, id).await {
         Ok(c) => c,
-        Err(EffectError::Fence(_)) => return Err(WorkerExecError::Fenced),
+        Err(EffectError::Fence(e)) => return Err(not_authorized(e)),
         Err(EffectError::Cloud(e)) => {
             ctx.failed("launch_failed", id, &e.to_string());
             return Ok(());
@@ -359,6 +360,15 @@ async fn advance_provisioning(
     }
 }
 
+/// A side effect that could not be authorized: deposed (stop the pass) or the store
+/// could not record the intent (surfaced as a failed step).
+fn not_authorized(e: FenceError) -> WorkerExecError {
+    match e {
+        FenceError::Store(e) => WorkerExecError::Store(e),
+        FenceError::NotLeader | FenceError::Deposed => WorkerExecError::Fenced,
+    }
+}
+
 /// Terminates the worker's cloud instance (fenced), once per stop.
 async fn terminate(
     ctx: &ControllerCtx,
@@ -376,7 +386,7 @@ async fn terminate(
             sent.insert(w.id.clone());
             Ok(())
         }
-        Err(EffectError::Fence(_)) => Err(WorkerExecError::Fenced),
+        Err(EffectError::Fence(e)) => Err(not_authorized(e)),
         Err(EffectError::Cloud(e)) => {
             ctx.failed(
                 "terminate_failed",
