@@ -686,3 +686,161 @@ async fn cloud_and_record_failures_show_in_the_status_and_metrics() {
         );
     }
 }
+
+// ------------------------------------- a deposed leader that still believes it leads
+
+/// A leader whose election key was taken over behind its back (its own lease and
+/// keepalives still fine, so it has no reason to doubt), with counting adapters.
+struct Usurped {
+    svc: Service,
+    sim: Arc<SimCloud>,
+    cloud: Arc<CountingCloud>,
+    kube: Arc<CountingKube>,
+    store: Arc<dyn Store>,
+    _dir: tempfile::TempDir,
+}
+
+async fn usurped_leader() -> Usurped {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let seed = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config/shadow-deployables.yaml")
+        .display()
+        .to_string();
+    let cfg = config(
+        &dir,
+        ONE_MIN_WORKER,
+        &[
+            ("SHADOW_SEED_FILE", &seed),
+            ("LEADER_LEASE_TTL", "60"),
+            ("KUBE_CONVERGE_INTERVAL_MS", "100"),
+            ("ORPHAN_GRACE_SECONDS", "60"),
+        ],
+    );
+    let sim = Arc::new(SimCloud::new(Duration::from_millis(100)));
+    let cloud = CountingCloud::new(sim.clone());
+    let kube = Arc::new(CountingKube {
+        inner: new_sim_kube(&cfg).unwrap_or_else(|e| panic!("{e}")),
+        calls: Calls::default(),
+    });
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let svc = Service::start_full(cfg, store.clone(), cloud.clone(), kube.clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(svc.wait_hydrated(Duration::from_secs(10)).await);
+    let ready = support::eventually(Duration::from_secs(10), || async {
+        svc.state
+            .controller
+            .workers
+            .list()
+            .iter()
+            .any(|w| w.state == WorkerState::Running)
+            && kube
+                .calls
+                .all()
+                .iter()
+                .any(|c| c.starts_with("set_min_replicas"))
+    })
+    .await;
+    assert!(ready, "the leader did not launch and converge");
+    // Another replica takes the election key over.
+    let taken = store
+        .txn(Txn {
+            compares: Vec::new(),
+            success: vec![
+                Op::Delete {
+                    key: keys::LEADER.to_owned(),
+                },
+                Op::Put {
+                    key: keys::LEADER.to_owned(),
+                    value: b"usurper".to_vec(),
+                    lease: None,
+                },
+            ],
+            failure_gets: Vec::new(),
+        })
+        .await;
+    assert!(taken.is_ok_and(|r| r.succeeded));
+    assert!(
+        svc.state.controller.leader_status().is_leader,
+        "the old leader should not have noticed yet"
+    );
+    Usurped {
+        svc,
+        sim,
+        cloud,
+        kube,
+        store,
+        _dir: dir,
+    }
+}
+
+#[actix_web::test]
+async fn a_deposed_leader_that_still_believes_it_leads_terminates_no_orphan() {
+    let u = usurped_leader().await;
+    let mark = u.cloud.calls.len();
+    let orphan = u.sim.add_orphan_aged("w-ghost", Duration::from_secs(3600));
+    // Reconcile passes run every second; the first one that wants to act finds out.
+    let noticed = support::eventually(Duration::from_secs(5), || async {
+        !u.svc.state.controller.leader_status().is_leader
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after: Vec<String> = u.cloud.calls.all().split_off(mark);
+    assert!(
+        !after
+            .iter()
+            .any(|c| c.starts_with("terminate ") || c.starts_with("create ")),
+        "the deposed leader changed the cloud: {after:?}"
+    );
+    assert_eq!(
+        u.sim.get_instance_status(&orphan).await,
+        Ok(CloudInstanceStatus::Running)
+    );
+    assert!(noticed, "the deposed leader never noticed");
+}
+
+#[actix_web::test]
+async fn a_deposed_leader_that_still_believes_it_leads_patches_no_min_replicas() {
+    let u = usurped_leader().await;
+    let mark = u.kube.calls.len();
+    // A min pod count changes (through another replica): the sweep wants to patch it.
+    let key = keys::shadow("int", "int-predator-g2-std-16");
+    let kv = u
+        .store
+        .get(&key)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("seeded deployable missing"));
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&kv.value).unwrap_or_else(|e| panic!("{e}"));
+    rec["min_pod_count"] = serde_json::json!(3);
+    let changed = u
+        .store
+        .txn(Txn {
+            compares: vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+            success: vec![Op::Put {
+                key,
+                value: serde_json::to_vec(&rec).unwrap_or_default(),
+                lease: None,
+            }],
+            failure_gets: Vec::new(),
+        })
+        .await;
+    assert!(changed.is_ok_and(|r| r.succeeded));
+    let seen = support::eventually(Duration::from_secs(5), || async {
+        u.svc
+            .state
+            .ops
+            .shadows
+            .min_pod_counts()
+            .iter()
+            .any(|(_, m)| *m == 3)
+    })
+    .await;
+    assert!(seen, "the change did not reach the old leader");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after: Vec<String> = u.kube.calls.all().split_off(mark);
+    assert!(
+        !after.iter().any(|c| c.starts_with("set_min_replicas")),
+        "the deposed leader patched Kubernetes: {after:?}"
+    );
+}
