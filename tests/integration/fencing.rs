@@ -741,7 +741,23 @@ async fn usurped_leader() -> Usurped {
     })
     .await;
     assert!(ready, "the leader did not launch and converge");
-    // Another replica takes the election key over.
+    usurp(store.as_ref()).await;
+    assert!(
+        svc.state.controller.leader_status().is_leader,
+        "the old leader should not have noticed yet"
+    );
+    Usurped {
+        svc,
+        sim,
+        cloud,
+        kube,
+        store,
+        _dir: dir,
+    }
+}
+
+/// Another replica takes the election key over.
+async fn usurp(store: &dyn Store) {
     let taken = store
         .txn(Txn {
             compares: Vec::new(),
@@ -759,18 +775,6 @@ async fn usurped_leader() -> Usurped {
         })
         .await;
     assert!(taken.is_ok_and(|r| r.succeeded));
-    assert!(
-        svc.state.controller.leader_status().is_leader,
-        "the old leader should not have noticed yet"
-    );
-    Usurped {
-        svc,
-        sim,
-        cloud,
-        kube,
-        store,
-        _dir: dir,
-    }
 }
 
 #[actix_web::test]
@@ -842,5 +846,97 @@ async fn a_deposed_leader_that_still_believes_it_leads_patches_no_min_replicas()
     assert!(
         !after.iter().any(|c| c.starts_with("set_min_replicas")),
         "the deposed leader patched Kubernetes: {after:?}"
+    );
+}
+
+/// A callback receiver on loopback that answers 503 to the first request, 204 after.
+async fn receiver(hits: Arc<AtomicUsize>) -> (String, actix_web::dev::ServerHandle) {
+    let server = actix_web::HttpServer::new(move || {
+        let hits = hits.clone();
+        actix_web::App::new().default_service(actix_web::web::to(move || {
+            let n = hits.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    actix_web::HttpResponse::ServiceUnavailable().finish()
+                } else {
+                    actix_web::HttpResponse::NoContent().finish()
+                }
+            }
+        }))
+    })
+    .workers(1)
+    .bind(("127.0.0.1", 0))
+    .unwrap_or_else(|e| panic!("bind: {e}"));
+    let port = server.addrs()[0].port();
+    let server = server.run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    (format!("http://127.0.0.1:{port}/callbacks"), handle)
+}
+
+#[actix_web::test]
+async fn a_deposed_leader_that_still_believes_it_leads_sends_no_callback() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (url, _server) = receiver(hits.clone()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = config(&dir, ONE_MIN_WORKER, &[("LEADER_LEASE_TTL", "60")]);
+    cfg.operations.callback_allow_insecure_localhost = true;
+    cfg.operations.sim_kube_ready_delay = Duration::from_millis(100);
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let svc = Service::start_with(
+        cfg,
+        store.clone(),
+        Arc::new(SimCloud::new(Duration::from_millis(100))),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(svc.wait_hydrated(Duration::from_secs(10)).await);
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            svc.state.controller.leader_status().is_leader
+        })
+        .await
+    );
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let r = send(
+        &app,
+        support::post(
+            "/api/1.0/int/deployables",
+            &serde_json::json!({
+                "name": "predator", "image": "registry.local/predator:1.2",
+                "min_pod_count": 1, "max_pod_count": 2,
+                "resources": {"cpu": {"request": "500m", "limit": "1"},
+                              "memory": {"request": "1Gi", "limit": "2Gi"}},
+                "callback": {"url": url, "method": "PUT"}
+            }),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.json);
+    let id = r.json["request_id"].as_str().unwrap_or_default().to_owned();
+    // The first attempt fails (503) and is recorded; the retry is due about a second
+    // later. Usurp the leadership in between.
+    let recorded = support::eventually(Duration::from_secs(15), || async {
+        svc.state
+            .ops
+            .intents
+            .get(&id)
+            .is_some_and(|(i, _)| i.delivery.attempts.len() == 1)
+    })
+    .await;
+    assert!(recorded, "the first attempt was not recorded");
+    usurp(store.as_ref()).await;
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    assert!(svc.state.controller.leader_status().is_leader);
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "the deposed leader delivered the callback"
+    );
+    assert!(
+        !svc.state.controller.leader_status().is_leader,
+        "the deposed leader never noticed"
     );
 }
