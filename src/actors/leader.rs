@@ -4,7 +4,8 @@
 //!
 //! Side effects outside etcd (cloud calls, Kubernetes patches, callbacks) cannot carry
 //! the fence themselves, so they go through [`Fence::authorize`]: a fenced etcd write
-//! that records the intent (`/leader-effects/{kind}/{subject}`, on the leader lease)
+//! that records the intent (`/leader-effects/{kind}`, the latest one of each kind, on
+//! the leader lease, so the records neither accumulate nor outlive the leadership)
 //! must succeed first. A deposed leader's write fails, so it never acts; and a leader
 //! also stops believing it leads once its lease may have expired (the local deadline
 //! of the last successful keepalive), so a process that was frozen past its TTL does not
@@ -115,7 +116,7 @@ impl Fence {
         let txn = Txn {
             compares: vec![Compare::CreateRevision(keys::LEADER.to_owned(), epoch)],
             success: vec![Op::Put {
-                key: format!("{EFFECTS_PREFIX}{kind}/{subject}"),
+                key: format!("{EFFECTS_PREFIX}{kind}"),
                 value: serde_json::to_vec(&record).unwrap_or_default(),
                 lease: (lease > 0).then_some(lease),
             }],
@@ -427,23 +428,21 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(permit.epoch, epoch);
         let kv = store
-            .get("/leader-effects/cloud_terminate/i-1")
+            .get("/leader-effects/cloud_terminate")
             .await
             .unwrap_or_else(|e| panic!("{e}"))
             .unwrap_or_else(|| panic!("no intent record"));
         let rec: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
         assert_eq!(rec["epoch"], epoch);
         assert_eq!(rec["kind"], "cloud_terminate");
+        assert_eq!(rec["subject"], "i-1");
 
         // The record lives and dies with the leadership.
         store
             .revoke_lease(lease)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            store.get("/leader-effects/cloud_terminate/i-1").await,
-            Ok(None)
-        );
+        assert_eq!(store.get("/leader-effects/cloud_terminate").await, Ok(None));
     }
 
     #[tokio::test(start_paused = true)]
@@ -464,10 +463,7 @@ mod tests {
         let r = old.authorize(&store, "cloud_create", "w-1").await;
         assert_eq!(r, Err(FenceError::Deposed));
         assert_eq!(old.epoch(), None);
-        assert_eq!(
-            store.get("/leader-effects/cloud_create/w-1").await,
-            Ok(None)
-        );
+        assert_eq!(store.get("/leader-effects/cloud_create").await, Ok(None));
         // Once deposed, nothing is even attempted.
         let r = old.authorize(&store, "cloud_create", "w-1").await;
         assert_eq!(r, Err(FenceError::NotLeader));
