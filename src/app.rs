@@ -319,12 +319,14 @@ impl Service {
     }
 
     /// Stops this replica's leader-only work and its election (it will not campaign
-    /// again); a successor takes over when the lease expires.
-    pub fn shutdown(&self) {
-        self.state.controller.fence.halt();
-        self.state.controller.stop_leading();
+    /// again), then revokes the leader lease so a successor is elected at once rather
+    /// than after a full `LEADER_LEASE_TTL`.
+    pub async fn shutdown(&self) {
+        let ctl = &self.state.controller;
+        ctl.fence.halt();
+        ctl.stop_leading();
         self.state.ops.stop_leading();
-        self.state.controller.fence.lose();
+        ctl.fence.resign(ctl.store.as_ref()).await;
     }
 
     /// Waits (bounded) until the actors are hydrated; for tests and start-up logs.

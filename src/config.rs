@@ -179,6 +179,9 @@ pub struct ControllerSettings {
     pub provision_timeout: Duration,
     /// Heartbeat timeout for workers that have sent one (`HEARTBEAT_TIMEOUT_SECONDS`).
     pub heartbeat_timeout: Duration,
+    /// A cloud instance younger than this is never terminated as an orphan
+    /// (`ORPHAN_GRACE_SECONDS`, default 300).
+    pub orphan_grace: Duration,
     /// How often in-flight workers are checked with the cloud (`CLOUD_POLL_MS`).
     pub cloud_poll: Duration,
     /// Worker templates file (`WORKER_TEMPLATES_FILE`).
@@ -298,6 +301,7 @@ impl Config {
             drain_deadline: secs("DRAIN_DEADLINE_SECONDS", 3_600)?,
             provision_timeout: secs("PROVISION_TIMEOUT_SECONDS", 600)?,
             heartbeat_timeout: secs("HEARTBEAT_TIMEOUT_SECONDS", 120)?,
+            orphan_grace: secs("ORPHAN_GRACE_SECONDS", 300)?,
             cloud_poll,
             templates_file,
             templates_file_explicit,

@@ -104,7 +104,7 @@ async fn serve(config: Config) -> std::io::Result<ExitCode> {
     info!(%host, port, store = mode, "resource-plane listening");
     server.run().await?;
     // Stop leader-only work at once so no half-done step races the successor.
-    service.shutdown();
+    service.shutdown().await;
     info!("resource-plane stopped");
     Ok(ExitCode::SUCCESS)
 }

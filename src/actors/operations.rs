@@ -278,6 +278,16 @@ impl OpsCtx {
         }
         let ns = self.settings.namespace(&key.env);
         let min = i32::try_from(want).unwrap_or(i32::MAX);
+        // Fenced like every leader-only side effect: a deposed leader patches nothing.
+        let subject = format!("{}/{}", key.env, key.name);
+        if let Err(e) = self
+            .fence
+            .authorize(self.store.as_ref(), "kube_min_replicas", &subject)
+            .await
+        {
+            debug!(env = %key.env, name = %key.name, error = %e, "min replicas not converged: not authorized");
+            return false;
+        }
         match self.kube.set_min_replicas(&ns, &key.name, min).await {
             Ok(()) => {
                 debug!(env = %key.env, name = %key.name, min, "min replicas converged");

@@ -278,6 +278,15 @@ async fn deliver(ctx: &OpsCtx, id: &str) -> String {
         timestamp: now.timestamp(),
         body: intent.callback_body(),
     };
+    // Fenced like every leader-only side effect: a deposed leader sends nothing.
+    if let Err(e) = ctx
+        .fence
+        .authorize(ctx.store.as_ref(), "callback", id)
+        .await
+    {
+        warn!(request_id = %id, error = %e, "callback not sent: not authorized");
+        return id.to_owned();
+    }
     let outcome = ctx.sender.send(&req).await;
     let now = ctx.clock.now();
     let attempts = u32::try_from(intent.delivery.attempts.len()).unwrap_or(u32::MAX) + 1;

@@ -9,16 +9,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
-use chrono::Duration as ChronoDuration;
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use tracing::{debug, warn};
 
 use crate::actors::autoscaler::{Autoscaler, Demand, EnsureMinimum};
-use crate::actors::controller::ControllerCtx;
+use crate::actors::controller::{ControllerCtx, EffectError};
 use crate::actors::instances;
 use crate::actors::worker::{WorkerCmd, WorkerExecError};
 use crate::domain::controller::idle_to_drain;
 use crate::domain::worker::{InstanceState, Worker, WorkerError, WorkerState};
-use crate::ports::cloud::CloudInstanceStatus;
+use crate::keys;
+use crate::ports::cloud::{CloudInstance, CloudInstanceStatus};
 
 /// Run one pass now.
 #[derive(Message)]
@@ -68,7 +69,7 @@ impl Handler<Reconcile> for Reconciler {
         AtomicResponse::new(Box::pin(
             async move {
                 let outcome = reconcile_once(&cctx, &autoscaler).await;
-                cctx.reconciled(outcome.err().unwrap_or_else(|| "ok".into()));
+                cctx.reconciled(outcome);
             }
             .into_actor(self),
         ))
@@ -210,9 +211,34 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
     }
 }
 
+/// The workers as etcd has them now (not the watch-fed view, which may lag).
+async fn read_workers(ctx: &ControllerCtx) -> Result<Vec<Worker>, String> {
+    let (kvs, _revision) = ctx
+        .store
+        .list(keys::WORKER_PREFIX)
+        .await
+        .map_err(|e| format!("read workers: {e}"))?;
+    let mut out = Vec::with_capacity(kvs.len());
+    for kv in kvs {
+        if keys::child(keys::WORKER_PREFIX, &kv.key).is_none() {
+            continue;
+        }
+        match serde_json::from_slice::<Worker>(&kv.value) {
+            Ok(w) => out.push(w),
+            Err(e) => return Err(format!("worker record {} is corrupt: {e}", kv.key)),
+        }
+    }
+    Ok(out)
+}
+
 async fn reconcile_workers(ctx: &ControllerCtx, note: &mut impl FnMut(String)) {
-    let now = ctx.clock.now();
-    let workers = ctx.workers.list();
+    // The cloud first, then the workers read from etcd after it: a worker record is
+    // written before its instance is launched, so every listed instance's worker is in
+    // this read, and an instance launched meanwhile is never mistaken for an orphan.
+    if !ctx.fence.is_leading() {
+        note("lost leadership during the pass".into());
+        return;
+    }
     let cloud = match ctx.cloud.list_instances().await {
         Ok(c) => c,
         Err(e) => {
@@ -220,11 +246,23 @@ async fn reconcile_workers(ctx: &ControllerCtx, note: &mut impl FnMut(String)) {
             return;
         }
     };
+    let workers = match read_workers(ctx).await {
+        Ok(w) => w,
+        Err(e) => {
+            note(e);
+            return;
+        }
+    };
+    let now = ctx.clock.now();
     let live_cloud: HashSet<&str> = cloud.iter().map(|c| c.instance_id.as_str()).collect();
     let by_id: HashMap<&str, &Worker> = workers.iter().map(|w| (w.id.as_str(), w)).collect();
     let timeout = ChronoDuration::from_std(ctx.settings.provision_timeout).unwrap_or_default();
     let hb_timeout = ChronoDuration::from_std(ctx.settings.heartbeat_timeout).unwrap_or_default();
     for w in &workers {
+        if !ctx.fence.is_leading() {
+            note("lost leadership during the pass".into());
+            return;
+        }
         let fail_reason = match w.state {
             WorkerState::Provisioning if now - w.state_changed_at > timeout => {
                 Some("provisioning exceeded PROVISION_TIMEOUT_SECONDS")
@@ -264,28 +302,48 @@ async fn reconcile_workers(ctx: &ControllerCtx, note: &mut impl FnMut(String)) {
             }
         }
     }
-    for c in &cloud {
-        let known = c
-            .worker_id
-            .as_deref()
-            .and_then(|id| by_id.get(id))
-            .is_some_and(|w| {
-                !matches!(w.state, WorkerState::Terminated)
-                    && w.cloud_instance_id
-                        .as_deref()
-                        .is_none_or(|cid| cid == c.instance_id)
-            });
-        if !known {
-            match ctx.cloud.terminate_instance(&c.instance_id).await {
-                Ok(()) => ctx.decide(
-                    "terminate_orphan",
-                    &c.instance_id,
-                    "tagged as ours but no live worker owns it",
-                ),
-                Err(e) => note(format!("terminate orphan {}: {e}", c.instance_id)),
+    let grace = ChronoDuration::from_std(ctx.settings.orphan_grace).unwrap_or_default();
+    for c in orphans(&cloud, &by_id, now, grace) {
+        match ctx.cloud_terminate(&c.instance_id).await {
+            Ok(()) => ctx.decide(
+                "terminate_orphan",
+                &c.instance_id,
+                "tagged as ours but no live worker owns it",
+            ),
+            Err(EffectError::Fence(e)) => {
+                note(format!("terminate orphan {}: {e}", c.instance_id));
+                return;
             }
+            Err(e) => note(format!("terminate orphan {}: {e}", c.instance_id)),
         }
     }
+}
+
+/// Cloud instances no live worker owns and that are older than `grace` (an instance
+/// whose launch time is unknown is never an orphan).
+fn orphans<'a>(
+    cloud: &'a [CloudInstance],
+    workers: &HashMap<&str, &Worker>,
+    now: DateTime<Utc>,
+    grace: ChronoDuration,
+) -> Vec<&'a CloudInstance> {
+    cloud
+        .iter()
+        .filter(|c| {
+            let known = c
+                .worker_id
+                .as_deref()
+                .and_then(|id| workers.get(id))
+                .is_some_and(|w| {
+                    !matches!(w.state, WorkerState::Terminated)
+                        && w.cloud_instance_id
+                            .as_deref()
+                            .is_none_or(|cid| cid == c.instance_id)
+                });
+            let old_enough = c.launched_at.is_some_and(|t| now - t >= grace);
+            !known && old_enough
+        })
+        .collect()
 }
 
 async fn reconcile_capacity(

@@ -396,7 +396,10 @@ async fn a_vanished_worker_is_replaced_and_orphans_are_terminated() {
     let first = f.svc.state.controller.workers.list()[0].clone();
     f.cloud
         .vanish(first.cloud_instance_id.as_deref().unwrap_or_default());
-    let orphan = f.cloud.add_orphan("ghost-worker");
+    // Launched long ago (younger ones are spared for ORPHAN_GRACE_SECONDS).
+    let orphan = f
+        .cloud
+        .add_orphan_aged("ghost-worker", Duration::from_secs(3600));
     let replaced = wait(Duration::from_secs(10), || {
         f.svc
             .state

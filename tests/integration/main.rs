@@ -10,6 +10,7 @@ mod controller_disrupt;
 mod controller_idempotency;
 mod ec2;
 mod faults;
+mod fencing;
 mod hostile;
 mod idempotency;
 mod kube;
