@@ -271,11 +271,6 @@ impl OpsCtx {
 
     /// Patches one deployable's minimum replicas to `want`.
     async fn converge_one(&self, key: &ShadowKey, want: u32) -> Result<(), KubeError> {
-        // fence: leadership is checked right before each patch; the lead wires the shared
-        // per-side-effect fence (actors/leader.rs) in here.
-        if self.fence.epoch().is_none() {
-            return Err(KubeError::Unavailable("not the leader".into()));
-        }
         let ns = self.settings.namespace(&key.env);
         let min = i32::try_from(want).unwrap_or(i32::MAX);
         // Fenced like every leader-only side effect: a deposed leader patches nothing.
@@ -286,7 +281,7 @@ impl OpsCtx {
             .await
         {
             debug!(env = %key.env, name = %key.name, error = %e, "min replicas not converged: not authorized");
-            return false;
+            return Err(KubeError::Unavailable(format!("not authorized: {e}")));
         }
         match self.kube.set_min_replicas(&ns, &key.name, min).await {
             Ok(()) => {

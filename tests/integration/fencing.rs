@@ -167,18 +167,22 @@ impl KubeExecutor for CountingKube {
         &self,
         namespace: &str,
         name: Option<&str>,
+        stamp: &str,
     ) -> Result<Vec<Baseline>, KubeError> {
         self.calls.push(format!("restart {namespace}"));
-        self.inner.restart(namespace, name).await
+        self.inner.restart(namespace, name, stamp).await
     }
     async fn load_model(
         &self,
         namespace: &str,
         deployable: &str,
         model: &ModelSpec,
+        stamp: &str,
     ) -> Result<Baseline, KubeError> {
         self.calls.push(format!("load_model {deployable}"));
-        self.inner.load_model(namespace, deployable, model).await
+        self.inner
+            .load_model(namespace, deployable, model, stamp)
+            .await
     }
     async fn create_job(&self, spec: &JobSpec) -> Result<Baseline, KubeError> {
         self.calls.push("create_job".into());
@@ -194,6 +198,17 @@ impl KubeExecutor for CountingKube {
             .push(format!("set_min_replicas {deployable} {min}"));
         self.inner
             .set_min_replicas(namespace, deployable, min)
+            .await
+    }
+    async fn observed_min_replicas(
+        &self,
+        namespace: &str,
+        deployable: &str,
+    ) -> Result<Option<i32>, KubeError> {
+        self.calls
+            .push(format!("observed_min_replicas {deployable}"));
+        self.inner
+            .observed_min_replicas(namespace, deployable)
             .await
     }
     async fn observe(&self, baseline: &Baseline) -> Result<Observation, KubeError> {
@@ -510,7 +525,8 @@ async fn a_failed_stopping_write_terminates_nothing() {
     let drain = WorkerCmd::Drain {
         deadline: s.svc.state.controller.clock.now(),
         voluntary: false,
-        instances: Vec::new(),
+        idle_cutoff: None,
+        idem: None,
     };
     let r = s
         .svc
