@@ -41,6 +41,10 @@ use crate::ports::store::{Compare, Op, Store, StoreError, Txn};
 use crate::telemetry::Metrics;
 use tokio::sync::watch;
 
+/// How often the leader-only actors (scheduler, autoscaler, reconciler, intent manager)
+/// are checked for having died, and restarted.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
+
 /// One entry of the seed file.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -274,6 +278,7 @@ impl Service {
         let (tx, rx) = watch::channel(None);
         actix_rt::spawn(ops.clone().follow_leadership(rx.clone()));
         actix_rt::spawn(ops.clone().track_changes());
+        actix_rt::spawn(ops.clone().supervise(SUPERVISE_EVERY));
         actix_rt::spawn(ops.clone().converge_forever());
         actix_rt::spawn(follow(store.clone(), intents));
         actix_rt::spawn(run_election(
@@ -285,6 +290,7 @@ impl Service {
         ));
         actix_rt::spawn(controller.clone().follow_leadership(rx));
         actix_rt::spawn(controller.clone().kick_on_changes());
+        actix_rt::spawn(controller.clone().supervise(SUPERVISE_EVERY));
         actix_rt::spawn(follow(store.clone(), workers));
         actix_rt::spawn(follow(store.clone(), instances));
         let state = web::Data::new(AppState {

@@ -9,7 +9,7 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::actors::autoscaler::Autoscaler;
 use crate::actors::leader::on_leadership;
@@ -304,6 +304,50 @@ impl ControllerCtx {
             reconciler,
         });
         self.decide("lead", &self.settings.instance_id, "won the election");
+    }
+
+    /// Restarts the leader-only actors when one of them has died while this replica
+    /// still leads: a panic in an actix handler ends that actor for good (a `Supervisor`
+    /// only restarts actors that stop themselves), and a dead scheduler, autoscaler or
+    /// reconciler would otherwise leave the leader doing nothing until it restarts.
+    /// Returns whether it restarted them.
+    pub fn revive_if_dead(self: &Arc<Self>) -> bool {
+        let dead = self.running().is_some_and(|r| {
+            !r.scheduler.connected() || !r.autoscaler.connected() || !r.reconciler.connected()
+        });
+        if !dead {
+            return false;
+        }
+        warn!("a leader-only controller actor died; restarting them from the store");
+        if let Some(r) = self.running.lock().ok().and_then(|mut s| s.take()) {
+            r.scheduler.do_send(crate::actors::scheduler::Stop);
+            r.autoscaler.do_send(crate::actors::autoscaler::Stop);
+            r.reconciler.do_send(crate::actors::reconciler::Stop);
+        }
+        self.metrics
+            .decisions
+            .with_label_values(&["controller_actor_restarted"])
+            .inc();
+        self.decide(
+            "restart_actors",
+            &self.settings.instance_id,
+            "a leader-only actor died (panic); restarted",
+        );
+        if self.fence.epoch().is_some() {
+            self.start_leading();
+        }
+        true
+    }
+
+    /// Checks every `every` that the leader-only actors are alive ([`Self::revive_if_dead`]).
+    /// Runs for the life of the process, on the arbiter the actors are started on.
+    pub async fn supervise(self: Arc<Self>, every: std::time::Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.revive_if_dead();
+        }
     }
 
     /// Stops the leader-only actors.

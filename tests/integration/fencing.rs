@@ -742,7 +742,8 @@ async fn usurped_leader() -> Usurped {
     let svc = Service::start_full(cfg, store.clone(), cloud.clone(), kube.clone())
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(svc.wait_hydrated(Duration::from_secs(10)).await);
-    let ready = support::eventually(Duration::from_secs(10), || async {
+    // Generous: the machine may be loaded; this waits for behaviour, it times nothing.
+    let ready = support::eventually(Duration::from_secs(30), || async {
         svc.state
             .controller
             .workers

@@ -675,3 +675,98 @@ async fn failed_registrations_leave_no_actor_behind() {
         [("shadow-deployable".to_owned(), "int/d0".to_owned())].into();
     assert_eq!(listed(&app).await, only);
 }
+
+/// A cloud that behaves like the simulated one, except that, when armed, its next
+/// instance listing panics (once): the reconciler lists the cloud inside its handler, so
+/// this is a real panic in a leader-only actor.
+struct PanickyCloud {
+    inner: Arc<dyn resource_plane::ports::cloud::CloudProvider>,
+    armed: std::sync::atomic::AtomicBool,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl resource_plane::ports::cloud::CloudProvider for PanickyCloud {
+    async fn create_instance(
+        &self,
+        template: &WorkerTemplate,
+        worker_id: &str,
+    ) -> Result<String, resource_plane::ports::cloud::CloudError> {
+        self.inner.create_instance(template, worker_id).await
+    }
+    async fn terminate_instance(
+        &self,
+        instance_id: &str,
+    ) -> Result<(), resource_plane::ports::cloud::CloudError> {
+        self.inner.terminate_instance(instance_id).await
+    }
+    async fn get_instance_status(
+        &self,
+        instance_id: &str,
+    ) -> Result<
+        resource_plane::ports::cloud::CloudInstanceStatus,
+        resource_plane::ports::cloud::CloudError,
+    > {
+        self.inner.get_instance_status(instance_id).await
+    }
+    async fn list_instances(
+        &self,
+    ) -> Result<
+        Vec<resource_plane::ports::cloud::CloudInstance>,
+        resource_plane::ports::cloud::CloudError,
+    > {
+        use std::sync::atomic::Ordering;
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.fired.store(true, Ordering::SeqCst);
+            panic!("poisoned dependency: the cloud panicked while listing instances");
+        }
+        self.inner.list_instances().await
+    }
+    fn name(&self) -> &'static str {
+        "panicky"
+    }
+}
+
+#[actix_web::test]
+async fn a_panic_in_a_leader_only_actor_does_not_stop_the_controller() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cfg = config(&[("RECONCILE_INTERVAL", "1"), ("LEADER_LEASE_TTL", "5")]);
+    let cloud = Arc::new(PanickyCloud {
+        inner: Arc::new(resource_plane::adapters::sim_cloud::SimCloud::new(
+            Duration::from_millis(10),
+        )),
+        armed: AtomicBool::new(false),
+        fired: AtomicBool::new(false),
+    });
+    let svc =
+        resource_plane::app::Service::start_with(cfg, Arc::new(MemoryStore::new()), cloud.clone())
+            .unwrap_or_else(|e| panic!("service did not start: {e}"));
+    assert!(svc.wait_hydrated(Duration::from_secs(15)).await);
+    let ctl = svc.state.controller.clone();
+    let passes = || ctl.reconcile_status().passes;
+    assert!(
+        support::eventually(Duration::from_secs(20), || async { passes() >= 1 }).await,
+        "the reconciler never ran"
+    );
+    cloud.armed.store(true, Ordering::SeqCst);
+    assert!(
+        support::eventually(Duration::from_secs(20), || async {
+            cloud.fired.load(Ordering::SeqCst)
+        })
+        .await,
+        "the reconciler never listed the cloud"
+    );
+    let at_panic = passes();
+    // The reconciler died in the middle of that pass; the leader's passes go on only if
+    // something restarted it.
+    assert!(
+        support::eventually(Duration::from_secs(20), || async {
+            passes() >= at_panic + 2
+        })
+        .await,
+        "no reconcile pass after the reconciler panicked: {} then {}",
+        at_panic,
+        passes()
+    );
+    assert!(ctl.leader_status().is_leader, "the replica stopped leading");
+}
