@@ -18,4 +18,5 @@ mod moto;
 mod openapi;
 mod operations;
 mod outage;
+mod soak;
 mod support;
