@@ -487,12 +487,26 @@ pub fn check(ops: &[Op], faults: &[Fault], etcd: &EtcdHistory, launches: &[Launc
     check_chains(etcd, &mut v.counts, &mut ev);
     check_holds(ops, &mut v.counts, &mut ev);
     check_launches(etcd, launches, &mut v, &mut ev);
-    check_do_not_disrupt(etcd, &mut v.counts, &mut ev);
+    check_do_not_disrupt(etcd, &mut v, &mut ev);
     v.figures.insert("etcd events read".into(), etcd.events);
     v.figures
         .insert("workers in etcd".into(), etcd.workers.len() as u64);
     v.figures
         .insert("instances in etcd".into(), etcd.instances.len() as u64);
+    // Instances no 202 named: an answer lost in a fault, or a retried submission that
+    // created a second instance instead of replaying the first answer.
+    let answered: BTreeSet<&str> = ops
+        .iter()
+        .filter(|o| o.kind == SUBMIT && o.status == 202)
+        .filter_map(|o| o.instance.as_deref())
+        .collect();
+    let unanswered = etcd
+        .instances
+        .keys()
+        .filter(|id| !answered.contains(id.as_str()))
+        .count();
+    v.figures
+        .insert("instances in etcd no 202 named".into(), unanswered as u64);
     v.evidence = ev.lines;
     v
 }
@@ -708,19 +722,26 @@ fn check_holds(ops: &[Op], c: &mut Counts, ev: &mut Evidence<'_>) {
             *e = (op.end_ms, op.replica);
         }
     }
+    // (name, run) -> start times of its RELEASEs.
+    let mut releases: BTreeMap<(&str, &str), Vec<u64>> = BTreeMap::new();
+    for op in ops.iter().filter(|o| o.kind == RELEASE) {
+        if let (Some(name), Some(run)) = (&op.name, &op.run) {
+            releases
+                .entry((name.as_str(), run.as_str()))
+                .or_default()
+                .push(op.start_ms);
+        }
+    }
     let mut holds: BTreeMap<String, Vec<Hold>> = BTreeMap::new();
     for ((name, run), (from, replica)) in acquired {
         // The first RELEASE sent after the hold began ends what the client can vouch for.
-        let to = ops
-            .iter()
-            .filter(|o| {
-                o.kind == RELEASE
-                    && o.name.as_deref() == Some(name.as_str())
-                    && o.run.as_deref() == Some(run.as_str())
-                    && o.start_ms >= from
-            })
-            .map(|o| o.start_ms)
+        let to = releases
+            .get(&(name.as_str(), run.as_str()))
+            .into_iter()
+            .flatten()
+            .filter(|t| **t >= from)
             .min()
+            .copied()
             .unwrap_or(u64::MAX);
         holds.entry(name).or_default().push(Hold {
             run,
@@ -733,8 +754,9 @@ fn check_holds(ops: &[Op], c: &mut Counts, ev: &mut Evidence<'_>) {
         hs.sort_by_key(|h| h.from);
         for (i, a) in hs.iter().enumerate() {
             for b in hs.iter().skip(i + 1) {
+                // Sorted by start: no later hold can overlap `a` either.
                 if b.from >= a.to {
-                    continue;
+                    break;
                 }
                 if a.run != b.run {
                     c.overlapping_holds += 1;
@@ -800,7 +822,21 @@ fn check_launches(etcd: &EtcdHistory, launches: &[Launch], v: &mut Verdict, ev: 
 
 const DISRUPTED: [&str; 4] = ["DRAINING", "STOPPING", "STOPPED", "TERMINATED"];
 
-fn check_do_not_disrupt(etcd: &EtcdHistory, c: &mut Counts, ev: &mut Evidence<'_>) {
+fn check_do_not_disrupt(etcd: &EtcdHistory, v: &mut Verdict, ev: &mut Evidence<'_>) {
+    // How much the check saw: drains happened, and do_not_disrupt instances were placed.
+    let drained = etcd
+        .workers
+        .values()
+        .filter(|vs| {
+            vs.iter().any(|v| {
+                v.value
+                    .as_ref()
+                    .is_some_and(|r| r["state"].as_str() == Some("DRAINING"))
+            })
+        })
+        .count();
+    v.figures.insert("workers drained".into(), drained as u64);
+    let mut placed = 0u64;
     for (id, versions) in &etcd.instances {
         // Intervals [from, to) of revisions in which the instance lived on a worker.
         let mut lives: Vec<(String, i64, i64)> = Vec::new();
@@ -823,6 +859,7 @@ fn check_do_not_disrupt(etcd: &EtcdHistory, c: &mut Counts, ev: &mut Evidence<'_
         if let Some((w, from)) = open {
             lives.push((w, from, i64::MAX));
         }
+        placed += u64::from(!lives.is_empty());
         for (worker, from, to) in lives {
             let Some(wv) = etcd.workers.get(&worker) else {
                 continue;
@@ -842,7 +879,7 @@ fn check_do_not_disrupt(etcd: &EtcdHistory, c: &mut Counts, ev: &mut Evidence<'_
                 })
             });
             if let Some((state, rev, at)) = bad {
-                c.dnd_violations += 1;
+                v.counts.dnd_violations += 1;
                 ev.add(
                     "do_not_disrupt",
                     at,
@@ -853,6 +890,8 @@ fn check_do_not_disrupt(etcd: &EtcdHistory, c: &mut Counts, ev: &mut Evidence<'_
             }
         }
     }
+    v.figures
+        .insert("do_not_disrupt instances placed".into(), placed);
 }
 
 #[cfg(test)]
@@ -992,8 +1031,15 @@ mod tests {
                 ..Op::default()
             },
         ];
+        e.add(
+            "int",
+            "/instances/i9",
+            6,
+            Some(&serde_json::to_vec(&i).unwrap_or_default()),
+        );
         let v = check(&ops, &[], &e, &[]);
         assert_eq!(v.counts.lost_transitions, 2, "{}", v.render());
+        assert_eq!(v.figures["instances in etcd no 202 named"], 1);
     }
 
     #[test]
@@ -1102,6 +1148,8 @@ mod tests {
         // Drained at revision 4 while the do_not_disrupt instance lived (3..5).
         let v = check(&[], &[], &history(true, 4), &[]);
         assert_eq!(v.counts.dnd_violations, 1, "{}", v.render());
+        assert_eq!(v.figures["do_not_disrupt instances placed"], 1);
+        assert_eq!(v.figures["workers drained"], 1);
         // Drained after it completed, or an instance without the flag: fine.
         assert_eq!(
             check(&[], &[], &history(true, 6), &[])
