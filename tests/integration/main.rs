@@ -21,5 +21,6 @@ mod moto;
 mod openapi;
 mod operations;
 mod outage;
+mod soak;
 mod supervision;
 mod support;
