@@ -6,7 +6,7 @@ CARGO ?= cargo
 export RP_TOOLS ?= /var/tmp/resource-plane-tools
 export PATH := $(RP_TOOLS)/venv/bin:$(PATH)
 
-.PHONY: setup build run test lint fmt bench scale clean
+.PHONY: setup build run test lint fmt bench scale soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -34,6 +34,11 @@ bench: setup
 
 scale: setup
 	bash scripts/scale.sh
+
+# Nemesis soak (SOAK_SECONDS, default 120): exits non-zero when the checker counts a
+# violation. See scripts/soak.sh for the knobs.
+soak: setup
+	bash scripts/soak.sh
 
 clean:
 	$(CARGO) clean

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Shared by scripts/bench.sh and scripts/scale.sh (sourced, not run): tool checks, the
+# Shared by scripts/bench.sh, scale.sh and soak.sh (sourced, not run): tool checks, the
 # release build, a work dir and process list cleaned up on exit, free loopback ports,
 # waiting for an HTTP endpoint. Expects TOOL (the caller's name, for messages).
+# RP_BIN=path uses that binary instead of building the release one (the tests do).
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/resource-plane-target}
-BIN=$CARGO_TARGET_DIR/release/resource-plane
+BIN=${RP_BIN:-$CARGO_TARGET_DIR/release/resource-plane}
 
 for bin in etcd python3 curl; do
   command -v "$bin" >/dev/null 2>&1 || {
@@ -12,8 +13,13 @@ for bin in etcd python3 curl; do
   }
 done
 
-echo "$TOOL: building the release binary" >&2
-cargo build --release --quiet
+if [ -z "${RP_BIN:-}" ]; then
+  echo "$TOOL: building the release binary" >&2
+  cargo build --release --quiet
+elif [ ! -x "$RP_BIN" ]; then
+  echo "$TOOL: RP_BIN=$RP_BIN is not an executable" >&2
+  exit 1
+fi
 
 LOAD_BEFORE=$(cut -d" " -f1-3 /proc/loadavg)
 WORK=$(mktemp -d -t rp-$TOOL.XXXXXX)

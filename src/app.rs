@@ -45,6 +45,10 @@ use crate::ports::store::{Compare, Op, Store, StoreError, Txn};
 use crate::telemetry::Metrics;
 use tokio::sync::watch;
 
+/// How often the leader-only actors (scheduler, autoscaler, reconciler, intent manager)
+/// are checked for having died, and restarted.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
+
 /// One entry of the seed file.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -231,6 +235,7 @@ impl Service {
             leases: LeasePool::new(config.idempotency_ttl),
             retry_delay: config.procure_retry_delay,
             view: View::new(),
+            send_timeout: config.actor_send_timeout,
         });
         let registry = Registry::new(deps, config.actor_threads);
         let fence = Arc::new(Fence::default());
@@ -241,6 +246,7 @@ impl Service {
             view: DashMap::new(),
             clock: crate::clock::Clock::new(),
             retention: LeasePool::new(config.controller.record_retention),
+            send_timeout: config.actor_send_timeout,
         }));
         let instances = Arc::new(Mirror::new(keys::INSTANCE_PREFIX));
         let controller = ControllerCtx::new(
@@ -277,6 +283,7 @@ impl Service {
         let (tx, rx) = watch::channel(None);
         actix_rt::spawn(ops.clone().follow_leadership(rx.clone()));
         actix_rt::spawn(ops.clone().track_changes());
+        actix_rt::spawn(ops.clone().supervise(SUPERVISE_EVERY));
         actix_rt::spawn(ops.clone().converge_forever());
         actix_rt::spawn(follow(store.clone(), intents));
         actix_rt::spawn(run_election(
@@ -288,6 +295,7 @@ impl Service {
         ));
         actix_rt::spawn(controller.clone().follow_leadership(rx));
         actix_rt::spawn(controller.clone().kick_on_changes());
+        actix_rt::spawn(controller.clone().supervise(SUPERVISE_EVERY));
         actix_rt::spawn(follow(store.clone(), workers));
         actix_rt::spawn(follow(store.clone(), instances));
         if let Some(agent) = agent {
@@ -333,12 +341,14 @@ impl Service {
     }
 
     /// Stops this replica's leader-only work and its election (it will not campaign
-    /// again); a successor takes over when the lease expires.
-    pub fn shutdown(&self) {
-        self.state.controller.fence.halt();
-        self.state.controller.stop_leading();
+    /// again), then revokes the leader lease so a successor is elected at once rather
+    /// than after a full `LEADER_LEASE_TTL`.
+    pub async fn shutdown(&self) {
+        let ctl = &self.state.controller;
+        ctl.fence.halt();
+        ctl.stop_leading();
         self.state.ops.stop_leading();
-        self.state.controller.fence.lose();
+        ctl.fence.resign(ctl.store.as_ref()).await;
     }
 
     /// Waits (bounded) until the actors are hydrated; for tests and start-up logs.

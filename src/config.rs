@@ -92,6 +92,9 @@ pub struct Config {
     pub http_workers: usize,
     /// Threads the entity actors are spread over (`ACTOR_THREADS`).
     pub actor_threads: usize,
+    /// How long a request waits for an entity actor's answer before it gets 503
+    /// (`ACTOR_SEND_TIMEOUT_MS`).
+    pub actor_send_timeout: Duration,
     /// Log format (`LOG_FORMAT`: text|json).
     pub log_format: LogFormat,
     /// Resource Controller settings.
@@ -178,6 +181,9 @@ pub struct ControllerSettings {
     pub provision_timeout: Duration,
     /// Heartbeat timeout for workers that have sent one (`HEARTBEAT_TIMEOUT_SECONDS`).
     pub heartbeat_timeout: Duration,
+    /// A cloud instance younger than this is never terminated as an orphan
+    /// (`ORPHAN_GRACE_SECONDS`, default 300).
+    pub orphan_grace: Duration,
     /// How often in-flight workers are checked with the cloud (`CLOUD_POLL_MS`).
     pub cloud_poll: Duration,
     /// Worker templates file (`WORKER_TEMPLATES_FILE`).
@@ -297,6 +303,7 @@ impl Config {
             drain_deadline: secs("DRAIN_DEADLINE_SECONDS", 3_600)?,
             provision_timeout: secs("PROVISION_TIMEOUT_SECONDS", 600)?,
             heartbeat_timeout: secs("HEARTBEAT_TIMEOUT_SECONDS", 120)?,
+            orphan_grace: secs("ORPHAN_GRACE_SECONDS", 300)?,
             cloud_poll,
             templates_file,
             templates_file_explicit,
@@ -368,6 +375,11 @@ impl Config {
         };
         let sim_kube = choose("KUBE_ADAPTER", "kube")?;
         let sim_cloud = choose("CLOUD_ADAPTER", "ec2")?;
+        let actor_send_timeout =
+            Duration::from_millis(parse(env, "ACTOR_SEND_TIMEOUT_MS", 10_000u64)?);
+        if actor_send_timeout.is_zero() {
+            return Err(invalid("ACTOR_SEND_TIMEOUT_MS", "must be positive"));
+        }
         let cfg = Self {
             host: get("APP_HOST").unwrap_or_else(|| "0.0.0.0".into()),
             port: parse(env, "APP_PORT", 8080)?,
@@ -396,6 +408,7 @@ impl Config {
             seed_file_explicit,
             http_workers: parse(env, "HTTP_WORKERS", cpus)?.max(1),
             actor_threads: parse(env, "ACTOR_THREADS", cpus)?.max(1),
+            actor_send_timeout,
             log_format,
             controller,
             operations,
@@ -664,6 +677,21 @@ mod agent_settings_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn actor_send_timeout_defaults_to_ten_seconds_and_must_be_positive() {
+        let env = HashMap::new();
+        let cfg = Config::from_map(&env).map(|c| c.actor_send_timeout);
+        assert_eq!(cfg.ok(), Some(Duration::from_secs(10)));
+        for bad in ["0", "-1", "soon"] {
+            let env = HashMap::from([("ACTOR_SEND_TIMEOUT_MS".to_owned(), bad.to_owned())]);
+            let e = Config::from_map(&env).map(|_| ()).unwrap_err();
+            assert!(
+                e.to_string().contains("ACTOR_SEND_TIMEOUT_MS"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::ports::store::{Store, StoreError};
+use crate::ports::store::{Compare, Op, Store, StoreError};
 
 /// Longest accepted idempotency key.
 pub const MAX_KEY_LEN: usize = 200;
@@ -23,6 +23,33 @@ pub struct IdemRequest {
     pub store_key: String,
     /// Hash of the request (route and canonical body).
     pub hash: String,
+}
+
+/// An idempotency record to write with a state change: the request and the lease the
+/// record hangs on. The change's transaction also requires the record to be absent, so
+/// the first writer wins and a concurrent retry finds its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdemWrite {
+    /// The request.
+    pub request: IdemRequest,
+    /// TTL lease of the record.
+    pub lease: i64,
+}
+
+impl IdemWrite {
+    /// Guard: the record does not exist yet.
+    pub fn absent(&self) -> Compare {
+        Compare::ModRevision(self.request.store_key.clone(), 0)
+    }
+
+    /// The write of the record answering `reply`.
+    pub fn put(&self, reply: &Reply, now: DateTime<Utc>) -> Op {
+        Op::Put {
+            key: self.request.store_key.clone(),
+            value: self.request.record(reply, now),
+            lease: Some(self.lease),
+        }
+    }
 }
 
 /// A stored answer.

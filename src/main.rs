@@ -2,7 +2,8 @@
 //! for SIGINT/SIGTERM and shuts down gracefully.
 //!
 //! `resource-plane` (or `resource-plane serve`) runs the service;
-//! `resource-plane loadtest …` runs the load-test harness against a running one.
+//! `resource-plane loadtest …` runs the load-test harness against a running one;
+//! `resource-plane soak-check …` judges a soak's history (`scripts/soak.sh`).
 
 use std::process::ExitCode;
 
@@ -10,6 +11,7 @@ use actix_web::HttpServer;
 use clap::{Parser, Subcommand};
 use resource_plane::app::Service;
 use resource_plane::config::Config;
+use resource_plane::loadtest::soak_check::{self, SoakCheckArgs};
 use resource_plane::loadtest::{self, LoadtestArgs};
 use resource_plane::{api, telemetry};
 use tracing::{error, info};
@@ -35,27 +37,31 @@ enum Command {
     Serve,
     /// Drive a running service with simulated workflows and check its invariants.
     Loadtest(Box<LoadtestArgs>),
+    /// Judge a soak: its history against etcd's history and the EC2 launches.
+    SoakCheck(Box<SoakCheckArgs>),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         None | Some(Command::Serve) => serve_main(),
-        Some(Command::Loadtest(args)) => loadtest_main(*args),
+        Some(Command::Loadtest(args)) => tool_main("loadtest", loadtest::main(*args)),
+        Some(Command::SoakCheck(args)) => tool_main("soak-check", soak_check::main(*args)),
     }
 }
 
-fn loadtest_main(args: LoadtestArgs) -> ExitCode {
+/// Runs a tool subcommand on a multi-threaded runtime; its result is the exit code.
+fn tool_main(name: &str, task: impl std::future::Future<Output = u8>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("resource-plane loadtest: cannot start the runtime: {e}");
+            eprintln!("resource-plane {name}: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    ExitCode::from(runtime.block_on(loadtest::main(args)))
+    ExitCode::from(runtime.block_on(task))
 }
 
 fn serve_main() -> ExitCode {
@@ -104,7 +110,7 @@ async fn serve(config: Config) -> std::io::Result<ExitCode> {
     info!(%host, port, store = mode, "resource-plane listening");
     server.run().await?;
     // Stop leader-only work at once so no half-done step races the successor.
-    service.shutdown();
+    service.shutdown().await;
     info!("resource-plane stopped");
     Ok(ExitCode::SUCCESS)
 }

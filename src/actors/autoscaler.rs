@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
-use tracing::warn;
 
-use crate::actors::controller::ControllerCtx;
+use crate::actors::controller::{ControllerCtx, EffectError};
+use crate::actors::leader::FenceError;
 use crate::actors::scheduler::{Schedule, Scheduler};
 use crate::actors::worker::{WorkerCmd, WorkerExecError};
 use crate::domain::controller::{plan_min_workers, plan_scale_up};
@@ -193,12 +193,13 @@ async fn launch(ctx: &ControllerCtx, template: &str, reason: &str, since: Option
     let worker = Worker::new(&id, &tpl, ctx.clock.now());
     match ctx.workers.send(&id, WorkerCmd::Create(worker), true).await {
         Ok(_) => ctx.decide("scale_up", &id, &format!("{reason} (template {template})")),
+        Err(WorkerExecError::Fenced) => return,
         Err(e) => {
-            warn!(worker = %id, error = %e, "cannot create worker");
+            ctx.failed("create_worker_failed", &id, &e.to_string());
             return;
         }
     }
-    provision(ctx, &id, &tpl, since).await;
+    let _ = provision(ctx, &id, &tpl, since).await;
 }
 
 async fn provision(
@@ -206,14 +207,16 @@ async fn provision(
     id: &str,
     tpl: &crate::domain::worker::WorkerTemplate,
     since: Option<Instant>,
-) {
+) -> Result<(), WorkerExecError> {
     let to_provisioning = WorkerCmd::Transition {
         to: WorkerState::Provisioning,
         cloud_instance_id: None,
     };
     if let Err(e) = ctx.workers.send(id, to_provisioning, true).await {
-        warn!(worker = %id, error = %e, "cannot mark worker provisioning");
-        return;
+        if e != WorkerExecError::Fenced {
+            ctx.failed("mark_provisioning_failed", id, &e.to_string());
+        }
+        return Err(e);
     }
     if let Some(t) = since {
         ctx.metrics
@@ -221,14 +224,41 @@ async fn provision(
             .with_label_values(&[&tpl.name])
             .observe(t.elapsed().as_secs_f64());
     }
-    match ctx.cloud.create_instance(tpl, id).await {
-        Ok(cloud_id) => {
-            let _ = ctx
-                .workers
-                .send(id, WorkerCmd::SetCloudId(cloud_id), true)
-                .await;
+    create_and_record(ctx, id, tpl).await
+}
+
+/// Launches the instance of worker `id` (fenced) and records its cloud id; every
+/// failure is surfaced (status, journal, metric), none is swallowed.
+async fn create_and_record(
+    ctx: &ControllerCtx,
+    id: &str,
+    tpl: &crate::domain::worker::WorkerTemplate,
+) -> Result<(), WorkerExecError> {
+    let cloud_id = match ctx.cloud_create(tpl, id).await {
+        Ok(c) => c,
+        Err(EffectError::Fence(e)) => return Err(not_authorized(e)),
+        Err(EffectError::Cloud(e)) => {
+            ctx.failed("launch_failed", id, &e.to_string());
+            return Ok(());
         }
-        Err(e) => ctx.decide("launch_failed", id, &e.to_string()),
+    };
+    match ctx
+        .workers
+        .send(id, WorkerCmd::SetCloudId(cloud_id.clone()), true)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(WorkerExecError::Fenced) => Err(WorkerExecError::Fenced),
+        Err(e) => {
+            // The next poll asks the cloud again, which finds this instance by its
+            // worker-id tag instead of launching another.
+            ctx.failed(
+                "record_cloud_id_failed",
+                id,
+                &format!("cloud instance {cloud_id}: {e}"),
+            );
+            Ok(())
+        }
     }
 }
 
@@ -243,12 +273,14 @@ async fn drive(
     }
     let now = ctx.clock.now();
     for w in ctx.workers.list() {
+        // Each step may have waited on etcd or the cloud: stop as soon as the lease may
+        // have lapsed (a frozen leader resumes here), before any further cloud call.
+        if !ctx.fence.is_leading() {
+            break;
+        }
         let result = match w.state {
             WorkerState::Pending => match ctx.template(&w.template).cloned() {
-                Some(tpl) => {
-                    provision(ctx, &w.id, &tpl, None).await;
-                    Ok(())
-                }
+                Some(tpl) => provision(ctx, &w.id, &tpl, None).await,
                 None => Ok(()),
             },
             WorkerState::Provisioning => advance_provisioning(ctx, &w, scheduler).await,
@@ -258,10 +290,14 @@ async fn drive(
                 } else {
                     "drain deadline passed"
                 };
-                ctx.decide("stop", &w.id, reason);
-                let r = transition(ctx, &w.id, WorkerState::Stopping).await;
-                terminate(ctx, &w, &mut terminate_sent).await;
-                r
+                // The STOPPING record is the intent: no cloud call unless it was written.
+                match transition(ctx, &w.id, WorkerState::Stopping).await {
+                    Ok(()) => {
+                        ctx.decide("stop", &w.id, reason);
+                        terminate(ctx, &w, &mut terminate_sent).await
+                    }
+                    Err(e) => Err(e),
+                }
             }
             WorkerState::Stopping | WorkerState::Stopped | WorkerState::Failed => {
                 settle_stopping(ctx, &w, &mut terminate_sent).await
@@ -272,7 +308,7 @@ async fn drive(
             if e == WorkerExecError::Fenced {
                 break;
             }
-            warn!(worker = %w.id, error = %e, "worker step failed");
+            ctx.failed("worker_step_failed", &w.id, &e.to_string());
         }
     }
     terminate_sent
@@ -295,14 +331,7 @@ async fn advance_provisioning(
         // The launch call failed or was cut off: ask again (the adapter finds an
         // instance already tagged with this worker id instead of launching twice).
         if let Some(tpl) = ctx.template(&w.template).cloned() {
-            match ctx.cloud.create_instance(&tpl, &w.id).await {
-                Ok(cid) => {
-                    ctx.workers
-                        .send(&w.id, WorkerCmd::SetCloudId(cid), true)
-                        .await?;
-                }
-                Err(e) => ctx.decide("launch_failed", &w.id, &e.to_string()),
-            }
+            create_and_record(ctx, &w.id, &tpl).await?;
         }
         return Ok(());
     };
@@ -325,24 +354,47 @@ async fn advance_provisioning(
         }
         Ok(_) => Ok(()),
         Err(e) => {
-            warn!(worker = %w.id, error = %e, "cloud status unavailable");
+            ctx.failed("cloud_status_failed", &w.id, &e.to_string());
             Ok(())
         }
     }
 }
 
-async fn terminate(ctx: &ControllerCtx, w: &Worker, sent: &mut HashSet<String>) {
+/// A side effect that could not be authorized: deposed (stop the pass) or the store
+/// could not record the intent (surfaced as a failed step).
+fn not_authorized(e: FenceError) -> WorkerExecError {
+    match e {
+        FenceError::Store(e) => WorkerExecError::Store(e),
+        FenceError::NotLeader | FenceError::Deposed => WorkerExecError::Fenced,
+    }
+}
+
+/// Terminates the worker's cloud instance (fenced), once per stop.
+async fn terminate(
+    ctx: &ControllerCtx,
+    w: &Worker,
+    sent: &mut HashSet<String>,
+) -> Result<(), WorkerExecError> {
     let Some(cloud_id) = &w.cloud_instance_id else {
-        return;
+        return Ok(());
     };
     if sent.contains(&w.id) {
-        return;
+        return Ok(());
     }
-    match ctx.cloud.terminate_instance(cloud_id).await {
+    match ctx.cloud_terminate(cloud_id).await {
         Ok(()) => {
             sent.insert(w.id.clone());
+            Ok(())
         }
-        Err(e) => warn!(worker = %w.id, error = %e, "terminate failed; will retry"),
+        Err(EffectError::Fence(e)) => Err(not_authorized(e)),
+        Err(EffectError::Cloud(e)) => {
+            ctx.failed(
+                "terminate_failed",
+                &w.id,
+                &format!("cloud instance {cloud_id}: {e}; will retry"),
+            );
+            Ok(())
+        }
     }
 }
 
@@ -360,7 +412,7 @@ async fn settle_stopping(
     let status = match ctx.cloud.get_instance_status(cloud_id).await {
         Ok(s) => s,
         Err(e) => {
-            warn!(worker = %w.id, error = %e, "cloud status unavailable");
+            ctx.failed("cloud_status_failed", &w.id, &e.to_string());
             return Ok(());
         }
     };
@@ -375,12 +427,8 @@ async fn settle_stopping(
         }
         CloudInstanceStatus::Stopped if w.state == WorkerState::Stopping => {
             transition(ctx, &w.id, WorkerState::Stopped).await?;
-            terminate(ctx, w, sent).await;
-            Ok(())
+            terminate(ctx, w, sent).await
         }
-        _ => {
-            terminate(ctx, w, sent).await;
-            Ok(())
-        }
+        _ => terminate(ctx, w, sent).await,
     }
 }

@@ -9,11 +9,11 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::actors::autoscaler::Autoscaler;
 use crate::actors::leader::on_leadership;
-use crate::actors::leader::{Fence, LeaderStatus};
+use crate::actors::leader::{Fence, FenceError, LeaderStatus, Permit};
 use crate::actors::mirror::Mirror;
 use crate::actors::reconciler::Reconciler;
 use crate::actors::scheduler::{Schedule, Scheduler};
@@ -21,7 +21,7 @@ use crate::actors::worker::WorkerRegistry;
 use crate::clock::Clock;
 use crate::config::ControllerSettings;
 use crate::domain::worker::{Instance, InstanceState, WorkerTemplate};
-use crate::ports::cloud::CloudProvider;
+use crate::ports::cloud::{CloudError, CloudProvider};
 use crate::ports::store::Store;
 use crate::telemetry::Metrics;
 
@@ -46,10 +46,39 @@ pub struct DecisionRecord {
 pub struct ReconcileStatus {
     /// When it finished.
     pub at: Option<DateTime<Utc>>,
-    /// `ok` or the first error.
+    /// `ok`, or the first error of the pass or of the autoscaler since the pass before.
     pub outcome: Option<String>,
     /// Passes so far.
     pub passes: u64,
+    /// The latest failed controller step (cloud call, worker record write), if any.
+    pub last_error: Option<StepError>,
+    /// Failed controller steps so far.
+    pub errors: u64,
+}
+
+/// A controller step that failed.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StepError {
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Which step (e.g. `launch_failed`, `terminate_failed`, `record_cloud_id_failed`).
+    pub step: String,
+    /// On what (worker or cloud instance id).
+    pub subject: String,
+    /// The error.
+    pub error: String,
+}
+
+/// Why a fenced side effect did not happen.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EffectError {
+    /// Its intent could not be recorded under this replica's leadership: nothing was
+    /// done.
+    #[error(transparent)]
+    Fence(#[from] FenceError),
+    /// The cloud call itself failed.
+    #[error(transparent)]
+    Cloud(#[from] CloudError),
 }
 
 /// Everything the controller actors share.
@@ -74,6 +103,7 @@ pub struct ControllerCtx {
     pub clock: Clock,
     journal: Mutex<VecDeque<DecisionRecord>>,
     reconcile: Mutex<ReconcileStatus>,
+    unreported: Mutex<Option<String>>,
     running: Mutex<Option<Running>>,
 }
 
@@ -110,6 +140,7 @@ impl ControllerCtx {
             metrics,
             journal: Mutex::new(VecDeque::new()),
             reconcile: Mutex::new(ReconcileStatus::default()),
+            unreported: Mutex::new(None),
             running: Mutex::new(None),
         })
     }
@@ -139,8 +170,35 @@ impl ControllerCtx {
             .unwrap_or_default()
     }
 
-    /// Records a reconcile pass.
-    pub fn reconciled(&self, outcome: String) {
+    /// Records a failed step: logged, journaled, counted (`controller_decisions_total`
+    /// with the step as action), shown as `last_error` in the controller status, and
+    /// reported as the outcome of the next reconcile pass.
+    pub fn failed(&self, step: &str, subject: &str, error: &str) {
+        self.decide(step, subject, error);
+        let message = format!("{step} {subject}: {error}");
+        if let Ok(mut u) = self.unreported.lock() {
+            u.get_or_insert(message);
+        }
+        if let Ok(mut r) = self.reconcile.lock() {
+            r.errors += 1;
+            r.last_error = Some(StepError {
+                at: self.clock.now(),
+                step: step.to_owned(),
+                subject: subject.to_owned(),
+                error: error.to_owned(),
+            });
+        }
+    }
+
+    /// Records a reconcile pass; a step that failed since the last pass makes an
+    /// otherwise clean pass report that failure instead of `ok`.
+    pub fn reconciled(&self, outcome: Result<(), String>) {
+        let earlier = self.unreported.lock().ok().and_then(|mut u| u.take());
+        let outcome = match (outcome, earlier) {
+            (Err(e), _) => e,
+            (Ok(()), Some(e)) => e,
+            (Ok(()), None) => "ok".to_owned(),
+        };
         if let Ok(mut r) = self.reconcile.lock() {
             r.at = Some(self.clock.now());
             r.outcome = Some(outcome);
@@ -148,9 +206,35 @@ impl ControllerCtx {
         }
     }
 
+    /// Records the intent of a side effect outside etcd with a fenced write (see
+    /// [`Fence::authorize`]); act only on `Ok`.
+    pub async fn authorize(&self, kind: &str, subject: &str) -> Result<Permit, FenceError> {
+        self.fence
+            .authorize(self.store.as_ref(), kind, subject)
+            .await
+    }
+
     /// The last reconcile pass.
     pub fn reconcile_status(&self) -> ReconcileStatus {
         self.reconcile.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Launches the cloud instance of `worker_id`, only after a fenced write recorded
+    /// the intent.
+    pub async fn cloud_create(
+        &self,
+        template: &WorkerTemplate,
+        worker_id: &str,
+    ) -> Result<String, EffectError> {
+        let _permit = self.authorize("cloud_create", worker_id).await?;
+        Ok(self.cloud.create_instance(template, worker_id).await?)
+    }
+
+    /// Terminates cloud instance `instance_id`, only after a fenced write recorded the
+    /// intent.
+    pub async fn cloud_terminate(&self, instance_id: &str) -> Result<(), EffectError> {
+        let _permit = self.authorize("cloud_terminate", instance_id).await?;
+        Ok(self.cloud.terminate_instance(instance_id).await?)
     }
 
     /// PENDING instances, oldest first.
@@ -220,6 +304,50 @@ impl ControllerCtx {
             reconciler,
         });
         self.decide("lead", &self.settings.instance_id, "won the election");
+    }
+
+    /// Restarts the leader-only actors when one of them has died while this replica
+    /// still leads: a panic in an actix handler ends that actor for good (a `Supervisor`
+    /// only restarts actors that stop themselves), and a dead scheduler, autoscaler or
+    /// reconciler would otherwise leave the leader doing nothing until it restarts.
+    /// Returns whether it restarted them.
+    pub fn revive_if_dead(self: &Arc<Self>) -> bool {
+        let dead = self.running().is_some_and(|r| {
+            !r.scheduler.connected() || !r.autoscaler.connected() || !r.reconciler.connected()
+        });
+        if !dead {
+            return false;
+        }
+        warn!("a leader-only controller actor died; restarting them from the store");
+        if let Some(r) = self.running.lock().ok().and_then(|mut s| s.take()) {
+            r.scheduler.do_send(crate::actors::scheduler::Stop);
+            r.autoscaler.do_send(crate::actors::autoscaler::Stop);
+            r.reconciler.do_send(crate::actors::reconciler::Stop);
+        }
+        self.metrics
+            .decisions
+            .with_label_values(&["controller_actor_restarted"])
+            .inc();
+        self.decide(
+            "restart_actors",
+            &self.settings.instance_id,
+            "a leader-only actor died (panic); restarted",
+        );
+        if self.fence.epoch().is_some() {
+            self.start_leading();
+        }
+        true
+    }
+
+    /// Checks every `every` that the leader-only actors are alive ([`Self::revive_if_dead`]).
+    /// Runs for the life of the process, on the arbiter the actors are started on.
+    pub async fn supervise(self: Arc<Self>, every: std::time::Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.revive_if_dead();
+        }
     }
 
     /// Stops the leader-only actors.

@@ -1,6 +1,15 @@
 //! Leader election on an etcd lease (`/leader/controller`) and the fence every
 //! leader-only write carries: the create revision of the leader key this replica won.
 //! A leader whose keepalive fails steps down at once.
+//!
+//! Side effects outside etcd (cloud calls, Kubernetes patches, callbacks) cannot carry
+//! the fence themselves, so they go through [`Fence::authorize`]: a fenced etcd write
+//! that records the intent (`/leader-effects/{kind}`, the latest one of each kind, on
+//! the leader lease, so the records neither accumulate nor outlive the leadership)
+//! must succeed first. A deposed leader's write fails, so it never acts; and a leader
+//! also stops believing it leads once its lease may have expired (the local deadline
+//! of the last successful keepalive), so a process that was frozen past its TTL does not
+//! act on what it thought before the freeze.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,7 +18,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 use crate::keys;
 use crate::ports::store::{Compare, Op, Store, StoreError, Txn, WatchEvent};
@@ -18,15 +28,134 @@ use crate::ports::store::{Compare, Op, Store, StoreError, Txn, WatchEvent};
 #[derive(Debug, Default)]
 pub struct Fence {
     epoch: AtomicI64,
+    lease: AtomicI64,
+    /// Before this instant the leader lease certainly still exists in etcd (the time
+    /// the last successful grant or keepalive was *sent*, plus the TTL it returned).
+    deadline: Mutex<Option<Instant>>,
     leader: Mutex<Option<(String, DateTime<Utc>)>>,
     halted: AtomicBool,
 }
 
+/// Prefix of the records [`Fence::authorize`] writes (outside `/leader/controller`,
+/// which the election watches as a prefix).
+pub const EFFECTS_PREFIX: &str = "/leader-effects/";
+
+/// Why a side effect may not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FenceError {
+    /// This replica does not lead (or its lease may have expired).
+    #[error("not the leader")]
+    NotLeader,
+    /// The fenced write was refused: another replica leads now.
+    #[error("deposed: another replica leads")]
+    Deposed,
+    /// The store could not be asked; nothing may happen until it can.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Proof that the intent of one side effect was recorded by a fenced write under
+/// `epoch`. Obtained only from [`Fence::authorize`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use = "a permit authorizes one side effect; act on it or drop the effect"]
+pub struct Permit {
+    /// The leadership epoch the intent was recorded under.
+    pub epoch: i64,
+    /// The etcd revision of the intent record.
+    pub revision: i64,
+}
+
+#[derive(Serialize)]
+struct EffectRecord<'a> {
+    kind: &'a str,
+    subject: &'a str,
+    epoch: i64,
+    at: DateTime<Utc>,
+}
+
 impl Fence {
-    /// The epoch while this replica leads.
+    /// The epoch while this replica leads: none once the lease may have expired, even
+    /// if the election loop has not noticed yet (it was frozen, or etcd is slow).
     pub fn epoch(&self) -> Option<i64> {
         let e = self.epoch.load(Ordering::SeqCst);
-        (e > 0).then_some(e)
+        if e <= 0 {
+            return None;
+        }
+        let expired = self
+            .deadline
+            .lock()
+            .map(|d| d.is_some_and(|d| Instant::now() >= d))
+            .unwrap_or(true);
+        (!expired).then_some(e)
+    }
+
+    /// Whether this replica leads now (see [`Fence::epoch`]).
+    pub fn is_leading(&self) -> bool {
+        self.epoch().is_some()
+    }
+
+    /// The one gate in front of every side effect outside etcd: records the intent
+    /// (`kind` on `subject`, e.g. `cloud_terminate` on an instance id) with a write
+    /// fenced by the leader key and bound to the leader lease, and only if that write
+    /// succeeded returns a permit. A refused write means another replica leads: this
+    /// one forgets its leadership and must not act.
+    pub async fn authorize(
+        &self,
+        store: &dyn Store,
+        kind: &str,
+        subject: &str,
+    ) -> Result<Permit, FenceError> {
+        let epoch = self.epoch().ok_or(FenceError::NotLeader)?;
+        let lease = self.lease.load(Ordering::SeqCst);
+        let record = EffectRecord {
+            kind,
+            subject,
+            epoch,
+            at: Utc::now(),
+        };
+        let txn = Txn {
+            compares: vec![Compare::CreateRevision(keys::LEADER.to_owned(), epoch)],
+            success: vec![Op::Put {
+                key: format!("{EFFECTS_PREFIX}{kind}"),
+                value: serde_json::to_vec(&record).unwrap_or_default(),
+                lease: (lease > 0).then_some(lease),
+            }],
+            failure_gets: Vec::new(),
+        };
+        let r = match store.txn(txn).await {
+            Ok(r) => r,
+            Err(StoreError::LeaseNotFound) => {
+                self.lose_epoch(epoch);
+                return Err(FenceError::Deposed);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !r.succeeded {
+            self.lose_epoch(epoch);
+            warn!(kind, subject, epoch, "side effect refused: deposed");
+            return Err(FenceError::Deposed);
+        }
+        // The write took time: act only if the lease is still certainly ours.
+        if self.epoch() != Some(epoch) {
+            return Err(FenceError::NotLeader);
+        }
+        debug!(
+            kind,
+            subject,
+            epoch,
+            revision = r.revision,
+            "side effect authorized"
+        );
+        Ok(Permit {
+            epoch,
+            revision: r.revision,
+        })
+    }
+
+    fn lose_epoch(&self, epoch: i64) {
+        let _ = self
+            .epoch
+            .compare_exchange(epoch, 0, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// The guard to add to a leader-only transaction, or `None` when not leading.
@@ -40,8 +169,46 @@ impl Fence {
         self.epoch.store(0, Ordering::SeqCst);
     }
 
-    fn set(&self, epoch: i64) {
+    fn set(&self, epoch: i64, lease: i64, deadline: Instant) {
+        self.extend(deadline);
+        self.lease.store(lease, Ordering::SeqCst);
         self.epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    fn extend(&self, deadline: Instant) {
+        if let Ok(mut d) = self.deadline.lock() {
+            *d = Some(deadline);
+        }
+    }
+
+    fn clear(&self) {
+        self.epoch.store(0, Ordering::SeqCst);
+        self.lease.store(0, Ordering::SeqCst);
+        if let Ok(mut d) = self.deadline.lock() {
+            *d = None;
+        }
+    }
+
+    /// Graceful step-down for shutdown: stops the election, forgets leadership and
+    /// revokes the leader lease, which deletes the leader key so a successor is elected
+    /// at once instead of after a full TTL. Returns whether a lease was revoked.
+    pub async fn resign(&self, store: &dyn Store) -> bool {
+        self.halt();
+        let lease = self.lease.swap(0, Ordering::SeqCst);
+        self.clear();
+        if lease <= 0 {
+            return false;
+        }
+        match store.revoke_lease(lease).await {
+            Ok(()) => {
+                info!(lease, "leader lease revoked on shutdown");
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot revoke the leader lease; a successor waits for its TTL");
+                false
+            }
+        }
     }
 
     fn seen_leader(&self, id: Option<String>) {
@@ -94,9 +261,14 @@ pub async fn run_election(
         if fence.is_halted() {
             return;
         }
+        let asked = Instant::now();
         match campaign(store.as_ref(), &instance_id, ttl_secs).await {
             Ok(Campaign::Won { lease, epoch }) => {
-                fence.set(epoch);
+                if fence.is_halted() {
+                    let _ = store.revoke_lease(lease).await;
+                    return;
+                }
+                fence.set(epoch, lease, asked + ttl_of(ttl_secs));
                 fence.seen_leader(Some(instance_id.clone()));
                 info!(epoch, instance_id = %instance_id, "elected controller leader");
                 let _ = changes.send(Some(epoch));
@@ -105,8 +277,13 @@ pub async fn run_election(
                     if fence.is_halted() {
                         return;
                     }
+                    let asked = Instant::now();
                     let alive = match store.keep_alive(lease).await {
-                        Ok(left) => left > 0,
+                        Ok(left) if left > 0 => {
+                            fence.extend(asked + ttl_of(left));
+                            true
+                        }
+                        Ok(_) => false,
                         Err(e) => {
                             warn!(error = %e, "leader keepalive failed");
                             false
@@ -116,7 +293,7 @@ pub async fn run_election(
                         break;
                     }
                 }
-                fence.lose();
+                fence.clear();
                 fence.seen_leader(None);
                 warn!(epoch, "stepped down as controller leader");
                 let _ = changes.send(None);
@@ -133,6 +310,10 @@ pub async fn run_election(
             }
         }
     }
+}
+
+fn ttl_of(secs: i64) -> Duration {
+    Duration::from_secs(u64::try_from(secs).unwrap_or(0))
 }
 
 enum Campaign {
@@ -218,5 +399,105 @@ pub async fn on_leadership(
             step_down();
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::memory::MemoryStore;
+
+    /// Wins the election key directly, as `campaign` does; returns (lease, epoch).
+    async fn win(store: &MemoryStore, id: &str) -> (i64, i64) {
+        match campaign(store, id, 10).await {
+            Ok(Campaign::Won { lease, epoch }) => (lease, epoch),
+            _ => panic!("{id} did not win"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn authorize_records_the_intent_on_the_leader_lease() {
+        let store = MemoryStore::new();
+        let fence = Fence::default();
+        let (lease, epoch) = win(&store, "a").await;
+        fence.set(epoch, lease, Instant::now() + Duration::from_secs(10));
+
+        let permit = fence
+            .authorize(&store, "cloud_terminate", "i-1")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(permit.epoch, epoch);
+        let kv = store
+            .get("/leader-effects/cloud_terminate")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no intent record"));
+        let rec: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+        assert_eq!(rec["epoch"], epoch);
+        assert_eq!(rec["kind"], "cloud_terminate");
+        assert_eq!(rec["subject"], "i-1");
+
+        // The record lives and dies with the leadership.
+        store
+            .revoke_lease(lease)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.get("/leader-effects/cloud_terminate").await, Ok(None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deposed_leader_is_refused_and_forgets_its_epoch() {
+        let store = MemoryStore::new();
+        let old = Fence::default();
+        let (lease, epoch) = win(&store, "a").await;
+        old.set(epoch, lease, Instant::now() + Duration::from_secs(10));
+        // Another replica takes the key (the old lease was lost behind our back).
+        store
+            .revoke_lease(lease)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (_, new_epoch) = win(&store, "b").await;
+        assert_ne!(new_epoch, epoch);
+        assert_eq!(old.epoch(), Some(epoch), "the old leader still believes");
+
+        let r = old.authorize(&store, "cloud_create", "w-1").await;
+        assert_eq!(r, Err(FenceError::Deposed));
+        assert_eq!(old.epoch(), None);
+        assert_eq!(store.get("/leader-effects/cloud_create").await, Ok(None));
+        // Once deposed, nothing is even attempted.
+        let r = old.authorize(&store, "cloud_create", "w-1").await;
+        assert_eq!(r, Err(FenceError::NotLeader));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leadership_lapses_with_the_lease_deadline_even_before_etcd_says_so() {
+        let store = MemoryStore::new();
+        let fence = Fence::default();
+        let (lease, epoch) = win(&store, "a").await;
+        fence.set(epoch, lease, Instant::now() + Duration::from_secs(10));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(fence.is_leading());
+        // A process frozen past its deadline wakes up: no longer a leader, no permit.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!fence.is_leading());
+        assert_eq!(fence.compare(), None);
+        let r = fence.authorize(&store, "callback", "r-1").await;
+        assert_eq!(r, Err(FenceError::NotLeader));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resign_revokes_the_lease_so_the_key_is_free_at_once() {
+        let store = MemoryStore::new();
+        let fence = Fence::default();
+        let (lease, epoch) = win(&store, "a").await;
+        fence.set(epoch, lease, Instant::now() + Duration::from_secs(10));
+
+        assert!(fence.resign(&store).await);
+        assert!(!fence.is_leading());
+        assert_eq!(store.get(keys::LEADER).await, Ok(None));
+        let (_, next) = win(&store, "b").await;
+        assert!(next > epoch);
+        // Nothing left to revoke.
+        assert!(!fence.resign(&store).await);
     }
 }

@@ -119,6 +119,42 @@ impl OpsCtx {
         self.converge_now.notify_one();
     }
 
+    /// Restarts the intent manager when it has died (a panic in an actix handler ends the
+    /// actor for good) while this replica still leads; it reloads every intent from the
+    /// store. Returns whether it restarted it.
+    pub fn revive_if_dead(self: &Arc<Self>) -> bool {
+        let dead = self
+            .manager
+            .lock()
+            .ok()
+            .is_some_and(|m| m.as_ref().is_some_and(|m| !m.stop.connected()));
+        if !dead {
+            return false;
+        }
+        warn!("the intent manager died; restarting it from the store");
+        if let Ok(mut m) = self.manager.lock() {
+            m.take();
+        }
+        self.metrics
+            .decisions
+            .with_label_values(&["intent_manager_restarted"])
+            .inc();
+        if self.fence.epoch().is_some() {
+            self.start_leading();
+        }
+        true
+    }
+
+    /// Checks every `every` that the intent manager is alive ([`Self::revive_if_dead`]).
+    pub async fn supervise(self: Arc<Self>, every: std::time::Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.revive_if_dead();
+        }
+    }
+
     /// Stops the intent manager and its watchers (leadership lost, or shutdown).
     pub fn stop_leading(&self) {
         if let Some(m) = self.manager.lock().ok().and_then(|mut m| m.take()) {
@@ -271,13 +307,18 @@ impl OpsCtx {
 
     /// Patches one deployable's minimum replicas to `want`.
     async fn converge_one(&self, key: &ShadowKey, want: u32) -> Result<(), KubeError> {
-        // fence: leadership is checked right before each patch; the lead wires the shared
-        // per-side-effect fence (actors/leader.rs) in here.
-        if self.fence.epoch().is_none() {
-            return Err(KubeError::Unavailable("not the leader".into()));
-        }
         let ns = self.settings.namespace(&key.env);
         let min = i32::try_from(want).unwrap_or(i32::MAX);
+        // Fenced like every leader-only side effect: a deposed leader patches nothing.
+        let subject = format!("{}/{}", key.env, key.name);
+        if let Err(e) = self
+            .fence
+            .authorize(self.store.as_ref(), "kube_min_replicas", &subject)
+            .await
+        {
+            debug!(env = %key.env, name = %key.name, error = %e, "min replicas not converged: not authorized");
+            return Err(KubeError::Unavailable(format!("not authorized: {e}")));
+        }
         match self.kube.set_min_replicas(&ns, &key.name, min).await {
             Ok(()) => {
                 debug!(env = %key.env, name = %key.name, min, "min replicas converged");

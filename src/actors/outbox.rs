@@ -14,6 +14,7 @@ use actix::prelude::*;
 use rand::Rng;
 use tracing::{info, warn};
 
+use crate::actors::leader::FenceError;
 use crate::actors::ops_types::{
     ActError, IntentWriteError, OpsCtx, Stop, StopWatching, Sweep, Track, WatcherDone,
 };
@@ -154,10 +155,19 @@ async fn finish(ctx: &OpsCtx, intent: &WatchIntent, rev: i64) -> Finish {
             intent.deadline
         )))
     } else {
-        // fence: leadership is checked right before the Kubernetes action; the lead wires
-        // the shared per-side-effect fence (actors/leader.rs) in here.
-        if ctx.fence.epoch().is_none() {
-            return Finish::Done;
+        // Fenced like every leader-only side effect: the intent to act is recorded with a
+        // write conditional on the leader key first, so a deposed leader acts on nothing.
+        if let Err(e) = ctx
+            .fence
+            .authorize(ctx.store.as_ref(), "kube_action", id)
+            .await
+        {
+            warn!(request_id = %id, error = %e, "submitting intent not finished: not authorized");
+            // A store error may pass; a deposed leader leaves the intent to the new one.
+            return match e {
+                FenceError::Store(_) => Finish::Retry,
+                FenceError::NotLeader | FenceError::Deposed => Finish::Done,
+            };
         }
         match ctx.act(intent, rev, true).await {
             Ok(()) => {
@@ -267,17 +277,21 @@ async fn deliver(ctx: &OpsCtx, id: &str) -> String {
     if !intent.delivery_due(now) {
         return id.to_owned();
     }
-    // fence: leadership is checked right before the callback is sent; the lead wires the
-    // shared per-side-effect fence (actors/leader.rs) in here.
-    if ctx.fence.epoch().is_none() {
-        return id.to_owned();
-    }
     let req = CallbackRequest {
         target: intent.callback.clone(),
         webhook_id: intent.delivery.webhook_id.clone(),
         timestamp: now.timestamp(),
         body: intent.callback_body(),
     };
+    // Fenced like every leader-only side effect: a deposed leader sends nothing.
+    if let Err(e) = ctx
+        .fence
+        .authorize(ctx.store.as_ref(), "callback", id)
+        .await
+    {
+        warn!(request_id = %id, error = %e, "callback not sent: not authorized");
+        return id.to_owned();
+    }
     let outcome = ctx.sender.send(&req).await;
     let now = ctx.clock.now();
     let attempts = u32::try_from(intent.delivery.attempts.len()).unwrap_or(u32::MAX) + 1;

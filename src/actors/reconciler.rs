@@ -9,16 +9,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
-use chrono::Duration as ChronoDuration;
-use tracing::warn;
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use tracing::{debug, warn};
 
 use crate::actors::autoscaler::{Autoscaler, Demand, EnsureMinimum};
-use crate::actors::controller::ControllerCtx;
+use crate::actors::controller::{ControllerCtx, EffectError};
 use crate::actors::instances;
-use crate::actors::worker::WorkerCmd;
+use crate::actors::worker::{WorkerCmd, WorkerExecError};
 use crate::domain::controller::idle_to_drain;
-use crate::domain::worker::{InstanceState, Worker, WorkerState};
-use crate::ports::cloud::CloudInstanceStatus;
+use crate::domain::worker::{InstanceState, Worker, WorkerError, WorkerState};
+use crate::keys;
+use crate::ports::cloud::{CloudInstance, CloudInstanceStatus};
 
 /// Run one pass now.
 #[derive(Message)]
@@ -68,7 +69,7 @@ impl Handler<Reconcile> for Reconciler {
         AtomicResponse::new(Box::pin(
             async move {
                 let outcome = reconcile_once(&cctx, &autoscaler).await;
-                cctx.reconciled(outcome.err().unwrap_or_else(|| "ok".into()));
+                cctx.reconciled(outcome);
             }
             .into_actor(self),
         ))
@@ -120,13 +121,36 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
             Some(w) if !w.instances.contains(&inst.id) => "its worker does not list it",
             Some(_) => continue,
         };
+        // The worker view may lag the instance view (another watch stream): confirm
+        // with the store before moving an instance off its worker.
+        let placed_on = inst.worker_id.clone();
+        if let Some(wid) = &placed_on {
+            match ctx.store.get(&crate::keys::worker(wid)).await {
+                Ok(Some(kv)) => {
+                    let holds = serde_json::from_slice::<Worker>(&kv.value).is_ok_and(|w| {
+                        w.instances.contains(&inst.id)
+                            && !matches!(w.state, WorkerState::Failed | WorkerState::Terminated)
+                    });
+                    if holds {
+                        continue;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    note(format!("read worker {wid}: {e}"));
+                    continue;
+                }
+            }
+        }
         let back = instances::update(
             ctx.store.as_ref(),
             &inst.id,
             Some(&ctx.fence),
             &ctx.workers.deps().retention,
             |i| {
-                if !matches!(i.state, InstanceState::Scheduled | InstanceState::Running) {
+                if !matches!(i.state, InstanceState::Scheduled | InstanceState::Running)
+                    || i.worker_id != placed_on
+                {
                     return Ok(None);
                 }
                 let mut n = i.clone();
@@ -152,15 +176,27 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
                 Some((i, _)) => !i.is_live() || i.worker_id.as_deref() != Some(w.id.as_str()),
             };
             if stale {
-                let req = ctx
-                    .instances
-                    .get(id)
-                    .map(|(i, _)| i.requirements)
-                    .unwrap_or_default();
+                // The mirror may lag the worker record (another watch stream): confirm
+                // with the store before taking an instance off its worker.
+                let fresh = match instances::get(ctx.store.as_ref(), id).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        note(format!("read instance {id}: {e}"));
+                        continue;
+                    }
+                };
+                if let Some((i, rev)) = &fresh {
+                    if i.is_live() && i.worker_id.as_deref() == Some(w.id.as_str()) {
+                        ctx.instances.note(id, i.clone(), *rev);
+                        continue;
+                    }
+                }
+                let req = fresh.map(|(i, _)| i.requirements).unwrap_or_default();
                 let cmd = WorkerCmd::Unplace {
                     instance_id: id.clone(),
                     requirements: req,
                     instance: None,
+                    idem: None,
                 };
                 match ctx.workers.send(&w.id, cmd, true).await {
                     Ok(_) => ctx.decide(
@@ -175,9 +211,34 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
     }
 }
 
+/// The workers as etcd has them now (not the watch-fed view, which may lag).
+async fn read_workers(ctx: &ControllerCtx) -> Result<Vec<Worker>, String> {
+    let (kvs, _revision) = ctx
+        .store
+        .list(keys::WORKER_PREFIX)
+        .await
+        .map_err(|e| format!("read workers: {e}"))?;
+    let mut out = Vec::with_capacity(kvs.len());
+    for kv in kvs {
+        if keys::child(keys::WORKER_PREFIX, &kv.key).is_none() {
+            continue;
+        }
+        match serde_json::from_slice::<Worker>(&kv.value) {
+            Ok(w) => out.push(w),
+            Err(e) => return Err(format!("worker record {} is corrupt: {e}", kv.key)),
+        }
+    }
+    Ok(out)
+}
+
 async fn reconcile_workers(ctx: &ControllerCtx, note: &mut impl FnMut(String)) {
-    let now = ctx.clock.now();
-    let workers = ctx.workers.list();
+    // The cloud first, then the workers read from etcd after it: a worker record is
+    // written before its instance is launched, so every listed instance's worker is in
+    // this read, and an instance launched meanwhile is never mistaken for an orphan.
+    if !ctx.fence.is_leading() {
+        note("lost leadership during the pass".into());
+        return;
+    }
     let cloud = match ctx.cloud.list_instances().await {
         Ok(c) => c,
         Err(e) => {
@@ -185,11 +246,23 @@ async fn reconcile_workers(ctx: &ControllerCtx, note: &mut impl FnMut(String)) {
             return;
         }
     };
+    let workers = match read_workers(ctx).await {
+        Ok(w) => w,
+        Err(e) => {
+            note(e);
+            return;
+        }
+    };
+    let now = ctx.clock.now();
     let live_cloud: HashSet<&str> = cloud.iter().map(|c| c.instance_id.as_str()).collect();
     let by_id: HashMap<&str, &Worker> = workers.iter().map(|w| (w.id.as_str(), w)).collect();
     let timeout = ChronoDuration::from_std(ctx.settings.provision_timeout).unwrap_or_default();
     let hb_timeout = ChronoDuration::from_std(ctx.settings.heartbeat_timeout).unwrap_or_default();
     for w in &workers {
+        if !ctx.fence.is_leading() {
+            note("lost leadership during the pass".into());
+            return;
+        }
         let fail_reason = match w.state {
             WorkerState::Provisioning if now - w.state_changed_at > timeout => {
                 Some("provisioning exceeded PROVISION_TIMEOUT_SECONDS")
@@ -229,28 +302,48 @@ async fn reconcile_workers(ctx: &ControllerCtx, note: &mut impl FnMut(String)) {
             }
         }
     }
-    for c in &cloud {
-        let known = c
-            .worker_id
-            .as_deref()
-            .and_then(|id| by_id.get(id))
-            .is_some_and(|w| {
-                !matches!(w.state, WorkerState::Terminated)
-                    && w.cloud_instance_id
-                        .as_deref()
-                        .is_none_or(|cid| cid == c.instance_id)
-            });
-        if !known {
-            match ctx.cloud.terminate_instance(&c.instance_id).await {
-                Ok(()) => ctx.decide(
-                    "terminate_orphan",
-                    &c.instance_id,
-                    "tagged as ours but no live worker owns it",
-                ),
-                Err(e) => note(format!("terminate orphan {}: {e}", c.instance_id)),
+    let grace = ChronoDuration::from_std(ctx.settings.orphan_grace).unwrap_or_default();
+    for c in orphans(&cloud, &by_id, now, grace) {
+        match ctx.cloud_terminate(&c.instance_id).await {
+            Ok(()) => ctx.decide(
+                "terminate_orphan",
+                &c.instance_id,
+                "tagged as ours but no live worker owns it",
+            ),
+            Err(EffectError::Fence(e)) => {
+                note(format!("terminate orphan {}: {e}", c.instance_id));
+                return;
             }
+            Err(e) => note(format!("terminate orphan {}: {e}", c.instance_id)),
         }
     }
+}
+
+/// Cloud instances no live worker owns and that are older than `grace` (an instance
+/// whose launch time is unknown is never an orphan).
+fn orphans<'a>(
+    cloud: &'a [CloudInstance],
+    workers: &HashMap<&str, &Worker>,
+    now: DateTime<Utc>,
+    grace: ChronoDuration,
+) -> Vec<&'a CloudInstance> {
+    cloud
+        .iter()
+        .filter(|c| {
+            let known = c
+                .worker_id
+                .as_deref()
+                .and_then(|id| workers.get(id))
+                .is_some_and(|w| {
+                    !matches!(w.state, WorkerState::Terminated)
+                        && w.cloud_instance_id
+                            .as_deref()
+                            .is_none_or(|cid| cid == c.instance_id)
+                });
+            let old_enough = c.launched_at.is_some_and(|t| now - t >= grace);
+            !known && old_enough
+        })
+        .collect()
 }
 
 async fn reconcile_capacity(
@@ -269,13 +362,17 @@ async fn reconcile_capacity(
     }
     autoscaler.do_send(EnsureMinimum);
     let idle = ChronoDuration::from_std(ctx.settings.scale_down_idle).unwrap_or_default();
-    let deadline =
-        ctx.clock.now() + ChronoDuration::from_std(ctx.settings.drain_deadline).unwrap_or_default();
-    for id in idle_to_drain(&ctx.workers.list(), &ctx.templates, ctx.clock.now(), idle) {
+    let now = ctx.clock.now();
+    let deadline = now + ChronoDuration::from_std(ctx.settings.drain_deadline).unwrap_or_default();
+    for id in idle_to_drain(&ctx.workers.list(), &ctx.templates, now, idle) {
+        // Picked on this replica's view; the worker actor re-checks idleness and
+        // do_not_disrupt on the record it writes against, so a placement since the
+        // pick cancels the drain.
         let cmd = WorkerCmd::Drain {
             deadline,
             voluntary: true,
-            instances: Vec::new(),
+            idle_cutoff: now.checked_sub_signed(idle),
+            idem: None,
         };
         match ctx.workers.send(&id, cmd, true).await {
             Ok(_) => ctx.decide(
@@ -283,6 +380,11 @@ async fn reconcile_capacity(
                 &id,
                 "idle past SCALE_DOWN_IDLE_SECONDS, above min_workers",
             ),
+            Err(WorkerExecError::Domain(
+                e @ (WorkerError::NotIdle | WorkerError::DoNotDisrupt),
+            )) => {
+                debug!(worker = %id, reason = %e, "idle drain cancelled");
+            }
             Err(e) => note(format!("drain {id}: {e}")),
         }
     }

@@ -1,18 +1,29 @@
 //! The registry: finds or spawns the actor of a shadow deployable, spreads actors over a
 //! few arbiters (threads), hydrates them at start-up and keeps them fresh from one
 //! store watch on the prefix.
+//!
+//! Supervision: a panic inside `decide` is caught and the actor's `Supervisor` restarts
+//! it; any other panic in a handler ends the actor's task and closes its mailbox. The
+//! registry never hands out a closed address: a lookup that finds one starts a fresh
+//! actor in its place, which reloads the record from the store. Every send has a
+//! deadline (`ACTOR_SEND_TIMEOUT_MS`), so a stuck actor costs a 503, not a hung request.
+//!
+//! Lifetime: actors exist for records that exist. A lookup of an unknown record spawns
+//! nothing, and a deleted record's actor is removed (on the watch's delete event, or
+//! when a relisting no longer has the record); dropping its last address stops it.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tracing::{warn, Span};
 
 use crate::actors::follow::Follower;
 use crate::actors::shadow::{
-    decode, Cell, Deps, ExecError, Execute, Observe, Poison, ShadowActor, ShadowKey, ViewEntry,
+    decode, Cell, Deps, ExecError, Execute, Observe, ShadowActor, ShadowKey, ViewEntry,
 };
 use crate::actors::stats::{ActorInfo, ActorStats};
 use crate::domain::shadow::{ShadowCommand, ShadowDeployable};
@@ -26,6 +37,7 @@ pub const SHADOW_KIND: &str = "shadow-deployable";
 /// A live actor.
 #[derive(Clone)]
 pub struct Handle {
+    key: ShadowKey,
     addr: Addr<ShadowActor>,
     stats: Arc<ActorStats>,
 }
@@ -66,42 +78,107 @@ impl Registry {
         self.hydrated.load(Ordering::SeqCst)
     }
 
+    fn start(&self, key: ShadowKey, cell: Cell, stats: Arc<ActorStats>) -> Addr<ShadowActor> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
+        let deps = self.deps.clone();
+        Supervisor::start_in_arbiter(&self.arbiters[i], move |_| {
+            ShadowActor::new(key, cell, deps, stats)
+        })
+    }
+
+    /// The actor of `key`, started from `cell` when there is none or when the one
+    /// registered has died (its mailbox closed): a dead address is never kept.
     fn spawn(&self, key: ShadowKey, cell: Cell) -> Handle {
-        self.actors
-            .entry(key.clone())
-            .or_insert_with(|| {
+        match self.actors.entry(key.clone()) {
+            Entry::Occupied(mut e) => {
+                if e.get().addr.connected() {
+                    return e.get().clone();
+                }
+                let stats = e.get().stats.clone();
+                stats.replaced();
+                warn!(env = %key.env, name = %key.name, "shadow actor died; starting a fresh one from the store");
+                let addr = self.start(key.clone(), cell, stats.clone());
+                let h = Handle { key, addr, stats };
+                e.insert(h.clone());
+                h
+            }
+            Entry::Vacant(e) => {
                 let stats = Arc::new(ActorStats::default());
-                let i = self.next.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
-                let deps = self.deps.clone();
-                let s = stats.clone();
-                let addr = Supervisor::start_in_arbiter(&self.arbiters[i], move |_| {
-                    ShadowActor::new(key, cell, deps, s)
-                });
+                let addr = self.start(key.clone(), cell, stats.clone());
                 self.deps
                     .metrics
                     .actors
                     .with_label_values(&[SHADOW_KIND])
                     .inc();
-                Handle { addr, stats }
-            })
-            .clone()
+                e.insert(Handle { key, addr, stats }).clone()
+            }
+        }
+    }
+
+    /// The registered actor of `key` if it is alive.
+    fn live(&self, key: &ShadowKey) -> Option<Handle> {
+        self.actors
+            .get(key)
+            .filter(|h| h.addr.connected())
+            .map(|h| h.clone())
+    }
+
+    fn drop_if_same(&self, handle: &Handle) {
+        let removed = self
+            .actors
+            .remove_if(&handle.key, |_, h| h.addr == handle.addr)
+            .is_some();
+        if removed {
+            self.deps
+                .metrics
+                .actors
+                .with_label_values(&[SHADOW_KIND])
+                .dec();
+        }
+    }
+
+    /// Removes the actor of a record deleted at `revision`, unless the record was
+    /// created again since (the view holds a later revision). The actor stops once the
+    /// requests still holding its address are answered.
+    fn retire(&self, key: &ShadowKey, revision: i64) {
+        self.send_observe(key, None, revision);
+        let recreated = self
+            .deps
+            .view
+            .get(key)
+            .is_some_and(|v| v.mod_revision > revision);
+        if !recreated {
+            // A dead actor cannot unpublish its record: do it here.
+            self.deps
+                .view
+                .remove_if(key, |_, v| v.mod_revision < revision);
+            if self.actors.remove(key).is_some() {
+                self.deps
+                    .metrics
+                    .actors
+                    .with_label_values(&[SHADOW_KIND])
+                    .dec();
+            }
+        }
     }
 
     /// The actor for `key` if the record exists (read from the store when this replica
-    /// has not seen it yet).
+    /// has no live actor for it); `None` spawns nothing.
     pub async fn find(&self, key: &ShadowKey) -> Result<Option<Handle>, ExecError> {
-        if let Some(h) = self.actors.get(key) {
-            return Ok(Some(h.clone()));
+        if let Some(h) = self.live(key) {
+            return Ok(Some(h));
         }
         let kv = self
             .deps
             .store
             .get(&keys::shadow(&key.env, &key.name))
             .await?;
-        if kv.is_none() {
+        let Some(kv) = kv else {
+            // A dead actor of a record that is gone has nothing left to serve.
+            self.actors.remove_if(key, |_, h| !h.addr.connected());
             return Ok(None);
-        }
-        let (record, mod_revision) = decode(kv.as_ref())?;
+        };
+        let (record, mod_revision) = decode(Some(&kv))?;
         Ok(Some(self.spawn(
             key.clone(),
             Cell::Known {
@@ -113,13 +190,13 @@ impl Registry {
 
     /// The actor for `key`, spawned unloaded if needed (it reads the store first).
     pub fn find_or_spawn(&self, key: &ShadowKey) -> Handle {
-        if let Some(h) = self.actors.get(key) {
-            return h.clone();
+        if let Some(h) = self.live(key) {
+            return h;
         }
         self.spawn(key.clone(), Cell::Unknown)
     }
 
-    /// Sends a command to an actor and waits for its answer.
+    /// Sends a command to an actor and waits for its answer, at most the send deadline.
     pub async fn execute(
         &self,
         handle: &Handle,
@@ -127,32 +204,36 @@ impl Registry {
         idem: Option<IdemRequest>,
     ) -> Result<Reply, ExecError> {
         handle.stats.enqueued();
-        let sent = handle
-            .addr
-            .send(Execute {
+        let sent = tokio::time::timeout(
+            self.deps.send_timeout,
+            handle.addr.send(Execute {
                 cmd,
                 idem,
                 span: Span::current(),
-            })
-            .await;
+            }),
+        )
+        .await;
+        // An actor left without a record (its record deleted, or a registration that
+        // failed) serves nothing: drop it now rather than wait for the watch.
+        if !self.deps.view.contains_key(&handle.key) {
+            self.drop_if_same(handle);
+        }
         match sent {
-            Ok(r) => r,
-            Err(_) => {
+            Ok(Ok(r)) => r,
+            // Died before or while handling it; the next lookup replaces it.
+            Ok(Err(_)) => {
                 handle.stats.dequeued();
                 Err(ExecError::Mailbox)
             }
+            // Still queued or running: it is dequeued when the actor gets to it.
+            Err(_) => {
+                warn!(
+                    timeout_ms = self.deps.send_timeout.as_millis() as u64,
+                    "shadow actor did not answer within the send deadline"
+                );
+                Err(ExecError::Busy)
+            }
         }
-    }
-
-    /// Test hook: makes the actor of `key` panic (its supervisor restarts it).
-    pub async fn poison(&self, key: &ShadowKey) -> Result<(), ExecError> {
-        let h = self
-            .actors
-            .get(key)
-            .map(|h| h.clone())
-            .ok_or(ExecError::Mailbox)?;
-        h.stats.enqueued();
-        h.addr.send(Poison).await.map_err(|_| ExecError::Mailbox)?
     }
 
     /// Loads every record, spawning or refreshing actors; returns the store revision.
@@ -179,7 +260,7 @@ impl Registry {
             .filter(|k| !seen.contains(k))
             .collect();
         for key in gone {
-            self.send_observe(&key, None, revision);
+            self.retire(&key, revision);
         }
         self.hydrated.store(true, Ordering::SeqCst);
     }
@@ -196,7 +277,7 @@ impl Registry {
 
     fn route(&self, key: ShadowKey, kv: Option<Kv>) {
         match kv {
-            Some(kv) if !self.actors.contains_key(&key) => match decode(Some(&kv)) {
+            Some(kv) if self.live(&key).is_none() => match decode(Some(&kv)) {
                 Ok((record, mod_revision)) => {
                     self.spawn(
                         key,
@@ -243,11 +324,12 @@ impl Registry {
         out
     }
 
-    /// Introspection of every live actor, sorted by id.
+    /// Introspection of every live actor (registered and not dead), sorted by id.
     pub fn actors(&self) -> Vec<ActorInfo> {
         let mut out: Vec<ActorInfo> = self
             .actors
             .iter()
+            .filter(|e| e.value().addr.connected())
             .map(|e| self.info(e.key(), e.value()))
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -256,7 +338,7 @@ impl Registry {
 
     /// Introspection of one actor.
     pub fn actor(&self, key: &ShadowKey) -> Option<ActorInfo> {
-        self.actors.get(key).map(|h| self.info(key, &h))
+        self.live(key).map(|h| self.info(key, &h))
     }
 
     fn info(&self, key: &ShadowKey, h: &Handle) -> ActorInfo {
@@ -272,7 +354,7 @@ impl Registry {
                         .and_then(|v| v.as_str().map(str::to_owned))
                         .unwrap_or_default()
                 })
-                .unwrap_or_else(|| "ABSENT".into()),
+                .unwrap_or_else(|| "UNKNOWN".into()),
             version: record.map(|r| r.version),
             mod_revision: view.as_ref().map(|v| v.mod_revision),
             mailbox_depth: h.stats.mailbox_depth(),
@@ -300,7 +382,7 @@ impl Follower for Registry {
             }
             WatchEvent::Delete { key, mod_revision } => {
                 if let Some((env, name)) = keys::parse_shadow(&key) {
-                    self.send_observe(&ShadowKey::new(env, name), None, mod_revision);
+                    self.retire(&ShadowKey::new(env, name), mod_revision);
                 }
             }
         }

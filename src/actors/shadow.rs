@@ -73,6 +73,8 @@ pub struct Deps {
     pub retry_delay: u64,
     /// Published records.
     pub view: View,
+    /// How long a caller waits for the actor's answer (`ACTOR_SEND_TIMEOUT_MS`).
+    pub send_timeout: std::time::Duration,
 }
 
 /// What the actor knows of its record.
@@ -110,9 +112,13 @@ pub enum ExecError {
     /// The actor panicked while handling the command and was restarted.
     #[error("internal error while handling the command")]
     Panicked,
-    /// The actor's mailbox is gone.
+    /// The actor's mailbox is gone (it died; the next request gets a fresh actor).
     #[error("actor unavailable")]
     Mailbox,
+    /// The actor did not answer within the send deadline. The command may still run
+    /// later: retry with the same idempotency key to learn its outcome.
+    #[error("actor busy: no answer within the deadline")]
+    Busy,
 }
 
 /// Runs a command.
@@ -136,11 +142,6 @@ pub struct Observe {
     /// Revision of the change.
     pub mod_revision: i64,
 }
-
-/// Test hook: makes the actor panic inside its handler.
-#[derive(Message)]
-#[rtype(result = "Result<(), ExecError>")]
-pub struct Poison;
 
 /// The actor.
 pub struct ShadowActor {
@@ -256,19 +257,6 @@ impl Handler<Observe> for ShadowActor {
                 self.cell = Cell::Unknown;
             }
         }
-    }
-}
-
-impl Handler<Poison> for ShadowActor {
-    type Result = Result<(), ExecError>;
-
-    fn handle(&mut self, _msg: Poison, ctx: &mut Self::Context) -> Self::Result {
-        self.stats.dequeued();
-        let outcome = std::panic::catch_unwind(|| panic!("poisoned by test"));
-        if outcome.is_err() {
-            ctx.stop();
-        }
-        Err(ExecError::Panicked)
     }
 }
 

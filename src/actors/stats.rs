@@ -27,6 +27,12 @@ impl ActorStats {
     pub fn restarted(&self) {
         self.restarts.fetch_add(1, Ordering::Relaxed);
     }
+    /// The actor died with messages in its mailbox and a fresh one replaced it: those
+    /// messages are gone, so the depth starts again from zero.
+    pub fn replaced(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        self.mailbox.store(0, Ordering::Relaxed);
+    }
     /// The actor persisted a transition.
     pub fn transitioned(&self, at: DateTime<Utc>) {
         if let Ok(mut t) = self.last_transition.lock() {
@@ -54,7 +60,8 @@ pub struct ActorInfo {
     pub kind: &'static str,
     /// Entity id, e.g. `int/predator-1`.
     pub id: String,
-    /// Current state (`UNKNOWN` until loaded, `ABSENT` once deleted).
+    /// Current state (`UNKNOWN` until loaded; an actor whose record is deleted is
+    /// removed, so `ABSENT` shows only in the moment between the two).
     pub state: String,
     /// Entity version.
     pub version: Option<u64>,

@@ -1,16 +1,25 @@
 //! The worker actor: owns one worker record and its `mod_revision`, serializes every
-//! change through its mailbox, and CAS-persists it (with the instance it places or
-//! releases, in the same transaction; fenced by the leader key for leader-only work)
-//! before it takes effect. Also the registry that finds, spawns and feeds worker actors.
+//! change through its mailbox, and CAS-persists it (with the instances it places,
+//! starts or releases, and the request's idempotency record, in the same transaction;
+//! fenced by the leader key for leader-only work) before it takes effect. Also the
+//! registry that finds, spawns and feeds worker actors.
+//!
+//! Decisions that depend on the worker's instances (drains, heartbeats) are made here,
+//! on the records of the instances the worker lists as read for this attempt, and the
+//! transaction compares the worker's revision (which every placement changes) and those
+//! instances' revisions: a placement or instance change in between fails the compare
+//! and the decision is made again on fresh data.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use serde_json::json;
 use tracing::{debug, warn};
 
 use crate::actors::follow::Follower;
@@ -18,10 +27,10 @@ use crate::actors::leader::Fence;
 use crate::actors::stats::{ActorInfo, ActorStats};
 use crate::clock::Clock;
 use crate::domain::worker::{
-    instance_transition, place, start_drain, transition, unplace, Instance, InstanceState,
-    Resources, Worker, WorkerError, WorkerState,
+    instance_transition, place, plan_heartbeat, start_drain, start_idle_drain, transition, unplace,
+    Instance, InstanceState, Resources, Worker, WorkerError, WorkerState,
 };
-use crate::idempotency::LeasePool;
+use crate::idempotency::{IdemError, IdemWrite, LeasePool, Reply};
 use crate::keys;
 use crate::ports::store::{Compare, Kv, Op, Store, StoreError, Txn, WatchEvent};
 use crate::telemetry::Metrics;
@@ -29,6 +38,14 @@ use crate::telemetry::Metrics;
 /// Kind label of worker actors.
 pub const WORKER_KIND: &str = "worker";
 const MAX_ATTEMPTS: usize = 16;
+/// Most instance records one transaction compares or writes. etcd allows 128
+/// operations in each list of a transaction; the worker, the leader fence and an
+/// idempotency record take three. A heartbeat with more changes is applied in
+/// consecutive transactions of at most this many instances each (see
+/// [`WorkerCmd::Heartbeat`]).
+pub const MAX_INSTANCE_OPS: usize = 100;
+/// Most consecutive heartbeat transactions of one command.
+const MAX_CHUNKS: usize = 64;
 
 /// A change to a worker.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,20 +76,38 @@ pub enum WorkerCmd {
         requirements: Resources,
         /// The instance's new record and the revision it was read at.
         instance: Option<(Instance, i64)>,
+        /// Idempotency record to write with it (answer: the instance's new record).
+        idem: Option<IdemWrite>,
     },
-    /// Start draining.
+    /// Start draining. Decided in the actor against the worker's instances as read for
+    /// the attempt (never a caller's list); voluntary drains respect `do_not_disrupt`.
     Drain {
         /// When the drain gives up waiting.
         deadline: DateTime<Utc>,
         /// Voluntary drains respect `do_not_disrupt`.
         voluntary: bool,
-        /// Instances placed on the worker.
-        instances: Vec<Instance>,
+        /// Scale-down: drain only while the worker is still empty and idle since this
+        /// time or earlier.
+        idle_cutoff: Option<DateTime<Utc>>,
+        /// Idempotency record to write with it (answer: 202 and the worker).
+        idem: Option<IdemWrite>,
     },
-    /// A heartbeat from the host.
+    /// A heartbeat from the host: the heartbeat time, the SCHEDULED instances it runs
+    /// (now RUNNING) and the RUNNING ones it no longer runs (now COMPLETED, released),
+    /// in one transaction. When more than [`MAX_INSTANCE_OPS`] instances change, the
+    /// changes go in consecutive transactions, each a consistent step (the worker and
+    /// the instances it changes together); stopped half-way, the next heartbeat
+    /// continues from what was written.
     Heartbeat {
         /// When it arrived.
         at: DateTime<Utc>,
+        /// Instances the host runs now.
+        running: Vec<String>,
+        /// Instance records the caller already knows (compared, so stale ones only cost
+        /// a retry).
+        known: Vec<(Instance, i64)>,
+        /// Idempotency record to write with the last transaction.
+        idem: Option<IdemWrite>,
     },
 }
 
@@ -83,6 +118,11 @@ pub struct WorkerOutcome {
     pub worker: Worker,
     /// The instance written with it, and its new revision.
     pub instance: Option<(Instance, i64)>,
+    /// Every instance written, with its new revision.
+    pub written: Vec<(Instance, i64)>,
+    /// The answer to the request (stored with the change when it had an idempotency
+    /// key; `replayed` when it is the stored answer of an earlier request).
+    pub reply: Reply,
 }
 
 /// Why a worker command failed.
@@ -112,9 +152,15 @@ pub enum WorkerExecError {
     /// Lost the CAS too often.
     #[error("too much contention on this worker")]
     Contention,
+    /// The actor did not answer within the send deadline (the command may still run).
+    #[error("worker actor busy: no answer within the deadline")]
+    Busy,
     /// The actor is gone or panicked.
     #[error("worker actor unavailable")]
     Mailbox,
+    /// The idempotency key answered another request (or its record is unreadable).
+    #[error(transparent)]
+    Idempotency(#[from] IdemError),
 }
 
 /// Runs a command.
@@ -150,6 +196,8 @@ pub struct WorkerDeps {
     /// Lease for ended records (TERMINATED workers, ended instances), so etcd drops
     /// them after `RECORD_RETENTION_SECONDS`.
     pub retention: LeasePool,
+    /// How long a caller waits for a worker actor's answer (`ACTOR_SEND_TIMEOUT_MS`).
+    pub send_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -259,20 +307,58 @@ fn decode_instance(kv: Option<&Kv>) -> Option<(Instance, i64)> {
         .map(|i| (i, kv.mod_revision))
 }
 
-/// The pure part: the worker (and instance) a command leads to; `None` = no change.
+/// Instance records as read for one attempt: id -> (record, `mod_revision`; 0 = absent).
+type Insts = HashMap<String, (Option<Instance>, i64)>;
+
+/// A change a command leads to.
+#[derive(Debug, Clone, PartialEq)]
+struct Decision {
+    worker: Worker,
+    /// Instance records to write.
+    writes: Vec<Instance>,
+    /// Instance revisions the write depends on (besides the worker's).
+    compares: Vec<(String, i64)>,
+    /// Heartbeat: started, completed, unknown ids.
+    beat: Option<(Vec<String>, Vec<String>, Vec<String>)>,
+    /// Heartbeat: more changes are due after this one.
+    more: bool,
+}
+
+impl Decision {
+    fn of(worker: Worker) -> Self {
+        Self {
+            worker,
+            writes: Vec::new(),
+            compares: Vec::new(),
+            beat: None,
+            more: false,
+        }
+    }
+}
+
+/// The records of the instances `w` lists (absent ones skipped).
+fn listed(w: &Worker, insts: &Insts) -> Vec<Instance> {
+    w.instances
+        .iter()
+        .filter_map(|id| insts.get(id).and_then(|(i, _)| i.clone()))
+        .collect()
+}
+
+/// The pure part: the change a command leads to; `None` = no change.
 fn decide(
     current: Option<&Worker>,
     cmd: &WorkerCmd,
     now: DateTime<Utc>,
-) -> Result<Option<(Worker, Option<Instance>)>, WorkerExecError> {
+    insts: &Insts,
+) -> Result<Option<Decision>, WorkerExecError> {
     if let WorkerCmd::Create(w) = cmd {
         return match current {
-            None => Ok(Some((w.clone(), None))),
+            None => Ok(Some(Decision::of(w.clone()))),
             Some(_) => Err(WorkerExecError::Exists),
         };
     }
     let w = current.ok_or(WorkerExecError::NotFound)?;
-    let next = match cmd {
+    let d = match cmd {
         WorkerCmd::Create(_) => return Err(WorkerExecError::Exists),
         WorkerCmd::Transition {
             to,
@@ -286,14 +372,17 @@ fn decide(
             if cloud_instance_id.is_some() {
                 next.cloud_instance_id.clone_from(cloud_instance_id);
             }
-            (next, None)
+            Decision::of(next)
         }
         WorkerCmd::SetCloudId(id) => {
             let mut next = w.clone();
             next.cloud_instance_id = Some(id.clone());
-            (next, None)
+            Decision::of(next)
         }
-        WorkerCmd::Place { instance, .. } => {
+        WorkerCmd::Place {
+            instance,
+            instance_rev,
+        } => {
             if w.instances.contains(&instance.id) {
                 return Ok(None);
             }
@@ -302,36 +391,145 @@ fn decide(
             }
             let next = place(w, instance, now)?;
             let inst = instance_transition(instance, InstanceState::Scheduled, Some(w.id.clone()))?;
-            (next, Some(inst))
+            Decision {
+                writes: vec![inst],
+                compares: vec![(instance.id.clone(), *instance_rev)],
+                ..Decision::of(next)
+            }
         }
         WorkerCmd::Unplace {
             instance_id,
             requirements,
             instance,
-        } => (
-            unplace(w, instance_id, requirements, now),
-            instance.as_ref().map(|(i, _)| i.clone()),
-        ),
+            ..
+        } => {
+            let next = unplace(w, instance_id, requirements, now);
+            match instance {
+                Some((i, rev)) => Decision {
+                    writes: vec![i.clone()],
+                    compares: vec![(i.id.clone(), *rev)],
+                    ..Decision::of(next)
+                },
+                None => Decision::of(next),
+            }
+        }
         WorkerCmd::Drain {
             deadline,
             voluntary,
-            instances,
+            idle_cutoff,
+            ..
         } => {
             if w.state == WorkerState::Draining {
                 return Ok(None);
             }
-            (start_drain(w, instances, *deadline, *voluntary, now)?, None)
+            let placed = listed(w, insts);
+            let next = match idle_cutoff {
+                Some(cutoff) => start_idle_drain(w, &placed, *deadline, *cutoff, now)?,
+                None => start_drain(w, &placed, *deadline, *voluntary, now)?,
+            };
+            // The worker's revision already covers its assignment; comparing the
+            // instances too keeps the decision tied to the records it read.
+            let compares = w
+                .instances
+                .iter()
+                .take(MAX_INSTANCE_OPS)
+                .map(|id| (id.clone(), insts.get(id).map(|(_, r)| *r).unwrap_or(0)))
+                .collect();
+            Decision {
+                compares,
+                ..Decision::of(next)
+            }
         }
-        WorkerCmd::Heartbeat { at } => {
-            let mut next = w.clone();
-            next.last_heartbeat_at = Some(*at);
-            (next, None)
+        WorkerCmd::Heartbeat { at, running, .. } => {
+            let plan = plan_heartbeat(w, &listed(w, insts), running, *at, MAX_INSTANCE_OPS);
+            let compares = plan
+                .changed
+                .iter()
+                .map(|i| (i.id.clone(), insts.get(&i.id).map(|(_, r)| *r).unwrap_or(0)))
+                .collect();
+            Decision {
+                writes: plan.changed,
+                compares,
+                beat: Some((plan.started, plan.completed, plan.unknown)),
+                more: plan.more,
+                ..Decision::of(plan.worker)
+            }
         }
     };
-    if next.0 == *w && next.1.is_none() {
+    if d.worker == *w && d.writes.is_empty() {
         return Ok(None);
     }
-    Ok(Some(next))
+    Ok(Some(d))
+}
+
+fn cmd_idem(cmd: &WorkerCmd) -> Option<&IdemWrite> {
+    match cmd {
+        WorkerCmd::Unplace { idem, .. }
+        | WorkerCmd::Drain { idem, .. }
+        | WorkerCmd::Heartbeat { idem, .. } => idem.as_ref(),
+        _ => None,
+    }
+}
+
+/// The answer to a command that left `worker` (and wrote `written`).
+fn render(
+    cmd: &WorkerCmd,
+    worker: &Worker,
+    written: &[(Instance, i64)],
+    beat: &(Vec<String>, Vec<String>, Vec<String>),
+) -> Reply {
+    let (status, body) = match cmd {
+        WorkerCmd::Drain { .. } => (202, serde_json::to_string(worker)),
+        WorkerCmd::Heartbeat { .. } => (
+            200,
+            serde_json::to_string(&json!({
+                "worker_id": worker.id,
+                "started": beat.0,
+                "completed": beat.1,
+                "unknown_instances": beat.2,
+            })),
+        ),
+        WorkerCmd::Unplace {
+            instance: Some((i, _)),
+            ..
+        } => (
+            200,
+            serde_json::to_string(written.first().map(|(w, _)| w).unwrap_or(i)),
+        ),
+        _ => (200, serde_json::to_string(worker)),
+    };
+    Reply {
+        status,
+        body: body.unwrap_or_default(),
+        replayed: false,
+    }
+}
+
+/// Reads the records of the ids `w` lists that `insts` does not hold yet.
+async fn load_listed(store: &dyn Store, w: &Worker, insts: &mut Insts) -> Result<(), StoreError> {
+    for id in &w.instances {
+        if insts.contains_key(id) {
+            continue;
+        }
+        let kv = store.get(&keys::instance(id)).await?;
+        let rev = kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
+        insts.insert(
+            id.clone(),
+            (decode_instance(kv.as_ref()).map(|(i, _)| i), rev),
+        );
+    }
+    Ok(())
+}
+
+async fn stored_reply(
+    store: &dyn Store,
+    idem: Option<&IdemWrite>,
+) -> Result<Option<Reply>, WorkerExecError> {
+    let Some(idem) = idem else { return Ok(None) };
+    match store.get(&idem.request.store_key).await? {
+        Some(kv) => Ok(Some(idem.request.replay(&kv.value)?)),
+        None => Ok(None),
+    }
 }
 
 async fn execute(
@@ -357,7 +555,25 @@ async fn execute(
             .with_label_values(&[WORKER_KIND, kind, result])
             .inc();
     };
-    for _ in 0..MAX_ATTEMPTS {
+    let idem = cmd_idem(&cmd);
+    // Drains and heartbeats decide on the worker's instances: read them (a heartbeat
+    // starts from what the caller knows; every record used is compared).
+    let needs_instances = matches!(cmd, WorkerCmd::Drain { .. } | WorkerCmd::Heartbeat { .. });
+    let mut insts: Insts = match &cmd {
+        WorkerCmd::Heartbeat { known, .. } => known
+            .iter()
+            .map(|(i, r)| (i.id.clone(), (Some(i.clone()), *r)))
+            .collect(),
+        _ => HashMap::new(),
+    };
+    // Heartbeat steps already written by this command.
+    let mut written: Vec<(Instance, i64)> = Vec::new();
+    let mut beat = (Vec::new(), Vec::new(), Vec::new());
+    let mut attempts = 0;
+    for _ in 0..MAX_ATTEMPTS + MAX_CHUNKS {
+        if attempts >= MAX_ATTEMPTS {
+            break;
+        }
         if cell == Cell::Unknown {
             cell = match deps.store.get(&key).await {
                 Ok(kv) => match decode_worker(kv.as_ref()) {
@@ -370,29 +586,59 @@ async fn execute(
         let Cell::Known(current, rev) = &cell else {
             continue;
         };
+        if needs_instances {
+            if let Some(w) = current {
+                if let Err(e) = load_listed(deps.store.as_ref(), w, &mut insts).await {
+                    return (Err(e.into()), cell);
+                }
+            }
+        }
         let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            decide(current.as_ref(), &cmd, deps.clock.now())
+            decide(current.as_ref(), &cmd, deps.clock.now(), &insts)
         }));
-        let (next, inst) = match decided {
+        let d = match decided {
             Err(_) => return (Err(WorkerExecError::Mailbox), Cell::Unknown),
             Ok(Err(e)) => {
-                count("rejected");
-                return (Err(e), cell);
+                // A retry of a request that changed things earlier gets its answer.
+                let result = match stored_reply(deps.store.as_ref(), idem).await {
+                    Ok(Some(reply)) => Ok(WorkerOutcome {
+                        worker: current.clone().unwrap_or_else(|| placeholder(&id)),
+                        instance: None,
+                        written,
+                        reply,
+                    }),
+                    Ok(None) => Err(e),
+                    Err(se) => Err(se),
+                };
+                count(if result.is_ok() {
+                    "replayed"
+                } else {
+                    "rejected"
+                });
+                return (result, cell);
             }
             Ok(Ok(None)) => {
                 let worker = match current {
                     Some(w) => w.clone(),
                     None => return (Err(WorkerExecError::NotFound), cell),
                 };
+                let reply = match stored_reply(deps.store.as_ref(), idem).await {
+                    Ok(Some(reply)) => reply,
+                    Ok(None) => render(&cmd, &worker, &written, &beat),
+                    Err(e) => return (Err(e), cell),
+                };
+                let instance = written.first().cloned();
                 return (
                     Ok(WorkerOutcome {
                         worker,
-                        instance: None,
+                        instance,
+                        written,
+                        reply,
                     }),
                     cell,
                 );
             }
-            Ok(Ok(Some(change))) => change,
+            Ok(Ok(Some(d))) => d,
         };
         let fence = if fenced {
             match deps.fence.compare() {
@@ -402,16 +648,8 @@ async fn execute(
         } else {
             None
         };
-        let instance_rev = match &cmd {
-            WorkerCmd::Place { instance_rev, .. } => Some(*instance_rev),
-            WorkerCmd::Unplace {
-                instance: Some((_, r)),
-                ..
-            } => Some(*r),
-            _ => None,
-        };
-        let ends_worker = next.state == WorkerState::Terminated;
-        let ends_instance = inst.as_ref().is_some_and(|i| !i.is_live());
+        let ends_worker = d.worker.state == WorkerState::Terminated;
+        let ends_instance = d.writes.iter().any(|i| !i.is_live());
         let lease = if ends_worker || ends_instance {
             match deps.retention.lease(deps.store.as_ref()).await {
                 Ok(l) => Some(l),
@@ -424,39 +662,71 @@ async fn execute(
             compares: vec![Compare::ModRevision(key.clone(), *rev)],
             success: vec![Op::Put {
                 key: key.clone(),
-                value: serde_json::to_vec(&next).unwrap_or_default(),
+                value: serde_json::to_vec(&d.worker).unwrap_or_default(),
                 lease: lease.filter(|_| ends_worker),
             }],
             failure_gets: vec![key.clone()],
         };
-        if let (Some(inst), Some(irev)) = (&inst, instance_rev) {
-            let ikey = keys::instance(&inst.id);
-            txn.compares.push(Compare::ModRevision(ikey.clone(), irev));
-            txn.success.push(Op::Put {
-                key: ikey.clone(),
-                value: serde_json::to_vec(inst).unwrap_or_default(),
-                lease: lease.filter(|_| ends_instance),
-            });
+        for (iid, irev) in &d.compares {
+            let ikey = keys::instance(iid);
+            txn.compares.push(Compare::ModRevision(ikey.clone(), *irev));
             txn.failure_gets.push(ikey);
+        }
+        for inst in &d.writes {
+            txn.success.push(Op::Put {
+                key: keys::instance(&inst.id),
+                value: serde_json::to_vec(inst).unwrap_or_default(),
+                lease: lease.filter(|_| !inst.is_live()),
+            });
         }
         if let Some(f) = fence {
             txn.compares.push(f);
             txn.failure_gets.push(keys::LEADER.to_owned());
         }
+        let mut step_beat = beat.clone();
+        if let Some((s, c, u)) = &d.beat {
+            step_beat.0.extend(s.iter().cloned());
+            step_beat.1.extend(c.iter().cloned());
+            step_beat.2.clone_from(u);
+        }
+        // The answer covers every step; it is stored with the last one.
+        let last = !d.more;
+        let reply = last.then(|| {
+            let mut all = written.clone();
+            all.extend(d.writes.iter().map(|i| (i.clone(), 0)));
+            render(&cmd, &d.worker, &all, &step_beat)
+        });
+        if let (Some(w), Some(reply)) = (idem.filter(|_| last), &reply) {
+            txn.compares.push(w.absent());
+            txn.success.push(w.put(reply, Utc::now()));
+            txn.failure_gets.push(w.request.store_key.clone());
+        }
         match deps.store.txn(txn).await {
             Ok(r) if r.succeeded => {
                 count("applied");
-                debug!(worker = %id, state = ?next.state, revision = r.revision, "worker persisted");
-                let instance = inst.map(|i| (i, r.revision));
+                debug!(worker = %id, state = ?d.worker.state, revision = r.revision, "worker persisted");
+                for i in &d.writes {
+                    insts.insert(i.id.clone(), (Some(i.clone()), r.revision));
+                }
+                written.extend(d.writes.into_iter().map(|i| (i, r.revision)));
+                cell = Cell::Known(Some(d.worker.clone()), r.revision);
+                beat = step_beat;
+                let Some(reply) = reply else {
+                    continue;
+                };
+                let instance = written.first().cloned();
                 return (
                     Ok(WorkerOutcome {
-                        worker: next.clone(),
+                        worker: d.worker,
                         instance,
+                        written,
+                        reply,
                     }),
-                    Cell::Known(Some(next), r.revision),
+                    cell,
                 );
             }
             Ok(r) => {
+                attempts += 1;
                 let mut fetched = r.fetched.into_iter();
                 let fresh = fetched.next().flatten();
                 let fresh_rev = fresh.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
@@ -465,6 +735,32 @@ async fn execute(
                     Ok((w, r)) => Cell::Known(w, r),
                     Err(e) => return (Err(e), Cell::Unknown),
                 };
+                let mut changed_instance = None;
+                for (iid, irev) in &d.compares {
+                    let kv = fetched.next().flatten();
+                    let now_rev = kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
+                    let value = decode_instance(kv.as_ref());
+                    insts.insert(iid.clone(), (value.clone().map(|(i, _)| i), now_rev));
+                    if now_rev != *irev && changed_instance.is_none() {
+                        changed_instance = Some(value);
+                    }
+                }
+                if fenced {
+                    fetched.next();
+                }
+                if let (Some(w), Some(Some(stored))) = (idem.filter(|_| last), fetched.next()) {
+                    count("replayed");
+                    let result = w.request.replay(&stored.value).map(|reply| WorkerOutcome {
+                        worker: match &cell {
+                            Cell::Known(Some(w), _) => w.clone(),
+                            _ => placeholder(&id),
+                        },
+                        instance: None,
+                        written,
+                        reply,
+                    });
+                    return (result.map_err(Into::into), cell);
+                }
                 if worker_moved {
                     deps.metrics
                         .cas_conflicts
@@ -472,23 +768,26 @@ async fn execute(
                         .inc();
                     continue;
                 }
-                if let Some(irev) = instance_rev {
-                    let fresh_inst = fetched.next().flatten();
-                    if fresh_inst.as_ref().map(|kv| kv.mod_revision).unwrap_or(0) != irev {
-                        count("instance_changed");
-                        return (
-                            Err(WorkerExecError::InstanceChanged(decode_instance(
-                                fresh_inst.as_ref(),
-                            ))),
-                            cell,
-                        );
+                if let Some(fresh_inst) = changed_instance {
+                    if needs_instances {
+                        // Decide again on the instances as they are now.
+                        continue;
                     }
+                    count("instance_changed");
+                    return (Err(WorkerExecError::InstanceChanged(fresh_inst)), cell);
                 }
                 count("fenced");
                 deps.fence.lose();
                 return (Err(WorkerExecError::Fenced), cell);
             }
-            Err(StoreError::LeaseNotFound) => deps.retention.invalidate(),
+            Err(StoreError::LeaseNotFound) => {
+                attempts += 1;
+                deps.retention.invalidate();
+                if idem.is_some() {
+                    // Maybe the caller's idempotency lease: it renews it and retries.
+                    return (Err(StoreError::LeaseNotFound.into()), cell);
+                }
+            }
             Err(e) => {
                 count("store_error");
                 return (Err(e.into()), Cell::Unknown);
@@ -496,6 +795,25 @@ async fn execute(
         }
     }
     (Err(WorkerExecError::Contention), cell)
+}
+
+/// A stand-in worker for a replayed answer when the record is gone (the answer is what
+/// matters then).
+fn placeholder(id: &str) -> Worker {
+    Worker {
+        id: id.to_owned(),
+        template: String::new(),
+        cloud_instance_id: None,
+        state: WorkerState::Terminated,
+        capacity: Resources::default(),
+        allocated: Resources::default(),
+        instances: Vec::new(),
+        created_at: DateTime::<Utc>::UNIX_EPOCH,
+        state_changed_at: DateTime::<Utc>::UNIX_EPOCH,
+        last_heartbeat_at: None,
+        drain_deadline: None,
+        idle_since: None,
+    }
 }
 
 #[derive(Clone)]
@@ -534,45 +852,141 @@ impl WorkerRegistry {
         self.loaded.load(Ordering::SeqCst)
     }
 
+    fn start(&self, id: &str, cell: Cell, stats: Arc<ActorStats>) -> Addr<WorkerActor> {
+        let (deps, wid) = (self.deps.clone(), id.to_owned());
+        Supervisor::start_in_arbiter(&self.arbiter, move |_| WorkerActor {
+            id: wid,
+            cell,
+            deps,
+            stats,
+        })
+    }
+
+    /// The actor of `id`, started from `cell` when there is none or when the one
+    /// registered has died (a panic outside `decide` closes its mailbox): a dead
+    /// address is never kept.
     fn spawn(&self, id: &str, cell: Cell) -> Handle {
-        self.actors
-            .entry(id.to_owned())
-            .or_insert_with(|| {
+        match self.actors.entry(id.to_owned()) {
+            Entry::Occupied(mut e) => {
+                if e.get().addr.connected() {
+                    return e.get().clone();
+                }
+                let stats = e.get().stats.clone();
+                stats.replaced();
+                warn!(worker = %id, "worker actor died; starting a fresh one from the store");
+                let h = Handle {
+                    addr: self.start(id, cell, stats.clone()),
+                    stats,
+                };
+                e.insert(h.clone());
+                h
+            }
+            Entry::Vacant(e) => {
                 let stats = Arc::new(ActorStats::default());
-                let (deps, s, wid) = (self.deps.clone(), stats.clone(), id.to_owned());
-                let addr = Supervisor::start_in_arbiter(&self.arbiter, move |_| WorkerActor {
-                    id: wid,
-                    cell,
-                    deps,
-                    stats: s,
-                });
+                let addr = self.start(id, cell, stats.clone());
                 self.deps
                     .metrics
                     .actors
                     .with_label_values(&[WORKER_KIND])
                     .inc();
-                Handle { addr, stats }
-            })
-            .clone()
+                e.insert(Handle { addr, stats }).clone()
+            }
+        }
     }
 
-    /// Sends a command to worker `id` (spawning its actor, unloaded, if needed).
+    /// The registered actor of `id` if it is alive.
+    fn live(&self, id: &str) -> Option<Handle> {
+        self.actors
+            .get(id)
+            .filter(|h| h.addr.connected())
+            .map(|h| h.clone())
+    }
+
+    /// The actor of an existing worker: the live one, or one started from the record
+    /// read now. An unknown id spawns nothing.
+    async fn find(&self, id: &str) -> Result<Handle, WorkerExecError> {
+        if let Some(h) = self.live(id) {
+            return Ok(h);
+        }
+        let kv = self.deps.store.get(&keys::worker(id)).await?;
+        let Some(kv) = kv else {
+            self.actors.remove_if(id, |_, h| !h.addr.connected());
+            return Err(WorkerExecError::NotFound);
+        };
+        let (w, rev) = decode_worker(Some(&kv))?;
+        Ok(self.spawn(id, Cell::Known(w, rev)))
+    }
+
+    /// Removes the actor of a worker record deleted (or expired) at `revision`, unless
+    /// it was written again since.
+    fn retire(&self, id: &str, revision: i64) {
+        let recreated = self
+            .deps
+            .view
+            .get(id)
+            .is_some_and(|v| v.value().1 > revision);
+        if let Some(h) = self.live(id) {
+            h.stats.enqueued();
+            h.addr.do_send(ObserveWorker {
+                kv: None,
+                mod_revision: revision,
+            });
+        }
+        if !recreated {
+            // A dead actor cannot unpublish its record: do it here.
+            self.deps.view.remove_if(id, |_, v| v.1 < revision);
+            if self.actors.remove(id).is_some() {
+                self.deps
+                    .metrics
+                    .actors
+                    .with_label_values(&[WORKER_KIND])
+                    .dec();
+            }
+        }
+    }
+
+    /// Sends a command to worker `id` and waits for the answer, at most the send
+    /// deadline. Only `Create` starts an actor for a worker that does not exist yet;
+    /// anything else for an unknown id is `NotFound` and leaves nothing behind.
     pub async fn send(
         &self,
         id: &str,
         cmd: WorkerCmd,
         fenced: bool,
     ) -> Result<WorkerOutcome, WorkerExecError> {
-        let h = match self.actors.get(id) {
-            Some(h) => h.clone(),
-            None => self.spawn(id, Cell::Unknown),
+        let h = match (&cmd, self.live(id)) {
+            (_, Some(h)) => h,
+            (WorkerCmd::Create(_), None) => self.spawn(id, Cell::Unknown),
+            (_, None) => self.find(id).await?,
         };
         h.stats.enqueued();
-        match h.addr.send(WorkerMsg { cmd, fenced }).await {
-            Ok(r) => r,
-            Err(_) => {
+        let sent = tokio::time::timeout(
+            self.deps.send_timeout,
+            h.addr.send(WorkerMsg { cmd, fenced }),
+        )
+        .await;
+        // An actor left without a record (deleted, or a create that failed) serves
+        // nothing: drop it now rather than wait for the watch.
+        if !self.deps.view.contains_key(id) {
+            let removed = self.actors.remove_if(id, |_, x| x.addr == h.addr).is_some();
+            if removed {
+                self.deps
+                    .metrics
+                    .actors
+                    .with_label_values(&[WORKER_KIND])
+                    .dec();
+            }
+        }
+        match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => {
                 h.stats.dequeued();
                 Err(WorkerExecError::Mailbox)
+            }
+            Err(_) => {
+                warn!(worker = %id, timeout_ms = self.deps.send_timeout.as_millis() as u64,
+                    "worker actor did not answer within the send deadline");
+                Err(WorkerExecError::Busy)
             }
         }
     }
@@ -589,48 +1003,59 @@ impl WorkerRegistry {
         self.deps.view.get(id).map(|e| e.value().0.clone())
     }
 
-    /// Introspection of every worker actor.
+    /// Introspection of every live worker actor, sorted by id.
     pub fn actors(&self) -> Vec<ActorInfo> {
         let mut out: Vec<ActorInfo> = self
             .actors
             .iter()
-            .map(|e| {
-                let view = self.deps.view.get(e.key()).map(|v| v.value().clone());
-                ActorInfo {
-                    kind: WORKER_KIND,
-                    id: e.key().clone(),
-                    state: view
-                        .as_ref()
-                        .map(|(w, _)| w.state.as_str().to_owned())
-                        .unwrap_or_else(|| "ABSENT".into()),
-                    version: None,
-                    mod_revision: view.as_ref().map(|(_, r)| *r),
-                    mailbox_depth: e.value().stats.mailbox_depth(),
-                    restarts: e.value().stats.restarts(),
-                    last_transition_at: e.value().stats.last_transition(),
-                }
-            })
+            .filter(|e| e.value().addr.connected())
+            .map(|e| self.info(e.key(), e.value()))
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }
 
+    /// Introspection of one live worker actor.
+    pub fn actor(&self, id: &str) -> Option<ActorInfo> {
+        self.live(id).map(|h| self.info(id, &h))
+    }
+
+    fn info(&self, id: &str, h: &Handle) -> ActorInfo {
+        let view = self.deps.view.get(id).map(|v| v.value().clone());
+        ActorInfo {
+            kind: WORKER_KIND,
+            id: id.to_owned(),
+            state: view
+                .as_ref()
+                .map(|(w, _)| w.state.as_str().to_owned())
+                .unwrap_or_else(|| "UNKNOWN".into()),
+            version: None,
+            mod_revision: view.as_ref().map(|(_, r)| *r),
+            mailbox_depth: h.stats.mailbox_depth(),
+            restarts: h.stats.restarts(),
+            last_transition_at: h.stats.last_transition(),
+        }
+    }
+
     fn observe(&self, id: &str, kv: Option<Kv>, rev: i64) {
-        match (self.actors.get(id).map(|h| h.clone()), kv) {
-            (Some(h), kv) => {
+        let Some(kv) = kv else {
+            self.retire(id, rev);
+            return;
+        };
+        match self.live(id) {
+            Some(h) => {
                 h.stats.enqueued();
                 h.addr.do_send(ObserveWorker {
-                    kv,
+                    kv: Some(kv),
                     mod_revision: rev,
                 });
             }
-            (None, Some(kv)) => match decode_worker(Some(&kv)) {
+            None => match decode_worker(Some(&kv)) {
                 Ok((w, r)) => {
                     self.spawn(id, Cell::Known(w, r));
                 }
                 Err(e) => warn!(worker = %id, error = %e, "skipping undecodable worker"),
             },
-            (None, None) => {}
         }
     }
 }

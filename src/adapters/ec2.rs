@@ -413,6 +413,9 @@ impl CloudProvider for Ec2Cloud {
                     instance_id: i.instance_id()?.to_owned(),
                     worker_id: tag_value(i, TAG_WORKER_ID).map(str::to_owned),
                     status,
+                    launched_at: i
+                        .launch_time()
+                        .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
                 })
             })
             .collect())

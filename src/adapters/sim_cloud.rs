@@ -2,7 +2,8 @@
 //!
 //! Instances are `Pending` until `boot` has passed since their launch, then `Running`;
 //! terminating one makes it `Terminated` at once. Time is `tokio::time::Instant`, so tests
-//! that pause tokio's clock decide when instances come up. Tests can also inject faults:
+//! that pause tokio's clock decide when instances come up (and launch times follow the
+//! same clock). Tests can also inject faults:
 //! failing launches, instances that vanish, and orphans nobody asked for.
 
 use std::collections::BTreeMap;
@@ -10,8 +11,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
+use crate::clock::Clock;
 use crate::domain::worker::WorkerTemplate;
 use crate::ports::cloud::{CloudError, CloudInstance, CloudInstanceStatus, CloudProvider};
 
@@ -19,6 +22,7 @@ use crate::ports::cloud::{CloudError, CloudInstance, CloudInstanceStatus, CloudP
 struct SimInstance {
     worker_id: Option<String>,
     ready_at: Instant,
+    launched_at: DateTime<Utc>,
     terminated: bool,
 }
 
@@ -44,7 +48,12 @@ struct SimState {
 }
 
 impl SimState {
-    fn launch(&mut self, worker_id: Option<String>, ready_at: Instant) -> String {
+    fn launch(
+        &mut self,
+        worker_id: Option<String>,
+        ready_at: Instant,
+        launched_at: DateTime<Utc>,
+    ) -> String {
         self.next_id += 1;
         let id = format!("i-{:017x}", self.next_id);
         self.instances.insert(
@@ -52,6 +61,7 @@ impl SimState {
             SimInstance {
                 worker_id,
                 ready_at,
+                launched_at,
                 terminated: false,
             },
         );
@@ -63,6 +73,7 @@ impl SimState {
 #[derive(Debug)]
 pub struct SimCloud {
     boot: Duration,
+    clock: Clock,
     state: Mutex<SimState>,
 }
 
@@ -71,6 +82,7 @@ impl SimCloud {
     pub fn new(boot: Duration) -> SimCloud {
         SimCloud {
             boot,
+            clock: Clock::new(),
             state: Mutex::new(SimState::default()),
         }
     }
@@ -95,8 +107,15 @@ impl SimCloud {
     /// Adds an already running instance tagged for `worker_id` that nobody asked this
     /// cloud to launch (left over by a crashed controller, say); returns its id.
     pub fn add_orphan(&self, worker_id: &str) -> String {
+        self.add_orphan_aged(worker_id, Duration::ZERO)
+    }
+
+    /// Like [`SimCloud::add_orphan`], launched `age` ago.
+    pub fn add_orphan_aged(&self, worker_id: &str, age: Duration) -> String {
         let now = Instant::now();
-        self.state().launch(Some(worker_id.to_owned()), now)
+        let launched = self.clock.now() - chrono::Duration::from_std(age).unwrap_or_default();
+        self.state()
+            .launch(Some(worker_id.to_owned()), now, launched)
     }
 
     /// How many times `create_instance` was called, failed and deduplicated calls
@@ -139,7 +158,11 @@ impl CloudProvider for SimCloud {
         if let Some((id, _)) = existing {
             return Ok(id.clone());
         }
-        Ok(state.launch(Some(worker_id.to_owned()), now + self.boot))
+        Ok(state.launch(
+            Some(worker_id.to_owned()),
+            now + self.boot,
+            self.clock.now(),
+        ))
     }
 
     async fn terminate_instance(&self, instance_id: &str) -> Result<(), CloudError> {
@@ -183,6 +206,7 @@ impl CloudProvider for SimCloud {
                 instance_id: id.clone(),
                 worker_id: i.worker_id.clone(),
                 status: i.status(now),
+                launched_at: Some(i.launched_at),
             })
             .collect())
     }
@@ -328,8 +352,10 @@ mod tests {
                 instance_id: orphan.clone(),
                 worker_id: Some("w-ghost".into()),
                 status: CloudInstanceStatus::Running,
+                launched_at: listed[0].launched_at,
             }]
         );
+        assert!(listed[0].launched_at.is_some());
         assert_eq!(cloud.create_calls(), 0);
         assert_eq!(cloud.running_count(), 1);
 

@@ -1,21 +1,23 @@
 //! Resource Controller routes: instances, workers, heartbeats, templates and the
 //! controller's status.
 
-use std::collections::HashSet;
-
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::Duration as ChronoDuration;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::actors::instances::{self, InstanceError};
-use crate::actors::stats::ActorInfo;
-use crate::actors::worker::{WorkerCmd, WorkerExecError};
+use crate::actors::instances::{self, Created, InstanceError};
+use crate::actors::worker::{WorkerCmd, WorkerExecError, WorkerOutcome};
 use crate::api::body::read_json;
 use crate::api::error::ApiError;
-use crate::api::{method_not_allowed, AppState};
+use crate::api::{method_not_allowed, reply_response, AppState, InflightGuard};
 use crate::config::valid_segment;
 use crate::domain::worker::{Instance, InstanceState, Resources, WorkerError};
+use crate::idempotency::{IdemError, IdemWrite, Reply};
+use crate::ports::store::StoreError;
+
+/// Scope of the controller routes' idempotency records (`/idempotency/controller/{key}`).
+pub const IDEMPOTENCY_SCOPE: &str = "controller";
 
 /// Largest accepted requirement, per dimension.
 const MAX_REQUIREMENT: f64 = 1.0e6;
@@ -75,13 +77,22 @@ fn worker_error(e: WorkerExecError, retry_after: u64) -> ApiError {
             ApiError::Conflict(e.to_string())
         }
         WorkerExecError::Store(s) => ApiError::from_store(s, retry_after),
-        WorkerExecError::Fenced | WorkerExecError::Contention | WorkerExecError::Mailbox => {
-            ApiError::Unavailable {
-                message: e.to_string(),
-                retry_after,
-            }
-        }
+        WorkerExecError::Fenced
+        | WorkerExecError::Contention
+        | WorkerExecError::Mailbox
+        | WorkerExecError::Busy => ApiError::Unavailable {
+            message: e.to_string(),
+            retry_after,
+        },
         WorkerExecError::Corrupt(m) => ApiError::Internal(m),
+        WorkerExecError::Idempotency(e) => idem_error(e),
+    }
+}
+
+fn idem_error(e: IdemError) -> ApiError {
+    match e {
+        IdemError::Mismatch => ApiError::Unprocessable(e.to_string()),
+        IdemError::Corrupt(m) => ApiError::Internal(m),
     }
 }
 
@@ -95,6 +106,75 @@ fn instance_error(e: InstanceError, retry_after: u64) -> ApiError {
             retry_after,
         },
         InstanceError::Corrupt(m) => ApiError::Internal(m),
+        InstanceError::Idempotency(e) => idem_error(e),
+    }
+}
+
+/// The request's idempotency key (if any) for `route`, marked in flight, with a lease
+/// for its record.
+async fn idem_write<'a>(
+    state: &'a AppState,
+    req: &HttpRequest,
+    route: &str,
+    canonical: &[u8],
+) -> Result<Option<(IdemWrite, InflightGuard<'a>)>, ApiError> {
+    let Some((request, guard)) = state.idempotency(req, IDEMPOTENCY_SCOPE, route, canonical)?
+    else {
+        return Ok(None);
+    };
+    let lease = state
+        .registry
+        .deps()
+        .leases
+        .lease(state.store.as_ref())
+        .await
+        .map_err(|e| ApiError::Unavailable {
+            message: format!("state store unavailable: {e}"),
+            retry_after: state.config.retry_after,
+        })?;
+    Ok(Some((IdemWrite { request, lease }, guard)))
+}
+
+/// After a `LeaseNotFound` the idempotency lease is renewed once and the request
+/// retried.
+async fn renew(state: &AppState, idem: &mut Option<IdemWrite>) -> bool {
+    let Some(w) = idem.as_mut() else { return false };
+    let leases = &state.registry.deps().leases;
+    leases.invalidate();
+    match leases.lease(state.store.as_ref()).await {
+        Ok(l) => {
+            w.lease = l;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Sends `make(idem)` to worker `id`, renewing the idempotency lease once if the store
+/// no longer knows it.
+async fn send_worker(
+    state: &AppState,
+    id: &str,
+    mut idem: Option<IdemWrite>,
+    make: impl Fn(Option<IdemWrite>) -> WorkerCmd,
+) -> Result<WorkerOutcome, WorkerExecError> {
+    let ctl = &state.controller;
+    let first = ctl.workers.send(id, make(idem.clone()), false).await;
+    if first == Err(WorkerExecError::Store(StoreError::LeaseNotFound))
+        && renew(state, &mut idem).await
+    {
+        return ctl.workers.send(id, make(idem), false).await;
+    }
+    first
+}
+
+fn note_replayed(state: &AppState, reply: &Reply) {
+    if reply.replayed {
+        state
+            .metrics
+            .idempotency
+            .with_label_values(&["replayed"])
+            .inc();
     }
 }
 
@@ -118,10 +198,12 @@ fn check_requirement(field: &str, v: f64) -> Result<(), ApiError> {
 
 async fn submit(
     state: web::Data<AppState>,
-    req: actix_web::HttpRequest,
+    req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json::<SubmitBody>(&req, payload).await?.value;
+    let body = read_json::<SubmitBody>(&req, payload).await?;
+    let canonical = body.canonical;
+    let body = body.value;
     check_requirement("cpu", body.requirements.cpu)?;
     check_requirement("memory_gb", body.requirements.memory_gb)?;
     let id = format!("i-{}", uuid::Uuid::new_v4().simple());
@@ -131,14 +213,43 @@ async fn submit(
         body.do_not_disrupt,
         state.controller.clock.now(),
     );
+    let reply = Reply {
+        status: 202,
+        body: json!({"id": id, "state": inst.state}).to_string(),
+        replayed: false,
+    };
+    let retry_after = state.config.retry_after;
     let ctl = &state.controller;
-    let rev = instances::create(ctl.store.as_ref(), &inst)
-        .await
-        .map_err(|e| instance_error(e.into(), state.config.retry_after))?
-        .ok_or_else(|| ApiError::Conflict("instance id collision; retry".into()))?;
-    ctl.instances.note(&id, inst.clone(), rev);
-    ctl.kick();
-    Ok(HttpResponse::Accepted().json(json!({"id": id, "state": inst.state})))
+    let idem = idem_write(&state, &req, "instances:create", &canonical).await?;
+    let mut write = idem.as_ref().map(|(w, _)| w.clone());
+    let mut created = instances::create(
+        ctl.store.as_ref(),
+        &inst,
+        write.as_ref().map(|w| (w, &reply)),
+    )
+    .await;
+    if created == Err(InstanceError::Store(StoreError::LeaseNotFound))
+        && renew(&state, &mut write).await
+    {
+        created = instances::create(
+            ctl.store.as_ref(),
+            &inst,
+            write.as_ref().map(|w| (w, &reply)),
+        )
+        .await;
+    }
+    match created.map_err(|e| instance_error(e, retry_after))? {
+        Created::New(rev) => {
+            ctl.instances.note(&id, inst.clone(), rev);
+            ctl.kick();
+            Ok(reply_response(&reply))
+        }
+        Created::Replayed(stored) => {
+            note_replayed(&state, &stored);
+            Ok(reply_response(&stored))
+        }
+        Created::Collision => Err(ApiError::Conflict("instance id collision; retry".into())),
+    }
 }
 
 async fn load_instance(state: &AppState, id: &str) -> Result<(Instance, i64), ApiError> {
@@ -158,77 +269,90 @@ async fn instance(
 }
 
 /// Ends an instance: its record becomes `to` and, when it sits on a worker, the
-/// worker's allocation is released in the same transaction.
-async fn end_instance(state: &AppState, id: &str, to: InstanceState) -> Result<Instance, ApiError> {
+/// worker's allocation is released in the same transaction (with the idempotency
+/// record of `idem`, when given). Answers 200 and the instance's new record.
+async fn end_instance(
+    state: &AppState,
+    id: &str,
+    to: InstanceState,
+    idem: Option<IdemWrite>,
+) -> Result<Reply, ApiError> {
     let retry_after = state.config.retry_after;
+    let ctl = &state.controller;
+    let retention = &ctl.workers.deps().retention;
+    let mut idem = idem;
     for _ in 0..8 {
         let (inst, rev) = load_instance(state, id).await?;
         if !inst.is_live() {
+            // A retry of the request that ended it gets that answer.
+            if let Some(w) = &idem {
+                if let Some(kv) = ctl
+                    .store
+                    .get(&w.request.store_key)
+                    .await
+                    .map_err(|e| instance_error(e.into(), retry_after))?
+                {
+                    return w.request.replay(&kv.value).map_err(idem_error);
+                }
+            }
             return Err(ApiError::Conflict(format!(
                 "instance is already {}",
-                serde_json::to_value(inst.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default()
+                inst.state.as_str()
             )));
         }
         let mut done = inst.clone();
         done.state = to;
         let Some(worker_id) = inst.worker_id.clone() else {
-            let r = instances::update(
-                state.controller.store.as_ref(),
-                id,
-                None,
-                &state.controller.workers.deps().retention,
-                |cur| {
-                    if cur.state != InstanceState::Pending {
-                        return Err("instance changed; retry".into());
+            match instances::end_pending(ctl.store.as_ref(), id, to, retention, idem.as_ref()).await
+            {
+                Ok((reply, written)) => {
+                    if let Some((i, r)) = written {
+                        ctl.instances.note(id, i, r);
                     }
-                    let mut n = cur.clone();
-                    n.state = to;
-                    Ok(Some(n))
-                },
-            )
-            .await;
-            match r {
-                Ok((i, r)) => {
-                    state.controller.instances.note(id, i.clone(), r);
-                    return Ok(i);
+                    return Ok(reply);
                 }
                 Err(InstanceError::Refused(_)) => continue,
+                Err(InstanceError::Store(StoreError::LeaseNotFound)) => {
+                    if !renew(state, &mut idem).await {
+                        return Err(instance_error(
+                            InstanceError::Store(StoreError::LeaseNotFound),
+                            retry_after,
+                        ));
+                    }
+                    continue;
+                }
                 Err(e) => return Err(instance_error(e, retry_after)),
             }
         };
-        let cmd = WorkerCmd::Unplace {
+        let make = |idem| WorkerCmd::Unplace {
             instance_id: id.to_owned(),
             requirements: inst.requirements,
             instance: Some((done.clone(), rev)),
+            idem,
         };
-        match state.controller.workers.send(&worker_id, cmd, false).await {
+        match send_worker(state, &worker_id, idem.clone(), make).await {
             Ok(out) => {
-                if let Some((i, r)) = out.instance {
-                    state.controller.instances.note(id, i, r);
+                for (i, r) in out.written {
+                    ctl.instances.note(&i.id.clone(), i, r);
                 }
-                state.controller.kick();
-                return Ok(done);
+                ctl.kick();
+                return Ok(out.reply);
             }
             Err(WorkerExecError::InstanceChanged(_)) => continue,
             Err(WorkerExecError::NotFound) => {
                 // The worker record is gone: end the instance on its own.
-                let r = instances::update(
-                    state.controller.store.as_ref(),
-                    id,
-                    None,
-                    &state.controller.workers.deps().retention,
-                    |cur| {
-                        let mut n = cur.clone();
-                        n.state = to;
-                        Ok(Some(n))
-                    },
-                )
+                let r = instances::update(ctl.store.as_ref(), id, None, retention, |cur| {
+                    let mut n = cur.clone();
+                    n.state = to;
+                    Ok(Some(n))
+                })
                 .await
                 .map_err(|e| instance_error(e, retry_after))?;
-                return Ok(r.0);
+                return Ok(Reply {
+                    status: 200,
+                    body: serde_json::to_string(&r.0).unwrap_or_default(),
+                    replayed: false,
+                });
             }
             Err(e) => return Err(worker_error(e, retry_after)),
         }
@@ -242,9 +366,16 @@ async fn end_instance(state: &AppState, id: &str, to: InstanceState) -> Result<I
 async fn complete(
     state: web::Data<AppState>,
     id: web::Path<String>,
+    req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let inst = end_instance(&state, &id, InstanceState::Completed).await?;
-    Ok(HttpResponse::Ok().json(inst))
+    check_id("instance", &id)?;
+    // The route names everything the request does; a body is ignored.
+    let route = format!("instances:complete:{id}");
+    let idem = idem_write(&state, &req, &route, b"").await?;
+    let write = idem.as_ref().map(|(w, _)| w.clone());
+    let reply = end_instance(&state, &id, InstanceState::Completed, write).await?;
+    note_replayed(&state, &reply);
+    Ok(reply_response(&reply))
 }
 
 async fn workers(state: web::Data<AppState>) -> HttpResponse {
@@ -289,109 +420,90 @@ async fn drain(
             "deadline_seconds must be <= {MAX_DRAIN_SECONDS}"
         )));
     }
-    let placed: Vec<Instance> = state
-        .controller
-        .instances
-        .all()
-        .into_iter()
-        .map(|(i, _)| i)
-        .filter(|i| i.worker_id.as_deref() == Some(id.as_str()) && i.is_live())
-        .collect();
     let deadline =
         state.controller.clock.now() + ChronoDuration::seconds(i64::try_from(secs).unwrap_or(0));
-    let cmd = WorkerCmd::Drain {
+    // Hash what the request means, so `{}` and no body are the same request.
+    let canonical = json!({"deadline_seconds": body.deadline_seconds}).to_string();
+    let route = format!("workers:drain:{id}");
+    let idem = idem_write(&state, &req, &route, canonical.as_bytes()).await?;
+    let write = idem.as_ref().map(|(w, _)| w.clone());
+    // The decision (do_not_disrupt included) is made by the worker actor on the
+    // instances as of the worker record it writes against, never on this replica's view.
+    let make = |idem| WorkerCmd::Drain {
         deadline,
         voluntary: true,
-        instances: placed,
+        idle_cutoff: None,
+        idem,
     };
-    let out = state
-        .controller
-        .workers
-        .send(&id, cmd, false)
+    let out = send_worker(&state, &id, write, make)
         .await
         .map_err(|e| worker_error(e, state.config.retry_after))?;
-    state
-        .controller
-        .decide("drain", &id, "requested through the API");
-    Ok(HttpResponse::Accepted().json(out.worker))
+    if !out.reply.replayed {
+        state
+            .controller
+            .decide("drain", &id, "requested through the API");
+    }
+    note_replayed(&state, &out.reply);
+    Ok(reply_response(&out.reply))
 }
 
 async fn heartbeat(
     state: web::Data<AppState>,
     id: web::Path<String>,
-    req: actix_web::HttpRequest,
+    req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     check_id("worker", &id)?;
-    let body = read_json::<HeartbeatBody>(&req, payload).await?.value;
+    let body = read_json::<HeartbeatBody>(&req, payload).await?;
+    let canonical = body.canonical;
+    let body = body.value;
     if let Some(bad) = body.running_instances.iter().find(|i| !valid_segment(i)) {
         return Err(ApiError::BadRequest(format!("invalid instance id {bad:?}")));
     }
     let retry_after = state.config.retry_after;
     let ctl = &state.controller;
-    let out = ctl
-        .workers
-        .send(
-            &id,
-            WorkerCmd::Heartbeat {
-                at: ctl.clock.now(),
-            },
-            false,
-        )
+    let route = format!("workers:heartbeat:{id}");
+    let idem = idem_write(&state, &req, &route, &canonical).await?;
+    let write = idem.as_ref().map(|(w, _)| w.clone());
+    // What this replica knows of the worker's instances saves reads; the actor compares
+    // every record it changes, so a stale one only costs a retry.
+    let known: Vec<(Instance, i64)> = ctl
+        .instances
+        .all()
+        .into_iter()
+        .filter(|(i, _)| i.worker_id.as_deref() == Some(id.as_str()))
+        .collect();
+    let at = ctl.clock.now();
+    let make = |idem| WorkerCmd::Heartbeat {
+        at,
+        running: body.running_instances.clone(),
+        known: known.clone(),
+        idem,
+    };
+    let out = send_worker(&state, &id, write, make)
         .await
         .map_err(|e| worker_error(e, retry_after))?;
-    let running: HashSet<&str> = body.running_instances.iter().map(String::as_str).collect();
-    let placed: HashSet<&str> = out.worker.instances.iter().map(String::as_str).collect();
-    let (mut started, mut completed) = (Vec::new(), Vec::new());
-    for iid in &out.worker.instances {
-        let Some((inst, _)) = ctl.instances.get(iid) else {
-            continue;
-        };
-        match (inst.state, running.contains(iid.as_str())) {
-            (InstanceState::Scheduled, true) => {
-                let r = instances::update(
-                    ctl.store.as_ref(),
-                    iid,
-                    None,
-                    &ctl.workers.deps().retention,
-                    |cur| {
-                        if cur.state != InstanceState::Scheduled {
-                            return Ok(None);
-                        }
-                        let mut n = cur.clone();
-                        n.state = InstanceState::Running;
-                        Ok(Some(n))
-                    },
-                )
-                .await
-                .map_err(|e| instance_error(e, retry_after))?;
-                ctl.instances.note(iid, r.0, r.1);
-                started.push(iid.clone());
-            }
-            // Only instances the host confirmed earlier can be "no longer running";
-            // a SCHEDULED one may simply not have started yet.
-            (InstanceState::Running, false) => {
-                end_instance(&state, iid, InstanceState::Completed).await?;
-                completed.push(iid.clone());
-            }
-            _ => {}
+    let completed_any = out
+        .written
+        .iter()
+        .any(|(i, _)| i.state == InstanceState::Completed);
+    for (i, r) in out.written {
+        ctl.instances.note(&i.id.clone(), i, r);
+    }
+    if completed_any {
+        ctl.kick();
+    }
+    if !out.reply.replayed {
+        let unknown = serde_json::from_str::<serde_json::Value>(&out.reply.body)
+            .ok()
+            .and_then(|v| v["unknown_instances"].as_array().cloned())
+            .unwrap_or_default();
+        if !unknown.is_empty() {
+            tracing::warn!(worker = %id, ?unknown, "heartbeat reports instances not placed on this worker");
         }
     }
-    let unknown: Vec<&str> = body
-        .running_instances
-        .iter()
-        .map(String::as_str)
-        .filter(|i| !placed.contains(i))
-        .collect();
-    if !unknown.is_empty() {
-        tracing::warn!(worker = %id, ?unknown, "heartbeat reports instances not placed on this worker");
-    }
-    Ok(HttpResponse::Ok().json(json!({
-        "worker_id": id.as_str(),
-        "started": started,
-        "completed": completed,
-        "unknown_instances": unknown,
-    })))
+    note_replayed(&state, &out.reply);
+    Ok(reply_response(&out.reply))
 }
 
 async fn templates(state: web::Data<AppState>) -> HttpResponse {
@@ -408,29 +520,4 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
         "recent_decisions": ctl.decisions(),
         "min_replicas": state.ops.convergence(),
     }))
-}
-
-/// Instances as introspection entries.
-pub fn instance_infos(state: &AppState) -> Vec<ActorInfo> {
-    let mut out: Vec<ActorInfo> = state
-        .controller
-        .instances
-        .all()
-        .into_iter()
-        .map(|(i, rev)| ActorInfo {
-            kind: "instance",
-            id: i.id.clone(),
-            state: serde_json::to_value(i.state)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-            version: None,
-            mod_revision: Some(rev),
-            mailbox_depth: 0,
-            restarts: 0,
-            last_transition_at: None,
-        })
-        .collect();
-    out.sort_by(|a, b| a.id.cmp(&b.id));
-    out
 }

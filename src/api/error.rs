@@ -98,6 +98,10 @@ impl ApiError {
                 message: "actor unavailable; retry".into(),
                 retry_after,
             },
+            ExecError::Busy => Self::Unavailable {
+                message: format!("{e}; retry (with the same idempotency key)"),
+                retry_after,
+            },
             other => Self::Internal(other.to_string()),
         }
     }

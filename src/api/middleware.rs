@@ -1,5 +1,6 @@
 //! HTTP middleware: request id (echoed or generated, on every log line of the request),
-//! access log and metrics, and bearer-token auth for `/api/`.
+//! access log and metrics, and bearer-token auth, deny by default: every path needs the
+//! token except the few in [`PUBLIC_PATHS`].
 
 use std::time::Instant;
 
@@ -71,7 +72,23 @@ pub async fn request_context(
     Ok(res)
 }
 
-/// Requires `Authorization: Bearer <API_AUTH_TOKEN>` on `/api/` when a token is set.
+/// The only paths served without the token when `API_AUTH_TOKEN` is set: probes and
+/// metrics (a public page such as `/ui` would be added here). Every other path, whether
+/// a route matches it or not, needs the token.
+pub const PUBLIC_PATHS: &[&str] = &["/health", "/health/ready", "/health/self", "/metrics"];
+
+/// Whether `req` may be served without the token. Decided on the path the router
+/// matches (`match_info().as_str()`: the request path percent-decoded exactly as the router
+/// decodes it), and only by exact equality with a public route's static pattern, which
+/// is how the router matches those; so no spelling of a protected route (encoded
+/// letters or slashes, doubled slashes, dot segments, case) can be taken for a public one.
+pub fn is_public(req: &ServiceRequest) -> bool {
+    PUBLIC_PATHS.contains(&req.match_info().as_str())
+}
+
+/// Requires `Authorization: Bearer <API_AUTH_TOKEN>` on every path but [`PUBLIC_PATHS`]
+/// when a token is set. Without the token, a path that routes nowhere is 401 as well,
+/// so an unauthenticated caller learns nothing about which paths exist.
 pub async fn auth(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -80,7 +97,7 @@ pub async fn auth(
         .app_data::<web::Data<AppState>>()
         .and_then(|s| s.config.api_token.clone());
     if let Some(token) = token {
-        if req.path().starts_with("/api/") && !authorized(&req, token.expose()) {
+        if !is_public(&req) && !authorized(&req, token.expose()) {
             let resp = ApiError::Unauthorized.error_response();
             return Ok(req.into_response(resp));
         }

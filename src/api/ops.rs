@@ -3,10 +3,15 @@
 use std::time::Duration;
 
 use actix_web::{web, HttpResponse};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::actors::registry::SHADOW_KIND;
 use crate::actors::shadow::ShadowKey;
+use crate::actors::stats::ActorInfo;
+use crate::actors::worker::WORKER_KIND;
 use crate::api::error::ApiError;
 use crate::api::{method_not_allowed, AppState};
 
@@ -77,11 +82,66 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
-async fn actors(state: web::Data<AppState>) -> HttpResponse {
-    let mut data = state.registry.actors();
-    data.extend(state.controller.workers.actors());
-    data.extend(crate::api::controller::instance_infos(&state));
-    HttpResponse::Ok().json(json!({ "data": data }))
+/// The largest page of `GET /api/1.0/actors`, and its size when `limit` is absent.
+pub const MAX_ACTORS_PAGE: usize = 500;
+
+/// Query of `GET /api/1.0/actors`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActorsQuery {
+    /// Page size, 1..=`MAX_ACTORS_PAGE` (default `MAX_ACTORS_PAGE`).
+    limit: Option<usize>,
+    /// Where the previous page ended (opaque).
+    #[serde(rename = "continue")]
+    cont: Option<String>,
+}
+
+/// The opaque `continue` token after `a`: its place in the (kind, id) order.
+fn continue_token(a: &ActorInfo) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}\n{}", a.kind, a.id))
+}
+
+fn parse_continue(token: &str) -> Result<(String, String), ApiError> {
+    let bad = || ApiError::BadRequest("invalid continue token".into());
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (kind, id) = text.split_once('\n').ok_or_else(bad)?;
+    Ok((kind.to_owned(), id.to_owned()))
+}
+
+/// Live entity actors (shadow deployables and workers; instances are records, not
+/// actors, and are not listed), ordered by kind then id, a page at a time.
+async fn actors(
+    state: web::Data<AppState>,
+    query: web::Query<ActorsQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit.unwrap_or(MAX_ACTORS_PAGE);
+    if !(1..=MAX_ACTORS_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_ACTORS_PAGE}"
+        )));
+    }
+    let after = query.cont.as_deref().map(parse_continue).transpose()?;
+    let mut all = state.registry.actors();
+    all.extend(state.controller.workers.actors());
+    all.sort_by(|a, b| (a.kind, &a.id).cmp(&(b.kind, &b.id)));
+    let mut page: Vec<ActorInfo> = all
+        .into_iter()
+        .filter(|a| match &after {
+            Some((kind, id)) => (a.kind, a.id.as_str()) > (kind.as_str(), id.as_str()),
+            None => true,
+        })
+        .take(limit + 1)
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let mut body = json!({ "data": page });
+    if more {
+        if let Some(last) = page.last() {
+            body["continue"] = json!(continue_token(last));
+        }
+    }
+    Ok(HttpResponse::Ok().json(body))
 }
 
 async fn actor(
@@ -90,19 +150,14 @@ async fn actor(
 ) -> Result<HttpResponse, ApiError> {
     let (kind, id) = path.into_inner();
     let not_found = || ApiError::NotFound(format!("no live actor {kind}/{id}"));
-    if kind != SHADOW_KIND {
-        let mut all = state.controller.workers.actors();
-        all.extend(crate::api::controller::instance_infos(&state));
-        return all
-            .into_iter()
-            .find(|a| a.kind == kind && a.id == id)
-            .map(|a| HttpResponse::Ok().json(a))
-            .ok_or_else(not_found);
-    }
-    let (env, name) = id.split_once('/').ok_or_else(not_found)?;
-    let info = state
-        .registry
-        .actor(&ShadowKey::new(env, name))
-        .ok_or_else(not_found)?;
-    Ok(HttpResponse::Ok().json(info))
+    let info = match kind.as_str() {
+        SHADOW_KIND => {
+            let (env, name) = id.split_once('/').ok_or_else(not_found)?;
+            state.registry.actor(&ShadowKey::new(env, name))
+        }
+        WORKER_KIND => state.controller.workers.actor(&id),
+        _ => None,
+    };
+    info.map(|a| HttpResponse::Ok().json(a))
+        .ok_or_else(not_found)
 }

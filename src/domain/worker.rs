@@ -227,6 +227,9 @@ pub enum WorkerError {
     /// A voluntary drain was blocked by `do_not_disrupt` instances on the worker.
     #[error("worker runs do-not-disrupt instances; voluntary drain refused")]
     DoNotDisrupt,
+    /// An idle drain found the worker busy again (or idle for too short a time).
+    #[error("worker is no longer idle")]
+    NotIdle,
     /// No such instance.
     #[error("unknown instance {0}")]
     UnknownInstance(String),
@@ -320,6 +323,11 @@ pub fn transition(w: &Worker, to: WorkerState, now: DateTime<Utc>) -> Result<Wor
 /// is refused with [`WorkerError::DoNotDisrupt`] while any of `instances` placed on this
 /// worker (`worker_id == w.id`, SCHEDULED or RUNNING) has `do_not_disrupt`; an involuntary
 /// drain (host retirement, spot interruption) ignores the flag.
+///
+/// `instances` must be the records of the ids `w` lists, read together with `w` (the
+/// caller's compare-and-swap covers `w`'s revision, which every placement changes, and
+/// theirs): a decision on any other list can drain a worker that a placement has made
+/// busy in between.
 pub fn start_drain(
     w: &Worker,
     instances: &[Instance],
@@ -328,17 +336,111 @@ pub fn start_drain(
     now: DateTime<Utc>,
 ) -> Result<Worker, WorkerError> {
     let mut next = transition(w, WorkerState::Draining, now)?;
-    if voluntary
-        && instances.iter().any(|i| {
-            i.do_not_disrupt
-                && i.worker_id.as_deref() == Some(w.id.as_str())
-                && matches!(i.state, InstanceState::Scheduled | InstanceState::Running)
-        })
-    {
+    if voluntary && holds_do_not_disrupt(w, instances) {
         return Err(WorkerError::DoNotDisrupt);
     }
     next.drain_deadline = Some(deadline);
     Ok(next)
+}
+
+/// Whether any of `instances` is a live (SCHEDULED or RUNNING) `do_not_disrupt`
+/// instance placed on `w`.
+pub fn holds_do_not_disrupt(w: &Worker, instances: &[Instance]) -> bool {
+    instances.iter().any(|i| {
+        i.do_not_disrupt
+            && i.worker_id.as_deref() == Some(w.id.as_str())
+            && matches!(i.state, InstanceState::Scheduled | InstanceState::Running)
+    })
+}
+
+/// The scale-down drain: like a voluntary [`start_drain`], but only while `w` is still
+/// RUNNING with no instances and idle since `cutoff` or earlier (a worker without
+/// `idle_since` counts from its last state change); otherwise
+/// [`WorkerError::NotIdle`]. Re-checked on the record the drain is written against, so
+/// a placement after the idle worker was picked cancels the drain.
+pub fn start_idle_drain(
+    w: &Worker,
+    instances: &[Instance],
+    deadline: DateTime<Utc>,
+    cutoff: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<Worker, WorkerError> {
+    let since = w.idle_since.unwrap_or(w.state_changed_at);
+    if w.state == WorkerState::Running && (!w.instances.is_empty() || since > cutoff) {
+        return Err(WorkerError::NotIdle);
+    }
+    start_drain(w, instances, deadline, true, now)
+}
+
+/// What one heartbeat changes: the worker (heartbeat time, released allocations) and
+/// the instances that started or ended, decided together so they are written together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeartbeatPlan {
+    /// The worker afterwards.
+    pub worker: Worker,
+    /// New records of the instances that changed.
+    pub changed: Vec<Instance>,
+    /// SCHEDULED instances the host runs: now RUNNING.
+    pub started: Vec<String>,
+    /// RUNNING instances the host no longer runs: now COMPLETED and released.
+    pub completed: Vec<String>,
+    /// Ids the host reports that are not placed on this worker.
+    pub unknown: Vec<String>,
+    /// More changes were due than `limit`: apply this plan and plan again.
+    pub more: bool,
+}
+
+/// Plans a heartbeat of `w` reporting `running`, against `instances` (the records of the
+/// ids `w` lists; absent ids are skipped): SCHEDULED ones it runs become RUNNING,
+/// RUNNING ones it no longer runs become COMPLETED and leave the worker (a SCHEDULED one
+/// it does not run yet may simply not have started). At most `limit` instances change;
+/// `more` says whether others are still due.
+pub fn plan_heartbeat(
+    w: &Worker,
+    instances: &[Instance],
+    running: &[String],
+    at: DateTime<Utc>,
+    limit: usize,
+) -> HeartbeatPlan {
+    let mut plan = HeartbeatPlan {
+        worker: w.clone(),
+        changed: Vec::new(),
+        started: Vec::new(),
+        completed: Vec::new(),
+        unknown: running
+            .iter()
+            .filter(|r| !w.instances.contains(r))
+            .cloned()
+            .collect(),
+        more: false,
+    };
+    plan.worker.last_heartbeat_at = Some(at);
+    for id in &w.instances {
+        let Some(inst) = instances.iter().find(|i| &i.id == id) else {
+            continue;
+        };
+        let reported = running.contains(id);
+        let to = match (inst.state, reported) {
+            (InstanceState::Scheduled, true) => InstanceState::Running,
+            (InstanceState::Running, false) => InstanceState::Completed,
+            _ => continue,
+        };
+        if plan.changed.len() >= limit {
+            plan.more = true;
+            break;
+        }
+        let Ok(next) = instance_transition(inst, to, None) else {
+            continue;
+        };
+        if to == InstanceState::Completed {
+            plan.worker = unplace(&plan.worker, id, &inst.requirements, at);
+            plan.completed.push(id.clone());
+        } else {
+            plan.started.push(id.clone());
+        }
+        plan.changed.push(next);
+    }
+    plan
 }
 
 /// Places `inst` on `w`: only when RUNNING ([`WorkerError::NotAccepting`] otherwise) and
@@ -773,6 +875,7 @@ mod tests {
             WorkerError::NotAccepting(WorkerState::Draining),
             WorkerError::DoesNotFit,
             WorkerError::DoNotDisrupt,
+            WorkerError::NotIdle,
             WorkerError::UnknownInstance("i".into()),
             WorkerError::IllegalInstanceTransition {
                 from: InstanceState::Completed,
@@ -796,6 +899,67 @@ mod tests {
         let back: Worker = serde_json::from_value(json).expect("old record");
         assert_eq!(back.idle_since, None);
         assert_eq!(back.state, WorkerState::Running);
+    }
+
+    #[test]
+    fn idle_drain_is_refused_once_the_worker_is_busy_or_idle_too_briefly() {
+        let mut w = worker_in(WorkerState::Running, 4.0, 8.0);
+        w.idle_since = Some(at(10));
+        let ok = start_idle_drain(&w, &[], at(100), at(10), at(20)).expect("idle long enough");
+        assert_eq!(ok.state, WorkerState::Draining);
+        assert_eq!(
+            start_idle_drain(&w, &[], at(100), at(9), at(20)),
+            Err(WorkerError::NotIdle)
+        );
+        let busy = place(&w, &inst("a", 1.0, 1.0), at(11)).expect("fits");
+        assert_eq!(
+            start_idle_drain(&busy, &[], at(100), at(50), at(20)),
+            Err(WorkerError::NotIdle),
+            "busy, even with a stale instance list"
+        );
+    }
+
+    #[test]
+    fn heartbeat_plan_starts_completes_and_releases_in_one_plan() {
+        let w = worker_in(WorkerState::Running, 4.0, 8.0);
+        let a = inst("a", 1.0, 1.0);
+        let b = inst("b", 1.0, 2.0);
+        let c = inst("c", 0.5, 0.5);
+        let w = place(&w, &a, at(1)).expect("fits");
+        let w = place(&w, &b, at(1)).expect("fits");
+        let w = place(&w, &c, at(1)).expect("fits");
+        let recs = [
+            on_worker(a, "w1", InstanceState::Scheduled),
+            on_worker(b, "w1", InstanceState::Running),
+            on_worker(c, "w1", InstanceState::Scheduled),
+        ];
+        let running = vec!["a".to_string(), "zz".to_string()];
+        let plan = plan_heartbeat(&w, &recs, &running, at(5), 10);
+        assert_eq!(plan.started, vec!["a".to_string()]);
+        assert_eq!(plan.completed, vec!["b".to_string()]);
+        assert_eq!(plan.unknown, vec!["zz".to_string()]);
+        assert!(!plan.more);
+        assert_eq!(plan.worker.last_heartbeat_at, Some(at(5)));
+        assert_eq!(
+            plan.worker.instances,
+            vec!["a".to_string(), "c".to_string()]
+        );
+        assert_eq!(plan.worker.allocated, res(1.5, 1.5));
+        let states: Vec<_> = plan
+            .changed
+            .iter()
+            .map(|i| (i.id.as_str(), i.state))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                ("a", InstanceState::Running),
+                ("b", InstanceState::Completed)
+            ]
+        );
+        let first = plan_heartbeat(&w, &recs, &running, at(5), 1);
+        assert!(first.more);
+        assert_eq!(first.changed.len(), 1);
     }
 
     fn any_state() -> impl Strategy<Value = WorkerState> {
@@ -915,6 +1079,116 @@ mod tests {
                     prop_assert_eq!(w.idle_since, None);
                 }
             }
+        }
+
+        /// The actor's protocol, modelled purely: a drain is decided on the worker and
+        /// the records of the instances it lists at one revision and committed only if
+        /// the worker's revision (bumped by every placement) is unchanged; on a lost
+        /// compare it is decided again on fresh records. Placements interleave anywhere.
+        #[test]
+        fn no_interleaving_of_placements_and_drains_drains_a_do_not_disrupt_worker(
+            steps in prop::collection::vec((0u8..4, any::<bool>()), 1..60),
+        ) {
+            let mut w = worker_in(WorkerState::Running, 8.0, 8.0);
+            let mut rev = 1u64;
+            let mut recs: Vec<Instance> = Vec::new();
+            // a drain decided but not yet committed: (decision, revision it read)
+            let mut pending: Option<(Result<Worker, WorkerError>, u64)> = None;
+            for (n, (op, flag)) in steps.into_iter().enumerate() {
+                let now = at(n as i64 + 1);
+                match op {
+                    0 => {
+                        let mut i = inst(&format!("i{n}"), 1.0, 1.0);
+                        i.do_not_disrupt = flag;
+                        if let Ok(next) = place(&w, &i, now) {
+                            recs.push(on_worker(i, "w1", InstanceState::Scheduled));
+                            w = next;
+                            rev += 1;
+                        }
+                    }
+                    1 => {
+                        let listed: Vec<Instance> = recs
+                            .iter()
+                            .filter(|i| w.instances.contains(&i.id))
+                            .cloned()
+                            .collect();
+                        let d = if flag {
+                            start_idle_drain(&w, &listed, at(1_000), now, now)
+                        } else {
+                            start_drain(&w, &listed, at(1_000), true, now)
+                        };
+                        pending = Some((d, rev));
+                    }
+                    2 => {
+                        if let Some((decision, seen)) = pending.take() {
+                            let decision = if seen == rev {
+                                decision
+                            } else {
+                                let listed: Vec<Instance> = recs
+                                    .iter()
+                                    .filter(|i| w.instances.contains(&i.id))
+                                    .cloned()
+                                    .collect();
+                                start_drain(&w, &listed, at(1_000), true, now)
+                            };
+                            if let Ok(next) = decision {
+                                w = next;
+                                rev += 1;
+                            }
+                        }
+                    }
+                    _ => {
+                        if let Some(pos) = recs.iter().position(|i| w.instances.contains(&i.id)) {
+                            let mut done = recs[pos].clone();
+                            w = unplace(&w, &done.id, &done.requirements, now);
+                            done.state = InstanceState::Completed;
+                            recs[pos] = done;
+                            rev += 1;
+                        }
+                    }
+                }
+                if w.state == WorkerState::Draining {
+                    prop_assert!(!holds_do_not_disrupt(&w, &recs), "{:?} {:?}", w, recs);
+                }
+            }
+        }
+
+        #[test]
+        fn heartbeat_plans_in_chunks_reach_the_same_state(
+            states in prop::collection::vec((any::<bool>(), any::<bool>()), 0..12),
+            limit in 1usize..5,
+        ) {
+            let mut w = worker_in(WorkerState::Running, 100.0, 100.0);
+            let mut recs = Vec::new();
+            let mut running = Vec::new();
+            for (n, (was_running, reported)) in states.iter().enumerate() {
+                let i = inst(&format!("i{n}"), 1.0, 1.0);
+                w = place(&w, &i, at(0)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let s = if *was_running { InstanceState::Running } else { InstanceState::Scheduled };
+                recs.push(on_worker(i, "w1", s));
+                if *reported {
+                    running.push(format!("i{n}"));
+                }
+            }
+            let whole = plan_heartbeat(&w, &recs, &running, at(9), usize::MAX);
+            let (mut cw, mut crecs) = (w.clone(), recs.clone());
+            let mut started = Vec::new();
+            for _ in 0..=states.len() {
+                let p = plan_heartbeat(&cw, &crecs, &running, at(9), limit);
+                prop_assert!(p.changed.len() <= limit);
+                for c in &p.changed {
+                    if let Some(slot) = crecs.iter_mut().find(|r| r.id == c.id) {
+                        *slot = c.clone();
+                    }
+                }
+                started.extend(p.started.clone());
+                cw = p.worker;
+                if !p.more {
+                    break;
+                }
+            }
+            prop_assert_eq!(&cw, &whole.worker);
+            prop_assert_eq!(started, whole.started);
         }
 
         #[test]

@@ -1,12 +1,14 @@
 //! The harness's HTTP client: one `reqwest` pool sized to the concurrency, the bearer
 //! token on every request, and one call that times a request and reads its JSON answer.
+//! Several replicas may be given; each call names the one it goes to.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::Method;
 use serde_json::Value;
 
+use crate::loadtest::history::unix_ms;
 use crate::loadtest::stats::Answer;
 use crate::loadtest::LoadtestError;
 
@@ -19,6 +21,14 @@ pub struct Reply {
     pub latency: Duration,
     /// The body as JSON (`Null` when empty, not JSON, or no answer).
     pub body: Value,
+    /// Index of the replica it went to.
+    pub replica: usize,
+    /// No answer within the client's deadline.
+    pub timed_out: bool,
+    /// When it was sent (Unix ms).
+    pub start_ms: u64,
+    /// When the answer was read or the request failed (Unix ms).
+    pub end_ms: u64,
 }
 
 impl Reply {
@@ -41,18 +51,18 @@ impl Reply {
     }
 }
 
-/// The client of one target.
+/// The client of one target (or of several replicas of it).
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
-    base: String,
+    bases: Vec<String>,
 }
 
 impl Client {
-    /// A client for `base` (`http://host:port`, no trailing slash needed) keeping up to
-    /// `pool` idle connections, with `timeout` per request.
+    /// A client for `bases` (`http://host:port`, no trailing slash needed; replica `i`
+    /// is `bases[i]`) keeping up to `pool` idle connections, with `timeout` per request.
     pub fn new(
-        base: &str,
+        bases: &[String],
         token: Option<&str>,
         pool: usize,
         timeout: Duration,
@@ -74,13 +84,24 @@ impl Client {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| LoadtestError::Setup(format!("http client: {e}")))?;
+        if bases.is_empty() {
+            return Err(LoadtestError::Args("no --url given".into()));
+        }
         Ok(Self {
             http,
-            base: base.trim_end_matches('/').to_owned(),
+            bases: bases
+                .iter()
+                .map(|b| b.trim_end_matches('/').to_owned())
+                .collect(),
         })
     }
 
-    /// Sends one request and reads the whole answer.
+    /// Number of replicas.
+    pub fn replicas(&self) -> usize {
+        self.bases.len()
+    }
+
+    /// Sends one request to the first replica and reads the whole answer.
     pub async fn call(
         &self,
         method: Method,
@@ -88,7 +109,26 @@ impl Client {
         body: Option<&Value>,
         idempotency_key: Option<&str>,
     ) -> Reply {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        self.call_on(0, method, path, body, idempotency_key).await
+    }
+
+    /// Sends one request to replica `replica` (modulo their number) and reads the whole
+    /// answer.
+    pub async fn call_on(
+        &self,
+        replica: usize,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        idempotency_key: Option<&str>,
+    ) -> Reply {
+        let replica = replica % self.bases.len().max(1);
+        let base = self
+            .bases
+            .get(replica)
+            .map(String::as_str)
+            .unwrap_or_default();
+        let mut req = self.http.request(method, format!("{base}{path}"));
         if let Some(b) = body {
             req = req
                 .header(CONTENT_TYPE, "application/json")
@@ -97,16 +137,20 @@ impl Client {
         if let Some(k) = idempotency_key {
             req = req.header("X-Idempotency-Key", k);
         }
+        let start_ms = unix_ms(SystemTime::now());
         let start = Instant::now();
+        let failed = |e: reqwest::Error, latency: Duration| Reply {
+            answer: Answer::Transport,
+            latency,
+            body: Value::Null,
+            replica,
+            timed_out: e.is_timeout(),
+            start_ms,
+            end_ms: unix_ms(SystemTime::now()),
+        };
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(_) => {
-                return Reply {
-                    answer: Answer::Transport,
-                    latency: start.elapsed(),
-                    body: Value::Null,
-                }
-            }
+            Err(e) => return failed(e, start.elapsed()),
         };
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await;
@@ -116,12 +160,12 @@ impl Client {
                 answer: Answer::Status(status),
                 latency,
                 body: serde_json::from_slice(&b).unwrap_or(Value::Null),
+                replica,
+                timed_out: false,
+                start_ms,
+                end_ms: unix_ms(SystemTime::now()),
             },
-            Err(_) => Reply {
-                answer: Answer::Transport,
-                latency,
-                body: Value::Null,
-            },
+            Err(e) => failed(e, latency),
         }
     }
 }

@@ -7,8 +7,8 @@
 //!   `--workflows` concurrent workflows each loop PROCURE (retrying another deployable
 //!   after a capped `delay` on `FAILED`) -> min-pod-count INCREASE -> RELEASE, with
 //!   idempotency keys.
-//! - `instances` — submits lab instances at `--rate` per second and completes each after
-//!   `--think-ms`.
+//! - `instances` — submits lab instances at `--rate` per second (a `--dnd-ratio` share of
+//!   them `do_not_disrupt`) and completes each after `--think-ms`.
 //! - `raw-etcd` — the service's CAS pattern issued straight to etcd (one Txn comparing
 //!   `mod_revision`, putting the record and its index key): the ceiling to compare with.
 //! - `noop` — `GET /health`, the HTTP ceiling; `list` — `GET` of the deployable list.
@@ -16,21 +16,27 @@
 //!
 //! Every loop is bounded by `--iterations` and by time (`--duration`, default 10 s; a
 //! hard limit of 300 s applies when only `--iterations` is given). Only `--url` (and the
-//! `--etcd-endpoints` of the etcd scenarios) is ever contacted.
+//! `--etcd-endpoints` of the etcd scenarios) is ever contacted. `--url a,b` spreads the
+//! requests over several replicas (a retry goes to the next one), and `--history FILE`
+//! records every request as a JSON line for `resource-plane soak-check`
+//! ([`history`], [`soak_check`]).
 //!
 //! The library entry point is [`run`]; the binary parses [`LoadtestArgs`] and calls
 //! [`main`].
 
 pub mod etcd;
+pub mod history;
 pub mod http;
 pub mod invariants;
 pub mod metrics;
 pub mod requests;
 pub mod shadow;
+pub mod soak_check;
 pub mod stats;
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +45,8 @@ use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
 use crate::config::valid_segment;
+use crate::loadtest::history::{HistoryLog, Op};
+use crate::loadtest::http::Reply;
 use crate::loadtest::invariants::{HolderTracker, InvariantReport};
 use crate::loadtest::metrics::EtcdRpcReport;
 use crate::loadtest::stats::{Answer, EndpointSummary, Recorder};
@@ -101,9 +109,10 @@ pub struct LoadtestArgs {
     /// Scenario to run.
     #[arg(long, value_enum, default_value_t = Scenario::Shadow)]
     pub scenario: Scenario,
-    /// Base URL of the service; nothing else is contacted over HTTP.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    pub url: String,
+    /// Base URL of the service; nothing else is contacted over HTTP. Several replicas,
+    /// comma-separated, share the load (a retry goes to the next one).
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8080")]
+    pub url: Vec<String>,
     /// Bearer token (the service's API_AUTH_TOKEN).
     #[arg(long)]
     pub token: Option<String>,
@@ -146,6 +155,13 @@ pub struct LoadtestArgs {
     /// Memory (GB) each instance requires (`instances`).
     #[arg(long, default_value_t = 4.0)]
     pub memory_gb: f64,
+    /// Share of instances submitted with `do_not_disrupt` (`instances`), 0..=1.
+    #[arg(long, default_value_t = 0.0)]
+    pub dnd_ratio: f64,
+    /// Write every request (kind, replica, start/end, status, outcome) to this file as
+    /// JSON lines, for `resource-plane soak-check`.
+    #[arg(long)]
+    pub history: Option<PathBuf>,
     /// etcd endpoints, `host:port`, comma-separated (`raw-etcd`, `seed`).
     #[arg(long, value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
@@ -217,6 +233,9 @@ impl LoadtestArgs {
         if self.iterations == Some(0) {
             return bad("--iterations must be positive".into());
         }
+        if !(0.0..=1.0).contains(&self.dnd_ratio) {
+            return bad("--dnd-ratio must be in [0, 1]".into());
+        }
         if !(self.rate.is_finite() && self.rate > 0.0 && self.rate <= 100_000.0) {
             return bad("--rate must be in (0, 100000]".into());
         }
@@ -230,11 +249,17 @@ impl LoadtestArgs {
             return bad(format!("--env {:?} is not a valid environment", self.env));
         }
         let uses_http = !matches!(self.scenario, Scenario::RawEtcd | Scenario::Seed);
-        if uses_http && !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
-            return bad(format!(
-                "--url {:?} must start with http:// or https://",
-                self.url
-            ));
+        if uses_http {
+            if self.url.is_empty() {
+                return bad("--url needs at least one URL".into());
+            }
+            if let Some(u) = self
+                .url
+                .iter()
+                .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+            {
+                return bad(format!("--url {u:?} must start with http:// or https://"));
+            }
         }
         if !uses_http && self.etcd_endpoints.is_empty() {
             return bad(format!(
@@ -386,6 +411,8 @@ pub struct Shared {
     pub budget: Budget,
     /// Unique id of this run (keys, run ids), so reruns never replay old answers.
     pub run_id: String,
+    /// Where every request is recorded (`--history`).
+    pub history: Option<HistoryLog>,
 }
 
 impl Shared {
@@ -394,6 +421,25 @@ impl Shared {
         rec.record(label, answer, latency);
         self.tracker.observe(answer);
         self.progress.note(answer);
+    }
+
+    /// Records `reply` to the history (when `--history` was given) as an operation of
+    /// `kind`; `fill` adds what the caller knows (name, run, key, instance).
+    pub fn log(&self, kind: &str, reply: &Reply, fill: impl FnOnce(&mut Op)) {
+        let Some(h) = &self.history else { return };
+        let mut op = Op {
+            kind: kind.to_owned(),
+            replica: reply.replica,
+            start_ms: reply.start_ms,
+            end_ms: reply.end_ms,
+            status: reply.status(),
+            timed_out: reply.timed_out,
+            outcome: reply.body["status"].as_str().map(str::to_owned),
+            min_pod_count: reply.body["min_pod_count"].as_u64(),
+            ..Op::default()
+        };
+        fill(&mut op);
+        h.record(&op);
     }
 }
 
@@ -505,7 +551,15 @@ impl Report {
 /// happen (bad arguments, target unreachable).
 pub async fn run(args: LoadtestArgs) -> Result<Report, LoadtestError> {
     args.validate()?;
+    let history = match &args.history {
+        Some(p) => Some(
+            HistoryLog::create(p)
+                .map_err(|e| LoadtestError::Setup(format!("cannot create {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
     let shared = Arc::new(Shared {
+        history,
         budget: Budget::new(args.time_limit(), args.iterations),
         tracker: HolderTracker::new(),
         progress: Progress::default(),
@@ -529,12 +583,15 @@ pub async fn run(args: LoadtestArgs) -> Result<Report, LoadtestError> {
     if let Some(b) = bar {
         let _ = b.await;
     }
+    if let Some(h) = &shared.history {
+        h.finish().map_err(LoadtestError::Setup)?;
+    }
     let m = measured?;
     let args = &shared.args;
     let secs = m.elapsed.as_secs_f64().max(1e-9);
     let target = match args.scenario {
         Scenario::RawEtcd | Scenario::Seed => args.etcd_endpoints.join(","),
-        _ => args.url.clone(),
+        _ => args.url.join(","),
     };
     Ok(Report {
         scenario: args.scenario,
@@ -627,7 +684,7 @@ mod tests {
     fn defaults_are_the_documented_ones() {
         let a = LoadtestArgs::defaults();
         assert_eq!(a.scenario, Scenario::Shadow);
-        assert_eq!(a.url, "http://127.0.0.1:8080");
+        assert_eq!(a.url, vec!["http://127.0.0.1:8080"]);
         assert_eq!(a.workflows, 64);
         assert_eq!(a.deployable_count(), 64);
         assert_eq!(a.max_retry_delay_ms, 50);
@@ -686,6 +743,11 @@ mod tests {
         assert!(check(&["--workflows", "0"]).is_err());
         assert!(check(&["--iterations", "0"]).is_err());
         assert!(check(&["--url", "ftp://x"]).is_err());
+        assert!(check(&["--url", "http://a:1,ftp://x"]).is_err());
+        assert!(check(&["--dnd-ratio", "1.5"]).is_err());
+        let a = parse(&["--url", "http://a:1,http://b:2"]).expect("parse");
+        assert_eq!(a.url, vec!["http://a:1", "http://b:2"]);
+        a.validate().expect("two replicas are valid");
         assert!(check(&["--env", "a/b"]).is_err());
         assert!(check(&["--rate", "0"]).is_err());
         assert!(check(&["--duration", "2h"]).is_err());

@@ -1,22 +1,25 @@
 //! Request-loop scenarios: `noop` and `list` (closed loops of one GET), and
-//! `instances` (an open loop submitting lab instances at a fixed rate).
+//! `instances` (an open loop submitting lab instances at a fixed rate, some of them
+//! `do_not_disrupt`, each with an idempotency key; retries go to the next replica).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rand::Rng;
 use reqwest::Method;
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
+use crate::loadtest::history;
 use crate::loadtest::http::Client;
 use crate::loadtest::shadow::probe;
 use crate::loadtest::stats::Recorder;
 use crate::loadtest::{LoadtestError, Measured, Shared};
 
-/// Attempts of a completion after no answer or a 5xx.
-const COMPLETE_ATTEMPTS: u32 = 4;
+/// Attempts of a submission or a completion after no answer or a 5xx.
+const ATTEMPTS: usize = 4;
 
 fn client(shared: &Shared) -> Result<Client, LoadtestError> {
     let a = &shared.args;
@@ -44,8 +47,10 @@ pub async fn get_loop(
         set.spawn(async move {
             let mut rec = Recorder::new();
             let mut n = 0u64;
-            while shared.budget.claim().is_some() {
-                let r = client.call(Method::GET, &path, None, None).await;
+            while let Some(claim) = shared.budget.claim() {
+                let r = client
+                    .call_on(claim as usize, Method::GET, &path, None, None)
+                    .await;
                 shared.note(&mut rec, label, r.answer, r.latency);
                 n += 1;
             }
@@ -63,23 +68,58 @@ pub async fn get_loop(
     Ok(out)
 }
 
-/// Submits one instance, waits `think`, completes it.
-async fn one_instance(shared: Arc<Shared>, client: Client, think: Duration) -> (Recorder, bool) {
+/// Submits instance `n`, waits `think`, completes it.
+async fn one_instance(
+    shared: Arc<Shared>,
+    client: Client,
+    think: Duration,
+    n: u64,
+) -> (Recorder, bool) {
     let mut rec = Recorder::new();
     let a = &shared.args;
-    let body = json!({"requirements": {"cpu": a.cpu, "memory_gb": a.memory_gb}});
-    let r = client
-        .call(Method::POST, "/api/1.0/instances", Some(&body), None)
-        .await;
-    shared.note(&mut rec, "submit instance", r.answer, r.latency);
-    let Some(id) = r.body["id"].as_str().filter(|_| r.status() == 202) else {
+    let dnd = a.dnd_ratio > 0.0 && rand::thread_rng().gen_bool(a.dnd_ratio);
+    let body = json!({"requirements": {"cpu": a.cpu, "memory_gb": a.memory_gb},
+                      "do_not_disrupt": dnd});
+    let key = format!("lt-{}-i{n}", shared.run_id);
+    let replica = n as usize;
+    let mut id = None;
+    for attempt in 0..ATTEMPTS {
+        let r = client
+            .call_on(
+                replica + attempt,
+                Method::POST,
+                "/api/1.0/instances",
+                Some(&body),
+                Some(&key),
+            )
+            .await;
+        shared.note(&mut rec, "submit instance", r.answer, r.latency);
+        let accepted = r.body["id"]
+            .as_str()
+            .filter(|_| r.status() == 202)
+            .map(str::to_owned);
+        shared.log(history::SUBMIT, &r, |op| {
+            op.key = Some(key.clone());
+            op.instance.clone_from(&accepted);
+            op.do_not_disrupt = Some(dnd);
+        });
+        if accepted.is_some() || !r.retryable() {
+            id = accepted;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+    }
+    let Some(id) = id else {
         return (rec, false);
     };
     shared.tracker.instance_submitted();
     tokio::time::sleep(think).await;
     let path = format!("/api/1.0/instances/{id}/complete");
-    for attempt in 0..COMPLETE_ATTEMPTS {
-        let r = client.call(Method::POST, &path, None, None).await;
+    for attempt in 0..ATTEMPTS {
+        let r = client
+            .call_on(replica + attempt, Method::POST, &path, None, None)
+            .await;
+        shared.log(history::COMPLETE, &r, |op| op.instance = Some(id.clone()));
         shared.note(&mut rec, "complete instance", r.answer, r.latency);
         if r.status() == 200 {
             shared.tracker.instance_completed();
@@ -118,15 +158,15 @@ pub async fn instances(shared: Arc<Shared>) -> Result<Measured, LoadtestError> {
     let start = Instant::now();
     loop {
         ticker.tick().await;
-        if shared.budget.claim().is_none() {
+        let Some(n) = shared.budget.claim() else {
             break;
-        }
+        };
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
         let (s, c) = (shared.clone(), client.clone());
         set.spawn(async move {
-            let r = one_instance(s, c, think).await;
+            let r = one_instance(s, c, think, n).await;
             drop(permit);
             r
         });

@@ -1,7 +1,8 @@
 //! The `shadow` scenario: simulated pre-scale-up workflows. Each of `--workflows`
 //! tasks loops PROCURE -> min-pod-count INCREASE -> RELEASE over the `lt-{i}`
 //! deployables, as the workflow in DESIGN.md does, with an idempotency key per step
-//! (retries of a step after no answer or a 5xx reuse it).
+//! (retries of a step after no answer or a 5xx reuse it, on the next replica when
+//! several are given).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use rand::Rng;
 use reqwest::Method;
 use serde_json::{json, Value};
 
+use crate::loadtest::history;
 use crate::loadtest::http::{Client, Reply};
 use crate::loadtest::metrics::{EtcdRpcReport, Sampler};
 use crate::loadtest::stats::Recorder;
@@ -21,7 +23,7 @@ const SEND_ATTEMPTS: u32 = 4;
 /// PROCURE attempts of one cycle before the workflow gives up on it.
 const PROCURE_ATTEMPTS: u32 = 10_000;
 /// Attempts of one registration.
-const REGISTER_ATTEMPTS: u32 = 5;
+const REGISTER_ATTEMPTS: usize = 6;
 
 /// The name of deployable `i`.
 pub fn deployable_name(i: usize) -> String {
@@ -45,6 +47,8 @@ struct Workflow {
     sampler: Option<Sampler>,
     rpcs: EtcdRpcReport,
     transitions: u64,
+    /// Replica of the next request (requests rotate over the replicas).
+    replica: usize,
 }
 
 impl Workflow {
@@ -53,6 +57,7 @@ impl Workflow {
     /// is recorded under `label(reply)`.
     async fn send(
         &mut self,
+        kind: &str,
         path: &str,
         body: &Value,
         key: &str,
@@ -64,10 +69,17 @@ impl Workflow {
                 Some(s) => s.sample().await.ok(),
                 None => None,
             };
+            let replica = self.replica;
+            self.replica = self.replica.wrapping_add(1);
             let reply = self
                 .client
-                .call(Method::POST, path, Some(body), Some(key))
+                .call_on(replica, Method::POST, path, Some(body), Some(key))
                 .await;
+            self.shared.log(kind, &reply, |op| {
+                op.name = body["name"].as_str().map(str::to_owned);
+                op.run = body["workflow_run_id"].as_str().map(str::to_owned);
+                op.key = Some(key.to_owned());
+            });
             let l = label(&reply);
             if let (Some(s), Some(before)) = (&self.sampler, before) {
                 if let Ok(after) = s.sample().await {
@@ -96,15 +108,19 @@ impl Workflow {
                 self.names.get(i).cloned()
             }
             Pick::List => {
+                let replica = self.replica;
+                self.replica = self.replica.wrapping_add(1);
                 let reply = self
                     .client
-                    .call(
+                    .call_on(
+                        replica,
                         Method::GET,
                         &format!("{}?in_use=false", self.base),
                         None,
                         None,
                     )
                     .await;
+                self.shared.log(history::LIST, &reply, |_| {});
                 self.shared
                     .note(&mut self.rec, "list", reply.answer, reply.latency);
                 let free: Vec<&str> = reply.body["data"]
@@ -148,13 +164,19 @@ impl Workflow {
             let name = self.pick().await?;
             let path = self.base.clone();
             let reply = self
-                .send(&path, &body_of(&name), &format!("{run}-p{attempt}"), |r| {
-                    if r.outcome() == "FAILED" {
-                        "procure (busy)"
-                    } else {
-                        "procure"
-                    }
-                })
+                .send(
+                    history::PROCURE,
+                    &path,
+                    &body_of(&name),
+                    &format!("{run}-p{attempt}"),
+                    |r| {
+                        if r.outcome() == "FAILED" {
+                            "procure (busy)"
+                        } else {
+                            "procure"
+                        }
+                    },
+                )
                 .await;
             match (reply.status(), reply.outcome()) {
                 (200, "PROCURED") => {
@@ -170,9 +192,13 @@ impl Workflow {
                     // The outcome is unknown: the deployable may be ours now. Give it
                     // back (a 409 means it was not) so it is not lost to the pool.
                     let body = json!({"action": "RELEASE", "name": name, "workflow_run_id": run});
-                    self.send(&path, &body, &format!("{run}-c{attempt}"), |_| {
-                        "release (cleanup)"
-                    })
+                    self.send(
+                        history::RELEASE,
+                        &path,
+                        &body,
+                        &format!("{run}-c{attempt}"),
+                        |_| "release (cleanup)",
+                    )
                     .await;
                     tokio::time::sleep(self.backoff(u64::MAX)).await;
                 }
@@ -197,7 +223,13 @@ impl Workflow {
                               "workflow_run_id": run, "workflow_plan": "loadtest"});
             let path = format!("{}/min-pod-count", self.base);
             let reply = self
-                .send(&path, &body, &format!("{run}-m"), |_| "min-pod-count")
+                .send(
+                    history::MIN_POD_COUNT,
+                    &path,
+                    &body,
+                    &format!("{run}-m"),
+                    |_| "min-pod-count",
+                )
                 .await;
             match (reply.status(), reply.outcome()) {
                 (200, "UPDATED") => self.transitions += 1,
@@ -214,7 +246,9 @@ impl Workflow {
                           "workflow_plan": "loadtest"});
         let path = self.base.clone();
         let reply = self
-            .send(&path, &body, &format!("{run}-r"), |_| "release")
+            .send(history::RELEASE, &path, &body, &format!("{run}-r"), |_| {
+                "release"
+            })
             .await;
         match (reply.status(), reply.outcome()) {
             (200, "RELEASED") => {
@@ -231,14 +265,17 @@ impl Workflow {
     }
 }
 
-/// Checks the target answers at all, so a wrong URL fails fast and clearly.
-pub async fn probe(client: &Client, url: &str) -> Result<(), LoadtestError> {
-    let reply = client.call(Method::GET, "/health", None, None).await;
-    match reply.status() {
-        0 => Err(LoadtestError::Setup(format!("{url} does not answer"))),
-        200 => Ok(()),
-        s => Err(LoadtestError::Setup(format!("{url}/health answered {s}"))),
+/// Checks every replica answers at all, so a wrong URL fails fast and clearly.
+pub async fn probe(client: &Client, urls: &[String]) -> Result<(), LoadtestError> {
+    for (i, url) in urls.iter().enumerate().take(client.replicas()) {
+        let reply = client.call_on(i, Method::GET, "/health", None, None).await;
+        match reply.status() {
+            0 => return Err(LoadtestError::Setup(format!("{url} does not answer"))),
+            200 => {}
+            s => return Err(LoadtestError::Setup(format!("{url}/health answered {s}"))),
+        }
     }
+    Ok(())
 }
 
 async fn register(shared: &Arc<Shared>, client: &Client) -> Result<Recorder, LoadtestError> {
@@ -254,14 +291,17 @@ async fn register(shared: &Arc<Shared>, client: &Client) -> Result<Recorder, Loa
                 let path = format!("/api/1.0/{}/shadow-deployables/{name}", shared.args.env);
                 let body = register_body(&name);
                 let mut last = 0;
-                for _ in 0..REGISTER_ATTEMPTS {
-                    let r = client.call(Method::PUT, &path, Some(&body), None).await;
+                for attempt in 0..REGISTER_ATTEMPTS {
+                    let r = client
+                        .call_on(i + attempt, Method::PUT, &path, Some(&body), None)
+                        .await;
+                    shared.log(history::REGISTER, &r, |op| op.name = Some(name.clone()));
                     rec.record("register", r.answer, r.latency);
                     last = r.status();
                     if !r.retryable() {
                         break;
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 }
                 if !matches!(last, 200 | 201) {
                     return Err(LoadtestError::Setup(format!(
@@ -326,6 +366,7 @@ pub async fn run(shared: Arc<Shared>) -> Result<Measured, LoadtestError> {
             sampler: if per_request { sampler.clone() } else { None },
             rpcs: EtcdRpcReport::new("per-request"),
             transitions: 0,
+            replica: id,
         };
         set.spawn(async move {
             let mut cycles = 0u64;

@@ -7,6 +7,7 @@
 //! controller can find its instances again and spot orphans.
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
 use crate::domain::worker::WorkerTemplate;
 
@@ -53,6 +54,9 @@ pub struct CloudInstance {
     pub worker_id: Option<String>,
     /// Current status.
     pub status: CloudInstanceStatus,
+    /// When the cloud launched it (`None` if the cloud does not say; such an instance is
+    /// never treated as an orphan, since its age cannot be told).
+    pub launched_at: Option<DateTime<Utc>>,
 }
 
 /// Cloud failures.

@@ -570,39 +570,3 @@ async fn seeding_creates_missing_records_and_never_overwrites() {
     let e = resource_plane::app::load_seed(&cfg).expect_err("unknown key");
     assert!(e.to_string().contains("extra"), "{e}");
 }
-
-#[actix_web::test]
-async fn a_panicking_actor_is_restarted_from_persisted_state() {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let svc = support::service(support::config(), store).await;
-    let app = test::init_service(api::app(svc.state.clone())).await;
-    send(
-        &app,
-        put(
-            &format!("{BASE}/d1"),
-            &json!({"node_pool": "p", "dns": "d"}),
-        )
-        .to_request(),
-    )
-    .await;
-    let r = send(&app, post(BASE, &procure("d1", "r1")).to_request()).await;
-    assert_eq!(r.json["status"], "PROCURED");
-    let key = resource_plane::actors::shadow::ShadowKey::new("int", "d1");
-    assert!(svc.state.registry.poison(&key).await.is_err());
-    let restarted = support::eventually(Duration::from_secs(5), || async {
-        svc.state.registry.actor(&key).map(|a| a.restarts) == Some(1)
-    })
-    .await;
-    assert!(restarted, "supervisor did not restart the actor");
-    // state reloaded from the store: still owned by r1
-    let r = send(&app, post(BASE, &procure("d1", "r2")).to_request()).await;
-    assert_eq!(r.json["status"], "FAILED");
-    let r = send(&app, post(BASE, &release("d1", "r1")).to_request()).await;
-    assert_eq!(r.json["status"], "RELEASED");
-    let r = send(
-        &app,
-        get("/api/1.0/actors/shadow-deployable/int/d1").to_request(),
-    )
-    .await;
-    assert_eq!(r.json["restarts"], 1);
-}

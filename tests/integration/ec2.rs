@@ -187,6 +187,15 @@ async fn ec2_launch_tags_status_terminate_against_moto() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].instance_id, id);
     assert_eq!(listed[0].worker_id.as_deref(), Some(worker.as_str()));
+    // Its launch time, which the orphan grace period is measured from.
+    let launched = listed[0]
+        .launched_at
+        .unwrap_or_else(|| panic!("no launch time: {listed:?}"));
+    let age = chrono::Utc::now() - launched;
+    assert!(
+        age >= chrono::Duration::minutes(-5) && age <= chrono::Duration::minutes(5),
+        "launch time {launched} is not about now"
+    );
 
     assert!(
         wait_status(&cloud, &id, &[CloudInstanceStatus::Running]).await,

@@ -23,7 +23,7 @@ use crate::support::Etcd;
 const BASE: &str = "/api/1.0/int/shadow-deployables";
 
 /// These tests measure timings and saturate two cores; run them one at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---------------------------------------------------------------------------------------
 // Load: concurrent workflows looping PROCURE -> RELEASE, with a client-side ledger.

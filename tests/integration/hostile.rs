@@ -1343,3 +1343,182 @@ fn auth_guards_every_api_route_and_leaves_probes_open() {
         panic!("random credentials: {e}");
     }
 }
+
+/// The spellings of `path` that a router might still take for it (or that another
+/// component might read differently): percent-encoded letters, encoded slashes, double
+/// slashes, dot segments (plain and encoded), mixed case, a trailing slash.
+fn spellings(path: &str) -> Vec<String> {
+    let rest = path.trim_start_matches('/');
+    let every_letter: String = path
+        .split('/')
+        .map(|seg| {
+            seg.bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() {
+                        format!("%{b:02x}")
+                    } else {
+                        (b as char).to_string()
+                    }
+                })
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join("/");
+    let first_letter = match rest.chars().next() {
+        Some(c) => format!("/%{:02X}{}", c as u32, &rest[c.len_utf8()..]),
+        None => path.to_owned(),
+    };
+    let (head, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    vec![
+        first_letter,
+        every_letter,
+        format!("/{}", rest.replace('/', "%2F")),
+        format!("/{head}%2F{tail}"),
+        format!("/{}", rest.replace('/', "%2f")),
+        path.replace('/', "//"),
+        format!("/{head}//{tail}"),
+        format!("/x/../{rest}"),
+        format!("/x/%2e%2e/{rest}"),
+        format!("/{head}/./{tail}"),
+        format!("/{head}/%2E/{tail}"),
+        format!("/{}", rest.to_uppercase()),
+        format!(
+            "/{}{}",
+            head.to_uppercase(),
+            path[head.len() + 1..].to_owned()
+        ),
+        format!("/{}{}", capitalize(head), path[head.len() + 1..].to_owned()),
+        format!("{path}/"),
+        format!("{path}?x=1"),
+    ]
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// Deny by default: with `API_AUTH_TOKEN` set, no spelling of any route (every route of
+/// the table, both spellings of the shadow prefix) reaches a handler without the token:
+/// each answers 401 `{"error"}` and changes nothing. Paths that route nowhere answer 401
+/// too without a token (whether a path exists is not disclosed) and 404 with it. Only
+/// the probes and `/metrics` are open, under the exact path the router matches.
+#[test]
+fn no_spelling_of_a_route_gets_past_auth() {
+    let sys = actix_rt::System::new();
+    let mut fx = sys.block_on(start(Some(TOKEN)));
+    let app = sys.block_on(test::init_service(api::app(fx.svc.state.clone())));
+    sys.block_on(seed(&app, &mut fx));
+    sys.block_on(async {
+        let public = ["/health", "/health/self", "/health/ready", "/metrics"];
+        let mut tried = 0;
+        for &(m, p) in ROUTES {
+            for base in ["shadow-deployables", "shadow-deploybles"] {
+                if base != "shadow-deployables" && !p.contains("{base}") {
+                    continue;
+                }
+                let path = p
+                    .replace("{env}", "int")
+                    .replace("{base}", base)
+                    .replace("{name}", "d2")
+                    .replace("{id}", &fx.ids.worker)
+                    .replace("{kind}", "worker")
+                    .replace("{request_id}", "r-1");
+                if public.contains(&path.as_str()) {
+                    continue;
+                }
+                let body = template(m, p).map(|b| b.to_string().into_bytes());
+                for uri in spellings(&path) {
+                    let mut headers = Vec::new();
+                    with_content_type(&mut headers, Some(b"application/json".to_vec()), &body);
+                    let case = Case {
+                        method: uppercase(m),
+                        uri,
+                        headers,
+                        body: body.clone(),
+                    };
+                    let Some(req) = case.request() else {
+                        continue;
+                    };
+                    let before = snapshot(&app, &fx).await;
+                    let r = send(&app, req.to_request()).await;
+                    assert_eq!(
+                        r.status,
+                        401,
+                        "{case:?}: {:?}",
+                        String::from_utf8_lossy(&r.raw)
+                    );
+                    assert_eq!(
+                        r.json,
+                        json!({"error": "missing or invalid bearer token"}),
+                        "{case:?}"
+                    );
+                    assert_eq!(
+                        snapshot(&app, &fx).await,
+                        before,
+                        "{case:?} changed the state"
+                    );
+                    tried += 1;
+                }
+            }
+        }
+        assert!(tried > 300, "only {tried} spellings tried");
+
+        // the example: a PROCURE of a free deployable through an encoded letter
+        let procure = json!({"action": "PROCURE", "name": "d2", "workflow_run_id": "sneaky"});
+        for uri in [
+            "/%61pi/1.0/int/shadow-deployables",
+            "/api/1.0/int/%73hadow-deployables",
+            "/api/1.0/%69nt/shadow-deployables",
+        ] {
+            let r = send(
+                &app,
+                TestRequest::post().uri(uri).set_json(&procure).to_request(),
+            )
+            .await;
+            assert_eq!(r.status, 401, "{uri}");
+        }
+        let r = send(
+            &app,
+            fx.authorize(TestRequest::get().uri("/api/1.0/int/shadow-deployables?in_use=true"))
+                .to_request(),
+        )
+        .await;
+        let held: Vec<&str> = r.json["data"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d["name"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(held, vec!["d1"], "{:?}", r.json);
+
+        // unmatched paths: 401 without the token, 404 with it
+        for uri in [
+            "/",
+            "/nope",
+            "/api",
+            "/api/1.0/nope",
+            "/health/x",
+            "/metricsx",
+            "/ui",
+        ] {
+            let r = send(&app, TestRequest::get().uri(uri).to_request()).await;
+            assert_eq!(r.status, 401, "{uri} without a token");
+            let r = send(&app, fx.authorize(TestRequest::get().uri(uri)).to_request()).await;
+            assert_eq!(r.status, 404, "{uri} with the token");
+        }
+        // a known route with the wrong method is 401 without the token, too
+        let r = send(
+            &app,
+            TestRequest::delete().uri("/api/1.0/workers").to_request(),
+        )
+        .await;
+        assert_eq!(r.status, 401);
+        // the open routes stay open under their exact path
+        for uri in public {
+            let r = send(&app, TestRequest::get().uri(uri).to_request()).await;
+            assert_eq!(r.status, 200, "{uri}");
+        }
+    });
+}

@@ -968,6 +968,19 @@ async fn documented_statuses_occur_on_representative_routes() {
     note(&app, &mut seen, post("/api/1.0/instances", &inst)).await;
     note(&app, &mut seen, a(big(Method::POST, "/api/1.0/instances"))).await;
     note(&app, &mut seen, a(text(Method::POST, "/api/1.0/instances"))).await;
+    note(
+        &app,
+        &mut seen,
+        a(keyed(post("/api/1.0/instances", &inst), "k-i")),
+    )
+    .await;
+    let other = json!({"requirements": {"cpu": 2, "memory_gb": 1}});
+    note(
+        &app,
+        &mut seen,
+        a(keyed(post("/api/1.0/instances", &other), "k-i")),
+    )
+    .await;
     store.set_unavailable(true);
     note(&app, &mut seen, a(post("/api/1.0/instances", &inst))).await;
     store.set_unavailable(false);

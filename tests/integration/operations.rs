@@ -443,7 +443,7 @@ async fn pending_intents_and_retries_survive_a_restart_on_the_same_etcd() {
         deployable("slow", &rx.url),
     )
     .await;
-    first.shutdown();
+    first.shutdown().await;
     drop(app);
     assert!(
         rx.for_request(&slow).is_empty(),
