@@ -1,8 +1,8 @@
 //! The worker-agent sync: every `CML_SYNC_INTERVAL_MS` the leader reads the labs of each
 //! RUNNING or DRAINING worker (at most `CML_CONCURRENCY` workers at once), records a
-//! heartbeat for every worker that answered, and applies [`plan_sync`] through the same
-//! fenced writes the heartbeat route and instance completion use: SCHEDULED -> RUNNING
-//! (instance CAS), RUNNING -> COMPLETED (worker `Unplace` carrying the instance record).
+//! heartbeat for every worker that answered, and applies [`plan_sync`] through the
+//! worker's fenced heartbeat command (the one the push route uses): SCHEDULED -> RUNNING
+//! and RUNNING -> COMPLETED in the worker's own transaction.
 //! A worker whose agent cannot be read gets no heartbeat, so the heartbeat timeout fails
 //! it as before. Unknown labs are logged; started ones are stopped only with
 //! `CML_STOP_UNKNOWN_LABS=true`, and only after the fenced writes of the round.
@@ -15,8 +15,7 @@ use futures::stream::{self, StreamExt};
 use tracing::{info, warn};
 
 use crate::actors::controller::ControllerCtx;
-use crate::actors::instances;
-use crate::actors::worker::{WorkerCmd, WorkerExecError};
+use crate::actors::worker::WorkerCmd;
 use crate::domain::cml::{plan_sync, UnknownLab};
 use crate::domain::worker::{Instance, InstanceState, Worker, WorkerState};
 use crate::ports::agent::{AgentTarget, WorkerAgent};
@@ -125,12 +124,12 @@ impl AgentSync {
             worker_id: w.id.clone(),
             ..WorkerSync::default()
         };
-        let placed: Vec<(Instance, i64)> = w
+        let insts: Vec<Instance> = w
             .instances
             .iter()
             .filter_map(|id| self.ctl.instances.get(id))
+            .map(|(i, _)| i)
             .collect();
-        let insts: Vec<Instance> = placed.iter().map(|(i, _)| i.clone()).collect();
         self.agent.observe_placement(&w.id, &insts);
         let target = AgentTarget {
             worker_id: w.id.clone(),
@@ -145,77 +144,49 @@ impl AgentSync {
             }
         };
         out.reachable = true;
-        let at = self.ctl.clock.now();
-        if let Err(e) = self
-            .ctl
-            .workers
-            .send(&w.id, WorkerCmd::Heartbeat { at }, true)
-            .await
-        {
-            warn!(worker = %w.id, error = %e, "agent heartbeat not recorded");
-            return out;
-        }
         let plan = plan_sync(&w.id, &insts, &labs);
-        let retention = &self.ctl.workers.deps().retention;
-        for m in &plan.moves {
-            let Some((inst, rev)) = placed.iter().find(|(i, _)| i.id == m.instance_id) else {
-                continue;
-            };
-            match m.to {
-                InstanceState::Running => {
-                    let r = instances::update(
-                        self.ctl.store.as_ref(),
-                        &inst.id,
-                        Some(self.ctl.fence.as_ref()),
-                        retention,
-                        |cur| {
-                            if cur.state != InstanceState::Scheduled
-                                || cur.worker_id.as_deref() != Some(w.id.as_str())
-                            {
-                                return Ok(None);
-                            }
-                            let mut n = cur.clone();
-                            n.state = InstanceState::Running;
-                            Ok(Some(n))
-                        },
-                    )
-                    .await;
-                    match r {
-                        Ok((i, r)) => {
-                            let moved = i.state == InstanceState::Running;
-                            self.ctl.instances.note(&inst.id, i, r);
-                            if moved {
-                                out.started.push(inst.id.clone());
-                            }
-                        }
-                        Err(e) => {
-                            warn!(instance = %inst.id, error = %e, "agent start not recorded")
-                        }
+        // The heartbeat command, in the worker's own fenced transaction, moves the
+        // SCHEDULED instances it is told run to RUNNING and the RUNNING ones it is not told
+        // run to COMPLETED: tell it exactly the instances the plan keeps or makes running.
+        let moving = |id: &str, to: InstanceState| {
+            plan.moves.iter().any(|m| m.instance_id == id && m.to == to)
+        };
+        let running: Vec<String> = insts
+            .iter()
+            .filter(|i| match i.state {
+                InstanceState::Running => !moving(&i.id, InstanceState::Completed),
+                InstanceState::Scheduled => moving(&i.id, InstanceState::Running),
+                _ => false,
+            })
+            .map(|i| i.id.clone())
+            .collect();
+        let known: Vec<(Instance, i64)> = self
+            .ctl
+            .instances
+            .all()
+            .into_iter()
+            .filter(|(i, _)| i.worker_id.as_deref() == Some(w.id.as_str()))
+            .collect();
+        let cmd = WorkerCmd::Heartbeat {
+            at: self.ctl.clock.now(),
+            running,
+            known,
+            idem: None,
+        };
+        match self.ctl.workers.send(&w.id, cmd, true).await {
+            Ok(o) => {
+                for (i, r) in o.written {
+                    match i.state {
+                        InstanceState::Running => out.started.push(i.id.clone()),
+                        InstanceState::Completed => out.completed.push(i.id.clone()),
+                        _ => {}
                     }
+                    self.ctl.instances.note(&i.id.clone(), i, r);
                 }
-                InstanceState::Completed => {
-                    let mut done = inst.clone();
-                    done.state = InstanceState::Completed;
-                    let cmd = WorkerCmd::Unplace {
-                        instance_id: inst.id.clone(),
-                        requirements: inst.requirements,
-                        instance: Some((done, *rev)),
-                    };
-                    match self.ctl.workers.send(&w.id, cmd, true).await {
-                        Ok(o) => {
-                            if let Some((i, r)) = o.instance {
-                                self.ctl.instances.note(&inst.id, i, r);
-                            }
-                            out.completed.push(inst.id.clone());
-                        }
-                        // Changed since read: the next round sees the new state.
-                        Err(WorkerExecError::InstanceChanged(_)) => {}
-                        Err(e) => {
-                            warn!(instance = %inst.id, error = %e, "agent completion not recorded")
-                        }
-                    }
-                }
-                _ => {}
+            }
+            Err(e) => {
+                warn!(worker = %w.id, error = %e, "agent heartbeat not recorded");
+                return out;
             }
         }
         if !out.completed.is_empty() {

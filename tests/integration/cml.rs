@@ -779,7 +779,7 @@ async fn cml_sync_drives_instances_end_to_end() {
     let hb = ctl.workers.get(&wid).and_then(|w| w.last_heartbeat_at);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(ctl.workers.get(&wid).and_then(|w| w.last_heartbeat_at), hb);
-    svc.shutdown();
+    svc.shutdown().await;
     emu.stop().await;
 }
 
