@@ -70,7 +70,7 @@ lt raw --scenario raw-etcd --etcd-endpoints "$ETCD" --workflows "$W" --duration 
 
 echo "bench: phase 2/3: service on etcd" >&2
 # etcd for state; Kubernetes and the cloud stay simulated (nothing leaves loopback).
-start_service USE_MOCK_ADAPTERS=false ETCD_ENDPOINTS="$ETCD" KUBE_ADAPTER=sim CLOUD_ADAPTER=sim
+start_service USE_MOCK_ADAPTERS=false ETCD_ENDPOINTS="$ETCD" KUBE_ADAPTER=sim CLOUD_ADAPTER=sim WORKER_AGENT=heartbeat
 lt rpc --url "$SVC_URL" --scenario shadow --workflows 1 --deployables 1 \
   --iterations "$RPC_ITERATIONS" --duration "${SECS}s" --etcd-metrics-url "$METRICS"
 lt svc_etcd --url "$SVC_URL" --scenario shadow --workflows "$W" --deployables "$W" \

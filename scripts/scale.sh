@@ -60,7 +60,7 @@ URL="http://127.0.0.1:$PORT"
 # workers are RUNNING and idle: keep the autoscaler from draining them while we measure.
 T0=$(date +%s.%N)
 env APP_HOST=127.0.0.1 APP_PORT="$PORT" USE_MOCK_ADAPTERS=false ETCD_ENDPOINTS="$ETCD" \
-  KUBE_ADAPTER=sim CLOUD_ADAPTER=sim SHADOW_SEED_FILE= RUST_LOG=warn SCALE_DOWN_IDLE_SECONDS=86400 \
+  KUBE_ADAPTER=sim CLOUD_ADAPTER=sim WORKER_AGENT=heartbeat SHADOW_SEED_FILE= RUST_LOG=warn SCALE_DOWN_IDLE_SECONDS=86400 \
   "$BIN" >"$WORK/service.log" 2>&1 &
 SVC=$!
 PIDS+=("$SVC")

@@ -322,6 +322,10 @@ impl ServiceProc {
             // No Kubernetes here; the simulated cloud unless a test asks for EC2 (moto).
             .env("KUBE_ADAPTER", "sim")
             .env("CLOUD_ADAPTER", "sim")
+            // No CML here: instance states are driven through the API. (The `cml`
+            // default would reach for each worker's private IP, which with moto is not
+            // a loopback address.)
+            .env("WORKER_AGENT", "heartbeat")
             .env("CLUSTER_ID", format!("c-{}", uuid::Uuid::new_v4().simple()))
             // Port 9 (discard) has no listener on loopback: any EC2 call fails at once.
             .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
