@@ -545,38 +545,40 @@ fn check_answers(ops: &[Op], c: &mut Counts, ev: &mut Evidence<'_>) {
 }
 
 fn check_acknowledged(ops: &[Op], etcd: &EtcdHistory, v: &mut Verdict, ev: &mut Evidence<'_>) {
-    let none: Vec<Version> = Vec::new();
-    let chain = |name: &str| -> Vec<Shadow> {
-        etcd.shadows
-            .get(name)
-            .unwrap_or(&none)
+    // What each deployable's chain shows, indexed once: (name, run) pairs that held it,
+    // that released it (PROCURED by run -> FREE), and (name, run, min_pod_count) values.
+    let mut held: BTreeSet<(&str, String)> = BTreeSet::new();
+    let mut released: BTreeSet<(&str, String)> = BTreeSet::new();
+    let mut min_pods: BTreeSet<(&str, String, u64)> = BTreeSet::new();
+    for (name, versions) in &etcd.shadows {
+        let chain: Vec<Shadow> = versions
             .iter()
             .filter_map(|v| v.value.as_ref().map(shadow))
-            .collect()
-    };
+            .collect();
+        for (i, s) in chain.iter().enumerate() {
+            let Some(owner) = &s.owner else { continue };
+            min_pods.insert((name.as_str(), owner.clone(), s.min_pod_count));
+            if s.state == "PROCURED" {
+                held.insert((name.as_str(), owner.clone()));
+                if chain.get(i + 1).is_some_and(|n| n.state == "FREE") {
+                    released.insert((name.as_str(), owner.clone()));
+                }
+            }
+        }
+    }
     // One acknowledged transition may be answered several times (idempotent replays).
     let mut seen: BTreeSet<(String, String, String, Option<u64>)> = BTreeSet::new();
     for op in ops {
         let name = op.name.clone().unwrap_or_default();
         let run = op.run.clone().unwrap_or_default();
+        let key = (name.as_str(), run.clone());
         let (kind, found) = if op.is(PROCURE, 200, "PROCURED") {
-            let found = chain(&name)
-                .iter()
-                .any(|s| s.state == "PROCURED" && s.owner.as_deref() == Some(run.as_str()));
-            ("PROCURE", found)
+            ("PROCURE", held.contains(&key))
         } else if op.is(RELEASE, 200, "RELEASED") {
-            let c = chain(&name);
-            let found = c.windows(2).any(|w| {
-                w[0].state == "PROCURED"
-                    && w[0].owner.as_deref() == Some(run.as_str())
-                    && w[1].state == "FREE"
-            });
-            ("RELEASE", found)
+            ("RELEASE", released.contains(&key))
         } else if op.is(MIN_POD_COUNT, 200, "UPDATED") {
             let m = op.min_pod_count.unwrap_or(0);
-            let found = chain(&name)
-                .iter()
-                .any(|s| s.owner.as_deref() == Some(run.as_str()) && s.min_pod_count == m);
+            let found = min_pods.contains(&(name.as_str(), run.clone(), m));
             ("min-pod-count", found)
         } else if op.kind == SUBMIT && op.status == 202 {
             let id = op.instance.clone().unwrap_or_default();
