@@ -342,12 +342,10 @@ impl ControllerCtx {
     /// Checks every `every` that the leader-only actors are alive ([`Self::revive_if_dead`]).
     /// Runs for the life of the process, on the arbiter the actors are started on.
     pub async fn supervise(self: Arc<Self>, every: std::time::Duration) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
+        crate::actors::leader::check_every(every, || {
             self.revive_if_dead();
-        }
+        })
+        .await;
     }
 
     /// Stops the leader-only actors.

@@ -382,6 +382,17 @@ async fn wait_for_vacancy(store: &dyn Store, revision: i64, ttl: Duration) {
     let _ = tokio::time::timeout(ttl, wait).await;
 }
 
+/// Calls `check` every `every`, forever (missed ticks are delayed, not bunched): the
+/// watchdog loop of the leader-only actors.
+pub async fn check_every(every: Duration, mut check: impl FnMut()) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        check();
+    }
+}
+
 /// Follows election changes forever: `lead` on winning, `step_down` on losing (and when
 /// the election ends).
 pub async fn on_leadership(

@@ -147,12 +147,10 @@ impl OpsCtx {
 
     /// Checks every `every` that the intent manager is alive ([`Self::revive_if_dead`]).
     pub async fn supervise(self: Arc<Self>, every: std::time::Duration) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
+        crate::actors::leader::check_every(every, || {
             self.revive_if_dead();
-        }
+        })
+        .await;
     }
 
     /// Stops the intent manager and its watchers (leadership lost, or shutdown).
