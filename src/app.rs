@@ -299,6 +299,7 @@ impl Service {
         actix_rt::spawn(follow(store.clone(), workers));
         actix_rt::spawn(follow(store.clone(), instances));
         if let Some(agent) = agent {
+            controller.set_agent(agent.clone());
             let a = &config.agent;
             let sync = AgentSync::new(
                 controller.clone(),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
+use tracing::debug;
 
 use crate::actors::controller::{ControllerCtx, EffectError};
 use crate::actors::leader::FenceError;
@@ -16,6 +17,7 @@ use crate::actors::scheduler::{Schedule, Scheduler};
 use crate::actors::worker::{WorkerCmd, WorkerExecError};
 use crate::domain::controller::{plan_min_workers, plan_scale_up};
 use crate::domain::worker::{drain_complete, Worker, WorkerState};
+use crate::ports::agent::AgentTarget;
 use crate::ports::cloud::CloudInstanceStatus;
 
 /// Instances that could not be placed, and when that was first seen.
@@ -337,8 +339,33 @@ async fn advance_provisioning(
     };
     match ctx.cloud.get_instance_status(cloud_id).await {
         Ok(CloudInstanceStatus::Running) => {
+            // A host is ready for labs only when its CML says so; until then the worker
+            // stays PROVISIONING (and the provisioning timeout still applies).
+            if let Some(agent) = ctx.agent() {
+                let target = AgentTarget {
+                    worker_id: w.id.clone(),
+                    instance_id: Some(cloud_id.clone()),
+                    private_ip: ctx.cloud.instance_private_ip(cloud_id).await.ok().flatten(),
+                };
+                match agent.system_ready(&target).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        debug!(worker = %w.id, "cloud instance running; CML not ready yet");
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        debug!(worker = %w.id, error = %e, "cloud instance running; CML not answering yet");
+                        return Ok(());
+                    }
+                }
+            }
             transition(ctx, &w.id, WorkerState::Running).await?;
-            ctx.decide("running", &w.id, "cloud reports the instance running");
+            let why = if ctx.agent().is_some() {
+                "cloud reports the instance running and its agent ready"
+            } else {
+                "cloud reports the instance running"
+            };
+            ctx.decide("running", &w.id, why);
             if let Some(s) = scheduler {
                 s.do_send(Schedule);
             }

@@ -3,7 +3,7 @@
 //! leader and stops them the moment it steps down.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
@@ -21,6 +21,7 @@ use crate::actors::worker::WorkerRegistry;
 use crate::clock::Clock;
 use crate::config::ControllerSettings;
 use crate::domain::worker::{Instance, InstanceState, WorkerTemplate};
+use crate::ports::agent::WorkerAgent;
 use crate::ports::cloud::{CloudError, CloudProvider};
 use crate::ports::store::Store;
 use crate::telemetry::Metrics;
@@ -105,6 +106,7 @@ pub struct ControllerCtx {
     reconcile: Mutex<ReconcileStatus>,
     unreported: Mutex<Option<String>>,
     running: Mutex<Option<Running>>,
+    agent: OnceLock<Arc<dyn WorkerAgent>>,
 }
 
 #[derive(Clone)]
@@ -142,7 +144,19 @@ impl ControllerCtx {
             reconcile: Mutex::new(ReconcileStatus::default()),
             unreported: Mutex::new(None),
             running: Mutex::new(None),
+            agent: OnceLock::new(),
         })
+    }
+
+    /// Sets the worker agent (CML) that must report a host ready before its worker
+    /// becomes RUNNING. Without one (`WORKER_AGENT=heartbeat`) the cloud's word is enough.
+    pub fn set_agent(&self, agent: Arc<dyn WorkerAgent>) {
+        let _ = self.agent.set(agent);
+    }
+
+    /// The worker agent, if any.
+    pub fn agent(&self) -> Option<&Arc<dyn WorkerAgent>> {
+        self.agent.get()
     }
 
     /// Logs, counts and journals a decision.

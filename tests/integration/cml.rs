@@ -15,7 +15,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use resource_plane::adapters::cml::CmlAgent;
 use resource_plane::config::{CmlSettings, Secret};
 use resource_plane::domain::cml::{plan_sync, UnknownLab};
-use resource_plane::domain::worker::{Instance, InstanceState, Resources};
+use resource_plane::domain::worker::{Instance, InstanceState, Resources, WorkerState};
 use resource_plane::ports::agent::{AgentError, AgentTarget, LabState, WorkerAgent};
 use serde_json::{json, Value};
 
@@ -703,6 +703,40 @@ async fn cml_sync_drives_instances_end_to_end() {
     }
     let state = |id: &str| ctl.instances.get(id).map(|(i, _)| i.state);
     let worker_of = |id: &str| ctl.instances.get(id).and_then(|(i, _)| i.worker_id);
+    let worker_state = |id: &str| ctl.workers.get(id).map(|w| w.state);
+
+    // The cloud launches a worker and reports it running, but its CML does not answer
+    // yet: the worker stays PROVISIONING and nothing is placed on it.
+    assert!(
+        until(Duration::from_secs(15), || ctl
+            .workers
+            .list()
+            .iter()
+            .any(|w| w.cloud_instance_id.is_some()))
+        .await,
+        "no worker was launched: {:?}",
+        ctl.workers.list()
+    );
+    let wid = ctl
+        .workers
+        .list()
+        .into_iter()
+        .find(|w| w.cloud_instance_id.is_some())
+        .map(|w| w.id)
+        .unwrap_or_default();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(worker_state(&wid), Some(WorkerState::Provisioning));
+    assert_eq!(state(&ids[0]), Some(InstanceState::Pending));
+
+    // CML answers but is not ready: still PROVISIONING.
+    add_host(&emu, &wid, false);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(worker_state(&wid), Some(WorkerState::Provisioning));
+    assert_eq!(state(&ids[1]), Some(InstanceState::Pending));
+
+    // Ready: the worker runs and both instances are placed on it, still SCHEDULED
+    // (no lab started yet).
+    add_host(&emu, &wid, true);
     assert!(
         until(Duration::from_secs(15), || ids
             .iter()
@@ -711,19 +745,13 @@ async fn cml_sync_drives_instances_end_to_end() {
         "instances were not placed: {:?}",
         ctl.workers.list()
     );
-    let wid = worker_of(&ids[0]).unwrap_or_default();
+    assert_eq!(worker_state(&wid), Some(WorkerState::Running));
+    assert_eq!(worker_of(&ids[0]).as_deref(), Some(wid.as_str()));
     assert_eq!(worker_of(&ids[1]).as_deref(), Some(wid.as_str()));
-
-    // CML not up yet on the host: the syncs fail, nothing moves, no heartbeat.
     tokio::time::sleep(Duration::from_millis(350)).await;
     assert_eq!(state(&ids[0]), Some(InstanceState::Scheduled));
-    assert!(ctl
-        .workers
-        .get(&wid)
-        .is_some_and(|w| w.last_heartbeat_at.is_none()));
 
-    // CML answers; one lab by title, one by tag, one stray.
-    add_host(&emu, &wid, true);
+    // One lab by title, one by tag, one stray.
     emu.put_lab(&wid, "lab-a", &ids[0], "STARTED", None);
     let tag = format!("resource-plane/instance={}", ids[1]);
     emu.put_lab(
