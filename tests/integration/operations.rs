@@ -601,6 +601,9 @@ struct FailingTxns {
     inner: Arc<dyn Store>,
     fail: AtomicUsize,
     error: StoreError,
+    /// When set, the next read of this key panics (once): a poisoned dependency.
+    panic_get: std::sync::Mutex<Option<String>>,
+    panicked: std::sync::atomic::AtomicBool,
 }
 
 impl FailingTxns {
@@ -609,16 +612,33 @@ impl FailingTxns {
             inner,
             fail: AtomicUsize::new(0),
             error,
+            panic_get: std::sync::Mutex::new(None),
+            panicked: std::sync::atomic::AtomicBool::new(false),
         })
     }
     fn fail_next(&self, n: usize) {
         self.fail.store(n, Ordering::SeqCst);
+    }
+    fn panic_on_get(&self, key: &str) {
+        *self.panic_get.lock().unwrap_or_else(|p| p.into_inner()) = Some(key.to_owned());
     }
 }
 
 #[async_trait::async_trait]
 impl Store for FailingTxns {
     async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
+        let armed = {
+            let mut p = self.panic_get.lock().unwrap_or_else(|p| p.into_inner());
+            if p.as_deref() == Some(key) {
+                p.take()
+            } else {
+                None
+            }
+        };
+        if armed.is_some() {
+            self.panicked.store(true, Ordering::SeqCst);
+            panic!("poisoned dependency: the store panicked reading {key}");
+        }
         self.inner.get(key).await
     }
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
@@ -1354,5 +1374,34 @@ async fn kubernetes_unavailable_at_submit_is_finished_by_the_leader_and_refusals
         kube.jobs.load(Ordering::SeqCst),
         3,
         "the replay sent nothing"
+    );
+}
+
+/// A real panic inside the intent manager (its callback delivery reads the intent from a
+/// store that panics once) does not stop callbacks: the manager is restarted from the
+/// store and the callback arrives.
+#[actix_web::test]
+async fn a_panic_in_the_intent_manager_does_not_stop_callbacks() {
+    let rx = Receiver::start(0).await;
+    let kube = Arc::new(SimKube::new(Duration::from_millis(300)));
+    let store = FailingTxns::new(
+        Arc::new(MemoryStore::new()),
+        StoreError::Unavailable("unused".into()),
+    );
+    let svc = start_with_kube(ops_config(), store.clone(), kube);
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let id = accepted(
+        &app,
+        "/api/1.0/int/deployables",
+        deployable("predator", &rx.url),
+    )
+    .await;
+    store.panic_on_get(&resource_plane::keys::watch_intent(&id));
+    let r = delivered(&rx, &id).await;
+    assert_eq!(r.body["status"], "SUCCEEDED");
+    assert!(
+        store.panicked.load(Ordering::SeqCst),
+        "the poisoned read never happened, so nothing was tested"
     );
 }
