@@ -71,8 +71,29 @@ pub struct MemberStatus {
 }
 
 impl EtcdCluster {
-    /// Starts three members and waits (bounded) until all are healthy.
+    /// Starts three members and waits (bounded) until all are healthy. A free port can
+    /// be taken by another test's process between choosing it and etcd binding it, so a
+    /// cluster that does not come up is started again on fresh ports (three tries).
     pub fn start() -> Self {
+        let mut logs = String::new();
+        for attempt in 1..=3 {
+            let cluster = Self::start_once();
+            if cluster.try_wait_healthy(&[0, 1, 2], Duration::from_secs(30)) {
+                return cluster;
+            }
+            for m in &cluster.members {
+                let log =
+                    std::fs::read_to_string(cluster.dir.path().join(format!("{}.log", m.name)))
+                        .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                logs.push_str(&format!("attempt {attempt}, {}: {:?}\n", m.name, tail));
+            }
+            // Dropping the cluster stops its members before the next try.
+        }
+        panic!("a 3-member etcd cluster did not become healthy in three tries:\n{logs}");
+    }
+
+    fn start_once() -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let members = (1..=3)
             .map(|i| Member {
@@ -90,8 +111,19 @@ impl EtcdCluster {
         for i in 0..3 {
             cluster.spawn(i);
         }
-        cluster.wait_healthy(&[0, 1, 2], Duration::from_secs(30));
         cluster
+    }
+
+    /// Whether every member in `which` reports healthy within `timeout`.
+    fn try_wait_healthy(&self, which: &[usize], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !which.iter().all(|i| self.healthy(*i)) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
     }
 
     fn initial_cluster(&self) -> String {
