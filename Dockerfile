@@ -1,9 +1,15 @@
 # syntax=docker/dockerfile:1
-# Build stage: release binary (protoc is needed by etcd-client's build script).
+# Build stage: release binary. etcd-client's build script needs protoc *and* the
+# well-known .proto files (libprotobuf-dev, which protobuf-compiler only recommends, so
+# --no-install-recommends would drop it); the check fails the build here, with a message,
+# rather than deep inside cargo.
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && printf 'syntax = "proto3";\nimport "google/protobuf/descriptor.proto";\n' >/tmp/check.proto \
+ && protoc -I/tmp -o /dev/null /tmp/check.proto \
+ || { echo "protoc cannot resolve google/protobuf/descriptor.proto (libprotobuf-dev)" >&2; exit 1; }
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
