@@ -2,7 +2,6 @@
 //! (procure, release, min-pod-count) and the controller's placement and scale-up
 //! planning over ~100 workers. Run with `cargo bench --bench domain`.
 
-use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
@@ -26,15 +25,13 @@ fn ctx() -> Context {
 fn template(name: &str, cpu: f64, memory_gb: f64, cost: f64) -> WorkerTemplate {
     WorkerTemplate {
         name: name.into(),
-        instance_type: name.into(),
-        image_id: "ami-12c6146b".into(),
-        subnet_id: None,
-        security_group_ids: None,
+        instance_type: Some(name.into()),
+        image_id: Some("ami-12c6146b".into()),
         capacity: Resources { cpu, memory_gb },
         min_workers: 0,
         max_workers: 500,
         hourly_cost: cost,
-        labels: BTreeMap::new(),
+        ..WorkerTemplate::default()
     }
 }
 

@@ -126,7 +126,9 @@ pub async fn apply_seed(store: &dyn Store, seed: &Seed) -> Result<usize, StoreEr
     Ok(created)
 }
 
-/// Reads and validates the worker templates file (unknown keys are errors).
+/// Reads and validates the worker templates file (unknown keys are errors), then reads
+/// each template's `user_data_file` (relative to the templates file's directory). Every
+/// error names the file, and the template and field at fault.
 pub fn load_templates(config: &Config) -> Result<Vec<WorkerTemplate>, ConfigError> {
     let path = &config.controller.templates_file;
     let file_err = |reason: String| ConfigError::File {
@@ -144,15 +146,52 @@ pub fn load_templates(config: &Config) -> Result<Vec<WorkerTemplate>, ConfigErro
         Err(e) => return Err(file_err(e.to_string())),
     };
     let file: TemplatesFile = serde_yaml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
-    validate_templates(&file.templates).map_err(file_err)?;
-    Ok(file.templates)
+    // Each template is decoded on its own so an error (an unknown key, a value of the
+    // wrong type) can name the template it is in.
+    let mut templates = Vec::with_capacity(file.templates.len());
+    for (n, raw) in file.templates.into_iter().enumerate() {
+        let label = match raw.get("name").and_then(|v| v.as_str()) {
+            Some(name) => format!("worker template {name:?}"),
+            None => format!("worker template #{}", n + 1),
+        };
+        let t: WorkerTemplate =
+            serde_yaml::from_value(raw).map_err(|e| file_err(format!("{label}: {e}")))?;
+        templates.push(t);
+    }
+    validate_templates(&templates).map_err(file_err)?;
+    let base = path.parent().unwrap_or_else(|| std::path::Path::new("."));
+    for t in &mut templates {
+        if let Some(file) = &t.user_data_file {
+            let at = base.join(file);
+            let data = std::fs::read(&at).map_err(|e| {
+                file_err(format!(
+                    "worker template {:?}: user_data_file: cannot read {}: {e}",
+                    t.name,
+                    at.display()
+                ))
+            })?;
+            if data.len() > MAX_USER_DATA {
+                return Err(file_err(format!(
+                    "worker template {:?}: user_data_file: {} is {} bytes; EC2 takes at most {MAX_USER_DATA}",
+                    t.name,
+                    at.display(),
+                    data.len()
+                )));
+            }
+            t.user_data = Some(data);
+        }
+    }
+    Ok(templates)
 }
+
+/// EC2's limit on user data, before base64 encoding.
+const MAX_USER_DATA: usize = 16 * 1024;
 
 /// `config/worker-templates.yaml`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TemplatesFile {
-    templates: Vec<WorkerTemplate>,
+    templates: Vec<serde_yaml::Value>,
 }
 
 /// A running service instance: its HTTP state and its actors.

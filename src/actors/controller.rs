@@ -234,14 +234,23 @@ impl ControllerCtx {
     }
 
     /// Launches the cloud instance of `worker_id`, only after a fenced write recorded
-    /// the intent.
+    /// the intent, and journals each capacity fallback the launch made
+    /// (`launch_fallback`: the try that failed, its error code, the try made next).
     pub async fn cloud_create(
         &self,
         template: &WorkerTemplate,
         worker_id: &str,
     ) -> Result<String, EffectError> {
         let _permit = self.authorize("cloud_create", worker_id).await?;
-        Ok(self.cloud.create_instance(template, worker_id).await?)
+        let outcome = self.cloud.create_instance(template, worker_id).await?;
+        for fallback in &outcome.fallbacks {
+            self.decide(
+                "launch_fallback",
+                worker_id,
+                &format!("template {}: {fallback}", template.name),
+            );
+        }
+        Ok(outcome.instance_id)
     }
 
     /// Terminates cloud instance `instance_id`, only after a fenced write recorded the

@@ -7,7 +7,9 @@
 //! environment). TLS is rustls on ring, which needs no C toolchain beyond `cc`.
 //!
 //! Launches are tagged so a restarted controller finds its instances again (see
-//! [`crate::ports::cloud`]) and use the worker id as `ClientToken`. Because moto ignores
+//! [`crate::ports::cloud`]; volumes get the same tags) and use the worker id as
+//! `ClientToken` (`<worker id>.<n>` for the n-th capacity fallback try, since a token
+//! may not be reused with other parameters). Because moto ignores
 //! `ClientToken`, a launch first looks for a live instance already tagged with the worker
 //! id and returns it. SDK errors map to [`CloudError::Unavailable`] (transport, timeout,
 //! throttling, 5xx) or [`CloudError::Rejected`] (other 4xx, with the AWS code).
@@ -22,16 +24,22 @@ use aws_sdk_ec2::config::{Credentials, Region, SharedHttpClient};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::operation::describe_instances::builders::DescribeInstancesFluentBuilder;
 use aws_sdk_ec2::types::{
-    Filter, Instance, InstanceStateName, InstanceType, ResourceType, Tag, TagSpecification,
+    BlockDeviceMapping, EbsBlockDevice, Filter, IamInstanceProfileSpecification, Instance,
+    InstanceMarketOptionsRequest, InstanceStateName, InstanceType, LaunchTemplateSpecification,
+    MarketType, ResourceType, Tag, TagSpecification, VolumeType,
 };
 use aws_sdk_ec2::Client;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use tracing::{info, warn};
 
+use base64::Engine as _;
+
+use crate::domain::launch::{LaunchAttempt, LaunchTemplateRef, Market, RootVolume};
 use crate::domain::worker::WorkerTemplate;
 use crate::ports::cloud::{
-    instance_name, CloudError, CloudInstance, CloudInstanceStatus, CloudProvider, TAG_CLUSTER,
-    TAG_MANAGED_BY, TAG_NAME, TAG_WORKER_ID,
+    instance_name, launch_with_fallbacks, AttemptError, CloudError, CloudInstance,
+    CloudInstanceStatus, CloudProvider, LaunchOutcome, TAG_CLUSTER, TAG_MANAGED_BY, TAG_NAME,
+    TAG_WORKER_ID,
 };
 
 /// TCP connect deadline.
@@ -51,6 +59,7 @@ const RETRYABLE_CODES: &[&str] = &[
     "RequestLimitExceeded",
     "RequestThrottled",
     "InsufficientInstanceCapacity",
+    "UnfulfillableCapacity",
     "InsufficientHostCapacity",
     "InsufficientReservedInstanceCapacity",
     "InternalError",
@@ -179,6 +188,77 @@ impl Ec2Cloud {
         tags
     }
 
+    /// One RunInstances try of `template` for `worker_id` as `attempt` says (type and
+    /// market), tagging the instance and its volumes.
+    async fn run_one(
+        &self,
+        template: &WorkerTemplate,
+        worker_id: &str,
+        attempt: LaunchAttempt,
+        client_token: String,
+    ) -> Result<String, AttemptError> {
+        let tags = self.tags(template, worker_id);
+        let tagged = |kind: ResourceType| {
+            TagSpecification::builder()
+                .resource_type(kind)
+                .set_tags(Some(tags.clone()))
+                .build()
+        };
+        let mut request = self
+            .client
+            .run_instances()
+            .set_image_id(template.image_id.clone())
+            .set_instance_type(attempt.instance_type.as_deref().map(InstanceType::from))
+            .min_count(1)
+            .max_count(1)
+            .client_token(client_token)
+            .set_subnet_id(template.subnet_id.clone())
+            .set_security_group_ids(template.security_group_ids.clone())
+            .set_key_name(template.key_name.clone())
+            .set_launch_template(template.launch_template.as_ref().map(launch_template_spec))
+            .set_iam_instance_profile(template.iam_instance_profile.as_ref().map(|p| {
+                IamInstanceProfileSpecification::builder()
+                    .set_arn(p.arn.clone())
+                    .set_name(p.name.clone())
+                    .build()
+            }))
+            .set_user_data(
+                template
+                    .user_data
+                    .as_ref()
+                    .map(|d| base64::engine::general_purpose::STANDARD.encode(d)),
+            )
+            .tag_specifications(tagged(ResourceType::Instance))
+            .tag_specifications(tagged(ResourceType::Volume));
+        if let Some(v) = &template.root_volume {
+            request = request.block_device_mappings(root_device(v)?);
+        }
+        if attempt.market == Market::Spot {
+            request = request.instance_market_options(
+                InstanceMarketOptionsRequest::builder()
+                    .market_type(MarketType::Spot)
+                    .build(),
+            );
+        }
+        let output = request.send().await.map_err(|e| AttemptError {
+            code: match &e {
+                SdkError::ServiceError(_) => e.code().map(str::to_owned),
+                _ => None,
+            },
+            error: map_err("RunInstances", e),
+        })?;
+        let id = output
+            .instances()
+            .iter()
+            .find_map(|i| i.instance_id())
+            .ok_or_else(|| AttemptError {
+                code: None,
+                error: CloudError::Unavailable("RunInstances: answer holds no instance".into()),
+            })?;
+        info!(instance_id = %id, attempt = %attempt, "instance launched");
+        Ok(id.to_owned())
+    }
+
     /// DescribeInstances of this cluster's managed instances that are not terminated.
     fn describe_ours(&self) -> DescribeInstancesFluentBuilder {
         self.client
@@ -216,6 +296,35 @@ fn https_client() -> SharedHttpClient {
     aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
         .build_https()
+}
+
+fn launch_template_spec(lt: &LaunchTemplateRef) -> LaunchTemplateSpecification {
+    LaunchTemplateSpecification::builder()
+        .set_launch_template_id(lt.id.clone())
+        .set_launch_template_name(lt.name.clone())
+        .version(lt.version_or_default())
+        .build()
+}
+
+/// The root volume's block device mapping; deleted with the instance, since a worker's
+/// disk holds nothing that outlives it.
+fn root_device(v: &RootVolume) -> Result<BlockDeviceMapping, AttemptError> {
+    // Validation at start-up keeps the size positive; one beyond EBS's range is the
+    // cloud's to refuse, so only what cannot be sent at all is refused here.
+    let size = i32::try_from(v.size_gib).map_err(|_| AttemptError {
+        code: None,
+        error: CloudError::Rejected(format!("root volume size {} GiB is out of range", v.size_gib)),
+    })?;
+    Ok(BlockDeviceMapping::builder()
+        .device_name(&v.device_name)
+        .ebs(
+            EbsBlockDevice::builder()
+                .volume_size(size)
+                .volume_type(VolumeType::from(v.volume_type.as_str()))
+                .delete_on_termination(true)
+                .build(),
+        )
+        .build())
 }
 
 fn tag_filter(key: &str, value: &str) -> Filter {
@@ -295,7 +404,7 @@ impl CloudProvider for Ec2Cloud {
         &self,
         template: &WorkerTemplate,
         worker_id: &str,
-    ) -> Result<String, CloudError> {
+    ) -> Result<LaunchOutcome, CloudError> {
         let existing = self
             .describe_all(
                 self.describe_ours()
@@ -304,37 +413,25 @@ impl CloudProvider for Ec2Cloud {
             .await?;
         if let Some(id) = existing.iter().find_map(|i| i.instance_id()) {
             info!(instance_id = %id, "instance for this worker already exists; reusing it");
-            return Ok(id.to_owned());
+            return Ok(LaunchOutcome::existing(id));
         }
 
-        let output = self
-            .client
-            .run_instances()
-            .image_id(&template.image_id)
-            .instance_type(InstanceType::from(template.instance_type.as_str()))
-            .min_count(1)
-            .max_count(1)
-            .client_token(worker_id)
-            .set_subnet_id(template.subnet_id.clone())
-            .set_security_group_ids(template.security_group_ids.clone())
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Instance)
-                    .set_tags(Some(self.tags(template, worker_id)))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| map_err("RunInstances", e))?;
-        let id = output
-            .instances()
-            .iter()
-            .find_map(|i| i.instance_id())
-            .ok_or_else(|| {
-                CloudError::Unavailable("RunInstances: answer holds no instance".into())
-            })?;
-        info!(instance_id = %id, instance_type = %template.instance_type, "instance launched");
-        Ok(id.to_owned())
+        // A try with other parameters under the same ClientToken would be refused as
+        // IdempotentParameterMismatch, so each fallback try gets its own token.
+        let mut tries = 0usize;
+        let outcome = launch_with_fallbacks(template, |attempt| {
+            let token = match tries {
+                0 => worker_id.to_owned(),
+                n => format!("{worker_id}.{n}"),
+            };
+            tries += 1;
+            self.run_one(template, worker_id, attempt, token)
+        })
+        .await?;
+        for f in &outcome.fallbacks {
+            warn!(fallback = %f, "launch fell back");
+        }
+        Ok(outcome)
     }
 
     #[tracing::instrument(skip(self), fields(instance_id = %instance_id))]

@@ -15,12 +15,17 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
 use crate::clock::Clock;
+use crate::domain::launch::{LaunchAttempt, Market};
 use crate::domain::worker::WorkerTemplate;
-use crate::ports::cloud::{CloudError, CloudInstance, CloudInstanceStatus, CloudProvider};
+use crate::ports::cloud::{
+    launch_with_fallbacks, AttemptError, CloudError, CloudInstance, CloudInstanceStatus,
+    CloudProvider, LaunchOutcome,
+};
 
 #[derive(Debug)]
 struct SimInstance {
     worker_id: Option<String>,
+    launched_as: Option<LaunchAttempt>,
     ready_at: Instant,
     launched_at: DateTime<Utc>,
     terminated: bool,
@@ -45,6 +50,8 @@ struct SimState {
     next_id: u64,
     failing_creates: usize,
     create_calls: usize,
+    // (instance type or any, market or any) -> error code its launches answer.
+    launch_errors: Vec<(Option<String>, Option<Market>, String)>,
 }
 
 impl SimState {
@@ -60,6 +67,7 @@ impl SimState {
             id.clone(),
             SimInstance {
                 worker_id,
+                launched_as: None,
                 ready_at,
                 launched_at,
                 terminated: false,
@@ -96,6 +104,30 @@ impl SimCloud {
     /// Makes the next `n` calls to `create_instance` fail with `Unavailable`.
     pub fn fail_next_creates(&self, n: usize) {
         self.state().failing_creates = n;
+    }
+
+    /// Makes every launch try of `instance_type` (any type when `None`) in `market` (any
+    /// market when `None`) fail with the EC2 error `code`, e.g.
+    /// `InsufficientInstanceCapacity` or `SpotMaxPriceTooLow`, until
+    /// [`SimCloud::clear_launch_errors`].
+    pub fn fail_launches(&self, instance_type: Option<&str>, market: Option<Market>, code: &str) {
+        self.state()
+            .launch_errors
+            .push((instance_type.map(str::to_owned), market, code.to_owned()));
+    }
+
+    /// Removes every error set by [`SimCloud::fail_launches`].
+    pub fn clear_launch_errors(&self) {
+        self.state().launch_errors.clear();
+    }
+
+    /// The try (instance type and market) that launched `instance_id`; `None` for an
+    /// unknown instance or an orphan.
+    pub fn launched_as(&self, instance_id: &str) -> Option<LaunchAttempt> {
+        self.state()
+            .instances
+            .get(instance_id)
+            .and_then(|i| i.launched_as.clone())
     }
 
     /// Makes an instance disappear without a trace: its status becomes `NotFound` and it
@@ -135,34 +167,64 @@ impl SimCloud {
     }
 }
 
+impl SimCloud {
+    /// One launch try: fails with an injected error code matching the try, else
+    /// launches.
+    fn launch_one(&self, worker_id: &str, attempt: LaunchAttempt) -> Result<String, AttemptError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        let injected = state.launch_errors.iter().find(|(t, m, _)| {
+            t.as_ref().is_none_or(|t| attempt.instance_type.as_ref() == Some(t))
+                && m.is_none_or(|m| m == attempt.market)
+        });
+        if let Some((_, _, code)) = injected {
+            return Err(AttemptError {
+                code: Some(code.clone()),
+                error: CloudError::Unavailable(format!(
+                    "RunInstances: {code}: simulated for {attempt} (injected)"
+                )),
+            });
+        }
+        let id = state.launch(
+            Some(worker_id.to_owned()),
+            now + self.boot,
+            self.clock.now(),
+        );
+        if let Some(i) = state.instances.get_mut(&id) {
+            i.launched_as = Some(attempt);
+        }
+        Ok(id)
+    }
+}
+
 #[async_trait]
 impl CloudProvider for SimCloud {
     async fn create_instance(
         &self,
-        _template: &WorkerTemplate,
+        template: &WorkerTemplate,
         worker_id: &str,
-    ) -> Result<String, CloudError> {
-        let now = Instant::now();
-        let mut state = self.state();
-        state.create_calls += 1;
-        if state.failing_creates > 0 {
-            state.failing_creates -= 1;
-            return Err(CloudError::Unavailable(
-                "simulated cloud outage (injected)".into(),
-            ));
+    ) -> Result<LaunchOutcome, CloudError> {
+        {
+            let mut state = self.state();
+            state.create_calls += 1;
+            if state.failing_creates > 0 {
+                state.failing_creates -= 1;
+                return Err(CloudError::Unavailable(
+                    "simulated cloud outage (injected)".into(),
+                ));
+            }
+            let existing = state
+                .instances
+                .iter()
+                .find(|(_, i)| !i.terminated && i.worker_id.as_deref() == Some(worker_id));
+            if let Some((id, _)) = existing {
+                return Ok(LaunchOutcome::existing(id.clone()));
+            }
         }
-        let existing = state
-            .instances
-            .iter()
-            .find(|(_, i)| !i.terminated && i.worker_id.as_deref() == Some(worker_id));
-        if let Some((id, _)) = existing {
-            return Ok(id.clone());
-        }
-        Ok(state.launch(
-            Some(worker_id.to_owned()),
-            now + self.boot,
-            self.clock.now(),
-        ))
+        launch_with_fallbacks(template, |attempt| {
+            std::future::ready(self.launch_one(worker_id, attempt))
+        })
+        .await
     }
 
     async fn terminate_instance(&self, instance_id: &str) -> Result<(), CloudError> {
@@ -218,8 +280,6 @@ impl CloudProvider for SimCloud {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::domain::worker::Resources;
 
@@ -228,25 +288,22 @@ mod tests {
     fn template() -> WorkerTemplate {
         WorkerTemplate {
             name: "metal".into(),
-            instance_type: "m5zn.metal".into(),
-            image_id: "ami-12c6146b".into(),
-            subnet_id: None,
-            security_group_ids: None,
+            instance_type: Some("m5zn.metal".into()),
+            image_id: Some("ami-12c6146b".into()),
             capacity: Resources {
                 cpu: 48.0,
                 memory_gb: 192.0,
             },
-            min_workers: 0,
             max_workers: 4,
             hourly_cost: 3.96,
-            labels: BTreeMap::new(),
+            ..WorkerTemplate::default()
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn instance_is_pending_until_boot_elapses_then_running() {
         let cloud = SimCloud::new(BOOT);
-        let id = cloud.create_instance(&template(), "w-1").await.unwrap();
+        let id = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
         assert_eq!(
             cloud.get_instance_status(&id).await.unwrap(),
             CloudInstanceStatus::Pending
@@ -270,7 +327,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn terminate_makes_it_terminated_and_unlisted_and_is_idempotent() {
         let cloud = SimCloud::new(BOOT);
-        let id = cloud.create_instance(&template(), "w-1").await.unwrap();
+        let id = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
         tokio::time::advance(BOOT).await;
 
         cloud.terminate_instance(&id).await.unwrap();
@@ -288,9 +345,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn create_for_the_same_worker_returns_the_existing_instance() {
         let cloud = SimCloud::new(BOOT);
-        let first = cloud.create_instance(&template(), "w-1").await.unwrap();
-        let again = cloud.create_instance(&template(), "w-1").await.unwrap();
-        let other = cloud.create_instance(&template(), "w-2").await.unwrap();
+        let first = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
+        let again = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
+        let other = cloud.create_instance(&template(), "w-2").await.unwrap().instance_id;
 
         assert_eq!(first, again);
         assert_ne!(first, other);
@@ -299,7 +356,7 @@ mod tests {
 
         // Once terminated, the worker id may be launched afresh.
         cloud.terminate_instance(&first).await.unwrap();
-        let fresh = cloud.create_instance(&template(), "w-1").await.unwrap();
+        let fresh = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
         assert_ne!(fresh, first);
     }
 
@@ -314,7 +371,7 @@ mod tests {
         }
         assert!(cloud.list_instances().await.unwrap().is_empty());
 
-        let id = cloud.create_instance(&template(), "w-1").await.unwrap();
+        let id = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
         assert_eq!(cloud.create_calls(), 3);
         assert_eq!(
             cloud.get_instance_status(&id).await.unwrap(),
@@ -325,7 +382,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn vanished_instance_is_not_found_and_unlisted() {
         let cloud = SimCloud::new(BOOT);
-        let id = cloud.create_instance(&template(), "w-1").await.unwrap();
+        let id = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
         tokio::time::advance(BOOT).await;
 
         cloud.vanish(&id);
@@ -359,7 +416,7 @@ mod tests {
         assert_eq!(cloud.create_calls(), 0);
         assert_eq!(cloud.running_count(), 1);
 
-        let id = cloud.create_instance(&template(), "w-ghost").await.unwrap();
+        let id = cloud.create_instance(&template(), "w-ghost").await.unwrap().instance_id;
         assert_eq!(id, orphan);
     }
 

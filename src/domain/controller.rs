@@ -602,8 +602,8 @@ pub fn idle_to_drain(
     drain
 }
 
-/// Checks a template set: unique non-empty names, non-empty `instance_type` and
-/// `image_id`, positive finite capacity, `min_workers <= max_workers` and a finite
+/// Checks a template set: unique non-empty names, valid launch fields
+/// ([`crate::domain::launch::validate_launch`]), positive finite capacity, `min_workers <= max_workers` and a finite
 /// non-negative `hourly_cost`. The error names the first offending template.
 pub fn validate_templates(templates: &[WorkerTemplate]) -> Result<(), String> {
     let mut names = BTreeSet::new();
@@ -615,12 +615,7 @@ pub fn validate_templates(templates: &[WorkerTemplate]) -> Result<(), String> {
         if !names.insert(name.as_str()) {
             return Err(format!("duplicate worker template name {name:?}"));
         }
-        if t.instance_type.trim().is_empty() {
-            return Err(format!("worker template {name:?}: empty instance_type"));
-        }
-        if t.image_id.trim().is_empty() {
-            return Err(format!("worker template {name:?}: empty image_id"));
-        }
+        crate::domain::launch::validate_launch(t)?;
         let positive = |x: f64| x.is_finite() && x > 0.0;
         if !positive(t.capacity.cpu) || !positive(t.capacity.memory_gb) {
             return Err(format!(
@@ -661,15 +656,12 @@ mod tests {
     fn tpl(name: &str, cpu: f64, mem: f64) -> WorkerTemplate {
         WorkerTemplate {
             name: name.into(),
-            instance_type: "m5.xlarge".into(),
-            image_id: "ami-1".into(),
-            subnet_id: None,
-            security_group_ids: None,
+            instance_type: Some("m5.xlarge".into()),
+            image_id: Some("ami-1".into()),
             capacity: res(cpu, mem),
-            min_workers: 0,
             max_workers: 100,
             hourly_cost: 1.0,
-            labels: Default::default(),
+            ..WorkerTemplate::default()
         }
     }
 
@@ -1054,14 +1046,14 @@ mod tests {
             (tpl("c", 1.0, 1.0).cost(-1.0), "hourly_cost"),
             (
                 WorkerTemplate {
-                    instance_type: String::new(),
+                    instance_type: Some(String::new()),
                     ..tpl("c", 1.0, 1.0)
                 },
                 "instance_type",
             ),
             (
                 WorkerTemplate {
-                    image_id: String::new(),
+                    image_id: None,
                     ..tpl("c", 1.0, 1.0)
                 },
                 "image_id",

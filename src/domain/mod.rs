@@ -5,5 +5,6 @@ pub mod cml;
 pub mod conditions;
 pub mod controller;
 pub mod intent;
+pub mod launch;
 pub mod shadow;
 pub mod worker;

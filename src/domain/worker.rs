@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::domain::launch::{IamInstanceProfile, LaunchTemplateRef, Market, RootVolume};
+
 /// CPU and memory of a host or a request.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -17,21 +19,59 @@ pub struct Resources {
 }
 
 /// A kind of worker the autoscaler may launch (`config/worker-templates.yaml`).
+///
+/// The host is launched either from an EC2 launch template (`launch_template`, the
+/// preferred way; it may then supply the image and instance type) or from `image_id`
+/// plus `instance_type`/`instance_types`; the other launch fields override or add to
+/// what the launch template says. See [`crate::domain::launch`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerTemplate {
     /// Unique name.
     pub name: String,
-    /// Cloud instance type, e.g. `m5zn.metal`.
-    pub instance_type: String,
-    /// Machine image.
-    pub image_id: String,
+    /// Cloud instance type, e.g. `m5zn.metal` (shorthand for a one-element
+    /// `instance_types`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// Instance types tried in order when the cloud has no capacity for one (the first
+    /// is the primary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_types: Option<Vec<String>>,
+    /// Machine image (optional with a launch template that names one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    /// EC2 launch template to launch from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_template: Option<LaunchTemplateRef>,
     /// Subnet to launch in.
     #[serde(default)]
     pub subnet_id: Option<String>,
     /// Security groups.
     #[serde(default)]
     pub security_group_ids: Option<Vec<String>>,
+    /// IAM instance profile of the host (`{arn}` or `{name}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iam_instance_profile: Option<IamInstanceProfile>,
+    /// EC2 key pair name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    /// File whose content is the host's user data (read once at start-up; a relative
+    /// path is relative to the templates file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data_file: Option<String>,
+    /// The content of `user_data_file`, filled in at start-up. Never serialized: user
+    /// data may carry secrets and is not part of any answer.
+    #[serde(skip)]
+    pub user_data: Option<Vec<u8>>,
+    /// Root EBS volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_volume: Option<RootVolume>,
+    /// Market to buy from first (`on_demand` or `spot`).
+    #[serde(default)]
+    pub market: Market,
+    /// Whether a spot launch that finds no spot capacity goes on on-demand.
+    #[serde(default = "default_true")]
+    pub spot_fallback_on_demand: bool,
     /// What one worker offers.
     pub capacity: Resources,
     /// Workers kept even when idle.
@@ -43,6 +83,38 @@ pub struct WorkerTemplate {
     /// Labels copied to the worker (and cloud tags).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for WorkerTemplate {
+    /// An empty on-demand template with spot fallback on (the file defaults); tests and
+    /// builders fill in the rest.
+    fn default() -> Self {
+        WorkerTemplate {
+            name: String::new(),
+            instance_type: None,
+            instance_types: None,
+            image_id: None,
+            launch_template: None,
+            subnet_id: None,
+            security_group_ids: None,
+            iam_instance_profile: None,
+            key_name: None,
+            user_data_file: None,
+            user_data: None,
+            root_volume: None,
+            market: Market::OnDemand,
+            spot_fallback_on_demand: true,
+            capacity: Resources::default(),
+            min_workers: 0,
+            max_workers: 0,
+            hourly_cost: 0.0,
+            labels: BTreeMap::new(),
+        }
+    }
 }
 
 /// Worker life cycle.
@@ -598,15 +670,12 @@ mod tests {
     fn tpl(cpu: f64, memory_gb: f64) -> WorkerTemplate {
         WorkerTemplate {
             name: "small".into(),
-            instance_type: "m5.large".into(),
-            image_id: "ami-1".into(),
-            subnet_id: None,
-            security_group_ids: None,
+            instance_type: Some("m5.large".into()),
+            image_id: Some("ami-1".into()),
             capacity: res(cpu, memory_gb),
-            min_workers: 0,
             max_workers: 10,
             hourly_cost: 1.0,
-            labels: BTreeMap::new(),
+            ..WorkerTemplate::default()
         }
     }
 

@@ -229,10 +229,8 @@ pub async fn raw(shared: Arc<Shared>) -> Result<Measured, LoadtestError> {
 pub fn seed_worker(i: usize) -> Worker {
     let template = WorkerTemplate {
         name: SEED_TEMPLATE.into(),
-        instance_type: "m5zn.metal".into(),
-        image_id: "ami-12c6146b".into(),
-        subnet_id: None,
-        security_group_ids: None,
+        instance_type: Some("m5zn.metal".into()),
+        image_id: Some("ami-12c6146b".into()),
         capacity: Resources {
             cpu: 48.0,
             memory_gb: 192.0,
@@ -240,7 +238,7 @@ pub fn seed_worker(i: usize) -> Worker {
         min_workers: 0,
         max_workers: 0,
         hourly_cost: 3.96,
-        labels: Default::default(),
+        ..WorkerTemplate::default()
     };
     let now = Utc::now();
     let mut w = Worker::new(&format!("lt-w-{i}"), &template, now);

@@ -9,6 +9,9 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::domain::launch::{
+    classify_launch_error, first_attempt, next_attempt, LaunchAttempt, LaunchFallback,
+};
 use crate::domain::worker::WorkerTemplate;
 
 /// Tag key and value marking every instance this service launched.
@@ -77,12 +80,14 @@ pub enum CloudError {
 pub trait CloudProvider: Send + Sync + 'static {
     /// Launches one instance for `worker_id` (used as ClientToken and tag). Before
     /// launching, looks for a non-terminated instance already tagged with this worker id
-    /// and returns it instead (moto does not deduplicate on ClientToken).
+    /// and returns it instead (moto does not deduplicate on ClientToken). When the cloud
+    /// has no capacity, tries the template's other instance types and markets in order
+    /// (see [`launch_with_fallbacks`]) and reports each fallback in the outcome.
     async fn create_instance(
         &self,
         template: &WorkerTemplate,
         worker_id: &str,
-    ) -> Result<String, CloudError>;
+    ) -> Result<LaunchOutcome, CloudError>;
     /// Terminates an instance; an unknown or already terminated instance is `Ok`.
     async fn terminate_instance(&self, instance_id: &str) -> Result<(), CloudError>;
     /// Status of one instance; an unknown id is `Ok(NotFound)`.
@@ -102,4 +107,93 @@ pub trait CloudProvider: Send + Sync + 'static {
     }
     /// Adapter name for logs and metrics.
     fn name(&self) -> &'static str;
+}
+
+/// What [`CloudProvider::create_instance`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchOutcome {
+    /// The cloud instance id.
+    pub instance_id: String,
+    /// The try that launched it; `None` when an instance already launched for this
+    /// worker was found and returned.
+    pub launched: Option<LaunchAttempt>,
+    /// The tries that failed for lack of capacity before it, each with the one made next,
+    /// in order.
+    pub fallbacks: Vec<LaunchFallback>,
+}
+
+impl LaunchOutcome {
+    /// An instance found already launched for the worker (nothing was tried).
+    pub fn existing(instance_id: impl Into<String>) -> LaunchOutcome {
+        LaunchOutcome {
+            instance_id: instance_id.into(),
+            launched: None,
+            fallbacks: Vec::new(),
+        }
+    }
+}
+
+/// One failed launch try: the cloud's error code (`None` when the cloud gave none, e.g.
+/// a transport failure) and the port's error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptError {
+    /// The cloud's error code, e.g. `InsufficientInstanceCapacity`.
+    pub code: Option<String>,
+    /// The error reported if no further try is made.
+    pub error: CloudError,
+}
+
+/// Runs `launch` for each try of `template`'s capacity fallback plan
+/// ([`crate::domain::launch::next_attempt`]) until one succeeds or the plan gives up. The
+/// plan tries each (type, market) pair at most once, so this ends. A final failure after
+/// fallbacks names every try in its message.
+pub async fn launch_with_fallbacks<F, Fut>(
+    template: &WorkerTemplate,
+    mut launch: F,
+) -> Result<LaunchOutcome, CloudError>
+where
+    F: FnMut(LaunchAttempt) -> Fut,
+    Fut: std::future::Future<Output = Result<String, AttemptError>>,
+{
+    let mut attempt = first_attempt(template);
+    let mut fallbacks: Vec<LaunchFallback> = Vec::new();
+    loop {
+        match launch(attempt.clone()).await {
+            Ok(instance_id) => {
+                return Ok(LaunchOutcome {
+                    instance_id,
+                    launched: Some(attempt),
+                    fallbacks,
+                })
+            }
+            Err(AttemptError { code, error }) => {
+                let failure = classify_launch_error(code.as_deref());
+                let Some(next) = next_attempt(template, &attempt, failure) else {
+                    if fallbacks.is_empty() {
+                        return Err(error);
+                    }
+                    let tried: Vec<String> = fallbacks
+                        .iter()
+                        .map(|f| f.failed.to_string())
+                        .chain([attempt.to_string()])
+                        .collect();
+                    let tried = tried.join(", ");
+                    return Err(match error {
+                        CloudError::Unavailable(m) => {
+                            CloudError::Unavailable(format!("{m} (tried {tried})"))
+                        }
+                        CloudError::Rejected(m) => {
+                            CloudError::Rejected(format!("{m} (tried {tried})"))
+                        }
+                    });
+                };
+                fallbacks.push(LaunchFallback {
+                    failed: attempt,
+                    code: code.unwrap_or_default(),
+                    next: next.clone(),
+                });
+                attempt = next;
+            }
+        }
+    }
 }

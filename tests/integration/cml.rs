@@ -821,10 +821,8 @@ async fn cloud_reports_the_private_ip_cml_is_reached_at() {
 
     let tpl = WorkerTemplate {
         name: "metal".into(),
-        instance_type: "m5zn.metal".into(),
-        image_id: super::moto::AMI.into(),
-        subnet_id: None,
-        security_group_ids: None,
+        instance_type: Some("m5zn.metal".into()),
+        image_id: Some(super::moto::AMI.into()),
         capacity: Resources {
             cpu: 48.0,
             memory_gb: 192.0,
@@ -832,7 +830,7 @@ async fn cloud_reports_the_private_ip_cml_is_reached_at() {
         min_workers: 0,
         max_workers: 4,
         hourly_cost: 3.96,
-        labels: BTreeMap::new(),
+        ..WorkerTemplate::default()
     };
     let moto = super::moto::Moto::start();
     let cluster = format!("cml-{}", uuid::Uuid::new_v4().simple());
@@ -840,7 +838,8 @@ async fn cloud_reports_the_private_ip_cml_is_reached_at() {
     let id = ec2
         .create_instance(&tpl, "w-ip")
         .await
-        .unwrap_or_else(|e| panic!("launch: {e}"));
+        .unwrap_or_else(|e| panic!("launch: {e}"))
+        .instance_id;
     let ip = ec2
         .instance_private_ip(&id)
         .await
@@ -860,7 +859,8 @@ async fn cloud_reports_the_private_ip_cml_is_reached_at() {
     let sid = sim
         .create_instance(&tpl, "w-sim")
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"))
+        .instance_id;
     assert_eq!(
         sim.instance_private_ip(&sid).await,
         Ok(Some("127.0.0.1".to_owned()))

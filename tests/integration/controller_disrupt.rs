@@ -33,10 +33,8 @@ use crate::support::{post, send};
 pub fn small() -> WorkerTemplate {
     WorkerTemplate {
         name: "small".into(),
-        instance_type: "m5.xlarge".into(),
-        image_id: "ami-12c6146b".into(),
-        subnet_id: None,
-        security_group_ids: None,
+        instance_type: Some("m5.xlarge".into()),
+        image_id: Some("ami-12c6146b".into()),
         capacity: Resources {
             cpu: 4.0,
             memory_gb: 16.0,
@@ -44,7 +42,7 @@ pub fn small() -> WorkerTemplate {
         min_workers: 0,
         max_workers: 10,
         hourly_cost: 0.2,
-        labels: Default::default(),
+        ..WorkerTemplate::default()
     }
 }
 

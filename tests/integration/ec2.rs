@@ -16,10 +16,8 @@ use crate::support::{eventually, free_port};
 fn template() -> WorkerTemplate {
     WorkerTemplate {
         name: "metal".into(),
-        instance_type: "m5zn.metal".into(),
-        image_id: AMI.into(),
-        subnet_id: None,
-        security_group_ids: None,
+        instance_type: Some("m5zn.metal".into()),
+        image_id: Some(AMI.into()),
         capacity: Resources {
             cpu: 48.0,
             memory_gb: 192.0,
@@ -27,7 +25,7 @@ fn template() -> WorkerTemplate {
         min_workers: 0,
         max_workers: 4,
         hourly_cost: 3.96,
-        labels: BTreeMap::new(),
+        ..WorkerTemplate::default()
     }
 }
 
@@ -150,7 +148,8 @@ async fn ec2_launch_tags_status_terminate_against_moto() {
     let id = cloud
         .create_instance(&tpl, &worker)
         .await
-        .unwrap_or_else(|e| panic!("create: {e}"));
+        .unwrap_or_else(|e| panic!("create: {e}"))
+        .instance_id;
     assert!(id.starts_with("i-"), "{id}");
 
     // Tags, placement and shape, as EC2 describes the instance.
@@ -250,11 +249,13 @@ async fn ec2_create_twice_for_one_worker_launches_once() {
     let first = cloud
         .create_instance(&template(), &worker)
         .await
-        .unwrap_or_else(|e| panic!("create: {e}"));
+        .unwrap_or_else(|e| panic!("create: {e}"))
+        .instance_id;
     let second = cloud
         .create_instance(&template(), &worker)
         .await
-        .unwrap_or_else(|e| panic!("create again: {e}"));
+        .unwrap_or_else(|e| panic!("create again: {e}"))
+        .instance_id;
 
     assert_eq!(first, second);
     let all = instances_of_worker(&cloud, &worker).await;
@@ -269,7 +270,8 @@ async fn ec2_create_twice_for_one_worker_launches_once() {
     let other = cloud
         .create_instance(&template(), &unique("w"))
         .await
-        .unwrap_or_else(|e| panic!("create other: {e}"));
+        .unwrap_or_else(|e| panic!("create other: {e}"))
+        .instance_id;
     assert_ne!(other, first);
 }
 
@@ -323,7 +325,8 @@ async fn ec2_list_shows_orphans_of_our_cluster_only() {
     let foreign = theirs
         .create_instance(&template(), &unique("w"))
         .await
-        .unwrap_or_else(|e| panic!("create foreign: {e}"));
+        .unwrap_or_else(|e| panic!("create foreign: {e}"))
+        .instance_id;
     ours.sdk_client()
         .run_instances()
         .image_id(AMI)

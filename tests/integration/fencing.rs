@@ -118,7 +118,7 @@ impl CloudProvider for CountingCloud {
         &self,
         template: &WorkerTemplate,
         worker_id: &str,
-    ) -> Result<String, CloudError> {
+    ) -> Result<resource_plane::ports::cloud::LaunchOutcome, CloudError> {
         self.calls.push(format!("create {worker_id}"));
         self.inner.create_instance(template, worker_id).await
     }
@@ -595,7 +595,8 @@ async fn an_instance_launched_between_cloud_list_and_worker_read_is_not_an_orpha
         .sim
         .create_instance(&tpl, "w-late")
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"))
+        .instance_id;
     // The listing now sees the new instance; workers read before the listing would not
     // know w-late. Let the pass go on.
     let _ = go_tx.send(());

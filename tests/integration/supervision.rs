@@ -178,10 +178,8 @@ async fn register<S: TestApp>(app: &S, env: &str, name: &str) {
 async fn put_worker(store: &dyn Store, id: &str) {
     let template = WorkerTemplate {
         name: "t".into(),
-        instance_type: "m5.large".into(),
-        image_id: "ami-1".into(),
-        subnet_id: None,
-        security_group_ids: None,
+        instance_type: Some("m5.large".into()),
+        image_id: Some("ami-1".into()),
         capacity: Resources {
             cpu: 4.0,
             memory_gb: 16.0,
@@ -189,7 +187,7 @@ async fn put_worker(store: &dyn Store, id: &str) {
         min_workers: 0,
         max_workers: 1,
         hourly_cost: 1.0,
-        labels: Default::default(),
+        ..WorkerTemplate::default()
     };
     let mut w = Worker::new(id, &template, Utc::now());
     w.state = WorkerState::Running;
@@ -691,7 +689,10 @@ impl resource_plane::ports::cloud::CloudProvider for PanickyCloud {
         &self,
         template: &WorkerTemplate,
         worker_id: &str,
-    ) -> Result<String, resource_plane::ports::cloud::CloudError> {
+    ) -> Result<
+        resource_plane::ports::cloud::LaunchOutcome,
+        resource_plane::ports::cloud::CloudError,
+    > {
         self.inner.create_instance(template, worker_id).await
     }
     async fn terminate_instance(
