@@ -439,3 +439,106 @@ pub fn new_sim_kube(config: &Config) -> Result<Arc<SimKube>, ConfigError> {
     }
     Ok(sim)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "  - name: cml
+    launch_template: { name: cml-host }
+    iam_instance_profile: { name: cml-host }
+    key_name: ops
+    user_data_file: boot/cloud-init.yaml
+    root_volume: { size_gib: 64, type: gp3 }
+    instance_types: [m5zn.metal, m5.metal]
+    market: spot
+    capacity: { cpu: 48, memory_gb: 192 }
+    min_workers: 0
+    max_workers: 2
+    hourly_cost: 3.96
+";
+
+    /// Writes `templates` (and `boot/cloud-init.yaml` when `user_data` is given) to a
+    /// temp dir and loads them.
+    fn load(templates: &str, user_data: Option<&[u8]>) -> Result<Vec<WorkerTemplate>, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let path = dir.path().join("templates.yaml");
+        std::fs::write(&path, format!("templates:\n{templates}")).map_err(|e| e.to_string())?;
+        if let Some(data) = user_data {
+            std::fs::create_dir(dir.path().join("boot")).map_err(|e| e.to_string())?;
+            std::fs::write(dir.path().join("boot/cloud-init.yaml"), data)
+                .map_err(|e| e.to_string())?;
+        }
+        let mut config = Config::for_tests();
+        config.controller.templates_file = path;
+        config.controller.templates_file_explicit = true;
+        load_templates(&config).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_full_template_loads_with_its_user_data_read_relative_to_the_file() {
+        let loaded = load(GOOD, Some(b"#cloud-config\n")).unwrap_or_else(|e| panic!("{e}"));
+        let t = &loaded[0];
+        assert_eq!(t.user_data.as_deref(), Some(&b"#cloud-config\n"[..]));
+        assert_eq!(
+            t.root_volume.as_ref().map(|v| v.device_name.as_str()),
+            Some("/dev/xvda")
+        );
+        assert_eq!(t.market, crate::domain::launch::Market::Spot);
+        assert!(t.spot_fallback_on_demand);
+        assert_eq!(t.image_id, None);
+        // The content never shows in the template's JSON (the templates route).
+        let json = serde_json::to_string(t).unwrap_or_default();
+        assert!(!json.contains("cloud-config"), "{json}");
+        assert!(json.contains("boot/cloud-init.yaml"), "{json}");
+    }
+
+    #[test]
+    fn a_missing_user_data_file_names_the_template_and_field() {
+        let e = load(GOOD, None).expect_err("missing user data");
+        assert!(
+            e.contains("worker template \"cml\": user_data_file: cannot read"),
+            "{e}"
+        );
+        assert!(e.contains("cloud-init.yaml"), "{e}");
+        let big = vec![b'x'; 16 * 1024 + 1];
+        let e = load(GOOD, Some(&big)).expect_err("oversized user data");
+        assert!(e.contains("\"cml\": user_data_file:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_template_and_field() {
+        let cases = [
+            ("    ami: ami-1\n", "worker template \"cml\": unknown field `ami`"),
+            (
+                "    spot_fallback_on_demand: maybe\n",
+                "worker template \"cml\": ",
+            ),
+        ];
+        for (extra, needle) in cases {
+            let e = load(&format!("{GOOD}{extra}"), Some(b"x")).expect_err(extra);
+            assert!(e.contains(needle), "{e} should contain {needle}");
+        }
+        let nested = GOOD.replace("type: gp3 }", "type: gp3, iops: 3000 }");
+        let e = load(&nested, Some(b"x")).expect_err("nested unknown key");
+        assert!(
+            e.contains("worker template \"cml\": unknown field `iops`"),
+            "{e}"
+        );
+        let negative = GOOD.replace("size_gib: 64", "size_gib: -1");
+        let e = load(&negative, Some(b"x")).expect_err("negative size");
+        assert!(
+            e.contains("worker template \"cml\": root_volume.size_gib: must be positive"),
+            "{e}"
+        );
+        let both = GOOD.replace("{ name: cml-host }\n    iam", "{ id: lt-1, name: cml-host }\n    iam");
+        let e = load(&both, Some(b"x")).expect_err("id and name");
+        assert!(
+            e.contains("worker template \"cml\": launch_template: give id or name, not both"),
+            "{e}"
+        );
+        let unnamed = GOOD.replace("  - name: cml\n", "  - bogus: 1\n");
+        let e = load(&unnamed, Some(b"x")).expect_err("unnamed");
+        assert!(e.contains("worker template #1: unknown field `bogus`"), "{e}");
+    }
+}

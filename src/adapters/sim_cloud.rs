@@ -379,6 +379,112 @@ mod tests {
         );
     }
 
+    fn listing(types: &[&str], market: Market) -> WorkerTemplate {
+        WorkerTemplate {
+            instance_type: None,
+            instance_types: Some(types.iter().map(|t| (*t).to_owned()).collect()),
+            market,
+            ..template()
+        }
+    }
+
+    fn tried(t: &str, market: Market) -> LaunchAttempt {
+        LaunchAttempt {
+            instance_type: Some(t.to_owned()),
+            market,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn injected_capacity_errors_fall_back_along_the_instance_types() {
+        let cloud = SimCloud::new(BOOT);
+        let t = listing(&["m5zn.metal", "m5.metal", "c5.metal"], Market::OnDemand);
+        cloud.fail_launches(Some("m5zn.metal"), None, "InsufficientInstanceCapacity");
+        cloud.fail_launches(Some("m5.metal"), None, "InsufficientInstanceCapacity");
+
+        let out = cloud.create_instance(&t, "w-1").await.unwrap();
+        assert_eq!(out.launched, Some(tried("c5.metal", Market::OnDemand)));
+        assert_eq!(
+            cloud.launched_as(&out.instance_id),
+            Some(tried("c5.metal", Market::OnDemand))
+        );
+        let steps: Vec<(LaunchAttempt, String, LaunchAttempt)> = out
+            .fallbacks
+            .iter()
+            .map(|f| (f.failed.clone(), f.code.clone(), f.next.clone()))
+            .collect();
+        assert_eq!(
+            steps,
+            vec![
+                (
+                    tried("m5zn.metal", Market::OnDemand),
+                    "InsufficientInstanceCapacity".to_owned(),
+                    tried("m5.metal", Market::OnDemand)
+                ),
+                (
+                    tried("m5.metal", Market::OnDemand),
+                    "InsufficientInstanceCapacity".to_owned(),
+                    tried("c5.metal", Market::OnDemand)
+                ),
+            ]
+        );
+        assert_eq!(cloud.list_instances().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_capacity_anywhere_fails_naming_every_try_and_launches_nothing() {
+        let cloud = SimCloud::new(BOOT);
+        let t = listing(&["a", "b"], Market::OnDemand);
+        cloud.fail_launches(None, None, "InsufficientInstanceCapacity");
+
+        let err = cloud.create_instance(&t, "w-1").await.unwrap_err();
+        let CloudError::Unavailable(text) = &err else {
+            panic!("{err:?}")
+        };
+        assert!(text.contains("tried a (on_demand), b (on_demand)"), "{text}");
+        assert!(cloud.list_instances().await.unwrap().is_empty());
+
+        // A code that is not about capacity ends the launch at once.
+        cloud.clear_launch_errors();
+        cloud.fail_launches(Some("a"), None, "InvalidAMIID.NotFound");
+        let err = cloud.create_instance(&t, "w-1").await.unwrap_err();
+        assert!(!err.to_string().contains("tried"), "{err}");
+        assert!(cloud.list_instances().await.unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spot_errors_fall_back_to_on_demand_unless_disabled() {
+        let cloud = SimCloud::new(BOOT);
+        let t = listing(&["a", "b"], Market::Spot);
+        cloud.fail_launches(None, Some(Market::Spot), "SpotMaxPriceTooLow");
+
+        let out = cloud.create_instance(&t, "w-1").await.unwrap();
+        assert_eq!(out.launched, Some(tried("a", Market::OnDemand)));
+        assert_eq!(out.fallbacks.len(), 1);
+        assert_eq!(out.fallbacks[0].code, "SpotMaxPriceTooLow");
+        assert_eq!(out.fallbacks[0].failed, tried("a", Market::Spot));
+
+        // Spot capacity short on every type: every spot type, then on-demand.
+        cloud.clear_launch_errors();
+        cloud.fail_launches(None, Some(Market::Spot), "InsufficientInstanceCapacity");
+        let out = cloud.create_instance(&t, "w-2").await.unwrap();
+        let failed: Vec<LaunchAttempt> = out.fallbacks.iter().map(|f| f.failed.clone()).collect();
+        assert_eq!(failed, vec![tried("a", Market::Spot), tried("b", Market::Spot)]);
+        assert_eq!(out.launched, Some(tried("a", Market::OnDemand)));
+
+        let spot_only = WorkerTemplate {
+            spot_fallback_on_demand: false,
+            ..t.clone()
+        };
+        cloud.clear_launch_errors();
+        cloud.fail_launches(None, Some(Market::Spot), MAX_SPOT);
+        let err = cloud.create_instance(&spot_only, "w-3").await.unwrap_err();
+        assert!(err.to_string().contains(MAX_SPOT), "{err}");
+        assert_eq!(cloud.list_instances().await.unwrap().len(), 2);
+    }
+
+    const MAX_SPOT: &str = "MaxSpotInstanceCountExceeded";
+
     #[tokio::test(start_paused = true)]
     async fn vanished_instance_is_not_found_and_unlisted() {
         let cloud = SimCloud::new(BOOT);

@@ -197,3 +197,109 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::domain::launch::Market;
+
+    fn template(types: &[&str], market: Market) -> WorkerTemplate {
+        WorkerTemplate {
+            name: "t".into(),
+            instance_types: Some(types.iter().map(|t| (*t).to_owned()).collect()),
+            image_id: Some("ami-1".into()),
+            market,
+            ..WorkerTemplate::default()
+        }
+    }
+
+    /// Runs the loop against scripted answers (`Err(code)` per try, in order) and returns
+    /// its result and the tries it made.
+    async fn run(
+        t: &WorkerTemplate,
+        answers: &[Result<&str, Option<&str>>],
+    ) -> (Result<LaunchOutcome, CloudError>, Vec<LaunchAttempt>) {
+        let tries = Mutex::new(Vec::new());
+        let result = launch_with_fallbacks(t, |attempt| {
+            let n = {
+                let mut tries = tries.lock().unwrap_or_else(|e| e.into_inner());
+                tries.push(attempt);
+                tries.len() - 1
+            };
+            let answer = match answers.get(n) {
+                Some(Ok(id)) => Ok((*id).to_owned()),
+                Some(Err(code)) => Err(AttemptError {
+                    code: code.map(str::to_owned),
+                    error: CloudError::Unavailable(format!("try {n}")),
+                }),
+                None => panic!("try {n} was not expected"),
+            };
+            std::future::ready(answer)
+        })
+        .await;
+        (result, tries.into_inner().unwrap_or_default())
+    }
+
+    fn at(t: &str, market: Market) -> LaunchAttempt {
+        LaunchAttempt {
+            instance_type: Some(t.into()),
+            market,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_loop_follows_the_plan_and_reports_each_fallback() {
+        let t = template(&["a", "b"], Market::Spot);
+        let (result, tries) = run(
+            &t,
+            &[
+                Err(Some("InsufficientInstanceCapacity")),
+                Err(Some("SpotMaxPriceTooLow")),
+                Ok("i-1"),
+            ],
+        )
+        .await;
+        let out = result.unwrap();
+        assert_eq!(
+            tries,
+            vec![
+                at("a", Market::Spot),
+                at("b", Market::Spot),
+                at("a", Market::OnDemand)
+            ]
+        );
+        assert_eq!(out.instance_id, "i-1");
+        assert_eq!(out.launched, Some(at("a", Market::OnDemand)));
+        let codes: Vec<&str> = out.fallbacks.iter().map(|f| f.code.as_str()).collect();
+        assert_eq!(codes, ["InsufficientInstanceCapacity", "SpotMaxPriceTooLow"]);
+        assert_eq!(out.fallbacks[1].next, at("a", Market::OnDemand));
+    }
+
+    #[tokio::test]
+    async fn other_errors_stop_at_once_with_the_error_unchanged() {
+        let t = template(&["a", "b"], Market::OnDemand);
+        let (result, tries) = run(&t, &[Err(Some("InvalidAMIID.NotFound"))]).await;
+        assert_eq!(result, Err(CloudError::Unavailable("try 0".into())));
+        assert_eq!(tries.len(), 1);
+        // No code at all (a transport failure) is not a capacity problem either.
+        let (result, tries) = run(&t, &[Err(None)]).await;
+        assert_eq!(result, Err(CloudError::Unavailable("try 0".into())));
+        assert_eq!(tries.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn running_out_of_types_names_every_try() {
+        let t = template(&["a", "b"], Market::OnDemand);
+        let no = Err(Some("InsufficientInstanceCapacity"));
+        let (result, tries) = run(&t, &[no, no]).await;
+        assert_eq!(tries.len(), 2);
+        assert_eq!(
+            result,
+            Err(CloudError::Unavailable(
+                "try 1 (tried a (on_demand), b (on_demand))".into()
+            ))
+        );
+    }
+}
