@@ -5,12 +5,17 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use aws_sdk_ec2::types::{Filter, Instance, ResourceType, Tag, TagSpecification};
+use aws_sdk_ec2::types::{
+    Filter, Instance, InstanceAttributeName, InstanceType, RequestLaunchTemplateData,
+    ResourceType, Tag, TagSpecification,
+};
+use base64::Engine as _;
+use resource_plane::domain::launch::{IamInstanceProfile, LaunchTemplateRef, RootVolume};
 use resource_plane::adapters::ec2::{Ec2Cloud, Ec2Settings};
 use resource_plane::domain::worker::{Resources, WorkerTemplate};
 use resource_plane::ports::cloud::{CloudError, CloudInstanceStatus, CloudProvider};
 
-use crate::moto::{dummy_credentials_cloud, Moto, AMI, REGION};
+use crate::moto::{create_instance_profile, dummy_credentials_cloud, Moto, AMI, REGION};
 use crate::support::{eventually, free_port};
 
 fn template() -> WorkerTemplate {
@@ -240,6 +245,200 @@ async fn ec2_launch_tags_status_terminate_against_moto() {
     );
 }
 
+/// A production-shaped launch: an EC2 launch template (which supplies the AMI and the
+/// instance type), an IAM instance profile, a key pair, user data and a root volume,
+/// all visible to EC2 afterwards; the root volume carries the instance's tags.
+#[tokio::test]
+async fn ec2_launch_from_a_launch_template_with_profile_key_user_data_and_root_volume() {
+    let moto = Moto::start();
+    let cluster = unique("cluster");
+    let cloud = moto.cloud(&cluster).await;
+    let client = cloud.sdk_client();
+
+    let lt_name = unique("cml-host");
+    client
+        .create_launch_template()
+        .launch_template_name(&lt_name)
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .image_id(AMI)
+                .instance_type(InstanceType::from("m5.metal"))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create launch template: {e:?}"));
+    client
+        .create_key_pair()
+        .key_name("ops")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create key pair: {e:?}"));
+    let profile_arn = create_instance_profile(&moto, "cml-host").await;
+
+    let user_data = b"#cloud-config\nruncmd: [systemctl start virl2]\n".to_vec();
+    let mut tpl = WorkerTemplate {
+        instance_type: None,
+        image_id: None,
+        launch_template: Some(LaunchTemplateRef {
+            name: Some(lt_name.clone()),
+            ..LaunchTemplateRef::default()
+        }),
+        iam_instance_profile: Some(IamInstanceProfile {
+            name: Some("cml-host".into()),
+            ..IamInstanceProfile::default()
+        }),
+        key_name: Some("ops".into()),
+        user_data_file: Some("cloud-init.yaml".into()),
+        user_data: Some(user_data.clone()),
+        root_volume: Some(RootVolume {
+            size_gib: 64,
+            volume_type: "gp3".into(),
+            device_name: "/dev/xvda".into(),
+        }),
+        ..template()
+    };
+    tpl.labels.insert("team".into(), "labs".into());
+    resource_plane::domain::controller::validate_templates(std::slice::from_ref(&tpl))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let worker = unique("w");
+    let out = cloud
+        .create_instance(&tpl, &worker)
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}"));
+    assert!(out.fallbacks.is_empty(), "{out:?}");
+    let id = out.instance_id;
+
+    let described = describe(&cloud, &id).await;
+    // The launch template supplied the image and the type.
+    assert_eq!(described.image_id(), Some(AMI));
+    assert_eq!(
+        described.instance_type().map(|t| t.as_str()),
+        Some("m5.metal")
+    );
+    assert_eq!(described.key_name(), Some("ops"));
+    let t = tags(&described);
+    assert_eq!(t.get("resource-plane/worker-id"), Some(&worker));
+    assert_eq!(t.get("team").map(String::as_str), Some("labs"));
+
+    // moto does not echo IamInstanceProfile in DescribeInstances; it records the
+    // association, which is what EC2 answers in DescribeIamInstanceProfileAssociations.
+    let associations = client
+        .describe_iam_instance_profile_associations()
+        .filters(Filter::builder().name("instance-id").values(&id).build())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("describe profile associations: {e:?}"));
+    let arns: Vec<&str> = associations
+        .iam_instance_profile_associations()
+        .iter()
+        .filter(|a| a.instance_id() == Some(id.as_str()))
+        .filter_map(|a| a.iam_instance_profile().and_then(|p| p.arn()))
+        .collect();
+    assert_eq!(arns, vec![profile_arn.as_str()]);
+
+    // User data went over the wire base64-encoded; EC2 answers it encoded too.
+    let attr = client
+        .describe_instance_attribute()
+        .instance_id(&id)
+        .attribute(InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("describe user data: {e:?}"));
+    let encoded = attr
+        .user_data()
+        .and_then(|v| v.value())
+        .unwrap_or_else(|| panic!("no user data: {attr:?}"));
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap_or_else(|e| panic!("user data {encoded:?} is not base64: {e}")),
+        user_data
+    );
+
+    // The root volume: on the device asked for, of the size and type asked for, tagged.
+    let root = described
+        .block_device_mappings()
+        .iter()
+        .find(|m| m.device_name() == Some("/dev/xvda"))
+        .and_then(|m| m.ebs())
+        .and_then(|e| e.volume_id())
+        .unwrap_or_else(|| panic!("no /dev/xvda: {:?}", described.block_device_mappings()))
+        .to_owned();
+    let volumes = client
+        .describe_volumes()
+        .volume_ids(&root)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("describe volumes: {e:?}"));
+    let volume = &volumes.volumes()[0];
+    assert_eq!(volume.size(), Some(64));
+    assert_eq!(volume.volume_type().map(|v| v.as_str()), Some("gp3"));
+    let volume_tags: BTreeMap<&str, &str> = volume
+        .tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?, t.value()?)))
+        .collect();
+    assert_eq!(volume_tags.get("resource-plane/worker-id"), Some(&worker.as_str()));
+    assert_eq!(volume_tags.get("resource-plane/cluster"), Some(&cluster.as_str()));
+    assert_eq!(volume_tags.get("managed-by"), Some(&"resource-plane"));
+    assert_eq!(volume_tags.get("team"), Some(&"labs"));
+
+    // The same worker again finds that instance instead of launching another.
+    let again = cloud
+        .create_instance(&tpl, &worker)
+        .await
+        .unwrap_or_else(|e| panic!("create again: {e}"));
+    assert_eq!(again.instance_id, id);
+    assert_eq!(again.launched, None);
+}
+
+/// A templates file whose user data file is missing stops the service at start-up with
+/// exit code 64 and a message naming the template and the field.
+#[tokio::test]
+async fn a_missing_user_data_file_exits_64_naming_template_and_field() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("templates.yaml");
+    let yaml = "templates:
+  - name: cml
+    launch_template: { name: cml-host }
+    user_data_file: missing-cloud-init.yaml
+    capacity: { cpu: 48, memory_gb: 192 }
+    min_workers: 0
+    max_workers: 2
+    hourly_cost: 3.96
+";
+    std::fs::write(&path, yaml).unwrap_or_else(|e| panic!("{e}"));
+    let out = tokio::process::Command::new(crate::cluster::SERVICE_BIN)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("WORKER_TEMPLATES_FILE", &path)
+        .env("SHADOW_SEED_FILE", "")
+        .env("APP_HOST", "127.0.0.1")
+        .env("APP_PORT", free_port().to_string())
+        .env("WORKER_AGENT", "heartbeat")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .unwrap_or_else(|_| panic!("the service did not exit on a bad template"))
+        .unwrap_or_else(|e| panic!("run the service: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(
+        text.contains("worker template \\\"cml\\\": user_data_file")
+            || text.contains("worker template \"cml\": user_data_file"),
+        "{text}"
+    );
+    assert!(text.contains("missing-cloud-init.yaml"), "{text}");
+}
+
 #[tokio::test]
 async fn ec2_create_twice_for_one_worker_launches_once() {
     let moto = Moto::start();
@@ -401,4 +600,93 @@ async fn ec2_unreachable_endpoint_is_unavailable() {
         matches!(terminate, Err(CloudError::Unavailable(_))),
         "{terminate:?}"
     );
+}
+
+/// The controller launches through the capacity fallback (injected into the simulated
+/// cloud, since moto cannot answer InsufficientInstanceCapacity) and journals each
+/// fallback with the type that failed and the one tried next; a spot template falls
+/// back to on-demand the same way.
+#[actix_web::test]
+async fn controller_journals_each_capacity_and_spot_fallback() {
+    use resource_plane::adapters::memory::MemoryStore;
+    use resource_plane::adapters::sim_cloud::SimCloud;
+    use resource_plane::app::Service;
+    use resource_plane::domain::launch::Market;
+    use resource_plane::ports::store::Store;
+    use std::sync::Arc;
+
+    tokio::time::pause();
+    let templates = "templates:
+  - name: metal
+    instance_types: [m5zn.metal, m5.metal, c5.metal]
+    image_id: ami-12c6146b
+    capacity: { cpu: 48, memory_gb: 192 }
+    min_workers: 1
+    max_workers: 1
+    hourly_cost: 3.96
+  - name: spot
+    instance_type: m5.xlarge
+    image_id: ami-12c6146b
+    market: spot
+    capacity: { cpu: 4, memory_gb: 16 }
+    min_workers: 1
+    max_workers: 1
+    hourly_cost: 0.1
+";
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let cfg = crate::controller::controller_config(&dir, templates);
+    let cloud = Arc::new(SimCloud::new(Duration::from_secs(1)));
+    cloud.fail_launches(Some("m5zn.metal"), None, "InsufficientInstanceCapacity");
+    cloud.fail_launches(Some("m5.metal"), None, "InsufficientInstanceCapacity");
+    cloud.fail_launches(None, Some(Market::Spot), "MaxSpotInstanceCountExceeded");
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let svc = Service::start_with(cfg, store, cloud.clone()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(svc.wait_hydrated(Duration::from_secs(10)).await);
+    let ctl = svc.state.controller.clone();
+
+    // min_workers launches one worker of each template, no demand needed.
+    let mut launched = Vec::new();
+    for _ in 0..200 {
+        launched = ctl
+            .workers
+            .list()
+            .into_iter()
+            .filter_map(|w| Some((w.template.clone(), w.cloud_instance_id.clone()?)))
+            .collect();
+        if launched.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(launched.len(), 2, "{:?}", ctl.workers.list());
+    for (template, instance) in &launched {
+        let how = cloud.launched_as(instance).map(|a| a.to_string());
+        let wanted = match template.as_str() {
+            "metal" => "c5.metal (on_demand)",
+            _ => "m5.xlarge (on_demand)",
+        };
+        assert_eq!(how.as_deref(), Some(wanted), "{template}");
+    }
+
+    let fallbacks: Vec<(String, String)> = ctl
+        .decisions()
+        .into_iter()
+        .filter(|d| d.action == "launch_fallback")
+        .map(|d| (d.subject, d.reason))
+        .collect();
+    let reasons: Vec<&str> = fallbacks.iter().map(|(_, r)| r.as_str()).collect();
+    let metal = [
+        "template metal: m5zn.metal (on_demand) answered InsufficientInstanceCapacity; trying m5.metal (on_demand)",
+        "template metal: m5.metal (on_demand) answered InsufficientInstanceCapacity; trying c5.metal (on_demand)",
+    ];
+    let spot = "template spot: m5.xlarge (spot) answered MaxSpotInstanceCountExceeded; trying m5.xlarge (on_demand)";
+    let at = |r: &str| reasons.iter().position(|x| *x == r);
+    assert!(
+        at(metal[0]).is_some() && at(metal[0]) < at(metal[1]) && at(spot).is_some(),
+        "{fallbacks:?}"
+    );
+    assert_eq!(reasons.len(), 3, "{fallbacks:?}");
+    // Each entry names the worker it launched for.
+    let workers: Vec<String> = ctl.workers.list().into_iter().map(|w| w.id).collect();
+    assert!(fallbacks.iter().all(|(s, _)| workers.contains(s)), "{fallbacks:?}");
 }

@@ -156,3 +156,35 @@ fn answers_http(port: u16) -> bool {
     let mut head = [0u8; 8];
     s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/")
 }
+
+/// Creates IAM instance profile `name` in moto (the same server serves IAM). The crate
+/// has no IAM SDK, so this is IAM's query API by hand; moto routes by the credential
+/// scope of the `Authorization` header and does not check the signature.
+pub async fn create_instance_profile(moto: &Moto, name: &str) -> String {
+    let body = format!(
+        "Action=CreateInstanceProfile&InstanceProfileName={name}&Version=2010-05-08"
+    );
+    let resp = reqwest::Client::new()
+        .post(moto.endpoint())
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .header(
+            "Authorization",
+            format!(
+                "AWS4-HMAC-SHA256 Credential=testing/20240101/{REGION}/iam/aws4_request, SignedHeaders=host, Signature=0"
+            ),
+        )
+        .body(body)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("CreateInstanceProfile: {e}"));
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    assert!(status.is_success(), "CreateInstanceProfile: {status} {text}");
+    let arn = text
+        .split("<Arn>")
+        .nth(1)
+        .and_then(|rest| rest.split("</Arn>").next())
+        .unwrap_or_else(|| panic!("no Arn in {text}"));
+    arn.to_owned()
+}
