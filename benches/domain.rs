@@ -2,7 +2,6 @@
 //! (procure, release, min-pod-count) and the controller's placement and scale-up
 //! planning over ~100 workers. Run with `cargo bench --bench domain`.
 
-
 use chrono::{DateTime, Utc};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use resource_plane::domain::controller::{best_fit, plan_scale_up};

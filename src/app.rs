@@ -509,7 +509,10 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_name_the_template_and_field() {
         let cases = [
-            ("    ami: ami-1\n", "worker template \"cml\": unknown field `ami`"),
+            (
+                "    ami: ami-1\n",
+                "worker template \"cml\": unknown field `ami`",
+            ),
             (
                 "    spot_fallback_on_demand: maybe\n",
                 "worker template \"cml\": ",
@@ -531,7 +534,10 @@ mod tests {
             e.contains("worker template \"cml\": root_volume.size_gib: must be positive"),
             "{e}"
         );
-        let both = GOOD.replace("{ name: cml-host }\n    iam", "{ id: lt-1, name: cml-host }\n    iam");
+        let both = GOOD.replace(
+            "{ name: cml-host }\n    iam",
+            "{ id: lt-1, name: cml-host }\n    iam",
+        );
         let e = load(&both, Some(b"x")).expect_err("id and name");
         assert!(
             e.contains("worker template \"cml\": launch_template: give id or name, not both"),
@@ -539,6 +545,9 @@ mod tests {
         );
         let unnamed = GOOD.replace("  - name: cml\n", "  - bogus: 1\n");
         let e = load(&unnamed, Some(b"x")).expect_err("unnamed");
-        assert!(e.contains("worker template #1: unknown field `bogus`"), "{e}");
+        assert!(
+            e.contains("worker template #1: unknown field `bogus`"),
+            "{e}"
+        );
     }
 }

@@ -313,7 +313,10 @@ fn root_device(v: &RootVolume) -> Result<BlockDeviceMapping, AttemptError> {
     // cloud's to refuse, so only what cannot be sent at all is refused here.
     let size = i32::try_from(v.size_gib).map_err(|_| AttemptError {
         code: None,
-        error: CloudError::Rejected(format!("root volume size {} GiB is out of range", v.size_gib)),
+        error: CloudError::Rejected(format!(
+            "root volume size {} GiB is out of range",
+            v.size_gib
+        )),
     })?;
     Ok(BlockDeviceMapping::builder()
         .device_name(&v.device_name)

@@ -111,9 +111,11 @@ impl SimCloud {
     /// `InsufficientInstanceCapacity` or `SpotMaxPriceTooLow`, until
     /// [`SimCloud::clear_launch_errors`].
     pub fn fail_launches(&self, instance_type: Option<&str>, market: Option<Market>, code: &str) {
-        self.state()
-            .launch_errors
-            .push((instance_type.map(str::to_owned), market, code.to_owned()));
+        self.state().launch_errors.push((
+            instance_type.map(str::to_owned),
+            market,
+            code.to_owned(),
+        ));
     }
 
     /// Removes every error set by [`SimCloud::fail_launches`].
@@ -174,7 +176,8 @@ impl SimCloud {
         let now = Instant::now();
         let mut state = self.state();
         let injected = state.launch_errors.iter().find(|(t, m, _)| {
-            t.as_ref().is_none_or(|t| attempt.instance_type.as_ref() == Some(t))
+            t.as_ref()
+                .is_none_or(|t| attempt.instance_type.as_ref() == Some(t))
                 && m.is_none_or(|m| m == attempt.market)
         });
         if let Some((_, _, code)) = injected {
@@ -303,7 +306,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn instance_is_pending_until_boot_elapses_then_running() {
         let cloud = SimCloud::new(BOOT);
-        let id = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
+        let id = cloud
+            .create_instance(&template(), "w-1")
+            .await
+            .unwrap()
+            .instance_id;
         assert_eq!(
             cloud.get_instance_status(&id).await.unwrap(),
             CloudInstanceStatus::Pending
@@ -327,7 +334,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn terminate_makes_it_terminated_and_unlisted_and_is_idempotent() {
         let cloud = SimCloud::new(BOOT);
-        let id = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
+        let id = cloud
+            .create_instance(&template(), "w-1")
+            .await
+            .unwrap()
+            .instance_id;
         tokio::time::advance(BOOT).await;
 
         cloud.terminate_instance(&id).await.unwrap();
@@ -345,9 +356,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn create_for_the_same_worker_returns_the_existing_instance() {
         let cloud = SimCloud::new(BOOT);
-        let first = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
-        let again = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
-        let other = cloud.create_instance(&template(), "w-2").await.unwrap().instance_id;
+        let first = cloud
+            .create_instance(&template(), "w-1")
+            .await
+            .unwrap()
+            .instance_id;
+        let again = cloud
+            .create_instance(&template(), "w-1")
+            .await
+            .unwrap()
+            .instance_id;
+        let other = cloud
+            .create_instance(&template(), "w-2")
+            .await
+            .unwrap()
+            .instance_id;
 
         assert_eq!(first, again);
         assert_ne!(first, other);
@@ -356,7 +379,11 @@ mod tests {
 
         // Once terminated, the worker id may be launched afresh.
         cloud.terminate_instance(&first).await.unwrap();
-        let fresh = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
+        let fresh = cloud
+            .create_instance(&template(), "w-1")
+            .await
+            .unwrap()
+            .instance_id;
         assert_ne!(fresh, first);
     }
 
@@ -371,7 +398,11 @@ mod tests {
         }
         assert!(cloud.list_instances().await.unwrap().is_empty());
 
-        let id = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
+        let id = cloud
+            .create_instance(&template(), "w-1")
+            .await
+            .unwrap()
+            .instance_id;
         assert_eq!(cloud.create_calls(), 3);
         assert_eq!(
             cloud.get_instance_status(&id).await.unwrap(),
@@ -441,7 +472,10 @@ mod tests {
         let CloudError::Unavailable(text) = &err else {
             panic!("{err:?}")
         };
-        assert!(text.contains("tried a (on_demand), b (on_demand)"), "{text}");
+        assert!(
+            text.contains("tried a (on_demand), b (on_demand)"),
+            "{text}"
+        );
         assert!(cloud.list_instances().await.unwrap().is_empty());
 
         // A code that is not about capacity ends the launch at once.
@@ -469,7 +503,10 @@ mod tests {
         cloud.fail_launches(None, Some(Market::Spot), "InsufficientInstanceCapacity");
         let out = cloud.create_instance(&t, "w-2").await.unwrap();
         let failed: Vec<LaunchAttempt> = out.fallbacks.iter().map(|f| f.failed.clone()).collect();
-        assert_eq!(failed, vec![tried("a", Market::Spot), tried("b", Market::Spot)]);
+        assert_eq!(
+            failed,
+            vec![tried("a", Market::Spot), tried("b", Market::Spot)]
+        );
         assert_eq!(out.launched, Some(tried("a", Market::OnDemand)));
 
         let spot_only = WorkerTemplate {
@@ -488,7 +525,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn vanished_instance_is_not_found_and_unlisted() {
         let cloud = SimCloud::new(BOOT);
-        let id = cloud.create_instance(&template(), "w-1").await.unwrap().instance_id;
+        let id = cloud
+            .create_instance(&template(), "w-1")
+            .await
+            .unwrap()
+            .instance_id;
         tokio::time::advance(BOOT).await;
 
         cloud.vanish(&id);
@@ -522,7 +563,11 @@ mod tests {
         assert_eq!(cloud.create_calls(), 0);
         assert_eq!(cloud.running_count(), 1);
 
-        let id = cloud.create_instance(&template(), "w-ghost").await.unwrap().instance_id;
+        let id = cloud
+            .create_instance(&template(), "w-ghost")
+            .await
+            .unwrap()
+            .instance_id;
         assert_eq!(id, orphan);
     }
 

@@ -384,7 +384,10 @@ mod tests {
             classify_launch_error(Some("InsufficientInstanceCapacity")),
             Capacity
         );
-        assert_eq!(classify_launch_error(Some("UnfulfillableCapacity")), Capacity);
+        assert_eq!(
+            classify_launch_error(Some("UnfulfillableCapacity")),
+            Capacity
+        );
         assert_eq!(classify_launch_error(Some("SpotMaxPriceTooLow")), Spot);
         assert_eq!(
             classify_launch_error(Some("MaxSpotInstanceCountExceeded")),

@@ -273,7 +273,10 @@ mod tests {
         assert_eq!(out.instance_id, "i-1");
         assert_eq!(out.launched, Some(at("a", Market::OnDemand)));
         let codes: Vec<&str> = out.fallbacks.iter().map(|f| f.code.as_str()).collect();
-        assert_eq!(codes, ["InsufficientInstanceCapacity", "SpotMaxPriceTooLow"]);
+        assert_eq!(
+            codes,
+            ["InsufficientInstanceCapacity", "SpotMaxPriceTooLow"]
+        );
         assert_eq!(out.fallbacks[1].next, at("a", Market::OnDemand));
     }
 

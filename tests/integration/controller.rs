@@ -575,10 +575,8 @@ impl resource_plane::ports::cloud::CloudProvider for Recording {
         &self,
         template: &resource_plane::domain::worker::WorkerTemplate,
         worker_id: &str,
-    ) -> Result<
-        resource_plane::ports::cloud::LaunchOutcome,
-        resource_plane::ports::cloud::CloudError,
-    > {
+    ) -> Result<resource_plane::ports::cloud::LaunchOutcome, resource_plane::ports::cloud::CloudError>
+    {
         if let Ok(mut c) = self.calls.lock() {
             c.push((worker_id.to_owned(), std::time::Instant::now()));
         }

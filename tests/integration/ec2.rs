@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{
-    Filter, Instance, InstanceAttributeName, InstanceType, RequestLaunchTemplateData,
-    ResourceType, Tag, TagSpecification,
+    Filter, Instance, InstanceAttributeName, InstanceType, RequestLaunchTemplateData, ResourceType,
+    Tag, TagSpecification,
 };
 use base64::Engine as _;
-use resource_plane::domain::launch::{IamInstanceProfile, LaunchTemplateRef, RootVolume};
 use resource_plane::adapters::ec2::{Ec2Cloud, Ec2Settings};
+use resource_plane::domain::launch::{IamInstanceProfile, LaunchTemplateRef, RootVolume};
 use resource_plane::domain::worker::{Resources, WorkerTemplate};
 use resource_plane::ports::cloud::{CloudError, CloudInstanceStatus, CloudProvider};
 
@@ -380,8 +380,14 @@ async fn ec2_launch_from_a_launch_template_with_profile_key_user_data_and_root_v
         .iter()
         .filter_map(|t| Some((t.key()?, t.value()?)))
         .collect();
-    assert_eq!(volume_tags.get("resource-plane/worker-id"), Some(&worker.as_str()));
-    assert_eq!(volume_tags.get("resource-plane/cluster"), Some(&cluster.as_str()));
+    assert_eq!(
+        volume_tags.get("resource-plane/worker-id"),
+        Some(&worker.as_str())
+    );
+    assert_eq!(
+        volume_tags.get("resource-plane/cluster"),
+        Some(&cluster.as_str())
+    );
     assert_eq!(volume_tags.get("managed-by"), Some(&"resource-plane"));
     assert_eq!(volume_tags.get("team"), Some(&"labs"));
 
@@ -688,5 +694,8 @@ async fn controller_journals_each_capacity_and_spot_fallback() {
     assert_eq!(reasons.len(), 3, "{fallbacks:?}");
     // Each entry names the worker it launched for.
     let workers: Vec<String> = ctl.workers.list().into_iter().map(|w| w.id).collect();
-    assert!(fallbacks.iter().all(|(s, _)| workers.contains(s)), "{fallbacks:?}");
+    assert!(
+        fallbacks.iter().all(|(s, _)| workers.contains(s)),
+        "{fallbacks:?}"
+    );
 }

@@ -161,9 +161,8 @@ fn answers_http(port: u16) -> bool {
 /// has no IAM SDK, so this is IAM's query API by hand; moto routes by the credential
 /// scope of the `Authorization` header and does not check the signature.
 pub async fn create_instance_profile(moto: &Moto, name: &str) -> String {
-    let body = format!(
-        "Action=CreateInstanceProfile&InstanceProfileName={name}&Version=2010-05-08"
-    );
+    let body =
+        format!("Action=CreateInstanceProfile&InstanceProfileName={name}&Version=2010-05-08");
     let resp = reqwest::Client::new()
         .post(moto.endpoint())
         .header("Content-Type", "application/x-www-form-urlencoded")
@@ -180,7 +179,10 @@ pub async fn create_instance_profile(moto: &Moto, name: &str) -> String {
         .unwrap_or_else(|e| panic!("CreateInstanceProfile: {e}"));
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
-    assert!(status.is_success(), "CreateInstanceProfile: {status} {text}");
+    assert!(
+        status.is_success(),
+        "CreateInstanceProfile: {status} {text}"
+    );
     let arn = text
         .split("<Arn>")
         .nth(1)

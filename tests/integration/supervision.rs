@@ -689,10 +689,8 @@ impl resource_plane::ports::cloud::CloudProvider for PanickyCloud {
         &self,
         template: &WorkerTemplate,
         worker_id: &str,
-    ) -> Result<
-        resource_plane::ports::cloud::LaunchOutcome,
-        resource_plane::ports::cloud::CloudError,
-    > {
+    ) -> Result<resource_plane::ports::cloud::LaunchOutcome, resource_plane::ports::cloud::CloudError>
+    {
         self.inner.create_instance(template, worker_id).await
     }
     async fn terminate_instance(
