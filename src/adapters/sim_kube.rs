@@ -561,6 +561,7 @@ impl KubeExecutor for SimKube {
         &self,
         namespace: &str,
         deployable: &str,
+        container: Option<&str>,
         model: &ModelSpec,
         stamp: &str,
     ) -> Result<Baseline, KubeError> {
@@ -879,7 +880,7 @@ mod tests {
             artifact_location: "s3://models/ranker/7".into(),
         };
         let b = sim
-            .load_model("int", "web", &model, "2026-01-01T00:00:00.000Z")
+            .load_model("int", "web", None, &model, "2026-01-01T00:00:00.000Z")
             .await
             .unwrap();
         assert_eq!(b.kind, ResourceKind::Pod);
@@ -913,7 +914,7 @@ mod tests {
         }
         assert_eq!(deleted, 2);
         let missing = sim
-            .load_model("int", "nope", &model, "2026-01-01T00:00:00.000Z")
+            .load_model("int", "nope", None, &model, "2026-01-01T00:00:00.000Z")
             .await
             .unwrap_err();
         assert_eq!(

@@ -405,6 +405,7 @@ impl OperationBody for ModelLoadBody {
             action: KubeAction::LoadModel {
                 namespace: ns,
                 deployable: self.deployable_name,
+                container: None,
                 model: self.model,
                 stamp: stamp.to_owned(),
             },

@@ -721,12 +721,13 @@ impl KubeExecutor for Counting {
         &self,
         namespace: &str,
         deployable: &str,
+        container: Option<&str>,
         model: &ModelSpec,
         stamp: &str,
     ) -> Result<Baseline, KubeError> {
         tokio::time::sleep(self.delay).await;
         self.sim
-            .load_model(namespace, deployable, model, stamp)
+            .load_model(namespace, deployable, container, model, stamp)
             .await
     }
     async fn create_job(&self, spec: &JobSpec) -> Result<Baseline, KubeError> {
