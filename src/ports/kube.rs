@@ -424,3 +424,35 @@ pub fn min_replicas_hold(want: i32, observed: i32) -> bool {
 /// Capacity of each shared watch's broadcast channel; a subscriber further behind gets
 /// `RecvError::Lagged` and must re-observe.
 pub const WATCH_CHANNEL_CAPACITY: usize = 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_stored_model_load_without_container_means_the_first_and_round_trips() {
+        // As stored by a version before containers could be named.
+        let stored = json!({
+            "type": "LOAD_MODEL",
+            "namespace": "int",
+            "deployable": "predator",
+            "model": { "name": "ranker", "version": "8", "artifact_location": "s3://m/8" },
+            "stamp": "2026-01-01T00:00:00.000Z",
+        });
+        let action: KubeAction = serde_json::from_value(stored.clone()).unwrap();
+        let KubeAction::LoadModel { container, .. } = &action else {
+            panic!("not a model load: {action:?}")
+        };
+        assert_eq!(container, &None);
+        assert_eq!(serde_json::to_value(&action).unwrap(), stored);
+
+        let mut named = stored;
+        named["container"] = json!("ranker");
+        let action: KubeAction = serde_json::from_value(named.clone()).unwrap();
+        assert!(
+            matches!(&action, KubeAction::LoadModel { container: Some(c), .. } if c == "ranker")
+        );
+        assert_eq!(serde_json::to_value(&action).unwrap(), named);
+    }
+}
