@@ -45,6 +45,10 @@ pub const OPERATIONS: [&str; 7] = [
 
 type Key = (String, String);
 
+/// Env vars to set on a pod-template container: `(container, vars)`, `None` meaning the
+/// first container.
+type EnvChange<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)]);
+
 fn key(namespace: &str, name: &str) -> Key {
     (namespace.to_string(), name.to_string())
 }
@@ -626,7 +630,7 @@ impl SimKube {
         namespace: &str,
         name: &str,
         annotations: &[(&str, &str)],
-        env: Option<(Option<&str>, &[(&str, &str)])>,
+        env: Option<EnvChange<'_>>,
     ) -> Result<Baseline, KubeError> {
         let mut st = self.inner.lock();
         let dep = st.deployment_mut(namespace, name)?;
