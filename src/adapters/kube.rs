@@ -11,8 +11,8 @@
 //! API objects.
 //!
 //! Requests issued (for the RBAC Role), all namespaced:
-//! - `apps` `deployments`: `patch` (server-side apply, restart, model load), `get`,
-//!   `list`, `watch`; `deployments/scale`: `get`, `patch`;
+//! - `apps` `deployments`: `patch` (server-side apply, restart, model load), `get`
+//!   (model load, watcher reads), `list`, `watch`; `deployments/scale`: `get`, `patch`;
 //! - `autoscaling` `horizontalpodautoscalers`: `patch` (apply, min replicas), `get`,
 //!   `list`, `watch`;
 //! - `batch` `jobs`: `create`, `get`, `list`, `watch`;
@@ -47,8 +47,9 @@ use crate::ports::kube::{
     ObjectEvent, ObjectStatus, Observation, ResourceKind, DEPLOYABLE_CONTAINER, FIELD_MANAGER,
     GPU_MEMORY_LIMIT_ANNOTATION, GPU_MEMORY_REQUEST_ANNOTATION, GPU_RESOURCE, JOB_CONTAINER,
     JOB_PAYLOAD_ENV, MANAGED_BY_LABEL, MODELS_TO_LOAD_ENV, MODEL_ARTIFACT_ANNOTATION,
-    MODEL_LOADED_AT_ANNOTATION, MODEL_NAME_ANNOTATION, MODEL_VERSION_ANNOTATION, NAME_LABEL,
-    REQUEST_ID_LABEL, RESTARTED_AT_ANNOTATION, WATCH_CHANNEL_CAPACITY,
+    MODEL_ARTIFACT_LOCATION_ENV, MODEL_LOADED_AT_ANNOTATION, MODEL_NAME_ANNOTATION, MODEL_NAME_ENV,
+    MODEL_VERSION_ANNOTATION, MODEL_VERSION_ENV, NAME_LABEL, REQUEST_ID_LABEL,
+    RESTARTED_AT_ANNOTATION, WATCH_CHANNEL_CAPACITY,
 };
 
 struct SharedWatch {
@@ -301,6 +302,90 @@ pub fn deployment_manifest(spec: &DeployableSpec) -> Result<Value, KubeError> {
     }))
 }
 
+/// How many times a model load reads the Deployment and patches it when the patch meets
+/// a concurrent change (409).
+const MODEL_LOAD_ATTEMPTS: u32 = 5;
+
+/// The strategic merge patch of a model load on `current` (the Deployment as just read):
+/// the model annotations on the pod template, and the model env vars on `container`
+/// (default: the template's first container).
+///
+/// Why this patch type: a JSON merge patch replaces a list whole, so setting one
+/// container's env would need every container and every env var repeated (and would
+/// drop what others add meanwhile); a strategic merge patch merges `containers` by
+/// `name` and `env` by `name`, so it touches exactly three env vars of one container.
+/// Server-side apply would merge the same way, but under our field manager it would
+/// fight `apply_deployable`'s apply (each apply drops the other's fields) and needs a
+/// second manager. A strategic merge of a container name the Deployment lacks would add
+/// a container instead of failing (a template's `image` is optional), so the container
+/// is resolved on the read, and the patch carries the read's `resourceVersion`: the API
+/// server refuses it (409) if the Deployment changed since, and the load reads again.
+/// An existing variable of the same name fed by `valueFrom` gets `valueFrom: null`,
+/// since a variable with both sources is invalid.
+fn model_load_patch(
+    current: &Deployment,
+    deployable: &str,
+    container: Option<&str>,
+    model: &ModelSpec,
+    stamp: &str,
+) -> Result<Value, KubeError> {
+    let containers = current
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default();
+    let target = match container {
+        Some(wanted) => containers
+            .iter()
+            .find(|c| c.name == wanted)
+            .ok_or_else(|| {
+                let names: Vec<&str> = containers.iter().map(|c| c.name.as_str()).collect();
+                invalid(format!(
+                    "deployment {deployable} has no container {wanted:?} (its containers: {})",
+                    names.join(", ")
+                ))
+            })?,
+        None => containers
+            .first()
+            .ok_or_else(|| invalid(format!("deployment {deployable} has no container")))?,
+    };
+    let env: Vec<Value> = [
+        (MODEL_NAME_ENV, &model.name),
+        (MODEL_VERSION_ENV, &model.version),
+        (MODEL_ARTIFACT_LOCATION_ENV, &model.artifact_location),
+    ]
+    .into_iter()
+    .map(|(name, value)| {
+        let mut var = json!({ "name": name, "value": value });
+        let fed_from_elsewhere = target
+            .env
+            .iter()
+            .flatten()
+            .any(|e| e.name == name && e.value_from.is_some());
+        if fed_from_elsewhere {
+            var["valueFrom"] = Value::Null;
+        }
+        var
+    })
+    .collect();
+    let mut patch = json!({
+        "spec": { "template": {
+            "metadata": { "annotations": {
+                MODEL_NAME_ANNOTATION: model.name,
+                MODEL_VERSION_ANNOTATION: model.version,
+                MODEL_ARTIFACT_ANNOTATION: model.artifact_location,
+                MODEL_LOADED_AT_ANNOTATION: stamp,
+            } },
+            "spec": { "containers": [{ "name": target.name, "env": env }] },
+        } },
+    });
+    if let Some(version) = &current.metadata.resource_version {
+        patch["metadata"] = json!({ "resourceVersion": version });
+    }
+    Ok(patch)
+}
+
 /// The server-side-apply body of a deployable's HPA (`minReplicas` at least 1; see
 /// [`KubeExecutor::set_min_replicas`]).
 pub fn hpa_manifest(spec: &DeployableSpec) -> Value {
@@ -456,22 +541,31 @@ impl KubeExecutor for KubeAdapter {
         &self,
         namespace: &str,
         deployable: &str,
+        container: Option<&str>,
         model: &ModelSpec,
         stamp: &str,
     ) -> Result<Baseline, KubeError> {
-        let stamp = stamp.to_owned();
-        let mut annotations = Map::new();
-        for (key, value) in [
-            (MODEL_NAME_ANNOTATION, &model.name),
-            (MODEL_VERSION_ANNOTATION, &model.version),
-            (MODEL_ARTIFACT_ANNOTATION, &model.artifact_location),
-            (MODEL_LOADED_AT_ANNOTATION, &stamp),
-        ] {
-            annotations.insert(key.to_string(), Value::String(value.clone()));
-        }
-        let deployment = self
-            .patch_template_annotations(namespace, deployable, annotations)
-            .await?;
+        // Read, then patch guarded by the read's resourceVersion (see `model_load_patch`
+        // for why); a 409 means the Deployment changed in between (often only its status):
+        // read again, a bounded number of times, as client-go's `RetryOnConflict` does.
+        let deployments = self.api::<Deployment>(namespace);
+        let mut attempt = 1;
+        let deployment = loop {
+            let current = deployments.get(deployable).await.map_err(map_error)?;
+            let patch = model_load_patch(&current, deployable, container, model, stamp)?;
+            match deployments
+                .patch(deployable, &patch_params(), &Patch::Strategic(&patch))
+                .await
+                .map_err(map_error)
+            {
+                Ok(patched) => break patched,
+                Err(KubeError::Conflict(message)) if attempt < MODEL_LOAD_ATTEMPTS => {
+                    tracing::debug!(attempt, %message, "deployment changed under the model load; reading it again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let base = deployment_baseline(&deployment, namespace, deployable);
         Ok(Baseline {
             kind: ResourceKind::Pod,
@@ -480,7 +574,7 @@ impl KubeExecutor for KubeAdapter {
                 .clone()
                 .or_else(|| Some(format!("{NAME_LABEL}={deployable}"))),
             template_annotation: Some(MODEL_LOADED_AT_ANNOTATION.to_string()),
-            template_hash: Some(stamp),
+            template_hash: Some(stamp.to_owned()),
             ..base
         })
     }

@@ -27,9 +27,9 @@ use crate::ports::kube::{
     validate_pod_counts, Baseline, DeployableSpec, JobSpec, KubeError, KubeExecutor, ModelSpec,
     ObjectEvent, ObjectStatus, Observation, ResourceKind, FIELD_MANAGER,
     GPU_MEMORY_LIMIT_ANNOTATION, GPU_MEMORY_REQUEST_ANNOTATION, MANAGED_BY_LABEL,
-    MODEL_ARTIFACT_ANNOTATION, MODEL_LOADED_AT_ANNOTATION, MODEL_NAME_ANNOTATION,
-    MODEL_VERSION_ANNOTATION, NAME_LABEL, REQUEST_ID_LABEL, RESTARTED_AT_ANNOTATION,
-    WATCH_CHANNEL_CAPACITY,
+    MODEL_ARTIFACT_ANNOTATION, MODEL_ARTIFACT_LOCATION_ENV, MODEL_LOADED_AT_ANNOTATION,
+    MODEL_NAME_ANNOTATION, MODEL_NAME_ENV, MODEL_VERSION_ANNOTATION, MODEL_VERSION_ENV, NAME_LABEL,
+    REQUEST_ID_LABEL, RESTARTED_AT_ANNOTATION, WATCH_CHANNEL_CAPACITY,
 };
 
 /// Operation names accepted by [`SimKube::fail_next`].
@@ -45,6 +45,10 @@ pub const OPERATIONS: [&str; 7] = [
 
 type Key = (String, String);
 
+/// Env vars to set on a pod-template container: `(container, vars)`, `None` meaning the
+/// first container.
+type EnvChange<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)]);
+
 fn key(namespace: &str, name: &str) -> Key {
     (namespace.to_string(), name.to_string())
 }
@@ -52,8 +56,118 @@ fn key(namespace: &str, name: &str) -> Key {
 #[derive(Debug)]
 struct SimDeployment {
     object: ObjectStatus,
-    /// The last applied manifest, to tell a real template change from a no-op apply.
-    fingerprint: String,
+    /// The last applied manifest, to tell a real template change from a no-op apply
+    /// (and which env vars the previous apply set).
+    manifest: serde_json::Value,
+    /// The pod template's containers, in order.
+    containers: Vec<SimContainer>,
+}
+
+/// A pod-template container: its name and env vars (other fields are not simulated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SimContainer {
+    name: String,
+    env: BTreeMap<String, String>,
+}
+
+impl SimDeployment {
+    /// The container `wanted`, or the first one; a name it lacks is
+    /// [`KubeError::Invalid`], worded as the real adapter words it.
+    fn container_mut(
+        &mut self,
+        deployable: &str,
+        wanted: Option<&str>,
+    ) -> Result<&mut SimContainer, KubeError> {
+        let names = || {
+            self.containers
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let index = match wanted {
+            Some(w) => self
+                .containers
+                .iter()
+                .position(|c| c.name == w)
+                .ok_or_else(|| {
+                    KubeError::Invalid(format!(
+                        "deployment {deployable} has no container {w:?} (its containers: {})",
+                        names()
+                    ))
+                })?,
+            None if self.containers.is_empty() => {
+                return Err(KubeError::Invalid(format!(
+                    "deployment {deployable} has no container"
+                )))
+            }
+            None => 0,
+        };
+        Ok(&mut self.containers[index])
+    }
+
+    /// Takes the applied manifest's containers, as a server-side apply does: the env
+    /// vars the apply names are set (and those it named before but no longer does are
+    /// removed); containers and env vars that others added (a model load) stay.
+    fn apply_containers(
+        &mut self,
+        manifest: &serde_json::Value,
+        previous: Option<&serde_json::Value>,
+    ) {
+        for applied in manifest_containers(manifest) {
+            let before = previous
+                .map(manifest_containers)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.name == applied.name);
+            let container = match self.containers.iter_mut().find(|c| c.name == applied.name) {
+                Some(c) => c,
+                None => {
+                    self.containers.push(SimContainer {
+                        name: applied.name.clone(),
+                        env: BTreeMap::new(),
+                    });
+                    let last = self.containers.len() - 1;
+                    &mut self.containers[last]
+                }
+            };
+            if let Some(before) = before {
+                for name in before.env.keys() {
+                    if !applied.env.contains_key(name) {
+                        container.env.remove(name);
+                    }
+                }
+            }
+            container.env.extend(applied.env);
+        }
+    }
+}
+
+/// The containers (name and literal env vars) of a Deployment manifest.
+fn manifest_containers(manifest: &serde_json::Value) -> Vec<SimContainer> {
+    manifest["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| SimContainer {
+                    name: c["name"].as_str().unwrap_or_default().to_string(),
+                    env: c["env"]
+                        .as_array()
+                        .map(|vars| {
+                            vars.iter()
+                                .filter_map(|v| {
+                                    Some((
+                                        v["name"].as_str()?.to_string(),
+                                        v["value"].as_str()?.to_string(),
+                                    ))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[derive(Debug)]
@@ -189,7 +303,7 @@ impl SimState {
     /// the generation whose rollout must be completed, if the apply changed anything.
     fn apply(&mut self, spec: &DeployableSpec) -> Result<(Option<i64>, Baseline), KubeError> {
         validate_pod_counts(spec.min_pod_count, Some(spec.max_pod_count))?;
-        let fingerprint = deployment_manifest(spec)?.to_string();
+        let manifest = deployment_manifest(spec)?;
         let (ns, name) = (spec.namespace.as_str(), spec.name.as_str());
         let mut gpu_annotations = BTreeMap::new();
         if let Some(memory) = spec.resources.gpu.as_ref().and_then(|g| g.memory.as_ref()) {
@@ -204,7 +318,7 @@ impl SimState {
         }
         let mut generation = None;
         if let Ok(dep) = self.deployment_mut(ns, name) {
-            let template_changed = dep.fingerprint != fingerprint;
+            let template_changed = dep.manifest != manifest;
             let mut replicas_changed = false;
             if let StatusDetail::Deployment(d) = &mut dep.object.detail {
                 let replicas =
@@ -218,7 +332,10 @@ impl SimState {
                     d.template_annotations.extend(gpu_annotations);
                 }
             }
-            dep.fingerprint = fingerprint;
+            if template_changed {
+                let previous = std::mem::replace(&mut dep.manifest, manifest);
+                dep.apply_containers(&dep.manifest.clone(), Some(&previous));
+            }
             if template_changed || replicas_changed {
                 generation = self.touch_deployment(ns, name);
             }
@@ -231,10 +348,12 @@ impl SimState {
                 progressing: Some(Condition::new(Truth::True, "NewReplicaSetCreated")),
                 ..DeploymentStatus::default()
             });
-            let dep = SimDeployment {
+            let mut dep = SimDeployment {
                 object: object(ns, name, uid, detail),
-                fingerprint,
+                containers: Vec::new(),
+                manifest: manifest.clone(),
             };
+            dep.apply_containers(&manifest, None);
             self.emit(ObjectEvent::Applied(dep.object.clone()));
             self.deployments.insert(key(ns, name), dep);
             generation = Some(1);
@@ -384,6 +503,55 @@ impl SimKube {
             .map(|d| d.object.clone())
     }
 
+    /// The names of the Deployment's pod-template containers, in order (empty when it
+    /// does not exist).
+    pub fn containers(&self, namespace: &str, name: &str) -> Vec<String> {
+        self.inner
+            .lock()
+            .deployments
+            .get(&key(namespace, name))
+            .map(|d| d.containers.iter().map(|c| c.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The env vars of the Deployment's pod-template container `container` (what a
+    /// model load sets), if both exist.
+    pub fn container_env(
+        &self,
+        namespace: &str,
+        name: &str,
+        container: &str,
+    ) -> Option<BTreeMap<String, String>> {
+        self.inner
+            .lock()
+            .deployments
+            .get(&key(namespace, name))?
+            .containers
+            .iter()
+            .find(|c| c.name == container)
+            .map(|c| c.env.clone())
+    }
+
+    /// Appends a container `container` (no env vars) to an existing Deployment's pod
+    /// template, as a sidecar injected or added by someone other than the resource
+    /// plane; no rollout is simulated for it. Adding a name it has is a no-op.
+    pub fn add_container(
+        &self,
+        namespace: &str,
+        name: &str,
+        container: &str,
+    ) -> Result<(), KubeError> {
+        let mut st = self.inner.lock();
+        let dep = st.deployment_mut(namespace, name)?;
+        if !dep.containers.iter().any(|c| c.name == container) {
+            dep.containers.push(SimContainer {
+                name: container.to_string(),
+                env: BTreeMap::new(),
+            });
+        }
+        Ok(())
+    }
+
     /// The HPA's current state, if it exists.
     pub fn hpa(&self, namespace: &str, name: &str) -> Option<ObjectStatus> {
         self.inner
@@ -450,9 +618,33 @@ impl SimKube {
         name: &str,
         annotations: &[(&str, &str)],
     ) -> Result<Baseline, KubeError> {
+        self.change_template(namespace, name, annotations, None)
+    }
+
+    /// Sets `annotations` on a Deployment's pod template and, with `env = Some((container,
+    /// vars))`, `vars` on that container (`None`: the first; a name it lacks is
+    /// [`KubeError::Invalid`] and nothing changes), all at once as one patch does; starts
+    /// a rollout if anything changed.
+    fn change_template(
+        &self,
+        namespace: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+        env: Option<EnvChange<'_>>,
+    ) -> Result<Baseline, KubeError> {
         let mut st = self.inner.lock();
         let dep = st.deployment_mut(namespace, name)?;
         let mut changed = false;
+        if let Some((container, vars)) = env {
+            let container = dep.container_mut(name, container)?;
+            for (k, v) in vars {
+                changed |= container
+                    .env
+                    .insert(k.to_string(), v.to_string())
+                    .as_deref()
+                    != Some(*v);
+            }
+        }
         if let StatusDetail::Deployment(d) = &mut dep.object.detail {
             for (k, v) in annotations {
                 changed |= d
@@ -561,15 +753,12 @@ impl KubeExecutor for SimKube {
         &self,
         namespace: &str,
         deployable: &str,
+        container: Option<&str>,
         model: &ModelSpec,
         stamp: &str,
     ) -> Result<Baseline, KubeError> {
-        {
-            let mut st = self.inner.lock();
-            st.take_failure("load_model")?;
-            st.deployment_mut(namespace, deployable)?;
-        }
-        let baseline = self.annotate_template(
+        self.inner.lock().take_failure("load_model")?;
+        let baseline = self.change_template(
             namespace,
             deployable,
             &[
@@ -578,6 +767,14 @@ impl KubeExecutor for SimKube {
                 (MODEL_ARTIFACT_ANNOTATION, &model.artifact_location),
                 (MODEL_LOADED_AT_ANNOTATION, stamp),
             ],
+            Some((
+                container,
+                &[
+                    (MODEL_NAME_ENV, &model.name),
+                    (MODEL_VERSION_ENV, &model.version),
+                    (MODEL_ARTIFACT_LOCATION_ENV, &model.artifact_location),
+                ],
+            )),
         )?;
         Ok(Baseline {
             kind: ResourceKind::Pod,
@@ -750,7 +947,10 @@ impl KubeExecutor for SimKube {
 mod tests {
     use super::*;
     use crate::domain::conditions::{evaluate, DesiredCondition, Verdict};
-    use crate::ports::kube::{RequestLimit, ResourceSpec};
+    use crate::ports::kube::{
+        ModelToLoad, RequestLimit, ResourceSpec, DEPLOYABLE_CONTAINER, MODELS_TO_LOAD_ENV,
+        MODEL_ARTIFACT_LOCATION_ENV, MODEL_NAME_ENV, MODEL_VERSION_ENV,
+    };
 
     const DELAY: Duration = Duration::from_secs(5);
 
@@ -879,7 +1079,7 @@ mod tests {
             artifact_location: "s3://models/ranker/7".into(),
         };
         let b = sim
-            .load_model("int", "web", &model, "2026-01-01T00:00:00.000Z")
+            .load_model("int", "web", None, &model, "2026-01-01T00:00:00.000Z")
             .await
             .unwrap();
         assert_eq!(b.kind, ResourceKind::Pod);
@@ -905,6 +1105,16 @@ mod tests {
                 Some("7")
             );
         }
+        // The model reached the serving container (the first one: none was named).
+        let env = sim
+            .container_env("int", "web", DEPLOYABLE_CONTAINER)
+            .unwrap();
+        assert_eq!(env.get(MODEL_NAME_ENV).map(String::as_str), Some("ranker"));
+        assert_eq!(env.get(MODEL_VERSION_ENV).map(String::as_str), Some("7"));
+        assert_eq!(
+            env.get(MODEL_ARTIFACT_LOCATION_ENV).map(String::as_str),
+            Some("s3://models/ranker/7")
+        );
         let mut deleted = 0;
         while let Ok(e) = pod_events.try_recv() {
             if matches!(e, ObjectEvent::Deleted(_)) {
@@ -913,13 +1123,84 @@ mod tests {
         }
         assert_eq!(deleted, 2);
         let missing = sim
-            .load_model("int", "nope", &model, "2026-01-01T00:00:00.000Z")
+            .load_model("int", "nope", None, &model, "2026-01-01T00:00:00.000Z")
             .await
             .unwrap_err();
         assert_eq!(
             missing,
             KubeError::NotFound("deployments.apps \"nope\" not found".into())
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn load_model_sets_the_env_of_the_named_container_only() {
+        let sim = SimKube::new(DELAY);
+        let mut web = spec("web", 1);
+        web.models_to_load = vec![ModelToLoad {
+            name: "ranker".into(),
+            version: "6".into(),
+            runtime: "triton".into(),
+            precision: "fp16".into(),
+            batch_size: 8,
+            artifact_version: "6".into(),
+        }];
+        sim.seed_deployable(&web).unwrap();
+        sim.add_container("int", "web", "ranker").unwrap();
+        assert_eq!(
+            sim.containers("int", "web"),
+            vec![DEPLOYABLE_CONTAINER.to_string(), "ranker".to_string()]
+        );
+        let model = ModelSpec {
+            name: "ranker".into(),
+            version: "7".into(),
+            artifact_location: "s3://models/ranker/7".into(),
+        };
+        let stamp = "2026-01-01T00:00:00.000Z";
+        let b = sim
+            .load_model("int", "web", Some("ranker"), &model, stamp)
+            .await
+            .unwrap();
+        let ranker = sim.container_env("int", "web", "ranker").unwrap();
+        assert_eq!(ranker.get(MODEL_VERSION_ENV).map(String::as_str), Some("7"));
+        let main = sim
+            .container_env("int", "web", DEPLOYABLE_CONTAINER)
+            .unwrap();
+        assert_eq!(main.get(MODEL_VERSION_ENV), None);
+        assert!(main.contains_key(MODELS_TO_LOAD_ENV));
+
+        // A container the Deployment lacks: refused, and nothing changes.
+        let generation = sim.deployment("int", "web").unwrap().generation;
+        let err = sim
+            .load_model(
+                "int",
+                "web",
+                Some("gpu-server"),
+                &model,
+                "2026-01-01T00:01:00.000Z",
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            KubeError::Invalid(
+                "deployment web has no container \"gpu-server\" (its containers: main, ranker)"
+                    .into()
+            )
+        );
+        assert_eq!(sim.deployment("int", "web").unwrap().generation, generation);
+
+        // Re-applying the deployable (another field manager's apply, as on a real
+        // cluster) keeps the loaded model.
+        tokio::time::advance(DELAY).await;
+        settle().await;
+        web.image = "registry.local/predator:1.5.0".into();
+        sim.apply_deployable(&web).await.unwrap();
+        let ranker = sim.container_env("int", "web", "ranker").unwrap();
+        assert_eq!(
+            ranker.get(MODEL_NAME_ENV).map(String::as_str),
+            Some("ranker")
+        );
+        assert_eq!(b.kind, ResourceKind::Pod);
     }
 
     #[tokio::test(start_paused = true)]

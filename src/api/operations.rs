@@ -94,6 +94,11 @@ pub struct RestartBody {
 pub struct ModelLoadBody {
     /// The deployable whose pods load the model.
     pub deployable_name: String,
+    /// The serving container that gets the model's env vars (`MODEL_NAME`,
+    /// `MODEL_VERSION`, `MODEL_ARTIFACT_LOCATION`); absent: the pod template's first
+    /// container. One model per load: a container holds the model last loaded into it.
+    #[serde(default)]
+    pub container: Option<String>,
     /// The model.
     pub model: ModelSpec,
     /// Caller's run id.
@@ -371,6 +376,10 @@ impl OperationBody for ModelLoadBody {
 
     fn validate(&self, _env: &str, _ns: &str) -> Result<(), ApiError> {
         check_k8s_name("deployable_name", &self.deployable_name)?;
+        if let Some(container) = &self.container {
+            // Container names are DNS-1123 labels, as object names are.
+            check_k8s_name("container", container)?;
+        }
         check_text("model.name", &self.model.name)?;
         check_text("model.version", &self.model.version)?;
         check_text("model.artifact_location", &self.model.artifact_location)
@@ -405,6 +414,7 @@ impl OperationBody for ModelLoadBody {
             action: KubeAction::LoadModel {
                 namespace: ns,
                 deployable: self.deployable_name,
+                container: self.container,
                 model: self.model,
                 stamp: stamp.to_owned(),
             },

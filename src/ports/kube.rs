@@ -51,6 +51,13 @@ pub const MODEL_ARTIFACT_ANNOTATION: &str = "resource-plane/model-artifact";
 /// Pod-template annotation: when the model was loaded (RFC 3339); new on every load, so
 /// every load rolls the pods and pods on the new template can be told apart.
 pub const MODEL_LOADED_AT_ANNOTATION: &str = "resource-plane/model-loaded-at";
+/// Env var of the serving container: name of the model loaded by `load_model`.
+pub const MODEL_NAME_ENV: &str = "MODEL_NAME";
+/// Env var of the serving container: version of the model loaded by `load_model`.
+pub const MODEL_VERSION_ENV: &str = "MODEL_VERSION";
+/// Env var of the serving container: artifact location of the model loaded by
+/// `load_model`.
+pub const MODEL_ARTIFACT_LOCATION_ENV: &str = "MODEL_ARTIFACT_LOCATION";
 /// Pod-template annotation: GPU memory request (no standard Kubernetes resource exists;
 /// it is recorded for GPU-sharing schedulers and the workload).
 pub const GPU_MEMORY_REQUEST_ANNOTATION: &str = "resource-plane/gpu-memory-request";
@@ -200,6 +207,10 @@ pub enum KubeAction {
         namespace: String,
         /// The Deployment.
         deployable: String,
+        /// The container that gets the model's env vars; `None`: the first. Absent in
+        /// intents stored before containers could be named (they meant the first).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        container: Option<String>,
         /// The model.
         model: ModelSpec,
         /// The `model-loaded-at` value.
@@ -225,10 +236,12 @@ impl KubeAction {
             Self::LoadModel {
                 namespace,
                 deployable,
+                container,
                 model,
                 stamp,
             } => Ok(vec![
-                kube.load_model(namespace, deployable, model, stamp).await?,
+                kube.load_model(namespace, deployable, container.as_deref(), model, stamp)
+                    .await?,
             ]),
             Self::CreateJob { spec } => Ok(vec![kube.create_job(spec).await?]),
         }
@@ -328,16 +341,22 @@ pub trait KubeExecutor: Send + Sync + 'static {
         stamp: &str,
     ) -> Result<Vec<Baseline>, KubeError>;
 
-    /// Records `model` on the Deployment `deployable`'s pod template as the annotations
-    /// [`MODEL_NAME_ANNOTATION`], [`MODEL_VERSION_ANNOTATION`],
-    /// [`MODEL_ARTIFACT_ANNOTATION`] and [`MODEL_LOADED_AT_ANNOTATION`] (= `stamp`, RFC
-    /// 3339, fixed per request so a repeated call changes nothing), so its pods roll.
-    /// The workload reads them through the downward API. Baseline: `Pod`, selecting the
-    /// Deployment's pods, with `MODEL_LOADED_AT_ANNOTATION` as the template annotation.
+    /// Loads `model` into the Deployment `deployable`: in one patch of its pod template,
+    /// sets the env vars [`MODEL_NAME_ENV`], [`MODEL_VERSION_ENV`] and
+    /// [`MODEL_ARTIFACT_LOCATION_ENV`] on `container` (default: the template's first
+    /// container) and the annotations [`MODEL_NAME_ANNOTATION`],
+    /// [`MODEL_VERSION_ANNOTATION`], [`MODEL_ARTIFACT_ANNOTATION`] and
+    /// [`MODEL_LOADED_AT_ANNOTATION`] (= `stamp`, RFC 3339, fixed per request so a
+    /// repeated call changes nothing), so its pods roll onto a template whose serving
+    /// container sees the model. Other containers and env vars are left alone.
+    /// A `container` the Deployment does not have is [`KubeError::Invalid`], and nothing
+    /// is changed. Baseline: `Pod`, selecting the Deployment's pods, with
+    /// `MODEL_LOADED_AT_ANNOTATION` as the template annotation.
     async fn load_model(
         &self,
         namespace: &str,
         deployable: &str,
+        container: Option<&str>,
         model: &ModelSpec,
         stamp: &str,
     ) -> Result<Baseline, KubeError>;
@@ -405,3 +424,35 @@ pub fn min_replicas_hold(want: i32, observed: i32) -> bool {
 /// Capacity of each shared watch's broadcast channel; a subscriber further behind gets
 /// `RecvError::Lagged` and must re-observe.
 pub const WATCH_CHANNEL_CAPACITY: usize = 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_stored_model_load_without_container_means_the_first_and_round_trips() {
+        // As stored by a version before containers could be named.
+        let stored = json!({
+            "type": "LOAD_MODEL",
+            "namespace": "int",
+            "deployable": "predator",
+            "model": { "name": "ranker", "version": "8", "artifact_location": "s3://m/8" },
+            "stamp": "2026-01-01T00:00:00.000Z",
+        });
+        let action: KubeAction = serde_json::from_value(stored.clone()).unwrap();
+        let KubeAction::LoadModel { container, .. } = &action else {
+            panic!("not a model load: {action:?}")
+        };
+        assert_eq!(container, &None);
+        assert_eq!(serde_json::to_value(&action).unwrap(), stored);
+
+        let mut named = stored;
+        named["container"] = json!("ranker");
+        let action: KubeAction = serde_json::from_value(named.clone()).unwrap();
+        assert!(
+            matches!(&action, KubeAction::LoadModel { container: Some(c), .. } if c == "ranker")
+        );
+        assert_eq!(serde_json::to_value(&action).unwrap(), named);
+    }
+}

@@ -176,12 +176,13 @@ impl KubeExecutor for CountingKube {
         &self,
         namespace: &str,
         deployable: &str,
+        container: Option<&str>,
         model: &ModelSpec,
         stamp: &str,
     ) -> Result<Baseline, KubeError> {
         self.calls.push(format!("load_model {deployable}"));
         self.inner
-            .load_model(namespace, deployable, model, stamp)
+            .load_model(namespace, deployable, container, model, stamp)
             .await
     }
     async fn create_job(&self, spec: &JobSpec) -> Result<Baseline, KubeError> {

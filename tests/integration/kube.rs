@@ -27,6 +27,7 @@ use tower_test::mock;
 const NOW: &str = "2024-05-01T10:00:00.000Z";
 const APPLY: &str = "application/apply-patch+yaml";
 const MERGE: &str = "application/merge-patch+json";
+const STRATEGIC: &str = "application/strategic-merge-patch+json";
 const JSON: &str = "application/json";
 
 /// One request the adapter must send, and the API server's answer.
@@ -498,64 +499,210 @@ fn model() -> ModelSpec {
     }
 }
 
-fn model_patch() -> Value {
-    json!({ "spec": { "template": { "metadata": { "annotations": {
-        "resource-plane/model-name": "ranker",
-        "resource-plane/model-version": "8",
-        "resource-plane/model-artifact": "s3://models/ranker/8",
-        "resource-plane/model-loaded-at": NOW,
-    } } } } })
+/// The Deployment as read before a model load, with the pod template's containers.
+fn deployment_with_containers(resource_version: &str, containers: Value) -> Value {
+    let mut d = deployment_response("predator", 5, json!({}));
+    d["metadata"]["resourceVersion"] = json!(resource_version);
+    d["spec"]["template"]["spec"]["containers"] = containers;
+    d
+}
+
+/// The strategic merge patch of a model load: the annotations and the model's env vars
+/// on `container` (merged by container name and env name), guarded by the
+/// `resourceVersion` of the read it was built from.
+fn model_patch(resource_version: &str, container: &str, env: Value) -> Value {
+    json!({
+        "metadata": { "resourceVersion": resource_version },
+        "spec": { "template": {
+            "metadata": { "annotations": {
+                "resource-plane/model-name": "ranker",
+                "resource-plane/model-version": "8",
+                "resource-plane/model-artifact": "s3://models/ranker/8",
+                "resource-plane/model-loaded-at": NOW,
+            } },
+            "spec": { "containers": [{ "name": container, "env": env }] },
+        } },
+    })
+}
+
+fn model_env() -> Value {
+    json!([
+        { "name": "MODEL_NAME", "value": "ranker" },
+        { "name": "MODEL_VERSION", "value": "8" },
+        { "name": "MODEL_ARTIFACT_LOCATION", "value": "s3://models/ranker/8" },
+    ])
+}
+
+fn loaded_baseline() -> Result<Baseline, KubeError> {
+    Ok(Baseline {
+        kind: ResourceKind::Pod,
+        generation: Some(6),
+        uid: Some("uid-predator".into()),
+        label_selector: Some("name=predator".into()),
+        template_annotation: Some("resource-plane/model-loaded-at".into()),
+        template_hash: Some(NOW.into()),
+        ..Baseline::new(ResourceKind::Pod, "int", "predator")
+    })
+}
+
+const PREDATOR_URI: &str = "/apis/apps/v1/namespaces/int/deployments/predator";
+
+fn loaded() -> Value {
+    deployment_response(
+        "predator",
+        6,
+        json!({ "resource-plane/model-loaded-at": NOW }),
+    )
 }
 
 #[tokio::test]
-async fn load_model_annotates_the_pod_template_and_waits_on_pods() {
+async fn load_model_sets_the_model_env_on_the_first_container_and_waits_on_pods() {
+    let containers = json!([
+        { "name": "server", "image": "registry.local/predator:1.4.2", "env": [{ "name": "LOG_LEVEL", "value": "info" }] },
+        { "name": "metrics", "image": "registry.local/exporter:3" },
+    ]);
     let script = vec![
+        exchange(Method::GET, PREDATOR_URI)
+            .answers(200, deployment_with_containers("88231", containers)),
         exchange(Method::PATCH, &patch_uri(DEPLOYMENT_PATH, "predator"))
-            .sends(MERGE, model_patch())
-            .answers(
-                200,
-                deployment_response(
-                    "predator",
-                    6,
-                    json!({ "resource-plane/model-loaded-at": NOW }),
-                ),
-            ),
+            .sends(STRATEGIC, model_patch("88231", "server", model_env()))
+            .answers(200, loaded()),
     ];
     let baseline = run(script, |k| async move {
-        k.load_model("int", "predator", &model(), NOW).await
+        k.load_model("int", "predator", None, &model(), NOW).await
+    })
+    .await;
+    assert_eq!(baseline, loaded_baseline());
+}
+
+#[tokio::test]
+async fn load_model_sets_the_model_env_on_the_named_container() {
+    // `ranker` takes MODEL_NAME from a ConfigMap today: the patch drops that source, as
+    // a variable with both `value` and `valueFrom` is invalid.
+    let containers = json!([
+        { "name": "main", "image": "registry.local/predator:1.4.2" },
+        { "name": "ranker", "image": "registry.local/ranker:2", "env": [
+            { "name": "MODEL_NAME", "valueFrom": { "configMapKeyRef": { "name": "models", "key": "name" } } },
+        ] },
+    ]);
+    let mut env = model_env();
+    env[0]["valueFrom"] = Value::Null;
+    let script = vec![
+        exchange(Method::GET, PREDATOR_URI)
+            .answers(200, deployment_with_containers("88231", containers)),
+        exchange(Method::PATCH, &patch_uri(DEPLOYMENT_PATH, "predator"))
+            .sends(STRATEGIC, model_patch("88231", "ranker", env))
+            .answers(200, loaded()),
+    ];
+    let baseline = run(script, |k| async move {
+        k.load_model("int", "predator", Some("ranker"), &model(), NOW)
+            .await
+    })
+    .await;
+    assert_eq!(baseline, loaded_baseline());
+}
+
+#[tokio::test]
+async fn load_model_into_a_container_the_deployment_lacks_is_invalid_and_patches_nothing() {
+    let containers = json!([
+        { "name": "main", "image": "registry.local/predator:1.4.2" },
+        { "name": "metrics", "image": "registry.local/exporter:3" },
+    ]);
+    let script = vec![exchange(Method::GET, PREDATOR_URI)
+        .answers(200, deployment_with_containers("88231", containers))];
+    let err = run(script, |k| async move {
+        k.load_model("int", "predator", Some("gpu-server"), &model(), NOW)
+            .await
     })
     .await;
     assert_eq!(
-        baseline,
-        Ok(Baseline {
-            kind: ResourceKind::Pod,
-            generation: Some(6),
-            uid: Some("uid-predator".into()),
-            label_selector: Some("name=predator".into()),
-            template_annotation: Some("resource-plane/model-loaded-at".into()),
-            template_hash: Some(NOW.into()),
-            ..Baseline::new(ResourceKind::Pod, "int", "predator")
-        })
+        err,
+        Err(KubeError::Invalid(
+            "deployment predator has no container \"gpu-server\" (its containers: main, metrics)"
+                .into()
+        ))
     );
 }
 
 #[tokio::test]
-async fn load_model_on_a_missing_deployable_is_not_found() {
+async fn load_model_reads_again_and_repatches_after_a_conflict() {
+    let containers = json!([{ "name": "main", "image": "registry.local/predator:1.4.2" }]);
+    let modified = "Operation cannot be fulfilled on deployments.apps \"predator\": the object has been modified; please apply your changes to the latest version and try again";
     let script = vec![
-        exchange(Method::PATCH, &patch_uri(DEPLOYMENT_PATH, "ghost"))
-            .sends(MERGE, model_patch())
+        exchange(Method::GET, PREDATOR_URI)
+            .answers(200, deployment_with_containers("88231", containers.clone())),
+        exchange(Method::PATCH, &patch_uri(DEPLOYMENT_PATH, "predator"))
+            .sends(STRATEGIC, model_patch("88231", "main", model_env()))
             .answers(
-                404,
+                409,
                 status_error(
-                    404,
-                    "NotFound",
-                    "deployments.apps \"ghost\" not found",
-                    json!({ "name": "ghost", "group": "apps", "kind": "deployments" }),
+                    409,
+                    "Conflict",
+                    modified,
+                    json!({ "name": "predator", "group": "apps", "kind": "deployments" }),
                 ),
             ),
+        exchange(Method::GET, PREDATOR_URI)
+            .answers(200, deployment_with_containers("88232", containers)),
+        exchange(Method::PATCH, &patch_uri(DEPLOYMENT_PATH, "predator"))
+            .sends(STRATEGIC, model_patch("88232", "main", model_env()))
+            .answers(200, loaded()),
     ];
+    let baseline = run(script, |k| async move {
+        k.load_model("int", "predator", None, &model(), NOW).await
+    })
+    .await;
+    assert_eq!(baseline, loaded_baseline());
+}
+
+#[tokio::test]
+async fn load_model_gives_up_with_the_conflict_after_five_attempts() {
+    let containers = json!([{ "name": "main", "image": "registry.local/predator:1.4.2" }]);
+    let modified = "Operation cannot be fulfilled on deployments.apps \"predator\": the object has been modified; please apply your changes to the latest version and try again";
+    let mut script = Vec::new();
+    for version in ["1", "2", "3", "4", "5"] {
+        script.push(
+            exchange(Method::GET, PREDATOR_URI)
+                .answers(200, deployment_with_containers(version, containers.clone())),
+        );
+        script.push(
+            exchange(Method::PATCH, &patch_uri(DEPLOYMENT_PATH, "predator"))
+                .sends(STRATEGIC, model_patch(version, "main", model_env()))
+                .answers(
+                    409,
+                    status_error(
+                        409,
+                        "Conflict",
+                        modified,
+                        json!({ "name": "predator", "group": "apps", "kind": "deployments" }),
+                    ),
+                ),
+        );
+    }
     let err = run(script, |k| async move {
-        k.load_model("int", "ghost", &model(), NOW).await
+        k.load_model("int", "predator", None, &model(), NOW).await
+    })
+    .await;
+    assert_eq!(err, Err(KubeError::Conflict(modified.into())));
+}
+
+#[tokio::test]
+async fn load_model_on_a_missing_deployable_is_not_found() {
+    let script = vec![exchange(
+        Method::GET,
+        "/apis/apps/v1/namespaces/int/deployments/ghost",
+    )
+    .answers(
+        404,
+        status_error(
+            404,
+            "NotFound",
+            "deployments.apps \"ghost\" not found",
+            json!({ "name": "ghost", "group": "apps", "kind": "deployments" }),
+        ),
+    )];
+    let err = run(script, |k| async move {
+        k.load_model("int", "ghost", None, &model(), NOW).await
     })
     .await;
     assert_eq!(

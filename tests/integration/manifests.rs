@@ -34,6 +34,7 @@ const MOCK_TESTED_REQUESTS: &[&str] = &[
     "GET /apis/apps/v1/namespaces/{ns}/deployments/{name}",
     "PATCH(apply) /apis/apps/v1/namespaces/{ns}/deployments/{name}",
     "PATCH(merge) /apis/apps/v1/namespaces/{ns}/deployments/{name}",
+    "PATCH(strategic) /apis/apps/v1/namespaces/{ns}/deployments/{name}",
     "GET /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale",
     "PATCH(merge) /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale",
     "GET /apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers/{name}",

@@ -182,6 +182,83 @@ fn check_signed(r: &Received) {
 }
 
 #[actix_web::test]
+async fn a_model_load_reaches_the_serving_container_and_refuses_an_unknown_one() {
+    let rx = Receiver::start(0).await;
+    let kube = Arc::new(SimKube::new(Duration::from_millis(50)));
+    let svc = start_with_kube(ops_config(), Arc::new(MemoryStore::new()), kube.clone());
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let id = accepted(
+        &app,
+        "/api/1.0/int/deployables",
+        deployable("predator", &rx.url),
+    )
+    .await;
+    assert_eq!(delivered(&rx, &id).await.body["status"], "SUCCEEDED");
+    let load = |container: Option<&str>, version: &str| {
+        let mut body = json!({"deployable_name": "predator", "model": {"name": "ranker", "version": version, "artifact_location": format!("s3://models/ranker/{version}")}, "callback": callback(&rx.url)});
+        if let Some(c) = container {
+            body["container"] = json!(c);
+        }
+        body
+    };
+
+    // No container named: the first one gets the model.
+    let id = accepted(&app, "/api/1.0/int/models/load", load(None, "8")).await;
+    assert_eq!(delivered(&rx, &id).await.body["status"], "SUCCEEDED");
+    let main = kube.container_env("int", "predator", "main").unwrap();
+    assert_eq!(main.get("MODEL_NAME").map(String::as_str), Some("ranker"));
+    assert_eq!(main.get("MODEL_VERSION").map(String::as_str), Some("8"));
+    assert_eq!(
+        main.get("MODEL_ARTIFACT_LOCATION").map(String::as_str),
+        Some("s3://models/ranker/8")
+    );
+
+    // A named container gets it; the first one keeps what it had.
+    kube.add_container("int", "predator", "ranker").unwrap();
+    let id = accepted(&app, "/api/1.0/int/models/load", load(Some("ranker"), "9")).await;
+    assert_eq!(delivered(&rx, &id).await.body["status"], "SUCCEEDED");
+    let ranker = kube.container_env("int", "predator", "ranker").unwrap();
+    assert_eq!(ranker.get("MODEL_VERSION").map(String::as_str), Some("9"));
+    let main = kube.container_env("int", "predator", "main").unwrap();
+    assert_eq!(main.get("MODEL_VERSION").map(String::as_str), Some("8"));
+
+    // A container the Deployment lacks: 422 naming it, no intent left, nothing changed.
+    let before = svc.state.ops.intents.all().len();
+    let r = send(
+        &app,
+        post("/api/1.0/int/models/load", &load(Some("gpu-server"), "10")).to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{:?}", r.json);
+    assert!(
+        r.error().contains("no container \"gpu-server\""),
+        "{}",
+        r.error()
+    );
+    let withdrawn = support::eventually(Duration::from_secs(5), || async {
+        svc.state.ops.intents.all().len() == before
+    })
+    .await;
+    assert!(withdrawn, "the refused load leaves no intent behind");
+    let ranker = kube.container_env("int", "predator", "ranker").unwrap();
+    assert_eq!(ranker.get("MODEL_VERSION").map(String::as_str), Some("9"));
+
+    // Not a container name at all, or not a string: 400 before anything is stored.
+    for bad in [json!("Bad_Name"), json!(""), json!(7), json!(["main"])] {
+        let mut body = load(None, "10");
+        body["container"] = bad.clone();
+        let r = send(&app, post("/api/1.0/int/models/load", &body).to_request()).await;
+        assert_eq!(r.status, 400, "container {bad}: {:?}", r.json);
+    }
+    // One model per load: a list of models is not this route's shape.
+    let mut body = load(None, "10");
+    body["models"] = json!([body["model"].clone()]);
+    let r = send(&app, post("/api/1.0/int/models/load", &body).to_request()).await;
+    assert_eq!(r.status, 400, "{:?}", r.json);
+}
+
+#[actix_web::test]
 async fn every_operation_calls_back_signed_when_its_condition_holds() {
     let rx = Receiver::start(0).await;
     let kube = Arc::new(SimKube::new(Duration::from_millis(100)));
@@ -721,12 +798,13 @@ impl KubeExecutor for Counting {
         &self,
         namespace: &str,
         deployable: &str,
+        container: Option<&str>,
         model: &ModelSpec,
         stamp: &str,
     ) -> Result<Baseline, KubeError> {
         tokio::time::sleep(self.delay).await;
         self.sim
-            .load_model(namespace, deployable, model, stamp)
+            .load_model(namespace, deployable, container, model, stamp)
             .await
     }
     async fn create_job(&self, spec: &JobSpec) -> Result<Baseline, KubeError> {
