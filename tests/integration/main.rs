@@ -15,6 +15,7 @@ mod fencing;
 mod hostile;
 mod idempotency;
 mod kube;
+mod lease;
 mod leader;
 mod loadtest;
 mod manifests;
