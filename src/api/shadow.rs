@@ -99,8 +99,9 @@ pub struct ActionBody {
     /// Caller's plan.
     pub workflow_plan: Option<String>,
     /// PROCURE: the hold's lease in seconds (none: held until RELEASE); RENEW: this
-    /// renewal's length (none: the hold's original length). 1..=604800.
-    pub lease_seconds: Option<i64>,
+    /// renewal's length (none: the hold's original length). 1..=604800. Read as any
+    /// JSON value so a wrong type gets an answer that names the field.
+    pub lease_seconds: Option<serde_json::Value>,
 }
 
 /// Body of `POST …/shadow-deployables/min-pod-count`.
@@ -206,15 +207,14 @@ async fn action(
         check_text("workflow_plan", plan)?;
     }
     let lease_seconds = match (b.action, b.lease_seconds) {
-        (_, None) => None,
+        (_, None | Some(serde_json::Value::Null)) => None,
         (Action::Release, Some(_)) => {
             return Err(ApiError::BadRequest(
                 "lease_seconds is only for PROCURE and RENEW".into(),
             ))
         }
         (_, Some(s)) => Some(
-            u64::try_from(s)
-                .ok()
+            s.as_u64()
                 .filter(|s| (1..=MAX_LEASE_SECONDS).contains(s))
                 .ok_or_else(|| {
                     ApiError::BadRequest(format!(
