@@ -28,11 +28,15 @@ const BASE: &str = "/api/1.0/int/shadow-deployables";
 
 /// Test configuration with a fast reaper, converger and election.
 fn lease_config(id: &str) -> Config {
+    reaping_every(id, "50")
+}
+
+fn reaping_every(id: &str, reap_ms: &str) -> Config {
     let env: std::collections::HashMap<String, String> = [
         ("SHADOW_SEED_FILE", ""),
         ("ACTOR_THREADS", "2"),
         ("WORKER_AGENT", "heartbeat"),
-        ("LEASE_REAP_INTERVAL_MS", "50"),
+        ("LEASE_REAP_INTERVAL_MS", reap_ms),
         ("KUBE_CONVERGE_INTERVAL_MS", "100"),
         ("LEADER_LEASE_TTL", "3"),
         ("CONTROLLER_INSTANCE_ID", id),
@@ -436,8 +440,8 @@ async fn renewals_racing_the_reaper_across_two_replicas_never_half_apply() {
     let etcd = Etcd::start();
     let prefix = support::unique_prefix();
     let raw = etcd.store(&prefix);
-    let a = start(lease_config("a"), etcd.store(&prefix), sim_kube(&[])).await;
-    let b = start(lease_config("b"), etcd.store(&prefix), sim_kube(&[])).await;
+    let a = start(reaping_every("a", "10"), etcd.store(&prefix), sim_kube(&[])).await;
+    let b = start(reaping_every("b", "10"), etcd.store(&prefix), sim_kube(&[])).await;
     assert!(
         support::eventually(Duration::from_secs(10), || async {
             a.state.controller.leader_status().is_leader
@@ -453,22 +457,24 @@ async fn renewals_racing_the_reaper_across_two_replicas_never_half_apply() {
     assert_eq!(r.json["status"], "PROCURED");
 
     // Rounds of concurrent RENEWs through both replicas, each fired around the moment
-    // the current lease runs out, so the reaper (polling every 50 ms) competes for it.
+    // the current lease runs out (a little later every round), so the reaper (polling
+    // every 10 ms) competes for it: early rounds tend to renew, later ones to lose.
     let mut answers: Vec<Renewal> = Vec::new();
-    for round in 0..8 {
+    for round in 0..8i64 {
         let current = record(raw.as_ref(), "hot").await;
         if current["state"] != "PROCURED" {
             break;
         }
         let expires = time(&current["lease_expires_at"]);
-        let wait = (expires - Utc::now() - chrono::Duration::milliseconds(40))
+        let offset = chrono::Duration::milliseconds(20 * round - 40);
+        let wait = (expires + offset - Utc::now())
             .to_std()
             .unwrap_or_default();
         tokio::time::sleep(wait.min(Duration::from_secs(2))).await;
         let calls = (0..16).map(|i| {
             let (app_a, app_b) = (&app_a, &app_b);
             async move {
-                // Spread over ±40 ms around the expiry.
+                // Spread over 80 ms from the round's offset.
                 tokio::time::sleep(Duration::from_millis((i * 5) as u64)).await;
                 let body = renew("hot", "r1", Some(1));
                 let r = if (i + round) % 2 == 0 {
