@@ -749,7 +749,10 @@ mod tests {
     #[test]
     fn lease_reap_interval_defaults_to_a_second_and_must_be_positive() {
         let c = Config::from_map(&map(&[])).expect("config");
-        assert_eq!(c.operations.lease_reap_interval, Duration::from_millis(1_000));
+        assert_eq!(
+            c.operations.lease_reap_interval,
+            Duration::from_millis(1_000)
+        );
         let c = Config::from_map(&map(&[("LEASE_REAP_INTERVAL_MS", "250")])).expect("config");
         assert_eq!(c.operations.lease_reap_interval, Duration::from_millis(250));
         for bad in ["0", "-1", "soon"] {

@@ -1,7 +1,8 @@
 //! Tracing set-up and the Prometheus metrics every layer records into.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tracing_subscriber::{fmt, EnvFilter};
 

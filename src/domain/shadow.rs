@@ -678,7 +678,10 @@ mod tests {
             Some(later.now + chrono::TimeDelta::seconds(600))
         );
         // The original length stays the default.
-        assert_eq!(longer.owner.as_ref().and_then(|o| o.lease_seconds), Some(60));
+        assert_eq!(
+            longer.owner.as_ref().and_then(|o| o.lease_seconds),
+            Some(60)
+        );
         assert_eq!(
             decide(Some(&held), &renew("r1", Some(0)), later),
             Err(ShadowError::BadLease)

@@ -210,9 +210,15 @@ async fn an_expired_hold_is_released_by_the_leader_and_another_run_procures_it()
     let held = record(raw.as_ref(), "d").await;
     assert_eq!(held["owner"]["lease_seconds"], 3);
     let expires = time(&held["lease_expires_at"]);
-    assert!(expires > Utc::now(), "lease_expires_at {expires} is not ahead");
+    assert!(
+        expires > Utc::now(),
+        "lease_expires_at {expires} is not ahead"
+    );
     let listed = send(&app, get(BASE).to_request()).await;
-    assert_eq!(listed.json["data"][0]["lease_expires_at"], held["lease_expires_at"]);
+    assert_eq!(
+        listed.json["data"][0]["lease_expires_at"],
+        held["lease_expires_at"]
+    );
 
     let r = send(
         &app,
@@ -283,7 +289,11 @@ async fn an_expired_hold_is_released_by_the_leader_and_another_run_procures_it()
     assert_eq!((r.status, &r.json["status"]), (200, &json!("PROCURED")));
     let held = record(raw.as_ref(), "d").await;
     assert_eq!(held["owner"]["workflow_run_id"], "r2");
-    assert_eq!(held["lease_expires_at"], Value::Null, "no lease: held forever");
+    assert_eq!(
+        held["lease_expires_at"],
+        Value::Null,
+        "no lease: held forever"
+    );
 }
 
 #[actix_web::test]
@@ -316,7 +326,10 @@ async fn renewal_keeps_the_hold_past_its_first_expiry() {
     let held = record(raw.as_ref(), "d").await;
     assert_eq!(held["state"], "PROCURED");
     assert_eq!(held["owner"]["workflow_run_id"], "r1");
-    assert_eq!(held["owner"]["lease_seconds"], 2, "the original length is kept");
+    assert_eq!(
+        held["owner"]["lease_seconds"], 2,
+        "the original length is kept"
+    );
     assert_eq!(time(&held["lease_expires_at"]), last);
     assert_eq!(reaped(&app).await, Some(0));
 
@@ -404,11 +417,15 @@ async fn renew_is_refused_unless_the_caller_holds_a_leased_hold() {
             assert!(r.error().contains("lease_seconds"), "{}", r.error());
         }
     }
-    let body = json!({"action": "RELEASE", "name": "leased", "workflow_run_id": "r1", "lease_seconds": 5});
+    let body =
+        json!({"action": "RELEASE", "name": "leased", "workflow_run_id": "r1", "lease_seconds": 5});
     let r = call(&app, &body).await;
     assert_eq!(r.status, 400, "{:?}", r.json);
     assert_eq!(record(raw.as_ref(), "forever").await, forever);
-    assert_eq!(record(raw.as_ref(), "leased").await["owner"], leased["owner"]);
+    assert_eq!(
+        record(raw.as_ref(), "leased").await["owner"],
+        leased["owner"]
+    );
 
     // A retried RENEW with the same key is answered from the first, not applied twice.
     let version = record(raw.as_ref(), "leased").await["version"].clone();
@@ -467,9 +484,7 @@ async fn renewals_racing_the_reaper_across_two_replicas_never_half_apply() {
         }
         let expires = time(&current["lease_expires_at"]);
         let offset = chrono::Duration::milliseconds(20 * round - 40);
-        let wait = (expires + offset - Utc::now())
-            .to_std()
-            .unwrap_or_default();
+        let wait = (expires + offset - Utc::now()).to_std().unwrap_or_default();
         tokio::time::sleep(wait.min(Duration::from_secs(2))).await;
         let calls = (0..16).map(|i| {
             let (app_a, app_b) = (&app_a, &app_b);
@@ -620,7 +635,11 @@ async fn a_new_leader_reaps_what_the_old_one_left() {
         "the new leader did not reap the expired hold"
     );
     assert_eq!(reaped(&app_second).await, Some(1));
-    assert_eq!(reaped(&app_first).await, Some(0), "the stopped leader reaped");
+    assert_eq!(
+        reaped(&app_first).await,
+        Some(0),
+        "the stopped leader reaped"
+    );
     let r = call(&app_first, &procure("d", "r2", None)).await;
     assert_eq!(r.json["status"], "PROCURED");
 }
