@@ -643,3 +643,61 @@ async fn a_new_leader_reaps_what_the_old_one_left() {
     let r = call(&app_first, &procure("d", "r2", None)).await;
     assert_eq!(r.json["status"], "PROCURED");
 }
+
+#[actix_web::test]
+async fn a_reap_under_a_stale_leader_key_is_refused_and_writes_nothing() {
+    use resource_plane::actors::reaper::reap_once;
+    use resource_plane::actors::shadow::{ExecError, ShadowKey};
+    use resource_plane::ports::store::Compare;
+
+    let etcd = Etcd::start();
+    let prefix = support::unique_prefix();
+    let raw = etcd.store(&prefix);
+    // The reaper loop's first pass finds nothing; the passes here are driven by hand.
+    let svc = start(
+        reaping_every("a", "3600000"),
+        etcd.store(&prefix),
+        sim_kube(&[]),
+    )
+    .await;
+    wait_leader(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    register(&app, "d").await;
+    let r = call(&app, &procure("d", "r1", Some(1))).await;
+    assert_eq!(r.json["status"], "PROCURED");
+    let expires = time(&record(raw.as_ref(), "d").await["lease_expires_at"]);
+    let key = ShadowKey::new("int", "d");
+    let ops = svc.state.ops.clone();
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            Utc::now() > expires && ops.shadows.expired_holds(Utc::now()) == vec![key.clone()]
+        })
+        .await,
+        "the view never showed the hold expired"
+    );
+
+    // A leader key created at another revision: as if this replica had been deposed.
+    let epoch = svc
+        .state
+        .controller
+        .leader_status()
+        .epoch
+        .unwrap_or_else(|| panic!("not leading"));
+    let stale = Compare::CreateRevision(keys::LEADER.to_owned(), epoch + 1_000);
+    let r = ops.shadows.reap(&key, stale).await;
+    assert_eq!(r, Err(ExecError::Fenced));
+    let held = record(raw.as_ref(), "d").await;
+    assert_eq!(held["state"], "PROCURED");
+    assert_eq!(held["version"], 1);
+    assert_eq!(reaped(&app).await, Some(0));
+
+    // Under the real leader key it goes through, once.
+    assert_eq!(reap_once(&ops).await, 1);
+    assert_eq!(reap_once(&ops).await, 0);
+    let freed = record(raw.as_ref(), "d").await;
+    assert_eq!(
+        (&freed["state"], &freed["version"]),
+        (&json!("FREE"), &json!(2))
+    );
+    assert_eq!(reaped(&app).await, Some(1));
+}
