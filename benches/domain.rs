@@ -56,6 +56,7 @@ fn shadow(c: &mut Criterion) {
     let procure = ShadowCommand::Procure {
         run_id: "er5tdgsh".into(),
         plan: Some("pre-scaleup-load-test".into()),
+        lease_seconds: None,
     };
     let held = match decide(Some(&free), &procure, ctx()).map(|d| d.change) {
         Ok(resource_plane::domain::shadow::Change::Put(next)) => next,
@@ -64,6 +65,7 @@ fn shadow(c: &mut Criterion) {
     let other = ShadowCommand::Procure {
         run_id: "someone-else".into(),
         plan: None,
+        lease_seconds: None,
     };
     let increase = ShadowCommand::MinPodCount {
         run_id: "er5tdgsh".into(),

@@ -17,6 +17,7 @@ use crate::actors::follow::follow;
 use crate::actors::leader::{run_election, Fence};
 use crate::actors::mirror::Mirror;
 use crate::actors::operations::OpsCtx;
+use crate::actors::reaper::reap_forever;
 use crate::actors::registry::Registry;
 use crate::actors::shadow::{Deps, View};
 use crate::actors::worker::{WorkerDeps, WorkerRegistry};
@@ -324,6 +325,10 @@ impl Service {
         actix_rt::spawn(ops.clone().track_changes());
         actix_rt::spawn(ops.clone().supervise(SUPERVISE_EVERY));
         actix_rt::spawn(ops.clone().converge_forever());
+        actix_rt::spawn(reap_forever(
+            ops.clone(),
+            config.operations.lease_reap_interval,
+        ));
         actix_rt::spawn(follow(store.clone(), intents));
         actix_rt::spawn(run_election(
             store.clone(),

@@ -136,6 +136,9 @@ pub struct OperationsSettings {
     pub callback_concurrency: usize,
     /// Timeouts of the Kubernetes client's request paths.
     pub kube_client: KubeClientSettings,
+    /// How often the leader looks for expired hold leases (`LEASE_REAP_INTERVAL_MS`,
+    /// default 1000).
+    pub lease_reap_interval: Duration,
 }
 
 /// Timeouts of the Kubernetes client on request paths (actions and reads); the shared
@@ -330,6 +333,10 @@ impl Config {
         if callback_max_attempts == 0 {
             return Err(invalid("CALLBACK_MAX_ATTEMPTS", "must be at least 1"));
         }
+        let lease_reap_interval = millis("LEASE_REAP_INTERVAL_MS", 1_000)?;
+        if lease_reap_interval.is_zero() {
+            return Err(invalid("LEASE_REAP_INTERVAL_MS", "must be positive"));
+        }
         let operations = OperationsSettings {
             watch_timeout: secs("WATCH_TIMEOUT_SECONDS", 1_800)?,
             intent_retention: secs("INTENT_RETENTION_SECONDS", 7 * 86_400)?
@@ -361,6 +368,7 @@ impl Config {
                 write_timeout: millis("KUBE_WRITE_TIMEOUT_MS", 30_000)?
                     .max(Duration::from_millis(1)),
             },
+            lease_reap_interval,
         };
         if let Some(secret) = &operations.callback_signing_secret {
             crate::domain::callback::decode_secret(secret.expose().as_bytes())
@@ -736,6 +744,22 @@ mod tests {
         assert!(e.to_string().starts_with("USE_MOCK_ADAPTERS:"), "{e}");
         let e = Config::from_map(&map(&[("RM_ENVS", "a/b")])).expect_err("bad env");
         assert!(e.to_string().starts_with("RM_ENVS:"), "{e}");
+    }
+
+    #[test]
+    fn lease_reap_interval_defaults_to_a_second_and_must_be_positive() {
+        let c = Config::from_map(&map(&[])).expect("config");
+        assert_eq!(
+            c.operations.lease_reap_interval,
+            Duration::from_millis(1_000)
+        );
+        let c = Config::from_map(&map(&[("LEASE_REAP_INTERVAL_MS", "250")])).expect("config");
+        assert_eq!(c.operations.lease_reap_interval, Duration::from_millis(250));
+        for bad in ["0", "-1", "soon"] {
+            let e = Config::from_map(&map(&[("LEASE_REAP_INTERVAL_MS", bad)]))
+                .expect_err("bad interval");
+            assert!(e.to_string().starts_with("LEASE_REAP_INTERVAL_MS:"), "{e}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Tracing set-up and the Prometheus metrics every layer records into.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -48,6 +49,8 @@ pub struct Metrics {
     pub callback_latency: HistogramVec,
     /// Callback attempts by outcome.
     pub callbacks: IntCounterVec,
+    /// Expired hold leases the leader released (`resource_plane_leases_reaped_total`).
+    pub leases_reaped: IntCounter,
 }
 
 impl Metrics {
@@ -116,6 +119,10 @@ impl Metrics {
             Opts::new("callback_attempts_total", "Callback attempts by outcome"),
             &["outcome"],
         );
+        let leases_reaped = IntCounter::new(
+            "resource_plane_leases_reaped_total",
+            "Expired shadow deployable hold leases released by the leader",
+        );
         // Metric construction only fails on invalid names, which are constants here.
         let metrics = Self {
             registry,
@@ -130,6 +137,7 @@ impl Metrics {
             scale_up_latency: scale_up_latency.unwrap_or_else(|e| panic!("metric: {e}")),
             callback_latency: callback_latency.unwrap_or_else(|e| panic!("metric: {e}")),
             callbacks: callbacks.unwrap_or_else(|e| panic!("metric: {e}")),
+            leases_reaped: leases_reaped.unwrap_or_else(|e| panic!("metric: {e}")),
         };
         for c in [
             Box::new(metrics.http_requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -143,6 +151,7 @@ impl Metrics {
             Box::new(metrics.scale_up_latency.clone()),
             Box::new(metrics.callback_latency.clone()),
             Box::new(metrics.callbacks.clone()),
+            Box::new(metrics.leases_reaped.clone()),
         ] {
             let _ = metrics.registry.register(c);
         }

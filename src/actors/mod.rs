@@ -10,6 +10,7 @@ pub mod mirror;
 pub mod operations;
 pub mod ops_types;
 pub mod outbox;
+pub mod reaper;
 pub mod reconciler;
 pub mod registry;
 pub mod scheduler;

@@ -17,19 +17,20 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
+use chrono::{DateTime, Utc};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tracing::{warn, Span};
 
 use crate::actors::follow::Follower;
 use crate::actors::shadow::{
-    decode, Cell, Deps, ExecError, Execute, Observe, ShadowActor, ShadowKey, ViewEntry,
+    decode, Cell, Deps, ExecError, Execute, Observe, ShadowActor, ShadowKey, ViewEntry, REAPED,
 };
 use crate::actors::stats::{ActorInfo, ActorStats};
 use crate::domain::shadow::{ShadowCommand, ShadowDeployable};
 use crate::idempotency::{IdemRequest, Reply};
 use crate::keys;
-use crate::ports::store::{Kv, StoreError, WatchEvent};
+use crate::ports::store::{Compare, Kv, StoreError, WatchEvent};
 
 /// Kind label of shadow deployable actors.
 pub const SHADOW_KIND: &str = "shadow-deployable";
@@ -203,6 +204,48 @@ impl Registry {
         cmd: ShadowCommand,
         idem: Option<IdemRequest>,
     ) -> Result<Reply, ExecError> {
+        self.send(handle, cmd, idem, None).await
+    }
+
+    /// The leader's reaper: releases `key`'s hold if its lease has expired, through the
+    /// deployable's own actor (so it is serialized with RENEW and the other commands)
+    /// with a CAS that is also conditional on the leader key (`fence`). `Ok(true)` when
+    /// it released it, `Ok(false)` when there was nothing to release (renewed or
+    /// released meanwhile, here or on another replica, or the record is gone).
+    pub async fn reap(&self, key: &ShadowKey, fence: Compare) -> Result<bool, ExecError> {
+        let Some(handle) = self.find(key).await? else {
+            return Ok(false);
+        };
+        let reply = self
+            .send(&handle, ShadowCommand::Reap, None, Some(fence))
+            .await?;
+        let status = serde_json::from_str::<serde_json::Value>(&reply.body)
+            .ok()
+            .and_then(|v| v["status"].as_str().map(str::to_owned));
+        Ok(status.as_deref() == Some(REAPED))
+    }
+
+    /// Leased holds whose lease expired before `now`, as this replica's view has them:
+    /// candidates for [`Self::reap`], which decides again on the current record.
+    pub fn expired_holds(&self, now: DateTime<Utc>) -> Vec<ShadowKey> {
+        let mut out: Vec<ShadowKey> = self
+            .deps
+            .view
+            .iter()
+            .filter(|e| e.value().record.lease_expired(now))
+            .map(|e| e.key().clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    async fn send(
+        &self,
+        handle: &Handle,
+        cmd: ShadowCommand,
+        idem: Option<IdemRequest>,
+        fence: Option<Compare>,
+    ) -> Result<Reply, ExecError> {
         handle.stats.enqueued();
         let sent = tokio::time::timeout(
             self.deps.send_timeout,
@@ -210,6 +253,7 @@ impl Registry {
                 cmd,
                 idem,
                 span: Span::current(),
+                fence,
             }),
         )
         .await;

@@ -9,7 +9,7 @@ use actix::prelude::*;
 use chrono::Utc;
 use dashmap::DashMap;
 use serde_json::json;
-use tracing::{debug, warn, Instrument, Span};
+use tracing::{debug, info, warn, Instrument, Span};
 
 use crate::actors::stats::ActorStats;
 use crate::domain::shadow::{
@@ -119,6 +119,10 @@ pub enum ExecError {
     /// later: retry with the same idempotency key to learn its outcome.
     #[error("actor busy: no answer within the deadline")]
     Busy,
+    /// A leader-only write (the lease reaper's) was refused by the leader fence: this
+    /// replica no longer leads. Nothing was written.
+    #[error("not the leader")]
+    Fenced,
 }
 
 /// Runs a command.
@@ -131,6 +135,9 @@ pub struct Execute {
     pub idem: Option<IdemRequest>,
     /// The request's span, so the actor's logs carry its request id.
     pub span: Span,
+    /// The leader guard a leader-only command's write must also satisfy
+    /// ([`crate::actors::leader::Fence::compare`]); `None` for client commands.
+    pub fence: Option<Compare>,
 }
 
 /// A change seen by the replica's watch (or its hydration).
@@ -217,6 +224,7 @@ impl Handler<Execute> for ShadowActor {
             self.cell.clone(),
             msg.cmd,
             msg.idem,
+            msg.fence,
         )
         .instrument(msg.span);
         AtomicResponse::new(Box::pin(work.into_actor(self).map(
@@ -276,6 +284,22 @@ pub fn render(outcome: &ShadowOutcome, name: &str) -> Reply {
         ShadowOutcome::Procured => (200, json!({"status": "PROCURED"})),
         ShadowOutcome::Failed { delay } => (200, json!({"status": "FAILED", "delay": delay})),
         ShadowOutcome::Released => (200, json!({"status": "RELEASED"})),
+        ShadowOutcome::Renewed {
+            lease_expires_at,
+            version,
+        } => (
+            200,
+            json!({"status": "RENEWED", "lease_expires_at": lease_expires_at, "version": version}),
+        ),
+        // The reaper's answers; no HTTP client sees them.
+        ShadowOutcome::Reaped {
+            run_id,
+            lease_expired_at,
+        } => (
+            200,
+            json!({"status": REAPED, "workflow_run_id": run_id, "lease_expired_at": lease_expired_at}),
+        ),
+        ShadowOutcome::NotExpired => (200, json!({"status": "NOT_EXPIRED"})),
         ShadowOutcome::Updated { min_pod_count } => (
             200,
             json!({"status": "UPDATED", "min_pod_count": min_pod_count}),
@@ -313,14 +337,20 @@ async fn replay_if_stored(
     }
 }
 
+/// `status` of the reaper's answer when it released an expired hold.
+pub const REAPED: &str = "REAPED";
+
 /// Runs one command to completion: decide, persist, re-evaluate on a lost CAS.
-/// Returns the answer and what the actor should now know.
+/// Returns the answer and what the actor should now know. With `fence`, the write is
+/// also conditional on the leader key: a refusal by the fence alone is
+/// [`ExecError::Fenced`].
 pub async fn execute(
     deps: Arc<Deps>,
     key: ShadowKey,
     mut cell: Cell,
     cmd: ShadowCommand,
     idem: Option<IdemRequest>,
+    fence: Option<Compare>,
 ) -> (Result<Reply, ExecError>, Cell) {
     let kind = cmd.kind();
     let count = |result: &str| {
@@ -398,11 +428,21 @@ pub async fn execute(
             },
             None => None,
         };
-        let txn = build_txn(&key, *mod_revision, &change, idem.as_ref(), &reply, lease);
+        let mut txn = build_txn(&key, *mod_revision, &change, idem.as_ref(), &reply, lease);
+        txn.compares.extend(fence.clone());
+        let decided_at = *mod_revision;
         match deps.store.txn(txn).await {
             Ok(r) if r.succeeded => {
                 count("applied");
                 debug!(env = %key.env, name = %key.name, command = kind, revision = r.revision, "transition persisted");
+                if let ShadowOutcome::Reaped {
+                    run_id,
+                    lease_expired_at,
+                } = &outcome
+                {
+                    deps.metrics.leases_reaped.inc();
+                    info!(env = %key.env, name = %key.name, workflow_run_id = %run_id, %lease_expired_at, revision = r.revision, "hold lease expired; released the shadow deployable");
+                }
                 let record = match change {
                     Change::Put(rec) => Some(rec),
                     _ => None,
@@ -423,6 +463,12 @@ pub async fn execute(
                     .inc();
                 let mut fetched = r.fetched.into_iter();
                 let current = fetched.next().flatten();
+                let moved = current.as_ref().map_or(0, |kv| kv.mod_revision) != decided_at;
+                if fence.is_some() && !moved && idem.is_none() {
+                    // The record is as decided on: the leader guard failed.
+                    count("fenced");
+                    return (Err(ExecError::Fenced), cell);
+                }
                 fresh = true;
                 cell = match decode(current.as_ref()) {
                     Ok((record, mod_revision)) => Cell::Known {

@@ -81,10 +81,14 @@ impl ApiError {
         match e {
             ExecError::Domain(d) => match d {
                 ShadowError::NotFound => Self::NotFound(d.to_string()),
-                ShadowError::NotOwner | ShadowError::NotProcured | ShadowError::StillProcured => {
-                    Self::Conflict(d.to_string())
+                ShadowError::NotOwner
+                | ShadowError::NotProcured
+                | ShadowError::StillProcured
+                | ShadowError::NoLease
+                | ShadowError::HoldGone => Self::Conflict(d.to_string()),
+                ShadowError::CountTooLarge | ShadowError::BadLease => {
+                    Self::BadRequest(d.to_string())
                 }
-                ShadowError::CountTooLarge => Self::BadRequest(d.to_string()),
             },
             ExecError::Store(e) => Self::from_store(e, retry_after),
             ExecError::Idempotency(IdemError::Mismatch) => {

@@ -10,7 +10,9 @@ use crate::api::body::read_json;
 use crate::api::error::ApiError;
 use crate::api::{method_not_allowed, reply_response, AppState};
 use crate::config::valid_segment;
-use crate::domain::shadow::{MinPodAction, Owner, ShadowCommand, ShadowState, MAX_MIN_POD_COUNT};
+use crate::domain::shadow::{
+    MinPodAction, Owner, ShadowCommand, ShadowState, MAX_LEASE_SECONDS, MAX_MIN_POD_COUNT,
+};
 use crate::idempotency::IdemRequest;
 
 /// Longest accepted workflow id / plan.
@@ -68,6 +70,8 @@ pub struct ShadowView {
     pub owner: Option<Owner>,
     /// Version.
     pub version: u64,
+    /// When a leased hold expires (null: FREE, or held without a lease).
+    pub lease_expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Action of the procure/release route.
@@ -78,13 +82,15 @@ pub enum Action {
     Procure,
     /// Give back.
     Release,
+    /// Extend a leased hold.
+    Renew,
 }
 
 /// Body of `POST …/shadow-deployables`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionBody {
-    /// PROCURE or RELEASE.
+    /// PROCURE, RELEASE or RENEW.
     pub action: Action,
     /// Deployable name.
     pub name: String,
@@ -92,6 +98,10 @@ pub struct ActionBody {
     pub workflow_run_id: String,
     /// Caller's plan.
     pub workflow_plan: Option<String>,
+    /// PROCURE: the hold's lease in seconds (none: held until RELEASE); RENEW: this
+    /// renewal's length (none: the hold's original length). 1..=604800. Read as any
+    /// JSON value so a wrong type gets an answer that names the field.
+    pub lease_seconds: Option<serde_json::Value>,
 }
 
 /// Body of `POST …/shadow-deployables/min-pod-count`.
@@ -176,6 +186,7 @@ async fn list(
             state: r.state,
             owner: r.owner,
             version: r.version,
+            lease_expires_at: r.lease_expires_at,
         })
         .collect();
     Ok(HttpResponse::Ok().json(json!({ "data": data })))
@@ -195,13 +206,35 @@ async fn action(
     if let Some(plan) = &b.workflow_plan {
         check_text("workflow_plan", plan)?;
     }
+    let lease_seconds = match (b.action, b.lease_seconds) {
+        (_, None | Some(serde_json::Value::Null)) => None,
+        (Action::Release, Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "lease_seconds is only for PROCURE and RENEW".into(),
+            ))
+        }
+        (_, Some(s)) => Some(
+            s.as_u64()
+                .filter(|s| (1..=MAX_LEASE_SECONDS).contains(s))
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "lease_seconds must be an integer between 1 and {MAX_LEASE_SECONDS}"
+                    ))
+                })?,
+        ),
+    };
     let cmd = match b.action {
         Action::Procure => ShadowCommand::Procure {
             run_id: b.workflow_run_id,
             plan: b.workflow_plan,
+            lease_seconds,
         },
         Action::Release => ShadowCommand::Release {
             run_id: b.workflow_run_id,
+        },
+        Action::Renew => ShadowCommand::Renew {
+            run_id: b.workflow_run_id,
+            lease_seconds,
         },
     };
     let idem = state.idempotency(&req, &env, "shadow-deployables:action", &body.canonical)?;

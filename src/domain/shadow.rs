@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 /// Upper bound on `min_pod_count`; protects Kubernetes from a typo like `count: 1e9`.
 pub const MAX_MIN_POD_COUNT: u32 = 10_000;
 
+/// Longest hold lease a PROCURE or RENEW may ask for (7 days): a lease is a promise to
+/// renew, and a week is beyond any load test, so a larger value is a mistake.
+pub const MAX_LEASE_SECONDS: u64 = 7 * 86_400;
+
 /// Whether a shadow deployable is borrowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -28,6 +32,10 @@ pub struct Owner {
     pub workflow_plan: Option<String>,
     /// When it was procured.
     pub procured_at: DateTime<Utc>,
+    /// The hold's lease length in seconds, as given to PROCURE (absent: no lease, the
+    /// hold lasts until RELEASE). A RENEW without a length renews by this much.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_seconds: Option<u64>,
 }
 
 /// The persisted record at `/shadow-deployables/{env}/{name}`.
@@ -46,6 +54,10 @@ pub struct ShadowDeployable {
     /// Minimum pod count requested by the holder.
     #[serde(default)]
     pub min_pod_count: u32,
+    /// When a leased hold expires (the leader then releases it); `None` when FREE or
+    /// held without a lease.
+    #[serde(default)]
+    pub lease_expires_at: Option<DateTime<Utc>>,
     /// Time of the last change.
     pub last_updated_at: DateTime<Utc>,
     /// Incremented by every state change.
@@ -62,9 +74,16 @@ impl ShadowDeployable {
             state: ShadowState::Free,
             owner: None,
             min_pod_count: 0,
+            lease_expires_at: None,
             last_updated_at: now,
             version: 0,
         }
+    }
+
+    /// Whether this is a leased hold whose lease ran out before `now` (the reaper's
+    /// test; a RENEW may still save it until the reaper acts).
+    pub fn lease_expired(&self, now: DateTime<Utc>) -> bool {
+        self.state == ShadowState::Procured && self.lease_expires_at.is_some_and(|t| t < now)
     }
 
     /// Whether the in-use index should say `true`.
@@ -99,12 +118,26 @@ pub enum ShadowCommand {
         run_id: String,
         /// Caller's plan.
         plan: Option<String>,
+        /// Lease length in seconds (1..=[`MAX_LEASE_SECONDS`]); `None`: held until
+        /// released.
+        lease_seconds: Option<u64>,
     },
     /// Give it back.
     Release {
         /// Caller's run id.
         run_id: String,
     },
+    /// Extend a leased hold (owner only) to now + `lease_seconds`, or + the hold's
+    /// original length.
+    Renew {
+        /// Caller's run id.
+        run_id: String,
+        /// This renewal's length in seconds (1..=[`MAX_LEASE_SECONDS`]).
+        lease_seconds: Option<u64>,
+    },
+    /// The leader's reaper: release the hold if its lease has expired (the same
+    /// transition as RELEASE), otherwise change nothing.
+    Reap,
     /// Change the minimum pod count (owner only).
     MinPodCount {
         /// Caller's run id.
@@ -133,6 +166,8 @@ impl ShadowCommand {
         match self {
             Self::Procure { .. } => "procure",
             Self::Release { .. } => "release",
+            Self::Renew { .. } => "renew",
+            Self::Reap => "reap",
             Self::MinPodCount { .. } => "min_pod_count",
             Self::Register { .. } => "register",
             Self::Delete => "delete",
@@ -152,6 +187,22 @@ pub enum ShadowOutcome {
     },
     /// Given back.
     Released,
+    /// The lease was extended.
+    Renewed {
+        /// The new expiry.
+        lease_expires_at: DateTime<Utc>,
+        /// The record's version after the renewal.
+        version: u64,
+    },
+    /// The reaper released an expired hold of `run_id`.
+    Reaped {
+        /// The run whose hold expired.
+        run_id: String,
+        /// When its lease had expired.
+        lease_expired_at: DateTime<Utc>,
+    },
+    /// The reaper found nothing to release (renewed, released, or never leased).
+    NotExpired,
     /// Minimum pod count is now `min_pod_count`.
     Updated {
         /// The new count.
@@ -204,6 +255,16 @@ pub enum ShadowError {
     /// The resulting count would exceed [`MAX_MIN_POD_COUNT`].
     #[error("min_pod_count would exceed the maximum of {MAX_MIN_POD_COUNT}")]
     CountTooLarge,
+    /// RENEW of a hold that was procured without `lease_seconds`.
+    #[error("shadow deployable is held without a lease; there is nothing to renew")]
+    NoLease,
+    /// RENEW of a FREE deployable: released, or its lease expired and the leader
+    /// released it.
+    #[error("shadow deployable is not procured (released, or its lease expired and the hold was released)")]
+    HoldGone,
+    /// A lease length outside 1..=[`MAX_LEASE_SECONDS`].
+    #[error("lease_seconds must be between 1 and {MAX_LEASE_SECONDS}")]
+    BadLease,
 }
 
 /// Inputs a transition needs besides the record and the command.
@@ -241,19 +302,28 @@ pub fn decide(
         };
     };
     match cmd {
-        ShadowCommand::Procure { run_id, plan } => match rec.owner_run() {
+        ShadowCommand::Procure {
+            run_id,
+            plan,
+            lease_seconds,
+        } => match rec.owner_run() {
+            // A repeated PROCURE by the holder changes nothing, its lease included:
+            // extending is RENEW's job.
             Some(owner) if owner == run_id => unchanged(ShadowOutcome::Procured),
             Some(_) => unchanged(ShadowOutcome::Failed {
                 delay: ctx.retry_delay,
             }),
             None => {
+                let expires = lease_seconds.map(|s| expiry(ctx.now, s)).transpose()?;
                 let mut next = rec.clone();
                 next.state = ShadowState::Procured;
                 next.owner = Some(Owner {
                     workflow_run_id: run_id.clone(),
                     workflow_plan: plan.clone(),
                     procured_at: ctx.now,
+                    lease_seconds: *lease_seconds,
                 });
+                next.lease_expires_at = expires;
                 bump(&mut next, ctx);
                 Ok(Decision {
                     change: Change::Put(next),
@@ -263,16 +333,49 @@ pub fn decide(
         },
         ShadowCommand::Release { run_id } => {
             check_owner(rec, run_id)?;
-            let mut next = rec.clone();
-            next.state = ShadowState::Free;
-            next.owner = None;
-            next.min_pod_count = 0;
-            bump(&mut next, ctx);
             Ok(Decision {
-                change: Change::Put(next),
+                change: Change::Put(freed(rec, ctx)),
                 outcome: ShadowOutcome::Released,
             })
         }
+        ShadowCommand::Renew {
+            run_id,
+            lease_seconds,
+        } => {
+            check_owner(rec, run_id).map_err(|e| match e {
+                ShadowError::NotProcured => ShadowError::HoldGone,
+                other => other,
+            })?;
+            // A hold whose lease ran out but which the reaper has not taken yet is
+            // still the caller's: renewing it is allowed (the reaper's CAS then fails).
+            let original = rec
+                .owner
+                .as_ref()
+                .and_then(|o| o.lease_seconds)
+                .ok_or(ShadowError::NoLease)?;
+            let expires = expiry(ctx.now, lease_seconds.unwrap_or(original))?;
+            let mut next = rec.clone();
+            next.lease_expires_at = Some(expires);
+            bump(&mut next, ctx);
+            let version = next.version;
+            Ok(Decision {
+                change: Change::Put(next),
+                outcome: ShadowOutcome::Renewed {
+                    lease_expires_at: expires,
+                    version,
+                },
+            })
+        }
+        ShadowCommand::Reap => match (rec.lease_expires_at, rec.owner_run()) {
+            (Some(at), Some(run)) if rec.lease_expired(ctx.now) => Ok(Decision {
+                outcome: ShadowOutcome::Reaped {
+                    run_id: run.to_owned(),
+                    lease_expired_at: at,
+                },
+                change: Change::Put(freed(rec, ctx)),
+            }),
+            _ => unchanged(ShadowOutcome::NotExpired),
+        },
         ShadowCommand::MinPodCount {
             run_id,
             action,
@@ -336,6 +439,29 @@ fn check_owner(rec: &ShadowDeployable, run_id: &str) -> Result<(), ShadowError> 
     }
 }
 
+/// The RELEASE transition (also the reaper's): FREE, no owner, no lease, no pods.
+fn freed(rec: &ShadowDeployable, ctx: Context) -> ShadowDeployable {
+    let mut next = rec.clone();
+    next.state = ShadowState::Free;
+    next.owner = None;
+    next.min_pod_count = 0;
+    next.lease_expires_at = None;
+    bump(&mut next, ctx);
+    next
+}
+
+/// `now + seconds`, for a length within 1..=[`MAX_LEASE_SECONDS`].
+pub fn expiry(now: DateTime<Utc>, seconds: u64) -> Result<DateTime<Utc>, ShadowError> {
+    if !(1..=MAX_LEASE_SECONDS).contains(&seconds) {
+        return Err(ShadowError::BadLease);
+    }
+    i64::try_from(seconds)
+        .ok()
+        .and_then(chrono::TimeDelta::try_seconds)
+        .and_then(|d| now.checked_add_signed(d))
+        .ok_or(ShadowError::BadLease)
+}
+
 fn bump(rec: &mut ShadowDeployable, ctx: Context) {
     rec.version += 1;
     rec.last_updated_at = ctx.now;
@@ -361,6 +487,7 @@ mod tests {
         ShadowCommand::Procure {
             run_id: run.into(),
             plan: Some("plan".into()),
+            lease_seconds: None,
         }
     }
 
@@ -472,6 +599,260 @@ mod tests {
         );
     }
 
+    fn at(ctx: Context, secs: i64) -> Context {
+        Context {
+            now: ctx.now + chrono::TimeDelta::seconds(secs),
+            ..ctx
+        }
+    }
+
+    fn leased(run: &str, secs: u64) -> ShadowCommand {
+        ShadowCommand::Procure {
+            run_id: run.into(),
+            plan: None,
+            lease_seconds: Some(secs),
+        }
+    }
+
+    fn renew(run: &str, secs: Option<u64>) -> ShadowCommand {
+        ShadowCommand::Renew {
+            run_id: run.into(),
+            lease_seconds: secs,
+        }
+    }
+
+    fn put(d: Result<Decision, ShadowError>) -> (ShadowDeployable, ShadowOutcome) {
+        match d {
+            Ok(Decision {
+                change: Change::Put(next),
+                outcome,
+            }) => (next, outcome),
+            other => panic!("expected a write, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_leased_procure_records_the_length_and_the_expiry() {
+        let (held, _) = put(decide(Some(&free()), &leased("r1", 60), ctx()));
+        assert_eq!(
+            held.lease_expires_at,
+            Some(ctx().now + chrono::TimeDelta::seconds(60))
+        );
+        assert_eq!(held.owner.as_ref().and_then(|o| o.lease_seconds), Some(60));
+        // Without a lease: held forever, as before.
+        let (forever, _) = apply(&free(), &procure("r1"));
+        assert_eq!(forever.lease_expires_at, None);
+        assert!(!forever.lease_expired(at(ctx(), 1_000_000).now));
+        // A repeated PROCURE by the holder does not touch the lease.
+        let d = decide(Some(&held), &leased("r1", 5), at(ctx(), 30)).expect("decision");
+        assert_eq!(
+            (d.change, d.outcome),
+            (Change::None, ShadowOutcome::Procured)
+        );
+        for bad in [0, MAX_LEASE_SECONDS + 1, u64::MAX] {
+            assert_eq!(
+                decide(Some(&free()), &leased("r1", bad), ctx()),
+                Err(ShadowError::BadLease)
+            );
+        }
+    }
+
+    #[test]
+    fn renew_extends_from_now_by_the_original_or_the_given_length() {
+        let (held, _) = put(decide(Some(&free()), &leased("r1", 60), ctx()));
+        let later = at(ctx(), 50);
+        let (renewed, out) = put(decide(Some(&held), &renew("r1", None), later));
+        let expected = later.now + chrono::TimeDelta::seconds(60);
+        assert_eq!(renewed.lease_expires_at, Some(expected));
+        assert_eq!(renewed.version, held.version + 1);
+        assert_eq!(
+            out,
+            ShadowOutcome::Renewed {
+                lease_expires_at: expected,
+                version: renewed.version
+            }
+        );
+        let (longer, _) = put(decide(Some(&renewed), &renew("r1", Some(600)), later));
+        assert_eq!(
+            longer.lease_expires_at,
+            Some(later.now + chrono::TimeDelta::seconds(600))
+        );
+        // The original length stays the default.
+        assert_eq!(
+            longer.owner.as_ref().and_then(|o| o.lease_seconds),
+            Some(60)
+        );
+        assert_eq!(
+            decide(Some(&held), &renew("r1", Some(0)), later),
+            Err(ShadowError::BadLease)
+        );
+    }
+
+    #[test]
+    fn renew_is_refused_to_others_without_a_lease_and_once_released() {
+        let (held, _) = put(decide(Some(&free()), &leased("r1", 60), ctx()));
+        assert_eq!(
+            decide(Some(&held), &renew("r2", None), ctx()),
+            Err(ShadowError::NotOwner)
+        );
+        let (forever, _) = apply(&free(), &procure("r1"));
+        assert_eq!(
+            decide(Some(&forever), &renew("r1", Some(60)), ctx()),
+            Err(ShadowError::NoLease)
+        );
+        assert_eq!(
+            decide(Some(&free()), &renew("r1", None), ctx()),
+            Err(ShadowError::HoldGone)
+        );
+        assert_eq!(
+            decide(None, &renew("r1", None), ctx()),
+            Err(ShadowError::NotFound)
+        );
+    }
+
+    #[test]
+    fn reap_releases_only_an_expired_hold_exactly_as_release_does() {
+        let (held, _) = put(decide(Some(&free()), &leased("r1", 60), ctx()));
+        // Not yet expired (also exactly at the expiry): nothing.
+        for secs in [0, 59, 60] {
+            let d = decide(Some(&held), &ShadowCommand::Reap, at(ctx(), secs)).expect("d");
+            assert_eq!(
+                (d.change, d.outcome),
+                (Change::None, ShadowOutcome::NotExpired)
+            );
+        }
+        let late = at(ctx(), 61);
+        let (reaped, out) = put(decide(Some(&held), &ShadowCommand::Reap, late));
+        assert_eq!(
+            out,
+            ShadowOutcome::Reaped {
+                run_id: "r1".into(),
+                lease_expired_at: ctx().now + chrono::TimeDelta::seconds(60)
+            }
+        );
+        let release = ShadowCommand::Release {
+            run_id: "r1".into(),
+        };
+        let (released, _) = put(decide(Some(&held), &release, late));
+        assert_eq!(reaped, released);
+        assert_eq!(reaped.state, ShadowState::Free);
+        assert_eq!(reaped.lease_expires_at, None);
+        // Never leased, or FREE: nothing to reap.
+        let (forever, _) = apply(&free(), &procure("r1"));
+        for rec in [forever, free()] {
+            let d = decide(Some(&rec), &ShadowCommand::Reap, late).expect("d");
+            assert_eq!(d.change, Change::None);
+        }
+    }
+
+    #[test]
+    fn an_expired_hold_not_yet_reaped_can_still_be_renewed_and_is_then_kept() {
+        let (held, _) = put(decide(Some(&free()), &leased("r1", 60), ctx()));
+        let late = at(ctx(), 90);
+        assert!(held.lease_expired(late.now));
+        let (renewed, _) = put(decide(Some(&held), &renew("r1", None), late));
+        let d = decide(Some(&renewed), &ShadowCommand::Reap, at(ctx(), 91)).expect("d");
+        assert_eq!(
+            (d.change, d.outcome),
+            (Change::None, ShadowOutcome::NotExpired)
+        );
+    }
+
+    /// A step of the leased life cycle: a command, or time passing.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Do(ShadowCommand),
+        Wait(i64),
+    }
+
+    fn any_lease_step() -> impl Strategy<Value = Step> {
+        let run = prop_oneof![Just("r1"), Just("r2")].prop_map(String::from);
+        let lease = prop_oneof![Just(None), (1u64..5).prop_map(Some)];
+        prop_oneof![
+            (run.clone(), lease.clone()).prop_map(|(r, l)| Step::Do(ShadowCommand::Procure {
+                run_id: r,
+                plan: None,
+                lease_seconds: l
+            })),
+            run.clone()
+                .prop_map(|r| Step::Do(ShadowCommand::Release { run_id: r })),
+            (run, lease).prop_map(|(r, l)| Step::Do(ShadowCommand::Renew {
+                run_id: r,
+                lease_seconds: l
+            })),
+            Just(Step::Do(ShadowCommand::Reap)),
+            (0i64..4).prop_map(Step::Wait),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn leases_never_leave_a_half_released_or_unreapable_record(
+            steps in prop::collection::vec(any_lease_step(), 0..64)
+        ) {
+            let mut rec = free();
+            let mut now = ctx();
+            for step in &steps {
+                let cmd = match step {
+                    Step::Wait(s) => {
+                        now = at(now, *s);
+                        continue;
+                    }
+                    Step::Do(cmd) => cmd,
+                };
+                let before = rec.clone();
+                match decide(Some(&rec), cmd, now) {
+                    Ok(Decision { change: Change::Put(next), outcome }) => {
+                        prop_assert_eq!(next.version, before.version + 1);
+                        match cmd {
+                            // The reaper releases only an expired lease, as RELEASE would.
+                            ShadowCommand::Reap => {
+                                prop_assert!(before.lease_expired(now.now));
+                                let owner = before.owner_run().unwrap_or_default().to_owned();
+                                let release = ShadowCommand::Release { run_id: owner };
+                                let as_release = decide(Some(&before), &release, now);
+                                prop_assert_eq!(
+                                    as_release.map(|d| d.change),
+                                    Ok(Change::Put(next.clone()))
+                                );
+                            }
+                            // Only the holder renews, only a leased hold, into the future.
+                            ShadowCommand::Renew { run_id, .. } => {
+                                prop_assert_eq!(before.owner_run(), Some(run_id.as_str()));
+                                prop_assert!(next.lease_expires_at.is_some_and(|t| t > now.now));
+                                let answered = matches!(outcome, ShadowOutcome::Renewed { version, .. } if version == next.version);
+                                prop_assert!(answered, "RENEWED answers the written version");
+                            }
+                            _ => {}
+                        }
+                        rec = next;
+                    }
+                    Ok(_) => {
+                        if matches!(cmd, ShadowCommand::Reap) {
+                            prop_assert!(!before.lease_expired(now.now));
+                        }
+                    }
+                    Err(_) => {}
+                }
+                // FREE <=> no owner; FREE => no lease, no pods; a lease <=> a length.
+                prop_assert_eq!(rec.state == ShadowState::Free, rec.owner.is_none());
+                if rec.state == ShadowState::Free {
+                    prop_assert_eq!(rec.lease_expires_at, None);
+                    prop_assert_eq!(rec.min_pod_count, 0);
+                }
+                let length = rec.owner.as_ref().and_then(|o| o.lease_seconds);
+                prop_assert_eq!(length.is_some(), rec.lease_expires_at.is_some());
+            }
+            // Whatever happened, a reaper that runs after the lease ran out frees it.
+            let late = at(now, 10);
+            if rec.lease_expires_at.is_some() {
+                let d = decide(Some(&rec), &ShadowCommand::Reap, late);
+                let freed = matches!(d, Ok(Decision { change: Change::Put(ref n), .. }) if n.state == ShadowState::Free);
+                prop_assert!(freed, "an expired lease is always reapable");
+            }
+        }
+    }
+
     fn any_command() -> impl Strategy<Value = ShadowCommand> {
         let run = prop_oneof![Just("r1"), Just("r2"), Just("r3")].prop_map(String::from);
         let action = prop_oneof![
@@ -482,7 +863,8 @@ mod tests {
         prop_oneof![
             run.clone().prop_map(|r| ShadowCommand::Procure {
                 run_id: r,
-                plan: None
+                plan: None,
+                lease_seconds: None,
             }),
             run.clone()
                 .prop_map(|r| ShadowCommand::Release { run_id: r }),

@@ -52,6 +52,7 @@ fn flip(rec: &ShadowDeployable, run: &str) -> ShadowDeployable {
             workflow_run_id: run.to_owned(),
             workflow_plan: Some("loadtest".into()),
             procured_at: now,
+            lease_seconds: None,
         });
     } else {
         next.state = ShadowState::Free;

@@ -113,6 +113,7 @@ async fn contract_suite(store: Arc<dyn Store>) {
         vec![
             "dns",
             "in_use",
+            "lease_expires_at",
             "name",
             "node_pool",
             "owner",

@@ -16,6 +16,7 @@ mod hostile;
 mod idempotency;
 mod kube;
 mod leader;
+mod lease;
 mod loadtest;
 mod manifests;
 mod moto;
