@@ -587,6 +587,12 @@ impl resource_plane::ports::cloud::CloudProvider for Recording {
     ) -> Result<(), resource_plane::ports::cloud::CloudError> {
         self.inner.terminate_instance(id).await
     }
+    async fn stop_instance(
+        &self,
+        id: &str,
+    ) -> Result<(), resource_plane::ports::cloud::CloudError> {
+        self.inner.stop_instance(id).await
+    }
     async fn get_instance_status(
         &self,
         id: &str,

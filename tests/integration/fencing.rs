@@ -126,6 +126,10 @@ impl CloudProvider for CountingCloud {
         self.calls.push(format!("terminate {instance_id}"));
         self.inner.terminate_instance(instance_id).await
     }
+    async fn stop_instance(&self, instance_id: &str) -> Result<(), CloudError> {
+        self.calls.push(format!("stop {instance_id}"));
+        self.inner.stop_instance(instance_id).await
+    }
     async fn get_instance_status(
         &self,
         instance_id: &str,
