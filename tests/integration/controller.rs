@@ -47,7 +47,7 @@ pub fn controller_config(dir: &tempfile::TempDir, templates: &str) -> Config {
     s.cloud_poll = Duration::from_millis(100);
     s.reconcile_interval = Duration::from_secs(1);
     s.scale_down_idle = Duration::from_secs(5);
-    s.drain_deadline = Duration::from_secs(3600);
+    s.drain_deadline = Some(Duration::from_secs(3600));
     s.provision_timeout = Duration::from_secs(30);
     c
 }

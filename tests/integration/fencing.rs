@@ -527,7 +527,7 @@ async fn a_failed_stopping_write_terminates_nothing() {
     let w = running_worker(&s).unwrap_or_else(|| panic!("no running worker"));
     let cloud_id = w.cloud_instance_id.clone().unwrap_or_default();
     let drain = WorkerCmd::Drain {
-        deadline: s.svc.state.controller.clock.now(),
+        deadline: Some(s.svc.state.controller.clock.now()),
         voluntary: false,
         idle_cutoff: None,
         idem: None,

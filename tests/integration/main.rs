@@ -23,5 +23,6 @@ mod openapi;
 mod operations;
 mod outage;
 mod soak;
+mod stop_sequence;
 mod supervision;
 mod support;
