@@ -552,6 +552,17 @@ async fn a_failed_stopping_write_terminates_nothing() {
         "terminated without a recorded STOPPING: {:?}",
         s.cloud.terminations()
     );
+    let stops: Vec<String> = s
+        .cloud
+        .calls
+        .all()
+        .into_iter()
+        .filter(|c| c.starts_with("stop "))
+        .collect();
+    assert!(
+        stops.is_empty(),
+        "stopped without a recorded STOPPING: {stops:?}"
+    );
     assert_eq!(
         s.sim.get_instance_status(&cloud_id).await,
         Ok(CloudInstanceStatus::Running)
@@ -824,9 +835,9 @@ async fn a_deposed_leader_that_still_believes_it_leads_terminates_no_orphan() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after: Vec<String> = u.cloud.calls.all().split_off(mark);
     assert!(
-        !after
-            .iter()
-            .any(|c| c.starts_with("terminate ") || c.starts_with("create ")),
+        !after.iter().any(|c| c.starts_with("terminate ")
+            || c.starts_with("stop ")
+            || c.starts_with("create ")),
         "the deposed leader changed the cloud: {after:?}"
     );
     assert_eq!(

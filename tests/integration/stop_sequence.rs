@@ -512,3 +512,84 @@ async fn a_configured_drain_deadline_stops_a_busy_worker_at_the_deadline() {
     );
     assert!(decisions_about(&svc, &worker).iter().any(|a| a == "stop"));
 }
+
+#[actix_web::test]
+async fn at_the_deadline_labs_still_started_are_stopped_before_the_host() {
+    use resource_plane::adapters::sim_agent::sim_lab_id;
+    use resource_plane::config::WorkerAgentKind;
+    use resource_plane::domain::worker::InstanceState;
+    use resource_plane::ports::agent::{AgentTarget, LabState};
+
+    tokio::time::pause();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = config_with_deadline(&dir, Some("600"));
+    cfg.agent.kind = WorkerAgentKind::Sim;
+    cfg.agent.sync_interval = Duration::from_secs(1);
+    let sim = Arc::new(SimCloud::new(Duration::from_millis(300)));
+    let svc = Service::start_with(cfg, Arc::new(MemoryStore::new()), sim)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(svc.wait_hydrated(Duration::from_secs(10)).await);
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let inst = submit(&app).await;
+    // The simulated host starts a lab for the placed instance; the agent sync sees it.
+    let mut running = false;
+    for _ in 0..300 {
+        running = svc
+            .state
+            .controller
+            .instances
+            .get(&inst)
+            .is_some_and(|(i, _)| i.state == InstanceState::Running);
+        if running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running, "instance never RUNNING on its host");
+    let worker = placed_on(&svc, &inst).unwrap_or_default();
+    let r = send(
+        &app,
+        post(&format!("/api/1.0/workers/{worker}/drain"), &json!({})).to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.json);
+    let agent = svc
+        .state
+        .controller
+        .agent()
+        .cloned()
+        .unwrap_or_else(|| panic!("no worker agent"));
+    let target = AgentTarget {
+        worker_id: worker.clone(),
+        instance_id: None,
+        private_ip: None,
+    };
+    let lab_state = || async {
+        agent
+            .labs(&target)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .find(|l| l.id == sim_lab_id(&inst))
+            .map(|l| l.state)
+    };
+    assert_eq!(lab_state().await, Some(LabState::Started));
+
+    tokio::time::sleep(Duration::from_secs(610)).await;
+    assert!(
+        matches!(
+            worker_state(&svc, &worker),
+            Some(WorkerState::Stopping | WorkerState::Stopped | WorkerState::Terminated)
+        ),
+        "{:?}",
+        worker_state(&svc, &worker)
+    );
+    assert_eq!(lab_state().await, Some(LabState::Stopped));
+    let actions = decisions_about(&svc, &worker);
+    let stop_lab = actions.iter().position(|a| a == "stop_lab");
+    let stop = actions.iter().position(|a| a == "stop");
+    assert!(
+        matches!((stop_lab, stop), (Some(l), Some(s)) if l < s),
+        "the lab must be stopped (and journaled) before the host: {actions:?}"
+    );
+}
