@@ -797,6 +797,18 @@ mod tests {
     }
 
     #[test]
+    fn a_drain_without_deadline_waits_for_its_instances() {
+        let running = worker_in(WorkerState::Running, 4.0, 8.0);
+        let busy = place(&running, &inst("a", 1.0, 1.0), at(0)).expect("fits");
+        let draining = start_drain(&busy, &[], None, true, at(1)).expect("drain");
+        assert_eq!(draining.drain_deadline, None);
+        assert!(!drain_complete(&draining, at(1)));
+        assert!(!drain_complete(&draining, at(100 * 365 * 86_400)));
+        let empty = unplace(&draining, "a", &res(1.0, 1.0), at(50));
+        assert!(drain_complete(&empty, at(50)));
+    }
+
+    #[test]
     fn instance_new_and_liveness() {
         let i = Instance::new("i", res(1.0, 2.0), true, at(3));
         assert_eq!(i.state, InstanceState::Pending);
