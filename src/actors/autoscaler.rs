@@ -384,23 +384,31 @@ fn not_authorized(e: FenceError) -> WorkerExecError {
     }
 }
 
-/// DRAINING -> STOPPING: labs still started at the drain deadline are stopped first
-/// (through the worker agent, each after a fenced write), then the STOPPING record is
-/// written and only then is the cloud asked to stop the instance.
+/// DRAINING -> STOPPING, then the STOPPING step itself ([`stop_host`]). The STOPPING
+/// record is the intent of the whole step: nothing is stopped unless it was written, and
+/// a leader that finds it (after a restart or a failover) does the step again.
 async fn begin_stop(ctx: &ControllerCtx, w: &Worker) -> Result<(), WorkerExecError> {
     let reason = if w.instances.is_empty() {
         "drained: no instances left"
     } else {
-        stop_labs(ctx, w).await?;
         "drain deadline passed"
     };
-    // The STOPPING record is the intent: no cloud call unless it was written.
     transition(ctx, &w.id, WorkerState::Stopping).await?;
     ctx.decide("stop", &w.id, reason);
     match &w.cloud_instance_id {
-        Some(cloud_id) => request_stop(ctx, w, cloud_id).await,
+        Some(cloud_id) => stop_host(ctx, w, cloud_id).await,
         None => Ok(()),
     }
+}
+
+/// The STOPPING step: labs still started on a host stopped at its drain deadline are
+/// stopped first (through the worker agent, each after a fenced write), then the cloud
+/// is asked to stop the instance.
+async fn stop_host(ctx: &ControllerCtx, w: &Worker, cloud_id: &str) -> Result<(), WorkerExecError> {
+    if !w.instances.is_empty() {
+        stop_labs(ctx, w).await?;
+    }
+    request_stop(ctx, w, cloud_id).await
 }
 
 /// Stops the labs of the worker's instances that its host still runs (the drain
@@ -567,7 +575,7 @@ async fn settle_stopping(
         // Under way (or terminating by someone else's hand): wait for the cloud.
         CloudInstanceStatus::Stopping | CloudInstanceStatus::ShuttingDown => Ok(()),
         CloudInstanceStatus::Pending | CloudInstanceStatus::Running => {
-            request_stop(ctx, w, cloud_id).await
+            stop_host(ctx, w, cloud_id).await
         }
     }
 }

@@ -15,6 +15,7 @@ use resource_plane::app::Service;
 use resource_plane::config::Config;
 use resource_plane::domain::worker::{Worker, WorkerState, WorkerTemplate};
 use resource_plane::keys;
+use resource_plane::ports::agent::{AgentTarget, LabState, WorkerAgent};
 use resource_plane::ports::cloud::{CloudError, CloudInstance, CloudInstanceStatus, CloudProvider};
 use resource_plane::ports::store::{Store, WatchEvent};
 use serde_json::json;
@@ -34,12 +35,18 @@ enum Freeze {
     BeforeTerminate,
 }
 
+/// One lab whose state is read (through the worker agent) whenever a stop is asked of
+/// the cloud.
+type LabWatch = (Arc<dyn WorkerAgent>, AgentTarget, String);
+
 /// A cloud that records the stop and terminate calls, in order, before passing them on.
 struct Ordered {
     inner: Arc<dyn CloudProvider>,
     calls: Arc<Mutex<Vec<String>>>,
     freeze: Freeze,
     frozen: tokio::sync::watch::Sender<bool>,
+    lab: std::sync::OnceLock<LabWatch>,
+    labs_at_stop: Mutex<Vec<Option<LabState>>>,
 }
 
 impl Ordered {
@@ -58,6 +65,8 @@ impl Ordered {
             calls,
             freeze,
             frozen: tokio::sync::watch::channel(false).0,
+            lab: std::sync::OnceLock::new(),
+            labs_at_stop: Mutex::new(Vec::new()),
         })
     }
 
@@ -99,6 +108,13 @@ impl CloudProvider for Ordered {
         self.inner.terminate_instance(instance_id).await
     }
     async fn stop_instance(&self, instance_id: &str) -> Result<(), CloudError> {
+        if let Some((agent, target, lab)) = self.lab.get() {
+            let labs = agent.labs(target).await.unwrap_or_default();
+            let state = labs.into_iter().find(|l| &l.id == lab).map(|l| l.state);
+            if let Ok(mut seen) = self.labs_at_stop.lock() {
+                seen.push(state);
+            }
+        }
         self.push(format!("stop {instance_id}"));
         let r = self.inner.stop_instance(instance_id).await;
         if self.freeze == Freeze::AfterStop {
@@ -518,15 +534,17 @@ async fn at_the_deadline_labs_still_started_are_stopped_before_the_host() {
     use resource_plane::adapters::sim_agent::sim_lab_id;
     use resource_plane::config::WorkerAgentKind;
     use resource_plane::domain::worker::InstanceState;
-    use resource_plane::ports::agent::{AgentTarget, LabState};
 
     tokio::time::pause();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let mut cfg = config_with_deadline(&dir, Some("600"));
     cfg.agent.kind = WorkerAgentKind::Sim;
     cfg.agent.sync_interval = Duration::from_secs(1);
-    let sim = Arc::new(SimCloud::new(Duration::from_millis(300)));
-    let svc = Service::start_with(cfg, Arc::new(MemoryStore::new()), sim)
+    let cloud = Ordered::new(
+        Arc::new(SimCloud::new(Duration::from_millis(300))),
+        Freeze::Never,
+    );
+    let svc = Service::start_with(cfg, Arc::new(MemoryStore::new()), cloud.clone())
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(svc.wait_hydrated(Duration::from_secs(10)).await);
     let app = test::init_service(api::app(svc.state.clone())).await;
@@ -547,12 +565,6 @@ async fn at_the_deadline_labs_still_started_are_stopped_before_the_host() {
     }
     assert!(running, "instance never RUNNING on its host");
     let worker = placed_on(&svc, &inst).unwrap_or_default();
-    let r = send(
-        &app,
-        post(&format!("/api/1.0/workers/{worker}/drain"), &json!({})).to_request(),
-    )
-    .await;
-    assert_eq!(r.status, 202, "{:?}", r.json);
     let agent = svc
         .state
         .controller
@@ -564,6 +576,9 @@ async fn at_the_deadline_labs_still_started_are_stopped_before_the_host() {
         instance_id: None,
         private_ip: None,
     };
+    let _ = cloud
+        .lab
+        .set((agent.clone(), target.clone(), sim_lab_id(&inst)));
     let lab_state = || async {
         agent
             .labs(&target)
@@ -574,6 +589,12 @@ async fn at_the_deadline_labs_still_started_are_stopped_before_the_host() {
             .map(|l| l.state)
     };
     assert_eq!(lab_state().await, Some(LabState::Started));
+    let r = send(
+        &app,
+        post(&format!("/api/1.0/workers/{worker}/drain"), &json!({})).to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.json);
 
     tokio::time::sleep(Duration::from_secs(610)).await;
     assert!(
@@ -585,11 +606,19 @@ async fn at_the_deadline_labs_still_started_are_stopped_before_the_host() {
         worker_state(&svc, &worker)
     );
     assert_eq!(lab_state().await, Some(LabState::Stopped));
-    let actions = decisions_about(&svc, &worker);
-    let stop_lab = actions.iter().position(|a| a == "stop_lab");
-    let stop = actions.iter().position(|a| a == "stop");
+    // Every stop asked of the cloud found the lab stopped already.
+    let at_stop = cloud
+        .labs_at_stop
+        .lock()
+        .map(|l| l.clone())
+        .unwrap_or_default();
     assert!(
-        matches!((stop_lab, stop), (Some(l), Some(s)) if l < s),
-        "the lab must be stopped (and journaled) before the host: {actions:?}"
+        !at_stop.is_empty() && at_stop.iter().all(|s| *s == Some(LabState::Stopped)),
+        "the host was stopped with its lab still running: {at_stop:?}"
+    );
+    let actions = decisions_about(&svc, &worker);
+    assert!(
+        actions.iter().any(|a| a == "stop_lab"),
+        "lab stop not journaled: {actions:?}"
     );
 }
