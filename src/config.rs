@@ -178,8 +178,10 @@ pub struct ControllerSettings {
     pub scale_up_batch: Duration,
     /// Idle time before a worker drains (`SCALE_DOWN_IDLE_SECONDS`).
     pub scale_down_idle: Duration,
-    /// Drain deadline (`DRAIN_DEADLINE_SECONDS`).
-    pub drain_deadline: Duration,
+    /// How long a drain waits for the worker's instances before the worker is stopped
+    /// anyway (`DRAIN_DEADLINE_SECONDS`); `None` (the default, also `0` or `none`): it
+    /// waits until they complete, as the controller seed says.
+    pub drain_deadline: Option<Duration>,
     /// Launch timeout (`PROVISION_TIMEOUT_SECONDS`).
     pub provision_timeout: Duration,
     /// Heartbeat timeout for workers that have sent one (`HEARTBEAT_TIMEOUT_SECONDS`).
@@ -303,7 +305,7 @@ impl Config {
             reconcile_interval,
             scale_up_batch: millis("SCALE_UP_BATCH_MS", 200)?,
             scale_down_idle: secs("SCALE_DOWN_IDLE_SECONDS", 600)?,
-            drain_deadline: secs("DRAIN_DEADLINE_SECONDS", 3_600)?,
+            drain_deadline: drain_deadline(get("DRAIN_DEADLINE_SECONDS"))?,
             provision_timeout: secs("PROVISION_TIMEOUT_SECONDS", 600)?,
             heartbeat_timeout: secs("HEARTBEAT_TIMEOUT_SECONDS", 120)?,
             orphan_grace: secs("ORPHAN_GRACE_SECONDS", 300)?,
@@ -451,6 +453,34 @@ pub fn valid_segment(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && s != "."
         && s != ".."
+}
+
+/// The longest drain deadline, configured or asked for on the drain route (30 days).
+pub const MAX_DRAIN_DEADLINE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// `DRAIN_DEADLINE_SECONDS`: unset, empty, `0` or `none` is no deadline; otherwise whole
+/// seconds up to [`MAX_DRAIN_DEADLINE`].
+fn drain_deadline(value: Option<String>) -> Result<Option<Duration>, ConfigError> {
+    const VAR: &str = "DRAIN_DEADLINE_SECONDS";
+    let v = value.unwrap_or_default();
+    let v = v.trim();
+    if v.is_empty() || v.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let secs: u64 = v.parse().map_err(|e| {
+        invalid(
+            VAR,
+            &format!("{v:?} is not valid: {e} (whole seconds, or 0/none for no deadline)"),
+        )
+    })?;
+    let deadline = Duration::from_secs(secs);
+    if deadline > MAX_DRAIN_DEADLINE {
+        return Err(invalid(
+            VAR,
+            &format!("must be at most {} seconds", MAX_DRAIN_DEADLINE.as_secs()),
+        ));
+    }
+    Ok((secs > 0).then_some(deadline))
 }
 
 fn invalid(var: &str, reason: &str) -> ConfigError {
@@ -759,6 +789,32 @@ mod tests {
             let e = Config::from_map(&map(&[("LEASE_REAP_INTERVAL_MS", bad)]))
                 .expect_err("bad interval");
             assert!(e.to_string().starts_with("LEASE_REAP_INTERVAL_MS:"), "{e}");
+        }
+    }
+
+    #[test]
+    fn drain_deadline_is_none_by_default_and_a_positive_value_sets_one() {
+        let deadline = |pairs: &[(&str, &str)]| {
+            Config::from_map(&map(pairs)).map(|c| c.controller.drain_deadline)
+        };
+        assert_eq!(deadline(&[]), Ok(None));
+        for none in ["", "0", "none", "NONE", " none "] {
+            assert_eq!(
+                deadline(&[("DRAIN_DEADLINE_SECONDS", none)]),
+                Ok(None),
+                "{none:?}"
+            );
+        }
+        assert_eq!(
+            deadline(&[("DRAIN_DEADLINE_SECONDS", "3600")]),
+            Ok(Some(Duration::from_secs(3600)))
+        );
+        for bad in ["-5", "soon", "1.5", "2592001"] {
+            let e = deadline(&[("DRAIN_DEADLINE_SECONDS", bad)]).expect_err(bad);
+            assert!(
+                e.to_string().starts_with("DRAIN_DEADLINE_SECONDS:"),
+                "{bad}: {e}"
+            );
         }
     }
 

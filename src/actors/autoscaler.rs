@@ -58,7 +58,8 @@ pub struct Autoscaler {
     ctx: Arc<ControllerCtx>,
     scheduler: Option<Addr<Scheduler>>,
     batch_started: Option<Instant>,
-    terminate_sent: HashSet<String>,
+    /// Workers whose termination has been journaled (once per stop sequence).
+    asked: HashSet<String>,
 }
 
 impl Autoscaler {
@@ -68,7 +69,7 @@ impl Autoscaler {
             ctx,
             scheduler: None,
             batch_started: None,
-            terminate_sent: HashSet::new(),
+            asked: HashSet::new(),
         }
     }
 }
@@ -146,11 +147,11 @@ impl Handler<Drive> for Autoscaler {
     fn handle(&mut self, _msg: Drive, _ctx: &mut Self::Context) -> Self::Result {
         let cctx = self.ctx.clone();
         let scheduler = self.scheduler.clone();
-        let sent = std::mem::take(&mut self.terminate_sent);
+        let asked = std::mem::take(&mut self.asked);
         AtomicResponse::new(Box::pin(
-            async move { drive(&cctx, scheduler.as_ref(), sent).await }
+            async move { drive(&cctx, scheduler.as_ref(), asked).await }
                 .into_actor(self)
-                .map(|sent, act, _| act.terminate_sent = sent),
+                .map(|asked, act, _| act.asked = asked),
         ))
     }
 }
@@ -268,10 +269,10 @@ async fn create_and_record(
 async fn drive(
     ctx: &ControllerCtx,
     scheduler: Option<&Addr<Scheduler>>,
-    mut terminate_sent: HashSet<String>,
+    mut asked: HashSet<String>,
 ) -> HashSet<String> {
     if ctx.fence.epoch().is_none() {
-        return terminate_sent;
+        return asked;
     }
     let now = ctx.clock.now();
     for w in ctx.workers.list() {
@@ -286,23 +287,10 @@ async fn drive(
                 None => Ok(()),
             },
             WorkerState::Provisioning => advance_provisioning(ctx, &w, scheduler).await,
-            WorkerState::Draining if drain_complete(&w, now) => {
-                let reason = if w.instances.is_empty() {
-                    "drained: no instances left"
-                } else {
-                    "drain deadline passed"
-                };
-                // The STOPPING record is the intent: no cloud call unless it was written.
-                match transition(ctx, &w.id, WorkerState::Stopping).await {
-                    Ok(()) => {
-                        ctx.decide("stop", &w.id, reason);
-                        terminate(ctx, &w, &mut terminate_sent).await
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            WorkerState::Stopping | WorkerState::Stopped | WorkerState::Failed => {
-                settle_stopping(ctx, &w, &mut terminate_sent).await
+            WorkerState::Draining if drain_complete(&w, now) => begin_stop(ctx, &w).await,
+            WorkerState::Stopping => settle_stopping(ctx, &w, &mut asked).await,
+            WorkerState::Stopped | WorkerState::Failed => {
+                settle_terminating(ctx, &w, &mut asked).await
             }
             _ => Ok(()),
         };
@@ -313,7 +301,7 @@ async fn drive(
             ctx.failed("worker_step_failed", &w.id, &e.to_string());
         }
     }
-    terminate_sent
+    asked
 }
 
 async fn transition(ctx: &ControllerCtx, id: &str, to: WorkerState) -> Result<(), WorkerExecError> {
@@ -396,21 +384,126 @@ fn not_authorized(e: FenceError) -> WorkerExecError {
     }
 }
 
-/// Terminates the worker's cloud instance (fenced), once per stop.
-async fn terminate(
-    ctx: &ControllerCtx,
-    w: &Worker,
-    sent: &mut HashSet<String>,
-) -> Result<(), WorkerExecError> {
-    let Some(cloud_id) = &w.cloud_instance_id else {
+/// DRAINING -> STOPPING, then the STOPPING step itself ([`stop_host`]). The STOPPING
+/// record is the intent of the whole step: nothing is stopped unless it was written, and
+/// a leader that finds it (after a restart or a failover) does the step again.
+async fn begin_stop(ctx: &ControllerCtx, w: &Worker) -> Result<(), WorkerExecError> {
+    let reason = if w.instances.is_empty() {
+        "drained: no instances left"
+    } else {
+        "drain deadline passed"
+    };
+    transition(ctx, &w.id, WorkerState::Stopping).await?;
+    ctx.decide("stop", &w.id, reason);
+    match &w.cloud_instance_id {
+        Some(cloud_id) => stop_host(ctx, w, cloud_id).await,
+        None => Ok(()),
+    }
+}
+
+/// The STOPPING step: labs still started on a host stopped at its drain deadline are
+/// stopped first (through the worker agent, each after a fenced write), then the cloud
+/// is asked to stop the instance.
+async fn stop_host(ctx: &ControllerCtx, w: &Worker, cloud_id: &str) -> Result<(), WorkerExecError> {
+    if !w.instances.is_empty() {
+        stop_labs(ctx, w).await?;
+    }
+    request_stop(ctx, w, cloud_id).await
+}
+
+/// Stops the labs of the worker's instances that its host still runs (the drain
+/// deadline passed with instances on it), so the host shuts down with its labs stopped
+/// cleanly. Labs of no known instance are left alone, as the agent sync does. An agent
+/// that cannot be read does not hold the stop up: the deadline has passed, and the cloud
+/// stop shuts the host down either way.
+async fn stop_labs(ctx: &ControllerCtx, w: &Worker) -> Result<(), WorkerExecError> {
+    let Some(agent) = ctx.agent() else {
         return Ok(());
     };
-    if sent.contains(&w.id) {
-        return Ok(());
+    let private_ip = match &w.cloud_instance_id {
+        Some(cid) => ctx.cloud.instance_private_ip(cid).await.ok().flatten(),
+        None => None,
+    };
+    let target = AgentTarget {
+        worker_id: w.id.clone(),
+        instance_id: w.cloud_instance_id.clone(),
+        private_ip,
+    };
+    let labs = match agent.labs(&target).await {
+        Ok(labs) => labs,
+        Err(e) => {
+            ctx.failed(
+                "stop_labs_failed",
+                &w.id,
+                &format!("{e}; stopping the host with its labs"),
+            );
+            return Ok(());
+        }
+    };
+    let ours = labs
+        .iter()
+        .filter(|l| l.state.is_started() && w.instances.iter().any(|i| l.belongs_to(i)));
+    for lab in ours {
+        let _permit = ctx
+            .authorize("agent_stop_lab", &lab.id)
+            .await
+            .map_err(not_authorized)?;
+        match agent.stop_lab(&target, &lab.id).await {
+            Ok(()) => ctx.decide(
+                "stop_lab",
+                &w.id,
+                &format!(
+                    "lab {} ({}) still started at the drain deadline",
+                    lab.id, lab.title
+                ),
+            ),
+            Err(e) => ctx.failed("stop_lab_failed", &w.id, &format!("lab {}: {e}", lab.id)),
+        }
     }
+    Ok(())
+}
+
+/// Asks the cloud (fenced) to stop the worker's instance. Repeated while the cloud does
+/// not show the stop under way (after a restart, or a request that was lost): the
+/// adapters treat a repeated stop as a no-op.
+async fn request_stop(
+    ctx: &ControllerCtx,
+    w: &Worker,
+    cloud_id: &str,
+) -> Result<(), WorkerExecError> {
+    match ctx.cloud_stop(cloud_id).await {
+        Ok(()) => Ok(()),
+        Err(EffectError::Fence(e)) => Err(not_authorized(e)),
+        Err(EffectError::Cloud(e)) => {
+            ctx.failed(
+                "stop_failed",
+                &w.id,
+                &format!("cloud instance {cloud_id}: {e}; will retry"),
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Asks the cloud (fenced) to terminate the worker's instance; journaled once per
+/// worker (`asked`), repeated (a no-op for the adapters) while the cloud does not show
+/// the termination under way.
+async fn request_terminate(
+    ctx: &ControllerCtx,
+    w: &Worker,
+    cloud_id: &str,
+    asked: &mut HashSet<String>,
+) -> Result<(), WorkerExecError> {
     match ctx.cloud_terminate(cloud_id).await {
         Ok(()) => {
-            sent.insert(w.id.clone());
+            if asked.insert(w.id.clone()) {
+                let why = if w.state == WorkerState::Failed {
+                    "worker failed: nothing to stop cleanly"
+                } else {
+                    "cloud reports the instance stopped"
+                };
+                ctx.decide("terminate", &w.id, why);
+            }
             Ok(())
         }
         Err(EffectError::Fence(e)) => Err(not_authorized(e)),
@@ -425,37 +518,90 @@ async fn terminate(
     }
 }
 
+/// The cloud's word on the worker's instance; a failed read is surfaced and `None`.
+async fn cloud_status(
+    ctx: &ControllerCtx,
+    w: &Worker,
+    cloud_id: &str,
+) -> Option<CloudInstanceStatus> {
+    match ctx.cloud.get_instance_status(cloud_id).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            ctx.failed("cloud_status_failed", &w.id, &e.to_string());
+            None
+        }
+    }
+}
+
+/// TERMINATED once the cloud reports the instance gone.
+async fn mark_terminated(
+    ctx: &ControllerCtx,
+    w: &Worker,
+    asked: &mut HashSet<String>,
+    why: &str,
+) -> Result<(), WorkerExecError> {
+    transition(ctx, &w.id, WorkerState::Terminated).await?;
+    ctx.decide("terminated", &w.id, why);
+    asked.remove(&w.id);
+    Ok(())
+}
+
+/// STOPPING: the stop was asked for (the record says so, whoever wrote it); STOPPED
+/// once the cloud reports the instance stopped, then terminate.
 async fn settle_stopping(
     ctx: &ControllerCtx,
     w: &Worker,
-    sent: &mut HashSet<String>,
+    asked: &mut HashSet<String>,
 ) -> Result<(), WorkerExecError> {
     let Some(cloud_id) = &w.cloud_instance_id else {
-        if w.state != WorkerState::Failed {
-            transition(ctx, &w.id, WorkerState::Terminated).await?;
-        }
+        return mark_terminated(ctx, w, asked, "no cloud instance was ever launched").await;
+    };
+    let Some(status) = cloud_status(ctx, w, cloud_id).await else {
         return Ok(());
     };
-    let status = match ctx.cloud.get_instance_status(cloud_id).await {
-        Ok(s) => s,
-        Err(e) => {
-            ctx.failed("cloud_status_failed", &w.id, &e.to_string());
+    match status {
+        CloudInstanceStatus::Stopped => {
+            transition(ctx, &w.id, WorkerState::Stopped).await?;
+            ctx.decide("stopped", &w.id, "cloud reports the instance stopped");
+            let stopped = Worker {
+                state: WorkerState::Stopped,
+                ..w.clone()
+            };
+            request_terminate(ctx, &stopped, cloud_id, asked).await
+        }
+        CloudInstanceStatus::Terminated | CloudInstanceStatus::NotFound => {
+            mark_terminated(ctx, w, asked, "cloud reports the instance gone").await
+        }
+        // Under way (or terminating by someone else's hand): wait for the cloud.
+        CloudInstanceStatus::Stopping | CloudInstanceStatus::ShuttingDown => Ok(()),
+        CloudInstanceStatus::Pending | CloudInstanceStatus::Running => {
+            stop_host(ctx, w, cloud_id).await
+        }
+    }
+}
+
+/// STOPPED or FAILED: terminate, and TERMINATED once the cloud reports the instance
+/// gone. A FAILED worker skips the stop: its host is broken or unreachable, so a clean
+/// shutdown buys nothing (its instances are rescheduled already).
+async fn settle_terminating(
+    ctx: &ControllerCtx,
+    w: &Worker,
+    asked: &mut HashSet<String>,
+) -> Result<(), WorkerExecError> {
+    let Some(cloud_id) = &w.cloud_instance_id else {
+        if w.state == WorkerState::Failed {
             return Ok(());
         }
+        return mark_terminated(ctx, w, asked, "no cloud instance was ever launched").await;
+    };
+    let Some(status) = cloud_status(ctx, w, cloud_id).await else {
+        return Ok(());
     };
     match status {
         CloudInstanceStatus::Terminated | CloudInstanceStatus::NotFound => {
-            if w.state != WorkerState::Terminated {
-                ctx.decide("terminated", &w.id, "cloud reports the instance gone");
-                transition(ctx, &w.id, WorkerState::Terminated).await?;
-            }
-            sent.remove(&w.id);
-            Ok(())
+            mark_terminated(ctx, w, asked, "cloud reports the instance gone").await
         }
-        CloudInstanceStatus::Stopped if w.state == WorkerState::Stopping => {
-            transition(ctx, &w.id, WorkerState::Stopped).await?;
-            terminate(ctx, w, sent).await
-        }
-        _ => terminate(ctx, w, sent).await,
+        CloudInstanceStatus::ShuttingDown => Ok(()),
+        _ => request_terminate(ctx, w, cloud_id, asked).await,
     }
 }

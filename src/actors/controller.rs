@@ -253,6 +253,13 @@ impl ControllerCtx {
         Ok(outcome.instance_id)
     }
 
+    /// Stops cloud instance `instance_id` (the STOPPING step of a worker), only after a
+    /// fenced write recorded the intent.
+    pub async fn cloud_stop(&self, instance_id: &str) -> Result<(), EffectError> {
+        let _permit = self.authorize("cloud_stop", instance_id).await?;
+        Ok(self.cloud.stop_instance(instance_id).await?)
+    }
+
     /// Terminates cloud instance `instance_id`, only after a fenced write recorded the
     /// intent.
     pub async fn cloud_terminate(&self, instance_id: &str) -> Result<(), EffectError> {

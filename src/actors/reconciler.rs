@@ -363,7 +363,10 @@ async fn reconcile_capacity(
     autoscaler.do_send(EnsureMinimum);
     let idle = ChronoDuration::from_std(ctx.settings.scale_down_idle).unwrap_or_default();
     let now = ctx.clock.now();
-    let deadline = now + ChronoDuration::from_std(ctx.settings.drain_deadline).unwrap_or_default();
+    let deadline = ctx
+        .settings
+        .drain_deadline
+        .map(|d| now + ChronoDuration::from_std(d).unwrap_or_default());
     for id in idle_to_drain(&ctx.workers.list(), &ctx.templates, now, idle) {
         // Picked on this replica's view; the worker actor re-checks idleness and
         // do_not_disrupt on the record it writes against, so a placement since the

@@ -82,8 +82,8 @@ pub enum WorkerCmd {
     /// Start draining. Decided in the actor against the worker's instances as read for
     /// the attempt (never a caller's list); voluntary drains respect `do_not_disrupt`.
     Drain {
-        /// When the drain gives up waiting.
-        deadline: DateTime<Utc>,
+        /// When the drain gives up waiting (`None`: it waits for the instances).
+        deadline: Option<DateTime<Utc>>,
         /// Voluntary drains respect `do_not_disrupt`.
         voluntary: bool,
         /// Scale-down: drain only while the worker is still empty and idle since this

@@ -51,6 +51,8 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The AWS error code of an unknown instance id.
 const INSTANCE_NOT_FOUND: &str = "InvalidInstanceID.NotFound";
+/// The AWS error code of a request the instance's current state does not allow.
+const INCORRECT_STATE: &str = "IncorrectInstanceState";
 
 /// Error codes that mean "slow down" or "no capacity right now": retry later.
 const RETRYABLE_CODES: &[&str] = &[
@@ -455,6 +457,53 @@ impl CloudProvider for Ec2Cloud {
                 Ok(())
             }
             Err(e) => Err(map_err("TerminateInstances", e)),
+        }
+    }
+
+    #[tracing::instrument(skip(self), fields(instance_id = %instance_id))]
+    async fn stop_instance(&self, instance_id: &str) -> Result<(), CloudError> {
+        // Look first: nothing to do for an instance that is gone or already stopping, and
+        // some emulators (moto) would even "stop" a terminated instance back to life.
+        let status = self.get_instance_status(instance_id).await?;
+        if !matches!(
+            status,
+            CloudInstanceStatus::Pending | CloudInstanceStatus::Running
+        ) {
+            info!(status = ?status, "nothing to stop");
+            return Ok(());
+        }
+        match self
+            .client
+            .stop_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+        {
+            Ok(_) => {
+                info!("instance stop requested");
+                Ok(())
+            }
+            Err(e) if is_instance_not_found(&e) => {
+                info!("instance already gone; nothing to stop");
+                Ok(())
+            }
+            // EC2 refuses to stop an instance that is terminated or shutting down (fine:
+            // nothing to stop) and one still pending (not fine: ask again later).
+            Err(e) if e.code() == Some(INCORRECT_STATE) => {
+                match self.get_instance_status(instance_id).await? {
+                    s @ (CloudInstanceStatus::Pending | CloudInstanceStatus::Running) => {
+                        Err(CloudError::Unavailable(format!(
+                            "StopInstances: refused while the instance is {s:?} ({}); retry",
+                            e.message().unwrap_or("no message")
+                        )))
+                    }
+                    other => {
+                        info!(status = ?other, "instance not stoppable; nothing to stop");
+                        Ok(())
+                    }
+                }
+            }
+            Err(e) => Err(map_err("StopInstances", e)),
         }
     }
 

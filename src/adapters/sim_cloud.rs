@@ -1,7 +1,9 @@
 //! Simulated `CloudProvider`: an in-memory cloud for the simulation mode and for tests.
 //!
 //! Instances are `Pending` until `boot` has passed since their launch, then `Running`;
-//! terminating one makes it `Terminated` at once. Time is `tokio::time::Instant`, so tests
+//! stopping one makes it `Stopping` for another `boot`, then `Stopped` (as slow to shut
+//! down as to boot, so the controller's STOPPING step can be seen); terminating one makes
+//! it `Terminated` at once. Time is `tokio::time::Instant`, so tests
 //! that pause tokio's clock decide when instances come up (and launch times follow the
 //! same clock). Tests can also inject faults:
 //! failing launches, instances that vanish, and orphans nobody asked for.
@@ -28,6 +30,8 @@ struct SimInstance {
     launched_as: Option<LaunchAttempt>,
     ready_at: Instant,
     launched_at: DateTime<Utc>,
+    /// When a requested stop completes (`Stopping` until then, `Stopped` after).
+    stopped_at: Option<Instant>,
     terminated: bool,
 }
 
@@ -35,6 +39,12 @@ impl SimInstance {
     fn status(&self, now: Instant) -> CloudInstanceStatus {
         if self.terminated {
             CloudInstanceStatus::Terminated
+        } else if let Some(at) = self.stopped_at {
+            if now >= at {
+                CloudInstanceStatus::Stopped
+            } else {
+                CloudInstanceStatus::Stopping
+            }
         } else if now >= self.ready_at {
             CloudInstanceStatus::Running
         } else {
@@ -52,6 +62,7 @@ struct SimState {
     create_calls: usize,
     // (instance type or any, market or any) -> error code its launches answer.
     launch_errors: Vec<(Option<String>, Option<Market>, String)>,
+    stop_calls: usize,
 }
 
 impl SimState {
@@ -70,6 +81,7 @@ impl SimState {
                 launched_as: None,
                 ready_at,
                 launched_at,
+                stopped_at: None,
                 terminated: false,
             },
         );
@@ -158,6 +170,11 @@ impl SimCloud {
         self.state().create_calls
     }
 
+    /// How many times `stop_instance` was called, no-ops included.
+    pub fn stop_calls(&self) -> usize {
+        self.state().stop_calls
+    }
+
     /// How many instances are `Running` now.
     pub fn running_count(&self) -> usize {
         let now = Instant::now();
@@ -233,6 +250,19 @@ impl CloudProvider for SimCloud {
     async fn terminate_instance(&self, instance_id: &str) -> Result<(), CloudError> {
         if let Some(i) = self.state().instances.get_mut(instance_id) {
             i.terminated = true;
+        }
+        Ok(())
+    }
+
+    async fn stop_instance(&self, instance_id: &str) -> Result<(), CloudError> {
+        let done_at = Instant::now() + self.boot;
+        let mut state = self.state();
+        state.stop_calls += 1;
+        if let Some(i) = state.instances.get_mut(instance_id) {
+            // A stop already under way keeps its time; a terminated instance stays so.
+            if !i.terminated && i.stopped_at.is_none() {
+                i.stopped_at = Some(done_at);
+            }
         }
         Ok(())
     }
@@ -351,6 +381,65 @@ mod tests {
         );
         assert!(cloud.list_instances().await.unwrap().is_empty());
         assert_eq!(cloud.running_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_moves_running_to_stopping_then_stopped_and_terminate_follows() {
+        let cloud = SimCloud::new(BOOT);
+        let id = cloud
+            .create_instance(&template(), "w-1")
+            .await
+            .unwrap()
+            .instance_id;
+        tokio::time::advance(BOOT).await;
+
+        cloud.stop_instance(&id).await.unwrap();
+        assert_eq!(
+            cloud.get_instance_status(&id).await.unwrap(),
+            CloudInstanceStatus::Stopping
+        );
+        assert_eq!(cloud.stop_calls(), 1);
+        // Asking again while it stops changes nothing (the clock does not restart).
+        tokio::time::advance(BOOT - Duration::from_millis(1)).await;
+        cloud.stop_instance(&id).await.unwrap();
+        assert_eq!(
+            cloud.get_instance_status(&id).await.unwrap(),
+            CloudInstanceStatus::Stopping
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            cloud.get_instance_status(&id).await.unwrap(),
+            CloudInstanceStatus::Stopped
+        );
+        assert_eq!(cloud.running_count(), 0);
+        // A stopped instance is still listed (its worker owns it) and still has no
+        // second life: a launch for the same worker finds it.
+        let listed = cloud.list_instances().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].status, CloudInstanceStatus::Stopped);
+        cloud.stop_instance(&id).await.unwrap();
+        assert_eq!(
+            cloud.get_instance_status(&id).await.unwrap(),
+            CloudInstanceStatus::Stopped
+        );
+
+        cloud.terminate_instance(&id).await.unwrap();
+        assert_eq!(
+            cloud.get_instance_status(&id).await.unwrap(),
+            CloudInstanceStatus::Terminated
+        );
+        // Stopping what is terminated or unknown is fine and changes nothing.
+        cloud.stop_instance(&id).await.unwrap();
+        cloud.stop_instance("i-unknown").await.unwrap();
+        assert_eq!(
+            cloud.get_instance_status(&id).await.unwrap(),
+            CloudInstanceStatus::Terminated
+        );
+        assert_eq!(
+            cloud.get_instance_status("i-unknown").await.unwrap(),
+            CloudInstanceStatus::NotFound
+        );
+        assert_eq!(cloud.stop_calls(), 5);
     }
 
     #[tokio::test(start_paused = true)]

@@ -22,7 +22,7 @@ pub const IDEMPOTENCY_SCOPE: &str = "controller";
 /// Largest accepted requirement, per dimension.
 const MAX_REQUIREMENT: f64 = 1.0e6;
 /// Longest accepted drain deadline (30 days).
-const MAX_DRAIN_SECONDS: u64 = 30 * 24 * 3600;
+const MAX_DRAIN_SECONDS: u64 = crate::config::MAX_DRAIN_DEADLINE.as_secs();
 
 /// Registers the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -54,7 +54,9 @@ pub struct SubmitBody {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DrainBody {
-    /// Seconds before the drain gives up waiting (default `DRAIN_DEADLINE_SECONDS`).
+    /// Seconds before the drain gives up waiting and the worker is stopped anyway
+    /// (default `DRAIN_DEADLINE_SECONDS`, which is unset by default: no deadline, the
+    /// drain waits for the worker's instances to complete).
     pub deadline_seconds: Option<u64>,
 }
 
@@ -412,16 +414,18 @@ async fn drain(
     } else {
         DrainBody::default()
     };
-    let secs = body
-        .deadline_seconds
-        .unwrap_or(state.controller.settings.drain_deadline.as_secs());
-    if secs > MAX_DRAIN_SECONDS {
+    let secs = body.deadline_seconds.or(state
+        .controller
+        .settings
+        .drain_deadline
+        .map(|d| d.as_secs()));
+    if secs.is_some_and(|s| s > MAX_DRAIN_SECONDS) {
         return Err(ApiError::BadRequest(format!(
             "deadline_seconds must be <= {MAX_DRAIN_SECONDS}"
         )));
     }
-    let deadline =
-        state.controller.clock.now() + ChronoDuration::seconds(i64::try_from(secs).unwrap_or(0));
+    let now = state.controller.clock.now();
+    let deadline = secs.map(|s| now + ChronoDuration::seconds(i64::try_from(s).unwrap_or(0)));
     // Hash what the request means, so `{}` and no body are the same request.
     let canonical = json!({"deadline_seconds": body.deadline_seconds}).to_string();
     let route = format!("workers:drain:{id}");

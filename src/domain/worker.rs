@@ -391,7 +391,8 @@ pub fn transition(w: &Worker, to: WorkerState, now: DateTime<Utc>) -> Result<Wor
     Ok(next)
 }
 
-/// RUNNING -> DRAINING with `drain_deadline = deadline`. A `voluntary` drain (scale-down)
+/// RUNNING -> DRAINING with `drain_deadline = deadline` (`None`: the drain waits for
+/// its instances however long they take). A `voluntary` drain (scale-down)
 /// is refused with [`WorkerError::DoNotDisrupt`] while any of `instances` placed on this
 /// worker (`worker_id == w.id`, SCHEDULED or RUNNING) has `do_not_disrupt`; an involuntary
 /// drain (host retirement, spot interruption) ignores the flag.
@@ -403,7 +404,7 @@ pub fn transition(w: &Worker, to: WorkerState, now: DateTime<Utc>) -> Result<Wor
 pub fn start_drain(
     w: &Worker,
     instances: &[Instance],
-    deadline: DateTime<Utc>,
+    deadline: Option<DateTime<Utc>>,
     voluntary: bool,
     now: DateTime<Utc>,
 ) -> Result<Worker, WorkerError> {
@@ -411,7 +412,7 @@ pub fn start_drain(
     if voluntary && holds_do_not_disrupt(w, instances) {
         return Err(WorkerError::DoNotDisrupt);
     }
-    next.drain_deadline = Some(deadline);
+    next.drain_deadline = deadline;
     Ok(next)
 }
 
@@ -433,7 +434,7 @@ pub fn holds_do_not_disrupt(w: &Worker, instances: &[Instance]) -> bool {
 pub fn start_idle_drain(
     w: &Worker,
     instances: &[Instance],
-    deadline: DateTime<Utc>,
+    deadline: Option<DateTime<Utc>>,
     cutoff: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<Worker, WorkerError> {
@@ -782,21 +783,22 @@ mod tests {
         dnd.do_not_disrupt = true;
         let here = on_worker(dnd.clone(), "w1", InstanceState::Running);
         assert_eq!(
-            start_drain(&w, std::slice::from_ref(&here), at(100), true, at(1)),
+            start_drain(&w, std::slice::from_ref(&here), Some(at(100)), true, at(1)),
             Err(WorkerError::DoNotDisrupt)
         );
-        let forced = start_drain(&w, &[here], at(100), false, at(1)).expect("involuntary");
+        let forced = start_drain(&w, &[here], Some(at(100)), false, at(1)).expect("involuntary");
         assert_eq!(forced.state, WorkerState::Draining);
         assert_eq!(forced.drain_deadline, Some(at(100)));
         assert_eq!(forced.state_changed_at, at(1));
         let elsewhere = on_worker(dnd.clone(), "w2", InstanceState::Running);
         let done = on_worker(dnd, "w1", InstanceState::Completed);
-        let ok = start_drain(&w, &[elsewhere, done], at(100), true, at(1)).expect("not blocked");
+        let ok =
+            start_drain(&w, &[elsewhere, done], Some(at(100)), true, at(1)).expect("not blocked");
         assert_eq!(ok.state, WorkerState::Draining);
         assert!(!ok.accepts_instances() && ok.is_active());
         let pending = worker_in(WorkerState::Pending, 4.0, 8.0);
         assert_eq!(
-            start_drain(&pending, &[], at(100), false, at(1)),
+            start_drain(&pending, &[], Some(at(100)), false, at(1)),
             Err(WorkerError::IllegalTransition {
                 from: WorkerState::Pending,
                 to: WorkerState::Draining
@@ -855,12 +857,24 @@ mod tests {
     fn drain_completes_when_empty_or_past_deadline() {
         let running = worker_in(WorkerState::Running, 4.0, 8.0);
         let busy = place(&running, &inst("a", 1.0, 1.0), at(0)).expect("fits");
-        let draining = start_drain(&busy, &[], at(100), true, at(1)).expect("drain");
+        let draining = start_drain(&busy, &[], Some(at(100)), true, at(1)).expect("drain");
         assert!(!drain_complete(&draining, at(99)));
         assert!(drain_complete(&draining, at(100)));
         let empty = unplace(&draining, "a", &res(1.0, 1.0), at(50));
         assert!(drain_complete(&empty, at(50)));
         assert!(!drain_complete(&running, at(1_000)), "not draining");
+    }
+
+    #[test]
+    fn a_drain_without_deadline_waits_for_its_instances() {
+        let running = worker_in(WorkerState::Running, 4.0, 8.0);
+        let busy = place(&running, &inst("a", 1.0, 1.0), at(0)).expect("fits");
+        let draining = start_drain(&busy, &[], None, true, at(1)).expect("drain");
+        assert_eq!(draining.drain_deadline, None);
+        assert!(!drain_complete(&draining, at(1)));
+        assert!(!drain_complete(&draining, at(100 * 365 * 86_400)));
+        let empty = unplace(&draining, "a", &res(1.0, 1.0), at(50));
+        assert!(drain_complete(&empty, at(50)));
     }
 
     #[test]
@@ -974,15 +988,16 @@ mod tests {
     fn idle_drain_is_refused_once_the_worker_is_busy_or_idle_too_briefly() {
         let mut w = worker_in(WorkerState::Running, 4.0, 8.0);
         w.idle_since = Some(at(10));
-        let ok = start_idle_drain(&w, &[], at(100), at(10), at(20)).expect("idle long enough");
+        let ok =
+            start_idle_drain(&w, &[], Some(at(100)), at(10), at(20)).expect("idle long enough");
         assert_eq!(ok.state, WorkerState::Draining);
         assert_eq!(
-            start_idle_drain(&w, &[], at(100), at(9), at(20)),
+            start_idle_drain(&w, &[], Some(at(100)), at(9), at(20)),
             Err(WorkerError::NotIdle)
         );
         let busy = place(&w, &inst("a", 1.0, 1.0), at(11)).expect("fits");
         assert_eq!(
-            start_idle_drain(&busy, &[], at(100), at(50), at(20)),
+            start_idle_drain(&busy, &[], Some(at(100)), at(50), at(20)),
             Err(WorkerError::NotIdle),
             "busy, even with a stale instance list"
         );
@@ -1103,7 +1118,7 @@ mod tests {
                         }
                     }
                     Op::Drain(voluntary) => {
-                        if let Ok(next) = start_drain(&w, &[], at(1_000), voluntary, now) {
+                        if let Ok(next) = start_drain(&w, &[], Some(at(1_000)), voluntary, now) {
                             prop_assert_eq!(before.state, WorkerState::Running);
                             w = next;
                         }
@@ -1182,9 +1197,9 @@ mod tests {
                             .cloned()
                             .collect();
                         let d = if flag {
-                            start_idle_drain(&w, &listed, at(1_000), now, now)
+                            start_idle_drain(&w, &listed, Some(at(1_000)), now, now)
                         } else {
-                            start_drain(&w, &listed, at(1_000), true, now)
+                            start_drain(&w, &listed, Some(at(1_000)), true, now)
                         };
                         pending = Some((d, rev));
                     }
@@ -1198,7 +1213,7 @@ mod tests {
                                     .filter(|i| w.instances.contains(&i.id))
                                     .cloned()
                                     .collect();
-                                start_drain(&w, &listed, at(1_000), true, now)
+                                start_drain(&w, &listed, Some(at(1_000)), true, now)
                             };
                             if let Ok(next) = decision {
                                 w = next;

@@ -1,4 +1,4 @@
-//! The `CloudProvider` port (the Cloud Provider SPI): launch, terminate, inspect and list
+//! The `CloudProvider` port (the Cloud Provider SPI): launch, stop, terminate, inspect and list
 //! the cloud instances that back workers.
 //!
 //! Every instance an adapter launches is tagged `managed-by=resource-plane`,
@@ -90,6 +90,11 @@ pub trait CloudProvider: Send + Sync + 'static {
     ) -> Result<LaunchOutcome, CloudError>;
     /// Terminates an instance; an unknown or already terminated instance is `Ok`.
     async fn terminate_instance(&self, instance_id: &str) -> Result<(), CloudError>;
+    /// Stops an instance (shuts it down, keeps it and its volumes): the step before
+    /// terminate in the worker's stop sequence. An unknown instance, or one already
+    /// stopping, stopped, shutting down or terminated, is `Ok` (nothing to do), so a
+    /// controller that resumes the sequence may ask again.
+    async fn stop_instance(&self, instance_id: &str) -> Result<(), CloudError>;
     /// Status of one instance; an unknown id is `Ok(NotFound)`.
     async fn get_instance_status(
         &self,

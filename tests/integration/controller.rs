@@ -47,7 +47,7 @@ pub fn controller_config(dir: &tempfile::TempDir, templates: &str) -> Config {
     s.cloud_poll = Duration::from_millis(100);
     s.reconcile_interval = Duration::from_secs(1);
     s.scale_down_idle = Duration::from_secs(5);
-    s.drain_deadline = Duration::from_secs(3600);
+    s.drain_deadline = Some(Duration::from_secs(3600));
     s.provision_timeout = Duration::from_secs(30);
     c
 }
@@ -587,6 +587,12 @@ impl resource_plane::ports::cloud::CloudProvider for Recording {
         id: &str,
     ) -> Result<(), resource_plane::ports::cloud::CloudError> {
         self.inner.terminate_instance(id).await
+    }
+    async fn stop_instance(
+        &self,
+        id: &str,
+    ) -> Result<(), resource_plane::ports::cloud::CloudError> {
+        self.inner.stop_instance(id).await
     }
     async fn get_instance_status(
         &self,

@@ -648,7 +648,7 @@ mod interleavings {
                         let wid = ids[worker].clone();
                         calls.push(Box::pin(async move {
                             let cmd = WorkerCmd::Drain {
-                                deadline: chrono::Utc::now() + chrono::Duration::hours(1),
+                                deadline: Some(chrono::Utc::now() + chrono::Duration::hours(1)),
                                 voluntary: true,
                                 idle_cutoff: None,
                                 idem: None,

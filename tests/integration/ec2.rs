@@ -699,3 +699,86 @@ async fn controller_journals_each_capacity_and_spot_fallback() {
         "{fallbacks:?}"
     );
 }
+
+#[tokio::test]
+async fn ec2_stop_moves_a_running_instance_to_stopped_then_terminate() {
+    let moto = Moto::start();
+    let cloud = moto.cloud(&unique("cluster")).await;
+    let worker = unique("w");
+    let id = cloud
+        .create_instance(&template(), &worker)
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}"))
+        .instance_id;
+    assert!(
+        wait_status(&cloud, &id, &[CloudInstanceStatus::Running]).await,
+        "instance never ran: {:?}",
+        cloud.get_instance_status(&id).await
+    );
+
+    cloud
+        .stop_instance(&id)
+        .await
+        .unwrap_or_else(|e| panic!("stop: {e}"));
+    assert!(
+        wait_status(&cloud, &id, &[CloudInstanceStatus::Stopped]).await,
+        "instance not stopped: {:?}",
+        cloud.get_instance_status(&id).await
+    );
+    assert_eq!(
+        describe(&cloud, &id)
+            .await
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str()),
+        Some("stopped")
+    );
+    // A stopped instance is still ours (a STOPPED worker owns it, not an orphan).
+    let listed = cloud
+        .list_instances()
+        .await
+        .unwrap_or_else(|e| panic!("list: {e}"));
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].status, CloudInstanceStatus::Stopped);
+
+    // Stopping again is fine.
+    cloud
+        .stop_instance(&id)
+        .await
+        .unwrap_or_else(|e| panic!("stop again: {e}"));
+    assert_eq!(
+        cloud.get_instance_status(&id).await,
+        Ok(CloudInstanceStatus::Stopped)
+    );
+
+    cloud
+        .terminate_instance(&id)
+        .await
+        .unwrap_or_else(|e| panic!("terminate: {e}"));
+    assert!(
+        wait_status(
+            &cloud,
+            &id,
+            &[
+                CloudInstanceStatus::Terminated,
+                CloudInstanceStatus::NotFound
+            ]
+        )
+        .await,
+        "stopped instance not terminated: {:?}",
+        cloud.get_instance_status(&id).await
+    );
+    // Stopping what is terminated, or what never existed, is fine and changes nothing.
+    cloud
+        .stop_instance(&id)
+        .await
+        .unwrap_or_else(|e| panic!("stop terminated: {e}"));
+    assert!(matches!(
+        cloud.get_instance_status(&id).await,
+        Ok(CloudInstanceStatus::Terminated | CloudInstanceStatus::NotFound)
+    ));
+    cloud
+        .stop_instance("i-0123456789abcdef0")
+        .await
+        .unwrap_or_else(|e| panic!("stop unknown: {e}"));
+}

@@ -126,6 +126,10 @@ impl CloudProvider for CountingCloud {
         self.calls.push(format!("terminate {instance_id}"));
         self.inner.terminate_instance(instance_id).await
     }
+    async fn stop_instance(&self, instance_id: &str) -> Result<(), CloudError> {
+        self.calls.push(format!("stop {instance_id}"));
+        self.inner.stop_instance(instance_id).await
+    }
     async fn get_instance_status(
         &self,
         instance_id: &str,
@@ -524,7 +528,7 @@ async fn a_failed_stopping_write_terminates_nothing() {
     let w = running_worker(&s).unwrap_or_else(|| panic!("no running worker"));
     let cloud_id = w.cloud_instance_id.clone().unwrap_or_default();
     let drain = WorkerCmd::Drain {
-        deadline: s.svc.state.controller.clock.now(),
+        deadline: Some(s.svc.state.controller.clock.now()),
         voluntary: false,
         idle_cutoff: None,
         idem: None,
@@ -548,6 +552,17 @@ async fn a_failed_stopping_write_terminates_nothing() {
         s.cloud.terminations().is_empty(),
         "terminated without a recorded STOPPING: {:?}",
         s.cloud.terminations()
+    );
+    let stops: Vec<String> = s
+        .cloud
+        .calls
+        .all()
+        .into_iter()
+        .filter(|c| c.starts_with("stop "))
+        .collect();
+    assert!(
+        stops.is_empty(),
+        "stopped without a recorded STOPPING: {stops:?}"
     );
     assert_eq!(
         s.sim.get_instance_status(&cloud_id).await,
@@ -822,9 +837,9 @@ async fn a_deposed_leader_that_still_believes_it_leads_terminates_no_orphan() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after: Vec<String> = u.cloud.calls.all().split_off(mark);
     assert!(
-        !after
-            .iter()
-            .any(|c| c.starts_with("terminate ") || c.starts_with("create ")),
+        !after.iter().any(|c| c.starts_with("terminate ")
+            || c.starts_with("stop ")
+            || c.starts_with("create ")),
         "the deposed leader changed the cloud: {after:?}"
     );
     assert_eq!(

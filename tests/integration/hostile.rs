@@ -952,7 +952,7 @@ async fn start(token: Option<&str>) -> Fixture {
     c.scale_up_batch = Duration::from_millis(50);
     c.heartbeat_timeout = Duration::from_secs(24 * 3600);
     c.scale_down_idle = Duration::from_secs(24 * 3600);
-    c.drain_deadline = Duration::from_secs(24 * 3600);
+    c.drain_deadline = Some(Duration::from_secs(24 * 3600));
     let svc = support::service(cfg, Arc::new(MemoryStore::new())).await;
     Fixture {
         svc,

@@ -24,5 +24,6 @@ mod openapi;
 mod operations;
 mod outage;
 mod soak;
+mod stop_sequence;
 mod supervision;
 mod support;

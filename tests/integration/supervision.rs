@@ -699,6 +699,12 @@ impl resource_plane::ports::cloud::CloudProvider for PanickyCloud {
     ) -> Result<(), resource_plane::ports::cloud::CloudError> {
         self.inner.terminate_instance(instance_id).await
     }
+    async fn stop_instance(
+        &self,
+        instance_id: &str,
+    ) -> Result<(), resource_plane::ports::cloud::CloudError> {
+        self.inner.stop_instance(instance_id).await
+    }
     async fn get_instance_status(
         &self,
         instance_id: &str,
