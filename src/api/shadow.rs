@@ -57,6 +57,8 @@ pub struct ShadowView {
     /// DNS name.
     pub dns: String,
     /// Minimum pod count requested by the holder.
+    pub min_pod_count: u32,
+    /// Deprecated alias of `min_pod_count` (same value), answered for one more release.
     pub pod_count: u32,
     /// Whether it is procured.
     pub in_use: bool,
@@ -171,6 +173,7 @@ async fn list(
             in_use: r.in_use(),
             name: r.name,
             dns: r.dns,
+            min_pod_count: r.min_pod_count,
             pod_count: r.min_pod_count,
             node_pool: r.node_pool,
             state: r.state,

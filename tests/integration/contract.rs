@@ -113,6 +113,7 @@ async fn contract_suite(store: Arc<dyn Store>) {
         vec![
             "dns",
             "in_use",
+            "min_pod_count",
             "name",
             "node_pool",
             "owner",
@@ -211,6 +212,8 @@ async fn contract_suite(store: Arc<dyn Store>) {
     .await;
     assert_eq!(r.json, json!({"status": "UPDATED", "min_pod_count": 3}));
     let r = send(&app, get(&format!("{BASE}?in_use=true")).to_request()).await;
+    assert_eq!(r.json["data"][0]["min_pod_count"], 3);
+    // `pod_count` is the deprecated alias, kept for one release with the same value.
     assert_eq!(r.json["data"][0]["pod_count"], 3);
     let r = send(
         &app,
@@ -270,10 +273,11 @@ async fn contract_suite(store: Arc<dyn Store>) {
     assert_eq!(
         (
             d1["state"].as_str(),
+            d1["min_pod_count"].as_u64(),
             d1["pod_count"].as_u64(),
             d1["owner"].is_null()
         ),
-        (Some("FREE"), Some(0), true)
+        (Some("FREE"), Some(0), Some(0), true)
     );
     assert!(d1["version"].as_u64().unwrap_or(0) > 1);
     let r = send(&app, post(BASE, &release("d1", "r1")).to_request()).await;
