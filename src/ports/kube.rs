@@ -105,10 +105,11 @@ pub struct ResourceSpec {
     pub gpu: Option<GpuSpec>,
 }
 
-/// A model the deployable loads at start. Serialized in camelCase, as handed to the
-/// container in [`MODELS_TO_LOAD_ENV`].
+/// A model the deployable loads at start. Serialized in snake_case, as handed to the
+/// container in [`MODELS_TO_LOAD_ENV`]; the camelCase spellings of earlier releases
+/// (`batchSize`, `artifactVersion`) are accepted on input.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct ModelToLoad {
     /// Model name.
     pub name: String,
@@ -119,8 +120,10 @@ pub struct ModelToLoad {
     /// Numeric precision (`fp16`, ...).
     pub precision: String,
     /// Batch size.
+    #[serde(alias = "batchSize")]
     pub batch_size: u32,
     /// Artifact version.
+    #[serde(alias = "artifactVersion")]
     pub artifact_version: String,
 }
 

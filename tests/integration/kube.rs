@@ -275,7 +275,7 @@ fn expected_deployment_apply() -> Value {
                         },
                         "env": [{
                             "name": "MODELS_TO_LOAD",
-                            "value": "[{\"name\":\"ranker\",\"version\":\"7\",\"runtime\":\"triton\",\"precision\":\"fp16\",\"batchSize\":32,\"artifactVersion\":\"2024-04-30\"}]",
+                            "value": "[{\"name\":\"ranker\",\"version\":\"7\",\"runtime\":\"triton\",\"precision\":\"fp16\",\"batch_size\":32,\"artifact_version\":\"2024-04-30\"}]",
                         }],
                     }],
                 },

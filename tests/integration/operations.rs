@@ -107,7 +107,7 @@ impl Receiver {
     fn for_request(&self, id: &str) -> Vec<Received> {
         self.all()
             .into_iter()
-            .filter(|r| r.body["requestId"] == id)
+            .filter(|r| r.body["request_id"] == id)
             .collect()
     }
 }
@@ -153,7 +153,7 @@ fn deployable(name: &str, url: &str) -> Value {
         "min_pod_count": 2, "max_pod_count": 4,
         "resources": {"cpu": {"request": "500m", "limit": "1"}, "memory": {"request": "1Gi", "limit": "2Gi"},
                       "gpu": {"request": "1", "limit": "1", "memory": {"request": "16Gi", "limit": "16Gi"}}},
-        "modelsToLoad": [{"name": "ranker", "version": "7", "runtime": "triton", "precision": "fp16", "batchSize": 8, "artifactVersion": "a1"}],
+        "models_to_load": [{"name": "ranker", "version": "7", "runtime": "triton", "precision": "fp16", "batch_size": 8, "artifact_version": "a1"}],
         "workflow_run_id": "er5tdgsh", "workflow_plan": "pre-scaleup-load-test", "workflow_task_id": "t1",
         "callback": callback(url)
     })
@@ -205,9 +205,9 @@ async fn every_operation_calls_back_signed_when_its_condition_holds() {
     );
     assert_eq!(r.body["status"], "SUCCEEDED");
     assert_eq!(r.body["operation"], "CREATE_DEPLOYABLE");
-    assert_eq!(r.body["desiredCondition"], "Available");
-    assert_eq!(r.body["workflow"]["runId"], "er5tdgsh");
-    assert!(r.body["observedAt"].is_string());
+    assert_eq!(r.body["desired_condition"], "Available");
+    assert_eq!(r.body["workflow"]["run_id"], "er5tdgsh");
+    assert!(r.body["observed_at"].is_string());
     let op = send(
         &app,
         get(&format!("/api/1.0/int/operations/{id}")).to_request(),
@@ -263,7 +263,7 @@ async fn every_operation_calls_back_signed_when_its_condition_holds() {
     assert_eq!(
         (
             r.body["status"].as_str(),
-            r.body["desiredCondition"].as_str()
+            r.body["desired_condition"].as_str()
         ),
         (Some("SUCCEEDED"), Some("PodsReadyOnNewTemplate"))
     );
@@ -341,7 +341,7 @@ async fn every_operation_calls_back_signed_when_its_condition_holds() {
         .iter()
         .filter_map(|r| {
             let observed =
-                chrono::DateTime::parse_from_rfc3339(r.body["observedAt"].as_str()?).ok()?;
+                chrono::DateTime::parse_from_rfc3339(r.body["observed_at"].as_str()?).ok()?;
             let arrived = chrono::Utc::now() - chrono::Duration::from_std(r.at.elapsed()).ok()?;
             Some(
                 (arrived - observed.with_timezone(&chrono::Utc)).num_microseconds()? as f64
@@ -902,7 +902,8 @@ async fn a_job_retried_after_a_failed_store_write_gets_its_callback_not_409() {
     assert_eq!(kube.jobs.load(Ordering::SeqCst), 1);
 }
 
-/// A stored intent as a replica that crashed between storing and acting left it.
+/// A stored intent as a replica that crashed between storing and acting left it, in
+/// the camelCase keys of records stored by earlier releases (they must still decode).
 fn submitting_intent(id: &str, job_name: &str, url: &str) -> Value {
     let now = chrono::Utc::now();
     json!({
