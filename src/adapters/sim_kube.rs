@@ -31,6 +31,7 @@ use crate::ports::kube::{
     MODEL_VERSION_ANNOTATION, NAME_LABEL, REQUEST_ID_LABEL, RESTARTED_AT_ANNOTATION,
     WATCH_CHANNEL_CAPACITY,
 };
+use crate::ports::kube::ScaleTarget;
 
 /// Operation names accepted by [`SimKube::fail_next`].
 pub const OPERATIONS: [&str; 7] = [
@@ -632,25 +633,26 @@ impl KubeExecutor for SimKube {
     async fn set_min_replicas(
         &self,
         namespace: &str,
-        deployable: &str,
+        target: &ScaleTarget,
         min: i32,
     ) -> Result<(), KubeError> {
+        let (hpa_name, deployable) = (target.hpa.as_str(), target.deployment.as_str());
         let mut st = self.inner.lock();
         st.take_failure("set_min_replicas")?;
         validate_pod_counts(min, None)?;
         let hpa = st
             .hpas
-            .get_mut(&key(namespace, deployable))
+            .get_mut(&key(namespace, hpa_name))
             .ok_or_else(|| {
                 KubeError::NotFound(format!(
-                    "horizontalpodautoscalers.autoscaling \"{deployable}\" not found"
+                    "horizontalpodautoscalers.autoscaling \"{hpa_name}\" not found"
                 ))
             })?;
         let max = match &mut hpa.object.detail {
             StatusDetail::HorizontalPodAutoscaler(h) => {
                 if min > h.max_replicas {
                     return Err(KubeError::Invalid(format!(
-                        "HorizontalPodAutoscaler.autoscaling \"{deployable}\" is invalid: spec.minReplicas: Invalid value: {min}: must be less than or equal to maxReplicas"
+                        "HorizontalPodAutoscaler.autoscaling \"{hpa_name}\" is invalid: spec.minReplicas: Invalid value: {min}: must be less than or equal to maxReplicas"
                     )));
                 }
                 h.min_replicas = Some(min.max(1));
@@ -684,11 +686,12 @@ impl KubeExecutor for SimKube {
     async fn observed_min_replicas(
         &self,
         namespace: &str,
-        deployable: &str,
+        target: &ScaleTarget,
     ) -> Result<Option<i32>, KubeError> {
+        let deployable = target.deployment.as_str();
         let mut st = self.inner.lock();
         st.take_failure("observed_min_replicas")?;
-        let Some(hpa) = st.hpas.get(&key(namespace, deployable)) else {
+        let Some(hpa) = st.hpas.get(&key(namespace, &target.hpa)) else {
             return Ok(None);
         };
         let min = match &hpa.object.detail {
@@ -965,12 +968,12 @@ mod tests {
     async fn min_replicas_and_scale_to_zero() {
         let sim = SimKube::new(DELAY);
         sim.apply_deployable(&spec("web", 1)).await.unwrap();
-        sim.set_min_replicas("int", "web", 4).await.unwrap();
+        sim.set_min_replicas("int", &ScaleTarget::same("web"), 4).await.unwrap();
         assert_eq!(
             (sim.min_replicas("int", "web"), sim.replicas("int", "web")),
             (Some(4), Some(4))
         );
-        sim.set_min_replicas("int", "web", 0).await.unwrap();
+        sim.set_min_replicas("int", &ScaleTarget::same("web"), 0).await.unwrap();
         assert_eq!(
             (sim.min_replicas("int", "web"), sim.replicas("int", "web")),
             (Some(0), Some(0))
@@ -983,15 +986,15 @@ mod tests {
         settle().await;
         assert!(sim.pods("int").is_empty());
         assert!(matches!(
-            sim.set_min_replicas("int", "web", 9).await,
+            sim.set_min_replicas("int", &ScaleTarget::same("web"), 9).await,
             Err(KubeError::Invalid(_))
         ));
         assert!(matches!(
-            sim.set_min_replicas("int", "web", -1).await,
+            sim.set_min_replicas("int", &ScaleTarget::same("web"), -1).await,
             Err(KubeError::Invalid(_))
         ));
         assert!(matches!(
-            sim.set_min_replicas("int", "nope", 1).await,
+            sim.set_min_replicas("int", &ScaleTarget::same("nope"), 1).await,
             Err(KubeError::NotFound(_))
         ));
     }
@@ -1005,7 +1008,7 @@ mod tests {
             Verdict::Satisfied
         );
         assert_eq!(sim.min_replicas("int", "shadow"), Some(0));
-        sim.set_min_replicas("int", "shadow", 3).await.unwrap();
+        sim.set_min_replicas("int", &ScaleTarget::same("shadow"), 3).await.unwrap();
         let b = sim.observe(&b).await.unwrap();
         let generation = b.objects[0].generation;
         let after = Baseline {

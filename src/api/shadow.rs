@@ -70,6 +70,11 @@ pub struct ShadowView {
     pub owner: Option<Owner>,
     /// Version.
     pub version: u64,
+    /// The Deployment its minimum pod count scales (registration's `deployment`, default
+    /// the name).
+    pub deployment: String,
+    /// The HorizontalPodAutoscaler whose `minReplicas` follows it (default the name).
+    pub hpa: String,
 }
 
 /// Action of the procure/release route.
@@ -122,6 +127,30 @@ pub struct RegisterBody {
     pub node_pool: String,
     /// DNS name.
     pub dns: String,
+    /// The Deployment its minimum pod count scales (default: the deployable's name).
+    pub deployment: Option<String>,
+    /// The HorizontalPodAutoscaler whose `minReplicas` follows it (default: the
+    /// deployable's name).
+    pub hpa: Option<String>,
+}
+
+/// A Kubernetes object name (RFC 1123 subdomain): what `deployment` and `hpa` must be.
+fn check_kube_name(field: &str, value: &str) -> Result<(), ApiError> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{field} {value:?} is not a Kubernetes object name (1-253 lowercase letters, \
+             digits, '-' or '.', starting and ending with a letter or digit)"
+        )))
+    }
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -171,6 +200,8 @@ async fn list(
         .filter(|r| query.node_pool.as_ref().is_none_or(|p| r.node_pool == *p))
         .map(|r| ShadowView {
             in_use: r.in_use(),
+            deployment: r.deployment_name().to_owned(),
+            hpa: r.hpa_name().to_owned(),
             name: r.name,
             dns: r.dns,
             min_pod_count: r.min_pod_count,
@@ -293,10 +324,17 @@ async fn register(
     let b = body.value;
     check_text("node_pool", &b.node_pool)?;
     check_text("dns", &b.dns)?;
+    for (field, value) in [("deployment", &b.deployment), ("hpa", &b.hpa)] {
+        if let Some(v) = value {
+            check_kube_name(field, v)?;
+        }
+    }
     let cmd = ShadowCommand::Register {
         name: name.clone(),
         node_pool: b.node_pool,
         dns: b.dns,
+        deployment: b.deployment,
+        hpa: b.hpa,
     };
     let route = format!("shadow-deployables:register:{name}");
     let idem = state.idempotency(&req, &env, &route, &body.canonical)?;

@@ -46,6 +46,14 @@ pub struct ShadowDeployable {
     /// Minimum pod count requested by the holder.
     #[serde(default)]
     pub min_pod_count: u32,
+    /// The Deployment `min_pod_count` scales, when registration named one other than
+    /// `name` (absent: `name`; records stored before the mapping existed have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
+    /// The HorizontalPodAutoscaler whose `minReplicas` follows `min_pod_count`, when
+    /// registration named one other than `name` (absent: `name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hpa: Option<String>,
     /// Time of the last change.
     pub last_updated_at: DateTime<Utc>,
     /// Incremented by every state change.
@@ -62,9 +70,21 @@ impl ShadowDeployable {
             state: ShadowState::Free,
             owner: None,
             min_pod_count: 0,
+            deployment: None,
+            hpa: None,
             last_updated_at: now,
             version: 0,
         }
+    }
+
+    /// The Deployment this deployable's minimum pod count scales.
+    pub fn deployment_name(&self) -> &str {
+        self.deployment.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The HorizontalPodAutoscaler whose `minReplicas` follows the minimum pod count.
+    pub fn hpa_name(&self) -> &str {
+        self.hpa.as_deref().unwrap_or(&self.name)
     }
 
     /// Whether the in-use index should say `true`.
@@ -114,7 +134,7 @@ pub enum ShadowCommand {
         /// By how much.
         count: u32,
     },
-    /// Create the record, or update its node pool and DNS name.
+    /// Create the record, or update its node pool, DNS name and Kubernetes mapping.
     Register {
         /// Name of the deployable.
         name: String,
@@ -122,6 +142,10 @@ pub enum ShadowCommand {
         node_pool: String,
         /// DNS name.
         dns: String,
+        /// Deployment scaled by the minimum pod count (none: `name`).
+        deployment: Option<String>,
+        /// HPA whose `minReplicas` follows the minimum pod count (none: `name`).
+        hpa: Option<String>,
     },
     /// Remove the record (only when FREE).
     Delete,
@@ -233,10 +257,17 @@ pub fn decide(
                 name,
                 node_pool,
                 dns,
-            } => Ok(Decision {
-                change: Change::Put(ShadowDeployable::new(name, node_pool, dns, ctx.now)),
-                outcome: ShadowOutcome::Registered { created: true },
-            }),
+                deployment,
+                hpa,
+            } => {
+                let mut rec = ShadowDeployable::new(name, node_pool, dns, ctx.now);
+                rec.deployment.clone_from(deployment);
+                rec.hpa.clone_from(hpa);
+                Ok(Decision {
+                    change: Change::Put(rec),
+                    outcome: ShadowOutcome::Registered { created: true },
+                })
+            }
             _ => Err(ShadowError::NotFound),
         };
     };
@@ -312,13 +343,25 @@ pub fn decide(
                 outcome: ShadowOutcome::Deleted,
             })
         }
-        ShadowCommand::Register { node_pool, dns, .. } => {
-            if rec.node_pool == *node_pool && rec.dns == *dns {
+        ShadowCommand::Register {
+            node_pool,
+            dns,
+            deployment,
+            hpa,
+            ..
+        } => {
+            if rec.node_pool == *node_pool
+                && rec.dns == *dns
+                && rec.deployment == *deployment
+                && rec.hpa == *hpa
+            {
                 return unchanged(ShadowOutcome::Registered { created: false });
             }
             let mut next = rec.clone();
             next.node_pool.clone_from(node_pool);
             next.dns.clone_from(dns);
+            next.deployment.clone_from(deployment);
+            next.hpa.clone_from(hpa);
             next.last_updated_at = ctx.now;
             Ok(Decision {
                 change: Change::Put(next),
@@ -448,6 +491,38 @@ mod tests {
         );
     }
 
+    fn register(deployment: Option<&str>, hpa: Option<&str>) -> ShadowCommand {
+        ShadowCommand::Register {
+            name: "d".into(),
+            node_pool: "pool".into(),
+            dns: "d.example".into(),
+            deployment: deployment.map(str::to_owned),
+            hpa: hpa.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn registration_maps_the_deployment_and_hpa_and_defaults_to_the_name() {
+        let d = decide(None, &register(Some("dep-x"), Some("hpa-x")), ctx()).expect("decision");
+        let Change::Put(rec) = d.change else {
+            panic!("nothing written")
+        };
+        assert_eq!((rec.deployment_name(), rec.hpa_name()), ("dep-x", "hpa-x"));
+        // Registering again without names maps the shadow name again.
+        let (next, out) = apply(&rec, &register(None, None));
+        assert_eq!(out, ShadowOutcome::Registered { created: false });
+        assert_eq!((next.deployment_name(), next.hpa_name()), ("d", "d"));
+        let (next, _) = apply(&next, &register(None, Some("hpa-y")));
+        assert_eq!((next.deployment_name(), next.hpa_name()), ("d", "hpa-y"));
+        // Records stored before the mapping existed decode and map their own name.
+        let old: ShadowDeployable = serde_json::from_value(serde_json::json!({
+            "name": "old", "node_pool": "p", "dns": "x", "state": "FREE", "owner": null,
+            "last_updated_at": "2026-01-10T14:20:00Z", "version": 3
+        }))
+        .expect("old record decodes");
+        assert_eq!((old.deployment_name(), old.hpa_name()), ("old", "old"));
+    }
+
     #[test]
     fn register_and_delete() {
         let d = decide(
@@ -456,6 +531,8 @@ mod tests {
                 name: "n".into(),
                 node_pool: "p".into(),
                 dns: "x".into(),
+                deployment: None,
+                hpa: None,
             },
             ctx(),
         )
