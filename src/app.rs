@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::web;
-use chrono::Utc;
 use dashmap::DashMap;
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -100,7 +99,7 @@ pub async fn apply_seed(store: &dyn Store, seed: &Seed) -> Result<usize, StoreEr
     let mut created = 0;
     for (env, entries) in seed {
         for e in entries {
-            let rec = ShadowDeployable::new(&e.name, &e.node_pool, &e.dns, Utc::now());
+            let rec = ShadowDeployable::new(&e.name, &e.node_pool, &e.dns, crate::clock::utc_now());
             let key = keys::shadow(env, &e.name);
             let txn = Txn {
                 compares: vec![Compare::ModRevision(key.clone(), 0)],

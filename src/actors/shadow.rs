@@ -6,7 +6,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use chrono::Utc;
 use dashmap::DashMap;
 use serde_json::json;
 use tracing::{debug, warn, Instrument, Span};
@@ -227,7 +226,7 @@ impl Handler<Execute> for ShadowActor {
                 }
                 if let (Ok(reply), Cell::Known { .. }) = (&result, &cell) {
                     if !reply.replayed && cell != act.cell {
-                        act.stats.transitioned(Utc::now());
+                        act.stats.transitioned(crate::clock::utc_now());
                     }
                 }
                 act.apply(cell);
@@ -348,7 +347,7 @@ pub async fn execute(
             continue;
         };
         let ctx = DomainContext {
-            now: Utc::now(),
+            now: crate::clock::utc_now(),
             retry_delay: deps.retry_delay,
         };
         let decided =
@@ -492,7 +491,7 @@ fn build_txn(
             .push(Compare::ModRevision(idem.store_key.clone(), 0));
         txn.success.push(Op::Put {
             key: idem.store_key.clone(),
-            value: idem.record(reply, Utc::now()),
+            value: idem.record(reply, crate::clock::utc_now()),
             lease,
         });
         txn.failure_gets.push(idem.store_key.clone());

@@ -87,6 +87,7 @@ pub struct Delivery {
     pub gave_up: bool,
     /// When the next attempt is due (none: now, once the intent is final).
     #[serde(alias = "nextAttemptAt")]
+    #[serde(default, with = "crate::domain::time::option")]
     pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
@@ -117,13 +118,16 @@ pub struct WatchIntent {
     pub workflow: WorkflowRef,
     /// Creation time.
     #[serde(alias = "createdAt")]
+    #[serde(with = "crate::domain::time")]
     pub created_at: DateTime<Utc>,
     /// Past this the intent ends `TIMED_OUT`.
+    #[serde(with = "crate::domain::time")]
     pub deadline: DateTime<Utc>,
     /// Status.
     pub status: IntentStatus,
     /// When the status became final.
     #[serde(alias = "observedAt")]
+    #[serde(default, with = "crate::domain::time::option")]
     pub observed_at: Option<DateTime<Utc>>,
     /// Why it ended the way it did (or what is still missing).
     pub detail: Option<String>,
@@ -171,7 +175,7 @@ impl WatchIntent {
             "resource": self.resource,
             "desired_condition": self.desired_condition,
             "workflow": self.workflow,
-            "observed_at": self.observed_at,
+            "observed_at": self.observed_at.as_ref().map(crate::domain::time::format),
             "detail": self.detail,
         });
         serde_json::to_vec(&body).unwrap_or_default()
@@ -319,7 +323,7 @@ mod tests {
 
     #[test]
     fn intents_and_callback_bodies_are_snake_case() {
-        let now = Utc::now();
+        let now = crate::clock::utc_now();
         let mut i = intent(now);
         i.workflow = WorkflowRef {
             run_id: Some("r".into()),
@@ -379,7 +383,7 @@ mod tests {
 
     #[test]
     fn submitting_intents_become_pending_or_fail_and_only_then_call_back() {
-        let now = Utc::now();
+        let now = crate::clock::utc_now();
         let mut i = intent(now);
         i.status = IntentStatus::Submitting;
         i.baselines.clear();
@@ -407,7 +411,7 @@ mod tests {
 
     #[test]
     fn verdicts_conclude_and_deadlines_time_out() {
-        let now = Utc::now();
+        let now = crate::clock::utc_now();
         let i = intent(now);
         let pending = Verdict::Pending { reason: "x".into() };
         assert_eq!(conclude(&i, &pending, now), None);
@@ -437,7 +441,7 @@ mod tests {
 
     #[test]
     fn attempts_schedule_retries_and_end_deliveries() {
-        let now = Utc::now();
+        let now = crate::clock::utc_now();
         let done = conclude(&intent(now), &Verdict::Satisfied, now).expect("final");
         let failed = record_attempt(
             &done,

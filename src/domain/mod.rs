@@ -6,4 +6,5 @@ pub mod conditions;
 pub mod controller;
 pub mod intent;
 pub mod shadow;
+pub mod time;
 pub mod worker;

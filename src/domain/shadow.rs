@@ -27,6 +27,7 @@ pub struct Owner {
     /// The workflow plan of that run, when given.
     pub workflow_plan: Option<String>,
     /// When it was procured.
+    #[serde(with = "crate::domain::time")]
     pub procured_at: DateTime<Utc>,
 }
 
@@ -55,6 +56,7 @@ pub struct ShadowDeployable {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hpa: Option<String>,
     /// Time of the last change.
+    #[serde(with = "crate::domain::time")]
     pub last_updated_at: DateTime<Utc>,
     /// Incremented by every state change.
     pub version: u64,

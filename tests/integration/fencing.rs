@@ -864,7 +864,7 @@ async fn a_deposed_leader_that_still_believes_it_leads_patches_no_min_replicas()
             .shadows
             .min_pod_counts()
             .iter()
-            .any(|(_, m)| *m == 3)
+            .any(|(_, _, m)| *m == 3)
     })
     .await;
     assert!(seen, "the change did not reach the old leader");

@@ -25,3 +25,4 @@ mod outage;
 mod soak;
 mod supervision;
 mod support;
+mod timestamps;
