@@ -872,7 +872,11 @@ mod variables_tests {
     fn variables_are_exactly_what_the_code_reads() {
         let mut read = literals(include_str!("config.rs"));
         read.extend(literals(include_str!("telemetry.rs")));
-        assert_eq!(read, listed(), "config::VARIABLES drifted from config.rs/telemetry.rs");
+        assert_eq!(
+            read,
+            listed(),
+            "config::VARIABLES drifted from config.rs/telemetry.rs"
+        );
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! an instance on a worker goes through the worker actor instead (one transaction for
 //! both records).
 
-
 use crate::actors::leader::Fence;
 use crate::domain::worker::{Instance, InstanceState};
 use crate::idempotency::{IdemError, IdemWrite, LeasePool, Reply};

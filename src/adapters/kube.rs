@@ -42,6 +42,7 @@ use crate::domain::conditions::{
     selector_from_labels, Condition, DeploymentStatus, HpaStatus, JobStatus, PodStatus,
     StatusDetail, Truth,
 };
+use crate::ports::kube::ScaleTarget;
 use crate::ports::kube::{
     validate_pod_counts, Baseline, DeployableSpec, JobSpec, KubeError, KubeExecutor, ModelSpec,
     ObjectEvent, ObjectStatus, Observation, ResourceKind, DEPLOYABLE_CONTAINER, FIELD_MANAGER,
@@ -50,7 +51,6 @@ use crate::ports::kube::{
     MODEL_LOADED_AT_ANNOTATION, MODEL_NAME_ANNOTATION, MODEL_VERSION_ANNOTATION, NAME_LABEL,
     REQUEST_ID_LABEL, RESTARTED_AT_ANNOTATION, WATCH_CHANNEL_CAPACITY,
 };
-use crate::ports::kube::ScaleTarget;
 
 struct SharedWatch {
     events: broadcast::Sender<ObjectEvent>,

@@ -23,6 +23,7 @@ use crate::adapters::kube::deployment_manifest;
 use crate::domain::conditions::{
     Condition, DeploymentStatus, HpaStatus, JobStatus, PodStatus, StatusDetail, Truth,
 };
+use crate::ports::kube::ScaleTarget;
 use crate::ports::kube::{
     validate_pod_counts, Baseline, DeployableSpec, JobSpec, KubeError, KubeExecutor, ModelSpec,
     ObjectEvent, ObjectStatus, Observation, ResourceKind, FIELD_MANAGER,
@@ -31,7 +32,6 @@ use crate::ports::kube::{
     MODEL_VERSION_ANNOTATION, NAME_LABEL, REQUEST_ID_LABEL, RESTARTED_AT_ANNOTATION,
     WATCH_CHANNEL_CAPACITY,
 };
-use crate::ports::kube::ScaleTarget;
 
 /// Operation names accepted by [`SimKube::fail_next`].
 pub const OPERATIONS: [&str; 7] = [
@@ -640,14 +640,11 @@ impl KubeExecutor for SimKube {
         let mut st = self.inner.lock();
         st.take_failure("set_min_replicas")?;
         validate_pod_counts(min, None)?;
-        let hpa = st
-            .hpas
-            .get_mut(&key(namespace, hpa_name))
-            .ok_or_else(|| {
-                KubeError::NotFound(format!(
-                    "horizontalpodautoscalers.autoscaling \"{hpa_name}\" not found"
-                ))
-            })?;
+        let hpa = st.hpas.get_mut(&key(namespace, hpa_name)).ok_or_else(|| {
+            KubeError::NotFound(format!(
+                "horizontalpodautoscalers.autoscaling \"{hpa_name}\" not found"
+            ))
+        })?;
         let max = match &mut hpa.object.detail {
             StatusDetail::HorizontalPodAutoscaler(h) => {
                 if min > h.max_replicas {
@@ -968,12 +965,16 @@ mod tests {
     async fn min_replicas_and_scale_to_zero() {
         let sim = SimKube::new(DELAY);
         sim.apply_deployable(&spec("web", 1)).await.unwrap();
-        sim.set_min_replicas("int", &ScaleTarget::same("web"), 4).await.unwrap();
+        sim.set_min_replicas("int", &ScaleTarget::same("web"), 4)
+            .await
+            .unwrap();
         assert_eq!(
             (sim.min_replicas("int", "web"), sim.replicas("int", "web")),
             (Some(4), Some(4))
         );
-        sim.set_min_replicas("int", &ScaleTarget::same("web"), 0).await.unwrap();
+        sim.set_min_replicas("int", &ScaleTarget::same("web"), 0)
+            .await
+            .unwrap();
         assert_eq!(
             (sim.min_replicas("int", "web"), sim.replicas("int", "web")),
             (Some(0), Some(0))
@@ -986,15 +987,18 @@ mod tests {
         settle().await;
         assert!(sim.pods("int").is_empty());
         assert!(matches!(
-            sim.set_min_replicas("int", &ScaleTarget::same("web"), 9).await,
+            sim.set_min_replicas("int", &ScaleTarget::same("web"), 9)
+                .await,
             Err(KubeError::Invalid(_))
         ));
         assert!(matches!(
-            sim.set_min_replicas("int", &ScaleTarget::same("web"), -1).await,
+            sim.set_min_replicas("int", &ScaleTarget::same("web"), -1)
+                .await,
             Err(KubeError::Invalid(_))
         ));
         assert!(matches!(
-            sim.set_min_replicas("int", &ScaleTarget::same("nope"), 1).await,
+            sim.set_min_replicas("int", &ScaleTarget::same("nope"), 1)
+                .await,
             Err(KubeError::NotFound(_))
         ));
     }
@@ -1008,7 +1012,9 @@ mod tests {
             Verdict::Satisfied
         );
         assert_eq!(sim.min_replicas("int", "shadow"), Some(0));
-        sim.set_min_replicas("int", &ScaleTarget::same("shadow"), 3).await.unwrap();
+        sim.set_min_replicas("int", &ScaleTarget::same("shadow"), 3)
+            .await
+            .unwrap();
         let b = sim.observe(&b).await.unwrap();
         let generation = b.objects[0].generation;
         let after = Baseline {

@@ -666,14 +666,21 @@ mod tests {
             "precision": "fp16", "batch_size": 8, "artifact_version": "a"}]});
         let camel = json!({"modelsToLoad": [{"name": "m", "version": "1", "runtime": "r",
             "precision": "fp16", "batchSize": 8, "artifactVersion": "a"}]});
-        let decode = |v| serde_json::from_value::<DeployableBody>(body(v)).map(|b| b.models_to_load);
+        let decode =
+            |v| serde_json::from_value::<DeployableBody>(body(v)).map(|b| b.models_to_load);
         let (snake, camel) = match (decode(snake), decode(camel)) {
             (Ok(s), Ok(c)) => (s, c),
             other => panic!("both spellings decode: {other:?}"),
         };
         assert_eq!(snake, camel);
-        assert_eq!((snake[0].batch_size, snake[0].artifact_version.as_str()), (8, "a"));
+        assert_eq!(
+            (snake[0].batch_size, snake[0].artifact_version.as_str()),
+            (8, "a")
+        );
         let out = serde_json::to_value(&snake[0]).unwrap_or_default();
-        assert_eq!((&out["batch_size"], &out["artifact_version"]), (&json!(8), &json!("a")));
+        assert_eq!(
+            (&out["batch_size"], &out["artifact_version"]),
+            (&json!(8), &json!("a"))
+        );
     }
 }

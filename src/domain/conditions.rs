@@ -987,7 +987,10 @@ mod tests {
         );
         let json = serde_json::to_value(&b).unwrap_or_default();
         assert_eq!(json["kind"], "Pod");
-        assert_eq!(json["template_annotation"], "resource-plane/model-loaded-at");
+        assert_eq!(
+            json["template_annotation"],
+            "resource-plane/model-loaded-at"
+        );
         let back: Baseline = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, b);
     }

@@ -45,14 +45,12 @@ pub mod option {
     }
 
     /// Deserializes any RFC 3339 time, or `null`.
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<DateTime<Utc>>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
         match Option::<String>::deserialize(d)? {
             None => Ok(None),
-            Some(s) => parse(&s).map(Some).map_err(|e| {
-                D::Error::custom(format!("{s:?} is not an RFC 3339 time: {e}"))
-            }),
+            Some(s) => parse(&s)
+                .map(Some)
+                .map_err(|e| D::Error::custom(format!("{s:?} is not an RFC 3339 time: {e}"))),
         }
     }
 }
@@ -74,7 +72,11 @@ mod tests {
     #[test]
     fn writes_fixed_milliseconds_in_utc_and_reads_any_rfc_3339() {
         let at = parse("2026-01-10T14:20:00.123456789Z").unwrap_or_default();
-        let v = serde_json::to_value(Stamped { at, until: Some(at) }).unwrap_or_default();
+        let v = serde_json::to_value(Stamped {
+            at,
+            until: Some(at),
+        })
+        .unwrap_or_default();
         assert_eq!(
             v,
             serde_json::json!({"at": "2026-01-10T14:20:00.123Z", "until": "2026-01-10T14:20:00.123Z"})
@@ -83,8 +85,9 @@ mod tests {
         let s: Stamped = serde_json::from_value(whole).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(format(&s.at), "2026-01-10T14:20:00.000Z");
         assert_eq!(s.until, None);
-        let missing: Stamped = serde_json::from_value(serde_json::json!({"at": "2026-01-10T14:20:00Z"}))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let missing: Stamped =
+            serde_json::from_value(serde_json::json!({"at": "2026-01-10T14:20:00Z"}))
+                .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(missing.until, None);
         let bad = serde_json::from_value::<Stamped>(serde_json::json!({"at": "yesterday"}));
         assert!(bad.is_err());

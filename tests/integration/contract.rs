@@ -126,7 +126,10 @@ async fn contract_suite(store: Arc<dyn Store>) {
     );
     assert_eq!(first["state"], "FREE");
     // no mapping registered: the Deployment and HPA carry the deployable's name
-    assert_eq!((&first["deployment"], &first["hpa"]), (&json!("d1"), &json!("d1")));
+    assert_eq!(
+        (&first["deployment"], &first["hpa"]),
+        (&json!("d1"), &json!("d1"))
+    );
     assert_eq!(first["in_use"], false);
     assert_eq!(first["owner"], Value::Null);
 

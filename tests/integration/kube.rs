@@ -698,7 +698,8 @@ async fn observed_min_replicas_reads_the_hpa_and_the_scale() {
         exchange(Method::GET, SCALE_GET_URI).answers(200, scale_response("predator", 5)),
     ];
     let got = run(script, |k| async move {
-        k.observed_min_replicas("int", &ScaleTarget::same("predator")).await
+        k.observed_min_replicas("int", &ScaleTarget::same("predator"))
+            .await
     })
     .await;
     assert_eq!(got, Ok(Some(4)));
@@ -707,7 +708,8 @@ async fn observed_min_replicas_reads_the_hpa_and_the_scale() {
         exchange(Method::GET, SCALE_GET_URI).answers(200, scale_response("predator", 0)),
     ];
     let got = run(script, |k| async move {
-        k.observed_min_replicas("int", &ScaleTarget::same("predator")).await
+        k.observed_min_replicas("int", &ScaleTarget::same("predator"))
+            .await
     })
     .await;
     assert_eq!(got, Ok(Some(0)), "scaled to zero");
@@ -721,7 +723,8 @@ async fn observed_min_replicas_reads_the_hpa_and_the_scale() {
         ),
     )];
     let got = run(script, |k| async move {
-        k.observed_min_replicas("int", &ScaleTarget::same("predator")).await
+        k.observed_min_replicas("int", &ScaleTarget::same("predator"))
+            .await
     })
     .await;
     assert_eq!(
@@ -803,7 +806,8 @@ async fn set_min_replicas_patches_the_hpa_and_scales_up_from_zero() {
             .answers(200, scale_response("predator", 4)),
     ];
     let out = run(script, |k| async move {
-        k.set_min_replicas("int", &ScaleTarget::same("predator"), 4).await
+        k.set_min_replicas("int", &ScaleTarget::same("predator"), 4)
+            .await
     })
     .await;
     assert_eq!(out, Ok(()));
@@ -819,7 +823,8 @@ async fn set_min_replicas_leaves_a_larger_deployment_alone() {
             .answers(200, scale_response("predator", 5)),
     ];
     let out = run(script, |k| async move {
-        k.set_min_replicas("int", &ScaleTarget::same("predator"), 2).await
+        k.set_min_replicas("int", &ScaleTarget::same("predator"), 2)
+            .await
     })
     .await;
     assert_eq!(out, Ok(()));
@@ -836,7 +841,8 @@ async fn set_min_replicas_zero_sets_hpa_min_one_and_scales_to_zero() {
             .answers(200, scale_response("predator", 0)),
     ];
     let out = run(script, |k| async move {
-        k.set_min_replicas("int", &ScaleTarget::same("predator"), 0).await
+        k.set_min_replicas("int", &ScaleTarget::same("predator"), 0)
+            .await
     })
     .await;
     assert_eq!(out, Ok(()));
@@ -849,7 +855,8 @@ async fn set_min_replicas_above_max_is_invalid_and_missing_hpa_is_not_found() {
         .sends(MERGE, json!({ "spec": { "minReplicas": 9 } }))
         .answers(422, status_error(422, "Invalid", message, json!({ "name": "predator", "group": "autoscaling", "kind": "HorizontalPodAutoscaler" })))];
     let out = run(script, |k| async move {
-        k.set_min_replicas("int", &ScaleTarget::same("predator"), 9).await
+        k.set_min_replicas("int", &ScaleTarget::same("predator"), 9)
+            .await
     })
     .await;
     assert_eq!(out, Err(KubeError::Invalid(message.into())));
@@ -859,13 +866,15 @@ async fn set_min_replicas_above_max_is_invalid_and_missing_hpa_is_not_found() {
         .sends(MERGE, json!({ "spec": { "minReplicas": 1 } }))
         .answers(404, status_error(404, "NotFound", missing, json!({ "name": "ghost", "group": "autoscaling", "kind": "horizontalpodautoscalers" })))];
     let out = run(script, |k| async move {
-        k.set_min_replicas("int", &ScaleTarget::same("ghost"), 1).await
+        k.set_min_replicas("int", &ScaleTarget::same("ghost"), 1)
+            .await
     })
     .await;
     assert_eq!(out, Err(KubeError::NotFound(missing.into())));
 
     let out = run(vec![], |k| async move {
-        k.set_min_replicas("int", &ScaleTarget::same("predator"), -1).await
+        k.set_min_replicas("int", &ScaleTarget::same("predator"), -1)
+            .await
     })
     .await;
     assert!(matches!(out, Err(KubeError::Invalid(_))));
@@ -1375,9 +1384,12 @@ async fn min_replicas_act_on_the_mapped_deployment_and_hpa() {
             .answers(200, hpa_response("predator-autoscaler", 3, 8)),
         exchange(Method::GET, &format!("{DEPLOYMENT_PATH}/predator-v2/scale"))
             .answers(200, scale_response("predator-v2", 0)),
-        exchange(Method::PATCH, &patch_uri(DEPLOYMENT_PATH, "predator-v2/scale"))
-            .sends(MERGE, json!({ "spec": { "replicas": 3 } }))
-            .answers(200, scale_response("predator-v2", 3)),
+        exchange(
+            Method::PATCH,
+            &patch_uri(DEPLOYMENT_PATH, "predator-v2/scale"),
+        )
+        .sends(MERGE, json!({ "spec": { "replicas": 3 } }))
+        .answers(200, scale_response("predator-v2", 3)),
     ];
     let out = run(script, |k| async move {
         k.set_min_replicas("int", &mapped(), 3).await
@@ -1389,9 +1401,12 @@ async fn min_replicas_act_on_the_mapped_deployment_and_hpa() {
         exchange(Method::PATCH, &patch_uri(HPA_PATH, "predator-autoscaler"))
             .sends(MERGE, json!({ "spec": { "minReplicas": 1 } }))
             .answers(200, hpa_response("predator-autoscaler", 1, 8)),
-        exchange(Method::PATCH, &patch_uri(DEPLOYMENT_PATH, "predator-v2/scale"))
-            .sends(MERGE, json!({ "spec": { "replicas": 0 } }))
-            .answers(200, scale_response("predator-v2", 0)),
+        exchange(
+            Method::PATCH,
+            &patch_uri(DEPLOYMENT_PATH, "predator-v2/scale"),
+        )
+        .sends(MERGE, json!({ "spec": { "replicas": 0 } }))
+        .answers(200, scale_response("predator-v2", 0)),
     ];
     let out = run(script, |k| async move {
         k.set_min_replicas("int", &mapped(), 0).await

@@ -744,12 +744,7 @@ impl KubeExecutor for Counting {
         self.jobs.fetch_add(1, Ordering::SeqCst);
         self.sim.create_job(spec).await
     }
-    async fn set_min_replicas(
-        &self,
-        ns: &str,
-        t: &ScaleTarget,
-        min: i32,
-    ) -> Result<(), KubeError> {
+    async fn set_min_replicas(&self, ns: &str, t: &ScaleTarget, min: i32) -> Result<(), KubeError> {
         self.scaled
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1474,9 +1469,16 @@ async fn min_pod_counts_scale_the_mapped_deployment_and_nothing_unregistered() {
     .await;
     assert!(zeroed, "{:?}", kube.scaled());
     let procure = json!({"action": "PROCURE", "name": "mapped", "workflow_run_id": "r1"});
-    assert_eq!(send(&app, post(base, &procure).to_request()).await.status, 200);
+    assert_eq!(
+        send(&app, post(base, &procure).to_request()).await.status,
+        200
+    );
     let pods = |name: &str| json!({"action": "INCREASE", "count": 3, "name": name, "workflow_run_id": "r1"});
-    let r = send(&app, post(&format!("{base}/min-pod-count"), &pods("mapped")).to_request()).await;
+    let r = send(
+        &app,
+        post(&format!("{base}/min-pod-count"), &pods("mapped")).to_request(),
+    )
+    .await;
     assert_eq!(r.json, json!({"status": "UPDATED", "min_pod_count": 3}));
     let scaled = support::eventually(Duration::from_secs(10), || async {
         kube.scaled()
@@ -1485,16 +1487,27 @@ async fn min_pod_counts_scale_the_mapped_deployment_and_nothing_unregistered() {
     .await;
     assert!(scaled, "{:?}", kube.scaled());
     // a name the registry does not know is refused and never reaches the cluster
-    let r = send(&app, post(&format!("{base}/min-pod-count"), &pods("ghost")).to_request()).await;
+    let r = send(
+        &app,
+        post(&format!("{base}/min-pod-count"), &pods("ghost")).to_request(),
+    )
+    .await;
     assert_eq!(r.status, 404);
-    let r = send(&app, post(&format!("{base}/min-pod-count"), &pods("predator-v2")).to_request()).await;
-    assert_eq!(r.status, 404, "a Deployment name is not a registered deployable");
+    let r = send(
+        &app,
+        post(&format!("{base}/min-pod-count"), &pods("predator-v2")).to_request(),
+    )
+    .await;
+    assert_eq!(
+        r.status, 404,
+        "a Deployment name is not a registered deployable"
+    );
     let calls = kube.scaled();
     assert!(
-        calls
-            .iter()
-            .all(|c| c.starts_with("set int predator-v2 predator-autoscaler ")
-                || c == "read int predator-v2 predator-autoscaler"),
+        calls.iter().all(
+            |c| c.starts_with("set int predator-v2 predator-autoscaler ")
+                || c == "read int predator-v2 predator-autoscaler"
+        ),
         "only the mapped objects are touched: {calls:?}"
     );
 }

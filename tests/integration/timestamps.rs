@@ -57,7 +57,9 @@ fn walk(v: &Value, at: &str, seen: &mut BTreeSet<String>, bad: &mut Vec<String>)
                 walk(v, &format!("{at}.{k}"), seen, bad);
             }
         }
-        Value::Array(a) => a.iter().for_each(|v| walk(v, &format!("{at}[]"), seen, bad)),
+        Value::Array(a) => a
+            .iter()
+            .for_each(|v| walk(v, &format!("{at}[]"), seen, bad)),
         Value::String(s) if looks_like_a_timestamp(s) => {
             let key = at.rsplit('.').next().unwrap_or(at).trim_end_matches("[]");
             seen.insert(key.to_owned());
@@ -106,15 +108,26 @@ async fn every_answer_and_record_writes_one_timestamp_format() {
 
     // a procured shadow deployable
     let base = "/api/1.0/int/shadow-deployables";
-    let r = send(&app, put(&format!("{base}/d1"), &json!({"node_pool": "p", "dns": "d1.example"})).to_request()).await;
+    let r = send(
+        &app,
+        put(
+            &format!("{base}/d1"),
+            &json!({"node_pool": "p", "dns": "d1.example"}),
+        )
+        .to_request(),
+    )
+    .await;
     ok(&r, 201);
     let procure = json!({"action": "PROCURE", "name": "d1", "workflow_run_id": "r1"});
     ok(&send(&app, post(base, &procure).to_request()).await, 200);
     // an instance on a worker the autoscaler launched, running after a heartbeat
     let r = send(
         &app,
-        post("/api/1.0/instances", &json!({"requirements": {"cpu": 1, "memory_gb": 1}}))
-            .to_request(),
+        post(
+            "/api/1.0/instances",
+            &json!({"requirements": {"cpu": 1, "memory_gb": 1}}),
+        )
+        .to_request(),
     )
     .await;
     ok(&r, 202);
@@ -126,12 +139,9 @@ async fn every_answer_and_record_writes_one_timestamp_format() {
             .get(&instance)
             .and_then(|(i, _)| i.worker_id)
             .is_some_and(|w| {
-                state
-                    .controller
-                    .workers
-                    .list()
-                    .iter()
-                    .any(|x| x.id == w && x.state == resource_plane::domain::worker::WorkerState::Running)
+                state.controller.workers.list().iter().any(|x| {
+                    x.id == w && x.state == resource_plane::domain::worker::WorkerState::Running
+                })
             })
     })
     .await;
@@ -143,7 +153,14 @@ async fn every_answer_and_record_writes_one_timestamp_format() {
         .and_then(|(i, _)| i.worker_id)
         .unwrap_or_default();
     let hb = json!({"running_instances": [instance]});
-    ok(&send(&app, post(&format!("/api/1.0/workers/{worker}/heartbeat"), &hb).to_request()).await, 200);
+    ok(
+        &send(
+            &app,
+            post(&format!("/api/1.0/workers/{worker}/heartbeat"), &hb).to_request(),
+        )
+        .await,
+        200,
+    );
     // an operation whose callback cannot be delivered: attempts and a next attempt
     let job = json!({"job_name": "j1", "container": {"image": "registry.local/x:1"},
         "callback": {"url": "http://127.0.0.1:1/cb"}});
@@ -151,8 +168,14 @@ async fn every_answer_and_record_writes_one_timestamp_format() {
     ok(&r, 202);
     let op = r.json["request_id"].as_str().unwrap_or_default().to_owned();
     let attempted = support::eventually(Duration::from_secs(15), || async {
-        let r = send(&app, get(&format!("/api/1.0/int/operations/{op}")).to_request()).await;
-        r.json["delivery"]["attempts"].as_array().is_some_and(|a| !a.is_empty())
+        let r = send(
+            &app,
+            get(&format!("/api/1.0/int/operations/{op}")).to_request(),
+        )
+        .await;
+        r.json["delivery"]["attempts"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
     })
     .await;
     assert!(attempted, "no callback attempt recorded");
@@ -184,7 +207,11 @@ async fn every_answer_and_record_writes_one_timestamp_format() {
             walk(&v, &kv.key, &mut seen, &mut bad);
         }
     }
-    assert_eq!(bad, Vec::<String>::new(), "timestamps not in the one format");
+    assert_eq!(
+        bad,
+        Vec::<String>::new(),
+        "timestamps not in the one format"
+    );
     for key in [
         "procured_at",
         "last_updated_at",
