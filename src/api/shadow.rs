@@ -10,7 +10,9 @@ use crate::api::body::read_json;
 use crate::api::error::ApiError;
 use crate::api::{method_not_allowed, reply_response, AppState};
 use crate::config::valid_segment;
-use crate::domain::shadow::{MinPodAction, Owner, ShadowCommand, ShadowState, MAX_MIN_POD_COUNT};
+use crate::domain::shadow::{
+    valid_object_name, MinPodAction, Owner, ShadowCommand, ShadowState, MAX_MIN_POD_COUNT,
+};
 use crate::idempotency::IdemRequest;
 
 /// Longest accepted workflow id / plan.
@@ -134,16 +136,9 @@ pub struct RegisterBody {
     pub hpa: Option<String>,
 }
 
-/// A Kubernetes object name (RFC 1123 subdomain): what `deployment` and `hpa` must be.
+/// `deployment` and `hpa` must be Kubernetes object names.
 fn check_kube_name(field: &str, value: &str) -> Result<(), ApiError> {
-    let ok = !value.is_empty()
-        && value.len() <= 253
-        && value
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if ok {
+    if valid_object_name(value) {
         Ok(())
     } else {
         Err(ApiError::BadRequest(format!(

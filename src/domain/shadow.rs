@@ -100,6 +100,17 @@ impl ShadowDeployable {
     }
 }
 
+/// Whether `s` can name a Kubernetes Deployment or HPA (an RFC 1123 subdomain: 1-253
+/// lowercase letters, digits, '-' or '.', starting and ending with a letter or digit).
+pub fn valid_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
 /// How a min-pod-count request changes the count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
