@@ -6,10 +6,13 @@ CARGO ?= cargo
 export RP_TOOLS ?= /var/tmp/resource-plane-tools
 export PATH := $(RP_TOOLS)/venv/bin:$(PATH)
 
-.PHONY: setup build run test lint fmt bench scale soak clean
+# `make install` is the seed's name for `make setup`.
+.PHONY: setup install build run test lint fmt bench scale soak clean
 
 setup:
 	@bash scripts/setup.sh
+
+install: setup
 
 build: setup
 	$(CARGO) build --release

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::web;
-use chrono::Utc;
 use dashmap::DashMap;
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -35,7 +34,7 @@ use crate::api::AppState;
 use crate::config::{valid_segment, Config, ConfigError, WorkerAgentKind};
 use crate::domain::callback::UrlPolicy;
 use crate::domain::controller::validate_templates;
-use crate::domain::shadow::ShadowDeployable;
+use crate::domain::shadow::{valid_object_name, ShadowDeployable};
 use crate::domain::worker::WorkerTemplate;
 use crate::idempotency::LeasePool;
 use crate::keys;
@@ -60,6 +59,12 @@ pub struct SeedEntry {
     pub node_pool: String,
     /// DNS name.
     pub dns: String,
+    /// The Deployment its minimum pod count scales (default: `name`).
+    #[serde(default)]
+    pub deployment: Option<String>,
+    /// The HorizontalPodAutoscaler whose `minReplicas` follows it (default: `name`).
+    #[serde(default)]
+    pub hpa: Option<String>,
 }
 
 /// The seed file: environment -> deployables.
@@ -92,6 +97,15 @@ pub fn load_seed(config: &Config) -> Result<Seed, ConfigError> {
         if let Some(bad) = entries.iter().find(|e| !valid_segment(&e.name)) {
             return Err(file_err(format!("invalid deployable name {:?}", bad.name)));
         }
+        let mapped = entries
+            .iter()
+            .flat_map(|e| [e.deployment.as_deref(), e.hpa.as_deref()])
+            .flatten();
+        if let Some(bad) = mapped.into_iter().find(|n| !valid_object_name(n)) {
+            return Err(file_err(format!(
+                "{bad:?} is not a Kubernetes object name (deployment/hpa)"
+            )));
+        }
     }
     Ok(seed)
 }
@@ -101,7 +115,10 @@ pub async fn apply_seed(store: &dyn Store, seed: &Seed) -> Result<usize, StoreEr
     let mut created = 0;
     for (env, entries) in seed {
         for e in entries {
-            let rec = ShadowDeployable::new(&e.name, &e.node_pool, &e.dns, Utc::now());
+            let mut rec =
+                ShadowDeployable::new(&e.name, &e.node_pool, &e.dns, crate::clock::utc_now());
+            rec.deployment.clone_from(&e.deployment);
+            rec.hpa.clone_from(&e.hpa);
             let key = keys::shadow(env, &e.name);
             let txn = Txn {
                 compares: vec![Compare::ModRevision(key.clone(), 0)],

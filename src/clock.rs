@@ -1,7 +1,13 @@
 //! Wall-clock time that follows tokio's clock, so controller tests can pause and advance
 //! time (`tokio::time::pause`) and every deadline, idle timer and timestamp moves with it.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
+
+/// The wall clock now, at the precision timestamps are stored and answered with
+/// (milliseconds, see `domain::time`), so a record reads back equal to what was written.
+pub fn utc_now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(3)
+}
 
 /// A clock anchored at construction: wall time then, plus tokio-monotonic time since.
 #[derive(Debug, Clone, Copy)]
@@ -19,10 +25,11 @@ impl Clock {
         }
     }
 
-    /// The current time.
+    /// The current time, in whole milliseconds.
     pub fn now(&self) -> DateTime<Utc> {
         let elapsed = chrono::Duration::from_std(self.at.elapsed()).unwrap_or_default();
-        self.wall + elapsed
+        // Milliseconds, like every stored and answered timestamp.
+        (self.wall + elapsed).trunc_subsecs(3)
     }
 }
 

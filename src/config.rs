@@ -206,6 +206,78 @@ pub struct ControllerSettings {
     pub aws_endpoint_url: Option<String>,
 }
 
+/// Every environment variable the service reads (here and `RUST_LOG` in `telemetry.rs`);
+/// `.env.example` lists exactly these with their defaults (a test compares both ways).
+pub const VARIABLES: &[&str] = &[
+    "ACTOR_SEND_TIMEOUT_MS",
+    "ACTOR_THREADS",
+    "API_AUTH_TOKEN",
+    "APP_HOST",
+    "APP_PORT",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "CALLBACK_ALLOWED_HOSTS",
+    "CALLBACK_ALLOW_INSECURE_LOCALHOST",
+    "CALLBACK_CONCURRENCY",
+    "CALLBACK_MAX_AGE_SECONDS",
+    "CALLBACK_MAX_ATTEMPTS",
+    "CALLBACK_SIGNING_SECRET",
+    "CALLBACK_TIMEOUT_MS",
+    "CLOUD_ADAPTER",
+    "CLOUD_POLL_MS",
+    "CLUSTER_ID",
+    "CML_ALLOW_HTTP",
+    "CML_CA_FILE",
+    "CML_CONCURRENCY",
+    "CML_INSECURE_SKIP_VERIFY",
+    "CML_PASSWORD",
+    "CML_REQUEST_TIMEOUT_MS",
+    "CML_STOP_UNKNOWN_LABS",
+    "CML_SYNC_INTERVAL_MS",
+    "CML_URL_TEMPLATE",
+    "CML_USERNAME",
+    "CONTROLLER_INSTANCE_ID",
+    "CONTROL_PLANE_API_URL",
+    "DRAIN_DEADLINE_SECONDS",
+    "ETCD_DIAL_TIMEOUT_MS",
+    "ETCD_ENDPOINTS",
+    "ETCD_HOST",
+    "ETCD_PASSWORD",
+    "ETCD_PORT",
+    "ETCD_PREFIX",
+    "ETCD_REQUEST_TIMEOUT_MS",
+    "ETCD_USERNAME",
+    "HEARTBEAT_TIMEOUT_SECONDS",
+    "HTTP_WORKERS",
+    "IDEMPOTENCY_TTL_SECONDS",
+    "INTENT_RETENTION_SECONDS",
+    "KUBE_ADAPTER",
+    "KUBE_CONNECT_TIMEOUT_MS",
+    "KUBE_CONVERGE_INTERVAL_MS",
+    "KUBE_NAMESPACES",
+    "KUBE_READ_TIMEOUT_MS",
+    "KUBE_WRITE_TIMEOUT_MS",
+    "LEADER_LEASE_TTL",
+    "LOG_FORMAT",
+    "ORPHAN_GRACE_SECONDS",
+    "PROCURE_RETRY_DELAY_SECONDS",
+    "PROVISION_TIMEOUT_SECONDS",
+    "RECONCILE_INTERVAL",
+    "RECORD_RETENTION_SECONDS",
+    "RETRY_AFTER_SECONDS",
+    "RM_ENVS",
+    "RUST_LOG",
+    "SCALE_DOWN_IDLE_SECONDS",
+    "SCALE_UP_BATCH_MS",
+    "SHADOW_SEED_FILE",
+    "SIM_CLOUD_BOOT_MS",
+    "SIM_KUBE_READY_DELAY_MS",
+    "USE_MOCK_ADAPTERS",
+    "WATCH_TIMEOUT_SECONDS",
+    "WORKER_AGENT",
+    "WORKER_TEMPLATES_FILE",
+];
+
 /// Default worker templates file, relative to the working directory.
 pub const DEFAULT_TEMPLATES_FILE: &str = "config/worker-templates.yaml";
 
@@ -828,5 +900,89 @@ mod tests {
         .expect("config");
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("tok-123") && !dbg.contains("pw-456"), "{dbg}");
+    }
+}
+
+#[cfg(test)]
+mod variables_tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every `"UPPER_CASE"` literal in the non-test part of a source file: the variables
+    /// that file reads (config.rs names nothing else in capitals).
+    fn literals(source: &str) -> BTreeSet<String> {
+        let code = source.split("#[cfg(test)]").next().unwrap_or_default();
+        // The list itself is not a read.
+        let code = match code.split_once("pub const VARIABLES") {
+            Some((before, after)) => {
+                format!("{before}{}", after.split_once("];").map_or("", |(_, a)| a))
+            }
+            None => code.to_owned(),
+        };
+        code.split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| {
+                s.len() > 2
+                    && s.contains('_')
+                    && s.chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// `KEY=value` lines of `.env.example` (comments and blank lines skipped).
+    fn env_example() -> HashMap<String, String> {
+        include_str!("../.env.example")
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect()
+    }
+
+    fn listed() -> BTreeSet<String> {
+        VARIABLES.iter().map(|v| (*v).to_owned()).collect()
+    }
+
+    #[test]
+    fn variables_are_exactly_what_the_code_reads() {
+        let mut read = literals(include_str!("config.rs"));
+        read.extend(literals(include_str!("telemetry.rs")));
+        assert_eq!(
+            read,
+            listed(),
+            "config::VARIABLES drifted from config.rs/telemetry.rs"
+        );
+    }
+
+    #[test]
+    fn env_example_lists_every_variable_and_no_other() {
+        let example: BTreeSet<String> = env_example().into_keys().collect();
+        let missing: Vec<_> = listed().difference(&example).cloned().collect();
+        let unknown: Vec<_> = example.difference(&listed()).cloned().collect();
+        assert!(
+            missing.is_empty() && unknown.is_empty(),
+            ".env.example: missing {missing:?}, not read by the service {unknown:?}"
+        );
+    }
+
+    #[test]
+    fn env_example_values_are_the_defaults() {
+        // The generated replica id is the one default that differs run to run.
+        let pin = |mut m: HashMap<String, String>| {
+            m.insert("CONTROLLER_INSTANCE_ID".into(), "rp-pinned".into());
+            m
+        };
+        let mut from_example = Config::from_map(&pin(env_example())).expect(".env.example loads");
+        let defaults = Config::from_map(&pin(HashMap::new())).expect("defaults load");
+        // Named files are explicit (they must then exist); the paths are the defaults.
+        assert!(from_example.seed_file_explicit && from_example.controller.templates_file_explicit);
+        from_example.seed_file_explicit = false;
+        from_example.controller.templates_file_explicit = false;
+        assert_eq!(format!("{from_example:?}"), format!("{defaults:?}"));
     }
 }

@@ -62,6 +62,7 @@ pub struct IdemRecord {
     /// Hash of the request that produced it.
     pub request_hash: String,
     /// When it was stored.
+    #[serde(with = "crate::domain::time")]
     pub created_at: DateTime<Utc>,
 }
 

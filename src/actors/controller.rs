@@ -33,6 +33,7 @@ const JOURNAL: usize = 200;
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DecisionRecord {
     /// When.
+    #[serde(with = "crate::domain::time")]
     pub at: DateTime<Utc>,
     /// What (e.g. `scale_up`, `drain`, `mark_failed`).
     pub action: String,
@@ -46,6 +47,7 @@ pub struct DecisionRecord {
 #[derive(Debug, Clone, Serialize, Default, PartialEq)]
 pub struct ReconcileStatus {
     /// When it finished.
+    #[serde(with = "crate::domain::time::option")]
     pub at: Option<DateTime<Utc>>,
     /// `ok`, or the first error of the pass or of the autoscaler since the pass before.
     pub outcome: Option<String>,
@@ -61,6 +63,7 @@ pub struct ReconcileStatus {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StepError {
     /// When.
+    #[serde(with = "crate::domain::time")]
     pub at: DateTime<Utc>,
     /// Which step (e.g. `launch_failed`, `terminate_failed`, `record_cloud_id_failed`).
     pub step: String,

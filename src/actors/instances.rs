@@ -2,8 +2,6 @@
 //! an instance on a worker goes through the worker actor instead (one transaction for
 //! both records).
 
-use chrono::Utc;
-
 use crate::actors::leader::Fence;
 use crate::domain::worker::{Instance, InstanceState};
 use crate::idempotency::{IdemError, IdemWrite, LeasePool, Reply};
@@ -66,7 +64,7 @@ pub async fn create(
     };
     if let Some((w, reply)) = idem {
         txn.compares.push(w.absent());
-        txn.success.push(w.put(reply, Utc::now()));
+        txn.success.push(w.put(reply, crate::clock::utc_now()));
         txn.failure_gets.push(w.request.store_key.clone());
     }
     let r = store.txn(txn).await?;
@@ -115,7 +113,7 @@ pub async fn end_pending(
         };
         if let Some(w) = idem {
             txn.compares.push(w.absent());
-            txn.success.push(w.put(&reply, Utc::now()));
+            txn.success.push(w.put(&reply, crate::clock::utc_now()));
             txn.failure_gets.push(w.request.store_key.clone());
         }
         let r = store.txn(txn).await.inspect_err(|e| {

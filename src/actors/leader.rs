@@ -70,6 +70,7 @@ struct EffectRecord<'a> {
     kind: &'a str,
     subject: &'a str,
     epoch: i64,
+    #[serde(with = "crate::domain::time")]
     at: DateTime<Utc>,
 }
 
@@ -111,7 +112,7 @@ impl Fence {
             kind,
             subject,
             epoch,
-            at: Utc::now(),
+            at: crate::clock::utc_now(),
         };
         let txn = Txn {
             compares: vec![Compare::CreateRevision(keys::LEADER.to_owned(), epoch)],
@@ -213,7 +214,7 @@ impl Fence {
 
     fn seen_leader(&self, id: Option<String>) {
         if let Ok(mut l) = self.leader.lock() {
-            *l = id.map(|i| (i, Utc::now()));
+            *l = id.map(|i| (i, crate::clock::utc_now()));
         }
     }
 

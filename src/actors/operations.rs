@@ -22,7 +22,7 @@ use crate::actors::outbox::IntentManager;
 use crate::actors::shadow::ShadowKey;
 use crate::domain::intent::WatchIntent;
 use crate::keys;
-use crate::ports::kube::{min_replicas_hold, KubeError};
+use crate::ports::kube::{min_replicas_hold, KubeError, ScaleTarget};
 use crate::ports::store::{Compare, Op, StoreError, Txn};
 
 /// The converger reads the cluster back (to find drift) on every this-many-th sweep;
@@ -187,7 +187,8 @@ impl OpsCtx {
     /// `GET /api/1.0/controller` and counted in `controller_decisions_total`
     /// (`min_replicas_drift`, `min_replicas_missing`).
     pub async fn converge_forever(self: Arc<Self>) {
-        let mut applied: HashMap<ShadowKey, u32> = HashMap::new();
+        // What each deployable was last converged to: the mapped objects and the count.
+        let mut applied: HashMap<ShadowKey, (ScaleTarget, u32)> = HashMap::new();
         let mut leading = false;
         let mut sweeps: u64 = 0;
         let mut corrected: u64 = 0;
@@ -216,11 +217,11 @@ impl OpsCtx {
                 .unwrap_or_default();
             if woken && !applied.is_empty() {
                 for key in dirty {
-                    if let Some(want) = self.shadows.min_pod_count(&key) {
-                        if applied.get(&key) != Some(&want)
-                            && self.converge_one(&key, want).await.is_ok()
+                    if let Some(next) = self.shadows.min_pod_count(&key) {
+                        if applied.get(&key) != Some(&next)
+                            && self.converge_one(&key, &next.0, next.1).await.is_ok()
                         {
-                            applied.insert(key, want);
+                            applied.insert(key, next);
                         }
                     }
                 }
@@ -230,11 +231,12 @@ impl OpsCtx {
             sweeps += 1;
             let targets = self.shadows.min_pod_counts();
             if !check {
-                for (key, want) in targets {
-                    if applied.get(&key) != Some(&want)
-                        && self.converge_one(&key, want).await.is_ok()
+                for (key, target, want) in targets {
+                    let next = (target, want);
+                    if applied.get(&key) != Some(&next)
+                        && self.converge_one(&key, &next.0, want).await.is_ok()
                     {
-                        applied.insert(key, want);
+                        applied.insert(key, next);
                     }
                 }
                 continue;
@@ -244,10 +246,11 @@ impl OpsCtx {
                 checked: targets.len(),
                 ..ConvergeReport::default()
             };
-            for (key, want) in targets {
+            for (key, target, want) in targets {
                 if self.fence.epoch().is_none() {
                     break;
                 }
+                let next = (target, want);
                 let ns = self.settings.namespace(&key.env);
                 let entry = |observed: Option<i32>, error: Option<String>| Drift {
                     env: key.env.clone(),
@@ -257,13 +260,13 @@ impl OpsCtx {
                     error,
                 };
                 let wanted = i32::try_from(want).unwrap_or(i32::MAX);
-                match self.kube.observed_min_replicas(&ns, &key.name).await {
+                match self.kube.observed_min_replicas(&ns, &next.0).await {
                     Ok(Some(have)) if min_replicas_hold(wanted, have) => {
                         report.in_sync += 1;
-                        applied.insert(key, want);
+                        applied.insert(key, next);
                     }
                     Ok(Some(have)) => {
-                        if applied.get(&key) == Some(&want) {
+                        if applied.get(&key) == Some(&next) {
                             // We had converged it: someone changed the cluster since.
                             warn!(env = %key.env, name = %key.name, want, have, "min replicas drifted in the cluster; correcting");
                             self.metrics
@@ -271,11 +274,11 @@ impl OpsCtx {
                                 .with_label_values(&["min_replicas_drift"])
                                 .inc();
                         }
-                        match self.converge_one(&key, want).await {
+                        match self.converge_one(&key, &next.0, want).await {
                             Ok(()) => {
                                 corrected += 1;
                                 report.drifted.push(entry(Some(have), None));
-                                applied.insert(key, want);
+                                applied.insert(key, next);
                             }
                             Err(e) => {
                                 report.failed.push(entry(Some(have), Some(e.to_string())));
@@ -303,8 +306,14 @@ impl OpsCtx {
         }
     }
 
-    /// Patches one deployable's minimum replicas to `want`.
-    async fn converge_one(&self, key: &ShadowKey, want: u32) -> Result<(), KubeError> {
+    /// Patches one deployable's minimum replicas to `want`, on the Deployment/HPA its
+    /// record maps (`target`, from the registry: an unregistered name never gets here).
+    async fn converge_one(
+        &self,
+        key: &ShadowKey,
+        target: &ScaleTarget,
+        want: u32,
+    ) -> Result<(), KubeError> {
         let ns = self.settings.namespace(&key.env);
         let min = i32::try_from(want).unwrap_or(i32::MAX);
         // Fenced like every leader-only side effect: a deposed leader patches nothing.
@@ -317,9 +326,9 @@ impl OpsCtx {
             debug!(env = %key.env, name = %key.name, error = %e, "min replicas not converged: not authorized");
             return Err(KubeError::Unavailable(format!("not authorized: {e}")));
         }
-        match self.kube.set_min_replicas(&ns, &key.name, min).await {
+        match self.kube.set_min_replicas(&ns, target, min).await {
             Ok(()) => {
-                debug!(env = %key.env, name = %key.name, min, "min replicas converged");
+                debug!(env = %key.env, name = %key.name, deployment = %target.deployment, hpa = %target.hpa, min, "min replicas converged");
                 self.metrics
                     .decisions
                     .with_label_values(&["converge_min_replicas"])

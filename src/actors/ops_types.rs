@@ -85,6 +85,7 @@ pub struct Drift {
 pub struct ConvergeReport {
     /// When the cluster was last read for every deployable (none: not yet, or not
     /// leading).
+    #[serde(with = "crate::domain::time::option")]
     pub last_check_at: Option<DateTime<Utc>>,
     /// Deployables compared in that check.
     pub checked: usize,

@@ -13,7 +13,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use tracing::warn;
 
 use crate::actors::ops_types::OpsCtx;
@@ -36,7 +35,7 @@ pub async fn reap_once(ops: &OpsCtx) -> usize {
         return 0;
     };
     let mut released = 0;
-    for key in ops.shadows.expired_holds(Utc::now()) {
+    for key in ops.shadows.expired_holds(crate::clock::utc_now()) {
         match ops.shadows.reap(&key, fence.clone()).await {
             Ok(true) => {
                 released += 1;

@@ -30,6 +30,7 @@ use crate::actors::stats::{ActorInfo, ActorStats};
 use crate::domain::shadow::{ShadowCommand, ShadowDeployable};
 use crate::idempotency::{IdemRequest, Reply};
 use crate::keys;
+use crate::ports::kube::ScaleTarget;
 use crate::ports::store::{Compare, Kv, StoreError, WatchEvent};
 
 /// Kind label of shadow deployable actors.
@@ -341,18 +342,26 @@ impl Registry {
         }
     }
 
-    /// Every record's `min_pod_count` (unordered; cheap enough to sweep often).
-    pub fn min_pod_counts(&self) -> Vec<(ShadowKey, u32)> {
+    /// Every record's `min_pod_count` with the Deployment/HPA its registration maps
+    /// (unordered; cheap enough to sweep often). Only registered records are listed, so
+    /// nothing else is ever scaled.
+    pub fn min_pod_counts(&self) -> Vec<(ShadowKey, ScaleTarget, u32)> {
         self.deps
             .view
             .iter()
-            .map(|e| (e.key().clone(), e.value().record.min_pod_count))
+            .map(|e| {
+                let r = &e.value().record;
+                (e.key().clone(), scale_target(r), r.min_pod_count)
+            })
             .collect()
     }
 
-    /// One record's `min_pod_count`.
-    pub fn min_pod_count(&self, key: &ShadowKey) -> Option<u32> {
-        self.deps.view.get(key).map(|e| e.record.min_pod_count)
+    /// One record's mapped Deployment/HPA and `min_pod_count` (none: not registered).
+    pub fn min_pod_count(&self, key: &ShadowKey) -> Option<(ScaleTarget, u32)> {
+        self.deps
+            .view
+            .get(key)
+            .map(|e| (scale_target(&e.record), e.record.min_pod_count))
     }
 
     /// Published records of `env`, sorted by name.
@@ -440,5 +449,13 @@ impl Drop for Registry {
                 a.stop();
             }
         }
+    }
+}
+
+/// The Kubernetes objects a record's minimum pod count acts on.
+fn scale_target(r: &ShadowDeployable) -> ScaleTarget {
+    ScaleTarget {
+        deployment: r.deployment_name().to_owned(),
+        hpa: r.hpa_name().to_owned(),
     }
 }

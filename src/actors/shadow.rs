@@ -6,7 +6,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use chrono::Utc;
 use dashmap::DashMap;
 use serde_json::json;
 use tracing::{debug, info, warn, Instrument, Span};
@@ -78,6 +77,9 @@ pub struct Deps {
 }
 
 /// What the actor knows of its record.
+// One cell per actor, almost always `Known`: boxing the record would add an indirection to
+// every command for no memory saved.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cell {
     /// Not loaded (fresh, after a restart, or after an ambiguous store failure).
@@ -235,7 +237,7 @@ impl Handler<Execute> for ShadowActor {
                 }
                 if let (Ok(reply), Cell::Known { .. }) = (&result, &cell) {
                     if !reply.replayed && cell != act.cell {
-                        act.stats.transitioned(Utc::now());
+                        act.stats.transitioned(crate::clock::utc_now());
                     }
                 }
                 act.apply(cell);
@@ -289,7 +291,7 @@ pub fn render(outcome: &ShadowOutcome, name: &str) -> Reply {
             version,
         } => (
             200,
-            json!({"status": "RENEWED", "lease_expires_at": lease_expires_at, "version": version}),
+            json!({"status": "RENEWED", "lease_expires_at": crate::domain::time::format(lease_expires_at), "version": version}),
         ),
         // The reaper's answers; no HTTP client sees them.
         ShadowOutcome::Reaped {
@@ -378,7 +380,7 @@ pub async fn execute(
             continue;
         };
         let ctx = DomainContext {
-            now: Utc::now(),
+            now: crate::clock::utc_now(),
             retry_delay: deps.retry_delay,
         };
         let decided =
@@ -538,7 +540,7 @@ fn build_txn(
             .push(Compare::ModRevision(idem.store_key.clone(), 0));
         txn.success.push(Op::Put {
             key: idem.store_key.clone(),
-            value: idem.record(reply, Utc::now()),
+            value: idem.record(reply, crate::clock::utc_now()),
             lease,
         });
         txn.failure_gets.push(idem.store_key.clone());

@@ -72,5 +72,6 @@ pub struct ActorInfo {
     /// Supervisor restarts.
     pub restarts: u64,
     /// Last persisted transition.
+    #[serde(with = "crate::domain::time::option")]
     pub last_transition_at: Option<DateTime<Utc>>,
 }

@@ -698,7 +698,7 @@ async fn execute(
         });
         if let (Some(w), Some(reply)) = (idem.filter(|_| last), &reply) {
             txn.compares.push(w.absent());
-            txn.success.push(w.put(reply, Utc::now()));
+            txn.success.push(w.put(reply, crate::clock::utc_now()));
             txn.failure_gets.push(w.request.store_key.clone());
         }
         match deps.store.txn(txn).await {

@@ -42,6 +42,7 @@ use crate::domain::conditions::{
     selector_from_labels, Condition, DeploymentStatus, HpaStatus, JobStatus, PodStatus,
     StatusDetail, Truth,
 };
+use crate::ports::kube::ScaleTarget;
 use crate::ports::kube::{
     validate_pod_counts, Baseline, DeployableSpec, JobSpec, KubeError, KubeExecutor, ModelSpec,
     ObjectEvent, ObjectStatus, Observation, ResourceKind, DEPLOYABLE_CONTAINER, FIELD_MANAGER,
@@ -610,37 +611,38 @@ impl KubeExecutor for KubeAdapter {
         })
     }
 
-    #[tracing::instrument(skip(self))]
+    #[tracing::instrument(skip(self), fields(deployment = %target.deployment, hpa = %target.hpa))]
     async fn set_min_replicas(
         &self,
         namespace: &str,
-        deployable: &str,
+        target: &ScaleTarget,
         min: i32,
     ) -> Result<(), KubeError> {
         validate_pod_counts(min, None)?;
         let patch = json!({ "spec": { "minReplicas": min.max(1) } });
         self.api::<HorizontalPodAutoscaler>(namespace)
-            .patch(deployable, &patch_params(), &Patch::Merge(&patch))
+            .patch(&target.hpa, &patch_params(), &Patch::Merge(&patch))
             .await
             .map_err(map_error)?;
-        self.converge_replicas(namespace, deployable, min).await
+        self.converge_replicas(namespace, &target.deployment, min)
+            .await
     }
 
-    #[tracing::instrument(skip(self))]
+    #[tracing::instrument(skip(self), fields(deployment = %target.deployment, hpa = %target.hpa))]
     async fn observed_min_replicas(
         &self,
         namespace: &str,
-        deployable: &str,
+        target: &ScaleTarget,
     ) -> Result<Option<i32>, KubeError> {
         let hpa = self
             .api::<HorizontalPodAutoscaler>(namespace)
-            .get_opt(deployable)
+            .get_opt(&target.hpa)
             .await
             .map_err(map_error)?;
         let Some(hpa) = hpa else { return Ok(None) };
         let replicas = match self
             .api::<Deployment>(namespace)
-            .get_scale(deployable)
+            .get_scale(&target.deployment)
             .await
         {
             Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0),

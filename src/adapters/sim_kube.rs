@@ -23,6 +23,7 @@ use crate::adapters::kube::deployment_manifest;
 use crate::domain::conditions::{
     Condition, DeploymentStatus, HpaStatus, JobStatus, PodStatus, StatusDetail, Truth,
 };
+use crate::ports::kube::ScaleTarget;
 use crate::ports::kube::{
     validate_pod_counts, Baseline, DeployableSpec, JobSpec, KubeError, KubeExecutor, ModelSpec,
     ObjectEvent, ObjectStatus, Observation, ResourceKind, FIELD_MANAGER,
@@ -829,25 +830,23 @@ impl KubeExecutor for SimKube {
     async fn set_min_replicas(
         &self,
         namespace: &str,
-        deployable: &str,
+        target: &ScaleTarget,
         min: i32,
     ) -> Result<(), KubeError> {
+        let (hpa_name, deployable) = (target.hpa.as_str(), target.deployment.as_str());
         let mut st = self.inner.lock();
         st.take_failure("set_min_replicas")?;
         validate_pod_counts(min, None)?;
-        let hpa = st
-            .hpas
-            .get_mut(&key(namespace, deployable))
-            .ok_or_else(|| {
-                KubeError::NotFound(format!(
-                    "horizontalpodautoscalers.autoscaling \"{deployable}\" not found"
-                ))
-            })?;
+        let hpa = st.hpas.get_mut(&key(namespace, hpa_name)).ok_or_else(|| {
+            KubeError::NotFound(format!(
+                "horizontalpodautoscalers.autoscaling \"{hpa_name}\" not found"
+            ))
+        })?;
         let max = match &mut hpa.object.detail {
             StatusDetail::HorizontalPodAutoscaler(h) => {
                 if min > h.max_replicas {
                     return Err(KubeError::Invalid(format!(
-                        "HorizontalPodAutoscaler.autoscaling \"{deployable}\" is invalid: spec.minReplicas: Invalid value: {min}: must be less than or equal to maxReplicas"
+                        "HorizontalPodAutoscaler.autoscaling \"{hpa_name}\" is invalid: spec.minReplicas: Invalid value: {min}: must be less than or equal to maxReplicas"
                     )));
                 }
                 h.min_replicas = Some(min.max(1));
@@ -881,11 +880,12 @@ impl KubeExecutor for SimKube {
     async fn observed_min_replicas(
         &self,
         namespace: &str,
-        deployable: &str,
+        target: &ScaleTarget,
     ) -> Result<Option<i32>, KubeError> {
+        let deployable = target.deployment.as_str();
         let mut st = self.inner.lock();
         st.take_failure("observed_min_replicas")?;
-        let Some(hpa) = st.hpas.get(&key(namespace, deployable)) else {
+        let Some(hpa) = st.hpas.get(&key(namespace, &target.hpa)) else {
             return Ok(None);
         };
         let min = match &hpa.object.detail {
@@ -1246,12 +1246,16 @@ mod tests {
     async fn min_replicas_and_scale_to_zero() {
         let sim = SimKube::new(DELAY);
         sim.apply_deployable(&spec("web", 1)).await.unwrap();
-        sim.set_min_replicas("int", "web", 4).await.unwrap();
+        sim.set_min_replicas("int", &ScaleTarget::same("web"), 4)
+            .await
+            .unwrap();
         assert_eq!(
             (sim.min_replicas("int", "web"), sim.replicas("int", "web")),
             (Some(4), Some(4))
         );
-        sim.set_min_replicas("int", "web", 0).await.unwrap();
+        sim.set_min_replicas("int", &ScaleTarget::same("web"), 0)
+            .await
+            .unwrap();
         assert_eq!(
             (sim.min_replicas("int", "web"), sim.replicas("int", "web")),
             (Some(0), Some(0))
@@ -1264,15 +1268,18 @@ mod tests {
         settle().await;
         assert!(sim.pods("int").is_empty());
         assert!(matches!(
-            sim.set_min_replicas("int", "web", 9).await,
+            sim.set_min_replicas("int", &ScaleTarget::same("web"), 9)
+                .await,
             Err(KubeError::Invalid(_))
         ));
         assert!(matches!(
-            sim.set_min_replicas("int", "web", -1).await,
+            sim.set_min_replicas("int", &ScaleTarget::same("web"), -1)
+                .await,
             Err(KubeError::Invalid(_))
         ));
         assert!(matches!(
-            sim.set_min_replicas("int", "nope", 1).await,
+            sim.set_min_replicas("int", &ScaleTarget::same("nope"), 1)
+                .await,
             Err(KubeError::NotFound(_))
         ));
     }
@@ -1286,7 +1293,9 @@ mod tests {
             Verdict::Satisfied
         );
         assert_eq!(sim.min_replicas("int", "shadow"), Some(0));
-        sim.set_min_replicas("int", "shadow", 3).await.unwrap();
+        sim.set_min_replicas("int", &ScaleTarget::same("shadow"), 3)
+            .await
+            .unwrap();
         let b = sim.observe(&b).await.unwrap();
         let generation = b.objects[0].generation;
         let after = Baseline {

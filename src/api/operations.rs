@@ -57,8 +57,8 @@ pub struct DeployableBody {
     pub max_pod_count: i32,
     /// Container resources.
     pub resources: ResourceSpec,
-    /// Models to load at start.
-    #[serde(rename = "modelsToLoad", default)]
+    /// Models to load at start (`modelsToLoad`, the earlier spelling, is accepted too).
+    #[serde(alias = "modelsToLoad", default)]
     pub models_to_load: Vec<ModelToLoad>,
     /// Caller's run id.
     pub workflow_run_id: Option<String>,
@@ -652,4 +652,45 @@ async fn operation(
         }
     }
     Ok(HttpResponse::Ok().json(view))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(models: serde_json::Value) -> serde_json::Value {
+        let mut b = json!({
+            "name": "d", "image": "i", "min_pod_count": 1, "max_pod_count": 2,
+            "resources": {"cpu": {"request": "1", "limit": "1"}, "memory": {"request": "1Gi", "limit": "1Gi"}},
+            "callback": {"url": "https://example.com/cb"}
+        });
+        if let (Some(o), Some(m)) = (b.as_object_mut(), models.as_object()) {
+            o.extend(m.clone());
+        }
+        b
+    }
+
+    #[test]
+    fn models_to_load_is_snake_case_and_the_camel_case_spelling_is_accepted() {
+        let snake = json!({"models_to_load": [{"name": "m", "version": "1", "runtime": "r",
+            "precision": "fp16", "batch_size": 8, "artifact_version": "a"}]});
+        let camel = json!({"modelsToLoad": [{"name": "m", "version": "1", "runtime": "r",
+            "precision": "fp16", "batchSize": 8, "artifactVersion": "a"}]});
+        let decode =
+            |v| serde_json::from_value::<DeployableBody>(body(v)).map(|b| b.models_to_load);
+        let (snake, camel) = match (decode(snake), decode(camel)) {
+            (Ok(s), Ok(c)) => (s, c),
+            other => panic!("both spellings decode: {other:?}"),
+        };
+        assert_eq!(snake, camel);
+        assert_eq!(
+            (snake[0].batch_size, snake[0].artifact_version.as_str()),
+            (8, "a")
+        );
+        let out = serde_json::to_value(&snake[0]).unwrap_or_default();
+        assert_eq!(
+            (&out["batch_size"], &out["artifact_version"]),
+            (&json!(8), &json!("a"))
+        );
+    }
 }

@@ -11,7 +11,8 @@ use crate::api::error::ApiError;
 use crate::api::{method_not_allowed, reply_response, AppState};
 use crate::config::valid_segment;
 use crate::domain::shadow::{
-    MinPodAction, Owner, ShadowCommand, ShadowState, MAX_LEASE_SECONDS, MAX_MIN_POD_COUNT,
+    valid_object_name, MinPodAction, Owner, ShadowCommand, ShadowState, MAX_LEASE_SECONDS,
+    MAX_MIN_POD_COUNT,
 };
 use crate::idempotency::IdemRequest;
 
@@ -59,6 +60,8 @@ pub struct ShadowView {
     /// DNS name.
     pub dns: String,
     /// Minimum pod count requested by the holder.
+    pub min_pod_count: u32,
+    /// Deprecated alias of `min_pod_count` (same value), answered for one more release.
     pub pod_count: u32,
     /// Whether it is procured.
     pub in_use: bool,
@@ -71,7 +74,13 @@ pub struct ShadowView {
     /// Version.
     pub version: u64,
     /// When a leased hold expires (null: FREE, or held without a lease).
+    #[serde(default, with = "crate::domain::time::option")]
     pub lease_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The Deployment its minimum pod count scales (registration's `deployment`, default
+    /// the name).
+    pub deployment: String,
+    /// The HorizontalPodAutoscaler whose `minReplicas` follows it (default the name).
+    pub hpa: String,
 }
 
 /// Action of the procure/release route.
@@ -130,6 +139,23 @@ pub struct RegisterBody {
     pub node_pool: String,
     /// DNS name.
     pub dns: String,
+    /// The Deployment its minimum pod count scales (default: the deployable's name).
+    pub deployment: Option<String>,
+    /// The HorizontalPodAutoscaler whose `minReplicas` follows it (default: the
+    /// deployable's name).
+    pub hpa: Option<String>,
+}
+
+/// `deployment` and `hpa` must be Kubernetes object names.
+fn check_kube_name(field: &str, value: &str) -> Result<(), ApiError> {
+    if valid_object_name(value) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{field} {value:?} is not a Kubernetes object name (1-253 lowercase letters, \
+             digits, '-' or '.', starting and ending with a letter or digit)"
+        )))
+    }
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -179,8 +205,11 @@ async fn list(
         .filter(|r| query.node_pool.as_ref().is_none_or(|p| r.node_pool == *p))
         .map(|r| ShadowView {
             in_use: r.in_use(),
+            deployment: r.deployment_name().to_owned(),
+            hpa: r.hpa_name().to_owned(),
             name: r.name,
             dns: r.dns,
+            min_pod_count: r.min_pod_count,
             pod_count: r.min_pod_count,
             node_pool: r.node_pool,
             state: r.state,
@@ -323,10 +352,17 @@ async fn register(
     let b = body.value;
     check_text("node_pool", &b.node_pool)?;
     check_text("dns", &b.dns)?;
+    for (field, value) in [("deployment", &b.deployment), ("hpa", &b.hpa)] {
+        if let Some(v) = value {
+            check_kube_name(field, v)?;
+        }
+    }
     let cmd = ShadowCommand::Register {
         name: name.clone(),
         node_pool: b.node_pool,
         dns: b.dns,
+        deployment: b.deployment,
+        hpa: b.hpa,
     };
     let route = format!("shadow-deployables:register:{name}");
     let idem = state.idempotency(&req, &env, &route, &body.canonical)?;

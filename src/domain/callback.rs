@@ -689,6 +689,7 @@ pub struct AttemptRecord {
     /// 1 for the first attempt.
     pub attempt: u32,
     /// When the attempt ended.
+    #[serde(with = "crate::domain::time")]
     pub at: DateTime<Utc>,
     /// [`AttemptOutcome::kind`].
     pub outcome: String,
@@ -1310,7 +1311,7 @@ mod tests {
         let v = serde_json::to_value(&r).expect("json");
         assert_eq!(
             v,
-            serde_json::json!({"attempt":2,"at":"2024-01-02T03:04:05Z","outcome":"http_error","status":503,"error":null})
+            serde_json::json!({"attempt":2,"at":"2024-01-02T03:04:05.000Z","outcome":"http_error","status":503,"error":null})
         );
         let back: AttemptRecord = serde_json::from_value(v).expect("decode");
         assert_eq!(back, r);

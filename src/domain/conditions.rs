@@ -63,7 +63,8 @@ impl fmt::Display for ResourceKind {
 
 /// What a watcher needs to judge "done" against the state captured when the action was
 /// taken. Returned by every `KubeExecutor` action and stored in the watch intent
-/// (serialized in camelCase; absent options are omitted).
+/// (serialized in snake_case, the camelCase keys of older records accepted; absent
+/// options are omitted).
 ///
 /// `kind` is the kind whose objects decide the verdict:
 /// - `Deployment`: the Deployment `name` (create, restart);
@@ -71,7 +72,6 @@ impl fmt::Display for ResourceKind {
 ///   (model load). The Deployment is consulted too, for its replica count;
 /// - `Job`: the Job `name`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct Baseline {
     /// Kind whose objects decide the verdict.
     pub kind: ResourceKind,
@@ -82,6 +82,7 @@ pub struct Baseline {
     pub name: Option<String>,
     /// Equality-based label selector of the pods involved (`k=v,k2=v2`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(alias = "labelSelector")]
     pub label_selector: Option<String>,
     /// `metadata.generation` the API server answered our change with; the controller
     /// must have observed at least this generation.
@@ -94,10 +95,12 @@ pub struct Baseline {
     /// Pod-template annotation key our change wrote (e.g.
     /// `kubectl.kubernetes.io/restartedAt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(alias = "templateAnnotation")]
     pub template_annotation: Option<String>,
     /// The value written under `template_annotation`; pods carrying it (or, for
     /// RFC 3339 timestamps, a later one) run the new template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(alias = "templateHash")]
     pub template_hash: Option<String>,
 }
 
@@ -984,7 +987,10 @@ mod tests {
         );
         let json = serde_json::to_value(&b).unwrap_or_default();
         assert_eq!(json["kind"], "Pod");
-        assert_eq!(json["templateAnnotation"], "resource-plane/model-loaded-at");
+        assert_eq!(
+            json["template_annotation"],
+            "resource-plane/model-loaded-at"
+        );
         let back: Baseline = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, b);
     }

@@ -47,13 +47,13 @@ pub enum IntentStatus {
 
 /// The resource watched, as the caller sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct WatchedResource {
     /// Kind.
     pub kind: ResourceKind,
     /// Namespace.
     pub namespace: String,
     /// Label selector of the objects involved.
+    #[serde(alias = "labelSelector")]
     pub label_selector: Option<String>,
     /// Object name (none for "every Deployment in the namespace").
     pub name: Option<String>,
@@ -61,39 +61,45 @@ pub struct WatchedResource {
 
 /// The caller's workflow coordinates, echoed in the callback.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct WorkflowRef {
     /// Run id.
+    #[serde(alias = "runId")]
     pub run_id: Option<String>,
     /// Plan.
     pub plan: Option<String>,
     /// Task id.
+    #[serde(alias = "taskId")]
     pub task_id: Option<String>,
 }
 
 /// Progress of the callback delivery (the outbox entry).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct Delivery {
     /// `webhook-id`, stable across attempts.
+    #[serde(alias = "webhookId")]
     pub webhook_id: String,
     /// Every attempt so far.
     pub attempts: Vec<AttemptRecord>,
     /// A 2xx was received.
     pub delivered: bool,
     /// No further attempt will be made.
+    #[serde(alias = "gaveUp")]
     pub gave_up: bool,
     /// When the next attempt is due (none: now, once the intent is final).
+    #[serde(alias = "nextAttemptAt")]
+    #[serde(default, with = "crate::domain::time::option")]
     pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
-/// A stored watch intent (`/watch-intents/{request_id}`).
+/// A stored watch intent (`/watch-intents/{request_id}`). Keys are snake_case like the
+/// rest of the API; the `alias`es decode records stored in camelCase by earlier releases.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct WatchIntent {
     /// Always [`SCHEMA_VERSION`].
+    #[serde(alias = "schemaVersion")]
     pub schema_version: String,
     /// Request id (also the key).
+    #[serde(alias = "requestId")]
     pub request_id: String,
     /// Environment the request was made in.
     pub env: String,
@@ -102,6 +108,7 @@ pub struct WatchIntent {
     /// What is watched.
     pub resource: WatchedResource,
     /// The condition awaited.
+    #[serde(alias = "desiredCondition")]
     pub desired_condition: DesiredCondition,
     /// What the change left behind, so a condition true before it does not count.
     pub baselines: Vec<Baseline>,
@@ -110,12 +117,17 @@ pub struct WatchIntent {
     /// The caller's workflow.
     pub workflow: WorkflowRef,
     /// Creation time.
+    #[serde(alias = "createdAt")]
+    #[serde(with = "crate::domain::time")]
     pub created_at: DateTime<Utc>,
     /// Past this the intent ends `TIMED_OUT`.
+    #[serde(with = "crate::domain::time")]
     pub deadline: DateTime<Utc>,
     /// Status.
     pub status: IntentStatus,
     /// When the status became final.
+    #[serde(alias = "observedAt")]
+    #[serde(default, with = "crate::domain::time::option")]
     pub observed_at: Option<DateTime<Utc>>,
     /// Why it ended the way it did (or what is still missing).
     pub detail: Option<String>,
@@ -157,13 +169,13 @@ impl WatchIntent {
     /// The callback body: the same bytes for every attempt.
     pub fn callback_body(&self) -> Vec<u8> {
         let body = json!({
-            "requestId": self.request_id,
+            "request_id": self.request_id,
             "operation": self.operation,
             "status": self.status,
             "resource": self.resource,
-            "desiredCondition": self.desired_condition,
+            "desired_condition": self.desired_condition,
             "workflow": self.workflow,
-            "observedAt": self.observed_at,
+            "observed_at": self.observed_at.as_ref().map(crate::domain::time::format),
             "detail": self.detail,
         });
         serde_json::to_vec(&body).unwrap_or_default()
@@ -290,9 +302,88 @@ mod tests {
         }
     }
 
+    /// Every object key in `v`, recursively, with its path.
+    fn keys(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => m.iter().for_each(|(k, v)| {
+                out.push(format!("{at}.{k}"));
+                keys(v, &format!("{at}.{k}"), out);
+            }),
+            serde_json::Value::Array(a) => a.iter().for_each(|v| keys(v, at, out)),
+            _ => {}
+        }
+    }
+
+    fn camel_keys(v: &serde_json::Value) -> Vec<String> {
+        let mut all = Vec::new();
+        keys(v, "", &mut all);
+        all.retain(|k| k.chars().any(|c| c.is_ascii_uppercase()));
+        all
+    }
+
+    #[test]
+    fn intents_and_callback_bodies_are_snake_case() {
+        let now = crate::clock::utc_now();
+        let mut i = intent(now);
+        i.workflow = WorkflowRef {
+            run_id: Some("r".into()),
+            plan: Some("p".into()),
+            task_id: Some("t".into()),
+        };
+        i.baselines[0].label_selector = Some("name=j".into());
+        i.baselines[0].template_annotation = Some("a".into());
+        i.baselines[0].template_hash = Some("h".into());
+        i.delivery.next_attempt_at = Some(now);
+        i.observed_at = Some(now);
+        let stored = serde_json::to_value(&i).unwrap_or_default();
+        assert_eq!(camel_keys(&stored), Vec::<String>::new(), "{stored}");
+        assert_eq!(stored["request_id"], "r1");
+        let body: serde_json::Value =
+            serde_json::from_slice(&i.callback_body()).unwrap_or_default();
+        assert_eq!(camel_keys(&body), Vec::<String>::new(), "{body}");
+        assert_eq!(body["request_id"], "r1");
+        assert_eq!(body["desired_condition"], "JobComplete");
+        assert_eq!(body["workflow"]["run_id"], "r");
+    }
+
+    #[test]
+    fn intents_stored_with_camel_case_keys_still_decode() {
+        // The format records had before the snake_case contract; etcd still holds some.
+        let old = serde_json::json!({
+            "schemaVersion": "v1", "requestId": "r1", "env": "int", "operation": "TRIGGER_JOB",
+            "resource": {"kind": "Job", "namespace": "int", "labelSelector": "name=j", "name": "j"},
+            "desiredCondition": "JobComplete",
+            "baselines": [{"kind": "Job", "namespace": "int", "name": "j",
+                "labelSelector": "name=j", "templateAnnotation": "a", "templateHash": "h"}],
+            "callback": {"url": "https://example.com/cb"},
+            "workflow": {"runId": "r", "plan": "p", "taskId": "t"},
+            "createdAt": "2026-01-10T14:20:00Z", "deadline": "2026-01-10T14:21:00Z",
+            "status": "PENDING", "observedAt": "2026-01-10T14:20:30.5+00:00", "detail": null,
+            "delivery": {"webhookId": "msg_r1", "attempts": [], "delivered": false,
+                "gaveUp": true, "nextAttemptAt": "2026-01-10T14:20:40Z"}
+        });
+        let i: WatchIntent = match serde_json::from_value(old) {
+            Ok(i) => i,
+            Err(e) => panic!("old record does not decode: {e}"),
+        };
+        assert_eq!(i.request_id, "r1");
+        assert_eq!(i.schema_version, "v1");
+        assert_eq!(i.desired_condition, DesiredCondition::JobComplete);
+        assert_eq!(i.resource.label_selector.as_deref(), Some("name=j"));
+        assert_eq!(i.baselines[0].template_hash.as_deref(), Some("h"));
+        assert_eq!(i.baselines[0].template_annotation.as_deref(), Some("a"));
+        assert_eq!(i.baselines[0].label_selector.as_deref(), Some("name=j"));
+        assert_eq!(i.workflow.run_id.as_deref(), Some("r"));
+        assert_eq!(i.workflow.task_id.as_deref(), Some("t"));
+        assert_eq!(i.delivery.webhook_id, "msg_r1");
+        assert!(i.delivery.gave_up);
+        assert!(i.delivery.next_attempt_at.is_some() && i.observed_at.is_some());
+        assert_eq!(i.created_at.to_rfc3339(), "2026-01-10T14:20:00+00:00");
+    }
+
     #[test]
     fn submitting_intents_become_pending_or_fail_and_only_then_call_back() {
-        let now = Utc::now();
+        let now = crate::clock::utc_now();
         let mut i = intent(now);
         i.status = IntentStatus::Submitting;
         i.baselines.clear();
@@ -320,7 +411,7 @@ mod tests {
 
     #[test]
     fn verdicts_conclude_and_deadlines_time_out() {
-        let now = Utc::now();
+        let now = crate::clock::utc_now();
         let i = intent(now);
         let pending = Verdict::Pending { reason: "x".into() };
         assert_eq!(conclude(&i, &pending, now), None);
@@ -350,7 +441,7 @@ mod tests {
 
     #[test]
     fn attempts_schedule_retries_and_end_deliveries() {
-        let now = Utc::now();
+        let now = crate::clock::utc_now();
         let done = conclude(&intent(now), &Verdict::Satisfied, now).expect("final");
         let failed = record_attempt(
             &done,

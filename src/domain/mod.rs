@@ -7,4 +7,5 @@ pub mod controller;
 pub mod intent;
 pub mod launch;
 pub mod shadow;
+pub mod time;
 pub mod worker;

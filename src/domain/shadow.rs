@@ -31,6 +31,7 @@ pub struct Owner {
     /// The workflow plan of that run, when given.
     pub workflow_plan: Option<String>,
     /// When it was procured.
+    #[serde(with = "crate::domain::time")]
     pub procured_at: DateTime<Utc>,
     /// The hold's lease length in seconds, as given to PROCURE (absent: no lease, the
     /// hold lasts until RELEASE). A RENEW without a length renews by this much.
@@ -56,9 +57,18 @@ pub struct ShadowDeployable {
     pub min_pod_count: u32,
     /// When a leased hold expires (the leader then releases it); `None` when FREE or
     /// held without a lease.
-    #[serde(default)]
+    #[serde(default, with = "crate::domain::time::option")]
     pub lease_expires_at: Option<DateTime<Utc>>,
+    /// The Deployment `min_pod_count` scales, when registration named one other than
+    /// `name` (absent: `name`; records stored before the mapping existed have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
+    /// The HorizontalPodAutoscaler whose `minReplicas` follows `min_pod_count`, when
+    /// registration named one other than `name` (absent: `name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hpa: Option<String>,
     /// Time of the last change.
+    #[serde(with = "crate::domain::time")]
     pub last_updated_at: DateTime<Utc>,
     /// Incremented by every state change.
     pub version: u64,
@@ -75,6 +85,8 @@ impl ShadowDeployable {
             owner: None,
             min_pod_count: 0,
             lease_expires_at: None,
+            deployment: None,
+            hpa: None,
             last_updated_at: now,
             version: 0,
         }
@@ -86,6 +98,16 @@ impl ShadowDeployable {
         self.state == ShadowState::Procured && self.lease_expires_at.is_some_and(|t| t < now)
     }
 
+    /// The Deployment this deployable's minimum pod count scales.
+    pub fn deployment_name(&self) -> &str {
+        self.deployment.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The HorizontalPodAutoscaler whose `minReplicas` follows the minimum pod count.
+    pub fn hpa_name(&self) -> &str {
+        self.hpa.as_deref().unwrap_or(&self.name)
+    }
+
     /// Whether the in-use index should say `true`.
     pub fn in_use(&self) -> bool {
         self.state == ShadowState::Procured
@@ -95,6 +117,17 @@ impl ShadowDeployable {
     pub fn owner_run(&self) -> Option<&str> {
         self.owner.as_ref().map(|o| o.workflow_run_id.as_str())
     }
+}
+
+/// Whether `s` can name a Kubernetes Deployment or HPA (an RFC 1123 subdomain: 1-253
+/// lowercase letters, digits, '-' or '.', starting and ending with a letter or digit).
+pub fn valid_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 /// How a min-pod-count request changes the count.
@@ -147,7 +180,7 @@ pub enum ShadowCommand {
         /// By how much.
         count: u32,
     },
-    /// Create the record, or update its node pool and DNS name.
+    /// Create the record, or update its node pool, DNS name and Kubernetes mapping.
     Register {
         /// Name of the deployable.
         name: String,
@@ -155,6 +188,10 @@ pub enum ShadowCommand {
         node_pool: String,
         /// DNS name.
         dns: String,
+        /// Deployment scaled by the minimum pod count (none: `name`).
+        deployment: Option<String>,
+        /// HPA whose `minReplicas` follows the minimum pod count (none: `name`).
+        hpa: Option<String>,
     },
     /// Remove the record (only when FREE).
     Delete,
@@ -218,6 +255,10 @@ pub enum ShadowOutcome {
 }
 
 /// What happens to the persisted record.
+// `Put` carries the whole record (with its Kubernetes mapping, it is past clippy's size
+// threshold): a decision lives for one command and is moved, never copied in bulk, so a
+// box would only add an allocation per command.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// Nothing is written.
@@ -294,10 +335,17 @@ pub fn decide(
                 name,
                 node_pool,
                 dns,
-            } => Ok(Decision {
-                change: Change::Put(ShadowDeployable::new(name, node_pool, dns, ctx.now)),
-                outcome: ShadowOutcome::Registered { created: true },
-            }),
+                deployment,
+                hpa,
+            } => {
+                let mut rec = ShadowDeployable::new(name, node_pool, dns, ctx.now);
+                rec.deployment.clone_from(deployment);
+                rec.hpa.clone_from(hpa);
+                Ok(Decision {
+                    change: Change::Put(rec),
+                    outcome: ShadowOutcome::Registered { created: true },
+                })
+            }
             _ => Err(ShadowError::NotFound),
         };
     };
@@ -415,13 +463,25 @@ pub fn decide(
                 outcome: ShadowOutcome::Deleted,
             })
         }
-        ShadowCommand::Register { node_pool, dns, .. } => {
-            if rec.node_pool == *node_pool && rec.dns == *dns {
+        ShadowCommand::Register {
+            node_pool,
+            dns,
+            deployment,
+            hpa,
+            ..
+        } => {
+            if rec.node_pool == *node_pool
+                && rec.dns == *dns
+                && rec.deployment == *deployment
+                && rec.hpa == *hpa
+            {
                 return unchanged(ShadowOutcome::Registered { created: false });
             }
             let mut next = rec.clone();
             next.node_pool.clone_from(node_pool);
             next.dns.clone_from(dns);
+            next.deployment.clone_from(deployment);
+            next.hpa.clone_from(hpa);
             next.last_updated_at = ctx.now;
             Ok(Decision {
                 change: Change::Put(next),
@@ -575,6 +635,38 @@ mod tests {
         );
     }
 
+    fn register(deployment: Option<&str>, hpa: Option<&str>) -> ShadowCommand {
+        ShadowCommand::Register {
+            name: "d".into(),
+            node_pool: "pool".into(),
+            dns: "d.example".into(),
+            deployment: deployment.map(str::to_owned),
+            hpa: hpa.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn registration_maps_the_deployment_and_hpa_and_defaults_to_the_name() {
+        let d = decide(None, &register(Some("dep-x"), Some("hpa-x")), ctx()).expect("decision");
+        let Change::Put(rec) = d.change else {
+            panic!("nothing written")
+        };
+        assert_eq!((rec.deployment_name(), rec.hpa_name()), ("dep-x", "hpa-x"));
+        // Registering again without names maps the shadow name again.
+        let (next, out) = apply(&rec, &register(None, None));
+        assert_eq!(out, ShadowOutcome::Registered { created: false });
+        assert_eq!((next.deployment_name(), next.hpa_name()), ("d", "d"));
+        let (next, _) = apply(&next, &register(None, Some("hpa-y")));
+        assert_eq!((next.deployment_name(), next.hpa_name()), ("d", "hpa-y"));
+        // Records stored before the mapping existed decode and map their own name.
+        let old: ShadowDeployable = serde_json::from_value(serde_json::json!({
+            "name": "old", "node_pool": "p", "dns": "x", "state": "FREE", "owner": null,
+            "last_updated_at": "2026-01-10T14:20:00Z", "version": 3
+        }))
+        .expect("old record decodes");
+        assert_eq!((old.deployment_name(), old.hpa_name()), ("old", "old"));
+    }
+
     #[test]
     fn register_and_delete() {
         let d = decide(
@@ -583,6 +675,8 @@ mod tests {
                 name: "n".into(),
                 node_pool: "p".into(),
                 dns: "x".into(),
+                deployment: None,
+                hpa: None,
             },
             ctx(),
         )

@@ -157,15 +157,18 @@ pub struct Worker {
     /// Ids of instances placed on it.
     pub instances: Vec<String>,
     /// Creation time.
+    #[serde(with = "crate::domain::time")]
     pub created_at: DateTime<Utc>,
     /// Time of the last state change.
+    #[serde(with = "crate::domain::time")]
     pub state_changed_at: DateTime<Utc>,
     /// Last heartbeat from the host.
+    #[serde(default, with = "crate::domain::time::option")]
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     /// When a drain gives up waiting.
+    #[serde(default, with = "crate::domain::time::option")]
     pub drain_deadline: Option<DateTime<Utc>>,
-    /// Since when it has been RUNNING with no instances; `None` while it has instances.
-    #[serde(default)]
+    /// Since when it has been RUNNING with no instances; `None` while it has instances.    #[serde(default, with = "crate::domain::time::option")]
     pub idle_since: Option<DateTime<Utc>>,
 }
 
@@ -199,6 +202,7 @@ pub struct Instance {
     /// Keeps its worker from a voluntary drain.
     pub do_not_disrupt: bool,
     /// Creation time.
+    #[serde(with = "crate::domain::time")]
     pub created_at: DateTime<Utc>,
 }
 

@@ -112,10 +112,11 @@ pub struct ResourceSpec {
     pub gpu: Option<GpuSpec>,
 }
 
-/// A model the deployable loads at start. Serialized in camelCase, as handed to the
-/// container in [`MODELS_TO_LOAD_ENV`].
+/// A model the deployable loads at start. Serialized in snake_case, as handed to the
+/// container in [`MODELS_TO_LOAD_ENV`]; the camelCase spellings of earlier releases
+/// (`batchSize`, `artifactVersion`) are accepted on input.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct ModelToLoad {
     /// Model name.
     pub name: String,
@@ -126,8 +127,10 @@ pub struct ModelToLoad {
     /// Numeric precision (`fp16`, ...).
     pub precision: String,
     /// Batch size.
+    #[serde(alias = "batchSize")]
     pub batch_size: u32,
     /// Artifact version.
+    #[serde(alias = "artifactVersion")]
     pub artifact_version: String,
 }
 
@@ -166,6 +169,28 @@ pub struct JobSpec {
     pub payload: serde_json::Value,
     /// The request that creates it, recorded as the [`REQUEST_ID_LABEL`] label.
     pub request_id: String,
+}
+
+/// The Kubernetes objects a shadow deployable's minimum pod count acts on: the
+/// Deployment that is scaled and the HorizontalPodAutoscaler whose `minReplicas` is
+/// patched. Registration names them (default: the shadow deployable's own name); only
+/// targets built from a registered record are ever handed to the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ScaleTarget {
+    /// Deployment name.
+    pub deployment: String,
+    /// HorizontalPodAutoscaler name.
+    pub hpa: String,
+}
+
+impl ScaleTarget {
+    /// A Deployment and an HPA that share `name` (what `apply_deployable` creates).
+    pub fn same(name: &str) -> Self {
+        Self {
+            deployment: name.to_owned(),
+            hpa: name.to_owned(),
+        }
+    }
 }
 
 /// A model to load into a running deployable.
@@ -369,7 +394,8 @@ pub trait KubeExecutor: Send + Sync + 'static {
     /// uid.
     async fn create_job(&self, spec: &JobSpec) -> Result<Baseline, KubeError>;
 
-    /// Makes `min` the deployable's minimum pod count. An HPA cannot have
+    /// Makes `min` the minimum pod count of `target` (the HPA `target.hpa` and the
+    /// Deployment `target.deployment` a shadow deployable's record maps). An HPA cannot have
     /// `minReplicas: 0` (without an alpha feature gate), so:
     /// - `min >= 1`: HPA `minReplicas = min`, and the Deployment is scaled up to `min`
     ///   at once if it has fewer replicas (an HPA never scales up from zero);
@@ -381,17 +407,17 @@ pub trait KubeExecutor: Send + Sync + 'static {
     async fn set_min_replicas(
         &self,
         namespace: &str,
-        deployable: &str,
+        target: &ScaleTarget,
         min: i32,
     ) -> Result<(), KubeError>;
 
-    /// The deployable's effective minimum pod count as the cluster has it now: `None`
+    /// `target`'s effective minimum pod count as the cluster has it now: `None`
     /// when it has no HPA, `Some(0)` when its Deployment is scaled to zero, else the
     /// HPA's `minReplicas`. [`min_replicas_hold`] compares it with a wanted minimum.
     async fn observed_min_replicas(
         &self,
         namespace: &str,
-        deployable: &str,
+        target: &ScaleTarget,
     ) -> Result<Option<i32>, KubeError>;
 
     /// One authoritative read of every object the baseline's condition consults (see

@@ -189,7 +189,7 @@ fn request(url: &str) -> CallbackRequest {
         target: CallbackTarget::post(url),
         webhook_id: "msg_2b9f6c1e".to_owned(),
         timestamp: TIMESTAMP,
-        body: br#"{"requestId":"r-1","status":"SUCCEEDED"}"#.to_vec(),
+        body: br#"{"request_id":"r-1","status":"SUCCEEDED"}"#.to_vec(),
     }
 }
 

@@ -111,9 +111,12 @@ async fn contract_suite(store: Arc<dyn Store>) {
     assert_eq!(
         fields,
         vec![
+            "deployment",
             "dns",
+            "hpa",
             "in_use",
             "lease_expires_at",
+            "min_pod_count",
             "name",
             "node_pool",
             "owner",
@@ -123,6 +126,11 @@ async fn contract_suite(store: Arc<dyn Store>) {
         ]
     );
     assert_eq!(first["state"], "FREE");
+    // no mapping registered: the Deployment and HPA carry the deployable's name
+    assert_eq!(
+        (&first["deployment"], &first["hpa"]),
+        (&json!("d1"), &json!("d1"))
+    );
     assert_eq!(first["in_use"], false);
     assert_eq!(first["owner"], Value::Null);
 
@@ -212,6 +220,8 @@ async fn contract_suite(store: Arc<dyn Store>) {
     .await;
     assert_eq!(r.json, json!({"status": "UPDATED", "min_pod_count": 3}));
     let r = send(&app, get(&format!("{BASE}?in_use=true")).to_request()).await;
+    assert_eq!(r.json["data"][0]["min_pod_count"], 3);
+    // `pod_count` is the deprecated alias, kept for one release with the same value.
     assert_eq!(r.json["data"][0]["pod_count"], 3);
     let r = send(
         &app,
@@ -271,10 +281,11 @@ async fn contract_suite(store: Arc<dyn Store>) {
     assert_eq!(
         (
             d1["state"].as_str(),
+            d1["min_pod_count"].as_u64(),
             d1["pod_count"].as_u64(),
             d1["owner"].is_null()
         ),
-        (Some("FREE"), Some(0), true)
+        (Some("FREE"), Some(0), Some(0), true)
     );
     assert!(d1["version"].as_u64().unwrap_or(0) > 1);
     let r = send(&app, post(BASE, &release("d1", "r1")).to_request()).await;
@@ -534,7 +545,7 @@ async fn auth_guards_every_api_route_but_not_probes() {
 async fn seeding_creates_missing_records_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let seed = dir.path().join("seed.yaml");
-    std::fs::write(&seed, "int:\n  - name: s1\n    node_pool: p\n    dns: s1.example\n  - name: s2\n    node_pool: p\n    dns: s2.example\n")
+    std::fs::write(&seed, "int:\n  - name: s1\n    node_pool: p\n    dns: s1.example\n  - name: s2\n    node_pool: p\n    dns: s2.example\n    deployment: s2-deploy\n    hpa: s2-hpa\n")
         .unwrap_or_else(|e| panic!("{e}"));
     let mut cfg = support::config();
     cfg.seed_file = Some(seed.clone());
@@ -549,6 +560,14 @@ async fn seeding_creates_missing_records_and_never_overwrites() {
     assert!(support::eventually(Duration::from_secs(5), listed).await);
     let r = send(&app, post(BASE, &procure("s1", "r1")).to_request()).await;
     assert_eq!(r.json["status"], "PROCURED");
+    // a seed entry may map its Deployment and HPA; without, they carry its name
+    let r = send(&app, get(BASE).to_request()).await;
+    let mapping = |i: usize| {
+        let d = &r.json["data"][i];
+        (d["deployment"].clone(), d["hpa"].clone())
+    };
+    assert_eq!(mapping(0), (json!("s1"), json!("s1")));
+    assert_eq!(mapping(1), (json!("s2-deploy"), json!("s2-hpa")));
 
     // a second instance seeding the same store leaves s1 procured
     let svc2 = support::service(cfg.clone(), store.clone()).await;
@@ -570,4 +589,11 @@ async fn seeding_creates_missing_records_and_never_overwrites() {
     .unwrap_or_else(|e| panic!("{e}"));
     let e = resource_plane::app::load_seed(&cfg).expect_err("unknown key");
     assert!(e.to_string().contains("extra"), "{e}");
+    std::fs::write(
+        &seed,
+        "int:\n  - name: s1\n    node_pool: p\n    dns: x\n    hpa: Not_A_Name\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let e = resource_plane::app::load_seed(&cfg).expect_err("bad hpa name");
+    assert!(e.to_string().contains("Not_A_Name"), "{e}");
 }

@@ -25,6 +25,7 @@ use resource_plane::keys;
 use resource_plane::ports::cloud::{CloudError, CloudInstance, CloudInstanceStatus, CloudProvider};
 use resource_plane::ports::kube::{
     Baseline, DeployableSpec, JobSpec, KubeError, KubeExecutor, ModelSpec, ResourceKind,
+    ScaleTarget,
 };
 use resource_plane::ports::store::{
     Compare, Kv, Op, Store, StoreError, Txn, TxnResult, WatchReceiver,
@@ -196,25 +197,21 @@ impl KubeExecutor for CountingKube {
     async fn set_min_replicas(
         &self,
         namespace: &str,
-        deployable: &str,
+        target: &ScaleTarget,
         min: i32,
     ) -> Result<(), KubeError> {
         self.calls
-            .push(format!("set_min_replicas {deployable} {min}"));
-        self.inner
-            .set_min_replicas(namespace, deployable, min)
-            .await
+            .push(format!("set_min_replicas {} {min}", target.deployment));
+        self.inner.set_min_replicas(namespace, target, min).await
     }
     async fn observed_min_replicas(
         &self,
         namespace: &str,
-        deployable: &str,
+        target: &ScaleTarget,
     ) -> Result<Option<i32>, KubeError> {
         self.calls
-            .push(format!("observed_min_replicas {deployable}"));
-        self.inner
-            .observed_min_replicas(namespace, deployable)
-            .await
+            .push(format!("observed_min_replicas {}", target.deployment));
+        self.inner.observed_min_replicas(namespace, target).await
     }
     async fn observe(&self, baseline: &Baseline) -> Result<Observation, KubeError> {
         self.calls.push("observe".into());
@@ -884,7 +881,7 @@ async fn a_deposed_leader_that_still_believes_it_leads_patches_no_min_replicas()
             .shadows
             .min_pod_counts()
             .iter()
-            .any(|(_, m)| *m == 3)
+            .any(|(_, _, m)| *m == 3)
     })
     .await;
     assert!(seen, "the change did not reach the old leader");

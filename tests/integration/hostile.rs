@@ -118,7 +118,7 @@ fn template(method: &str, path: &str) -> Option<Value> {
             "min_pod_count": 1, "max_pod_count": 2,
             "resources": {"cpu": {"request": "1", "limit": "2"}, "memory": {"request": "1Gi", "limit": "2Gi"},
                           "gpu": {"request": "1", "limit": "1", "memory": {"request": "1Gi", "limit": "1Gi"}}},
-            "modelsToLoad": [{"name": "m", "version": "1", "runtime": "r", "precision": "fp16", "batchSize": 8, "artifactVersion": "a"}]
+            "models_to_load": [{"name": "m", "version": "1", "runtime": "r", "precision": "fp16", "batch_size": 8, "artifact_version": "a"}]
         })),
         ("post", "/api/1.0/{env}/deployables/restart") => {
             wf(json!({"namespace": "int", "name": "dep-h"}))

@@ -18,7 +18,7 @@ use resource_plane::adapters::kube::KubeAdapter;
 use resource_plane::domain::conditions::{evaluate, DesiredCondition, Verdict};
 use resource_plane::ports::kube::{
     Baseline, DeployableSpec, GpuSpec, JobSpec, KubeError, KubeExecutor, ModelSpec, ModelToLoad,
-    ObjectEvent, ObjectStatus, RequestLimit, ResourceKind, ResourceSpec,
+    ObjectEvent, ObjectStatus, RequestLimit, ResourceKind, ResourceSpec, ScaleTarget,
 };
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
@@ -276,7 +276,7 @@ fn expected_deployment_apply() -> Value {
                         },
                         "env": [{
                             "name": "MODELS_TO_LOAD",
-                            "value": "[{\"name\":\"ranker\",\"version\":\"7\",\"runtime\":\"triton\",\"precision\":\"fp16\",\"batchSize\":32,\"artifactVersion\":\"2024-04-30\"}]",
+                            "value": "[{\"name\":\"ranker\",\"version\":\"7\",\"runtime\":\"triton\",\"precision\":\"fp16\",\"batch_size\":32,\"artifact_version\":\"2024-04-30\"}]",
                         }],
                     }],
                 },
@@ -845,7 +845,8 @@ async fn observed_min_replicas_reads_the_hpa_and_the_scale() {
         exchange(Method::GET, SCALE_GET_URI).answers(200, scale_response("predator", 5)),
     ];
     let got = run(script, |k| async move {
-        k.observed_min_replicas("int", "predator").await
+        k.observed_min_replicas("int", &ScaleTarget::same("predator"))
+            .await
     })
     .await;
     assert_eq!(got, Ok(Some(4)));
@@ -854,7 +855,8 @@ async fn observed_min_replicas_reads_the_hpa_and_the_scale() {
         exchange(Method::GET, SCALE_GET_URI).answers(200, scale_response("predator", 0)),
     ];
     let got = run(script, |k| async move {
-        k.observed_min_replicas("int", "predator").await
+        k.observed_min_replicas("int", &ScaleTarget::same("predator"))
+            .await
     })
     .await;
     assert_eq!(got, Ok(Some(0)), "scaled to zero");
@@ -868,7 +870,8 @@ async fn observed_min_replicas_reads_the_hpa_and_the_scale() {
         ),
     )];
     let got = run(script, |k| async move {
-        k.observed_min_replicas("int", "predator").await
+        k.observed_min_replicas("int", &ScaleTarget::same("predator"))
+            .await
     })
     .await;
     assert_eq!(
@@ -950,7 +953,8 @@ async fn set_min_replicas_patches_the_hpa_and_scales_up_from_zero() {
             .answers(200, scale_response("predator", 4)),
     ];
     let out = run(script, |k| async move {
-        k.set_min_replicas("int", "predator", 4).await
+        k.set_min_replicas("int", &ScaleTarget::same("predator"), 4)
+            .await
     })
     .await;
     assert_eq!(out, Ok(()));
@@ -966,7 +970,8 @@ async fn set_min_replicas_leaves_a_larger_deployment_alone() {
             .answers(200, scale_response("predator", 5)),
     ];
     let out = run(script, |k| async move {
-        k.set_min_replicas("int", "predator", 2).await
+        k.set_min_replicas("int", &ScaleTarget::same("predator"), 2)
+            .await
     })
     .await;
     assert_eq!(out, Ok(()));
@@ -983,7 +988,8 @@ async fn set_min_replicas_zero_sets_hpa_min_one_and_scales_to_zero() {
             .answers(200, scale_response("predator", 0)),
     ];
     let out = run(script, |k| async move {
-        k.set_min_replicas("int", "predator", 0).await
+        k.set_min_replicas("int", &ScaleTarget::same("predator"), 0)
+            .await
     })
     .await;
     assert_eq!(out, Ok(()));
@@ -996,7 +1002,8 @@ async fn set_min_replicas_above_max_is_invalid_and_missing_hpa_is_not_found() {
         .sends(MERGE, json!({ "spec": { "minReplicas": 9 } }))
         .answers(422, status_error(422, "Invalid", message, json!({ "name": "predator", "group": "autoscaling", "kind": "HorizontalPodAutoscaler" })))];
     let out = run(script, |k| async move {
-        k.set_min_replicas("int", "predator", 9).await
+        k.set_min_replicas("int", &ScaleTarget::same("predator"), 9)
+            .await
     })
     .await;
     assert_eq!(out, Err(KubeError::Invalid(message.into())));
@@ -1006,13 +1013,15 @@ async fn set_min_replicas_above_max_is_invalid_and_missing_hpa_is_not_found() {
         .sends(MERGE, json!({ "spec": { "minReplicas": 1 } }))
         .answers(404, status_error(404, "NotFound", missing, json!({ "name": "ghost", "group": "autoscaling", "kind": "horizontalpodautoscalers" })))];
     let out = run(script, |k| async move {
-        k.set_min_replicas("int", "ghost", 1).await
+        k.set_min_replicas("int", &ScaleTarget::same("ghost"), 1)
+            .await
     })
     .await;
     assert_eq!(out, Err(KubeError::NotFound(missing.into())));
 
     let out = run(vec![], |k| async move {
-        k.set_min_replicas("int", "predator", -1).await
+        k.set_min_replicas("int", &ScaleTarget::same("predator"), -1)
+            .await
     })
     .await;
     assert!(matches!(out, Err(KubeError::Invalid(_))));
@@ -1503,4 +1512,64 @@ async fn an_https_client_builds_with_rustls_and_ring() {
     let client = Client::try_from(config).expect("https client");
     let adapter = KubeAdapter::new(client);
     assert_eq!(adapter.name(), "kube");
+}
+
+/// A shadow deployable registered with its own Deployment and HPA names.
+fn mapped() -> ScaleTarget {
+    ScaleTarget {
+        deployment: "predator-v2".into(),
+        hpa: "predator-autoscaler".into(),
+    }
+}
+
+#[tokio::test]
+async fn min_replicas_act_on_the_mapped_deployment_and_hpa() {
+    // scale up: the HPA is patched under its name, the Deployment scaled under its own
+    let script = vec![
+        exchange(Method::PATCH, &patch_uri(HPA_PATH, "predator-autoscaler"))
+            .sends(MERGE, json!({ "spec": { "minReplicas": 3 } }))
+            .answers(200, hpa_response("predator-autoscaler", 3, 8)),
+        exchange(Method::GET, &format!("{DEPLOYMENT_PATH}/predator-v2/scale"))
+            .answers(200, scale_response("predator-v2", 0)),
+        exchange(
+            Method::PATCH,
+            &patch_uri(DEPLOYMENT_PATH, "predator-v2/scale"),
+        )
+        .sends(MERGE, json!({ "spec": { "replicas": 3 } }))
+        .answers(200, scale_response("predator-v2", 3)),
+    ];
+    let out = run(script, |k| async move {
+        k.set_min_replicas("int", &mapped(), 3).await
+    })
+    .await;
+    assert_eq!(out, Ok(()));
+    // min pod count 0 scales the mapped Deployment to zero
+    let script = vec![
+        exchange(Method::PATCH, &patch_uri(HPA_PATH, "predator-autoscaler"))
+            .sends(MERGE, json!({ "spec": { "minReplicas": 1 } }))
+            .answers(200, hpa_response("predator-autoscaler", 1, 8)),
+        exchange(
+            Method::PATCH,
+            &patch_uri(DEPLOYMENT_PATH, "predator-v2/scale"),
+        )
+        .sends(MERGE, json!({ "spec": { "replicas": 0 } }))
+        .answers(200, scale_response("predator-v2", 0)),
+    ];
+    let out = run(script, |k| async move {
+        k.set_min_replicas("int", &mapped(), 0).await
+    })
+    .await;
+    assert_eq!(out, Ok(()));
+    // the read-back reads the same two objects
+    let script = vec![
+        exchange(Method::GET, &format!("{HPA_PATH}/predator-autoscaler"))
+            .answers(200, hpa_response("predator-autoscaler", 3, 8)),
+        exchange(Method::GET, &format!("{DEPLOYMENT_PATH}/predator-v2/scale"))
+            .answers(200, scale_response("predator-v2", 4)),
+    ];
+    let got = run(script, |k| async move {
+        k.observed_min_replicas("int", &mapped()).await
+    })
+    .await;
+    assert_eq!(got, Ok(Some(3)));
 }

@@ -27,3 +27,4 @@ mod soak;
 mod stop_sequence;
 mod supervision;
 mod support;
+mod timestamps;

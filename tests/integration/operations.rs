@@ -14,7 +14,7 @@ use resource_plane::api;
 use resource_plane::app::Service;
 use resource_plane::config::{Config, Secret};
 use resource_plane::domain::callback::verify_signature;
-use resource_plane::ports::kube::{DeployableSpec, ResourceSpec};
+use resource_plane::ports::kube::{DeployableSpec, ResourceSpec, ScaleTarget};
 use resource_plane::ports::store::Store;
 use serde_json::{json, Value};
 
@@ -107,7 +107,7 @@ impl Receiver {
     fn for_request(&self, id: &str) -> Vec<Received> {
         self.all()
             .into_iter()
-            .filter(|r| r.body["requestId"] == id)
+            .filter(|r| r.body["request_id"] == id)
             .collect()
     }
 }
@@ -153,7 +153,7 @@ fn deployable(name: &str, url: &str) -> Value {
         "min_pod_count": 2, "max_pod_count": 4,
         "resources": {"cpu": {"request": "500m", "limit": "1"}, "memory": {"request": "1Gi", "limit": "2Gi"},
                       "gpu": {"request": "1", "limit": "1", "memory": {"request": "16Gi", "limit": "16Gi"}}},
-        "modelsToLoad": [{"name": "ranker", "version": "7", "runtime": "triton", "precision": "fp16", "batchSize": 8, "artifactVersion": "a1"}],
+        "models_to_load": [{"name": "ranker", "version": "7", "runtime": "triton", "precision": "fp16", "batch_size": 8, "artifact_version": "a1"}],
         "workflow_run_id": "er5tdgsh", "workflow_plan": "pre-scaleup-load-test", "workflow_task_id": "t1",
         "callback": callback(url)
     })
@@ -282,9 +282,9 @@ async fn every_operation_calls_back_signed_when_its_condition_holds() {
     );
     assert_eq!(r.body["status"], "SUCCEEDED");
     assert_eq!(r.body["operation"], "CREATE_DEPLOYABLE");
-    assert_eq!(r.body["desiredCondition"], "Available");
-    assert_eq!(r.body["workflow"]["runId"], "er5tdgsh");
-    assert!(r.body["observedAt"].is_string());
+    assert_eq!(r.body["desired_condition"], "Available");
+    assert_eq!(r.body["workflow"]["run_id"], "er5tdgsh");
+    assert!(r.body["observed_at"].is_string());
     let op = send(
         &app,
         get(&format!("/api/1.0/int/operations/{id}")).to_request(),
@@ -340,7 +340,7 @@ async fn every_operation_calls_back_signed_when_its_condition_holds() {
     assert_eq!(
         (
             r.body["status"].as_str(),
-            r.body["desiredCondition"].as_str()
+            r.body["desired_condition"].as_str()
         ),
         (Some("SUCCEEDED"), Some("PodsReadyOnNewTemplate"))
     );
@@ -418,7 +418,7 @@ async fn every_operation_calls_back_signed_when_its_condition_holds() {
         .iter()
         .filter_map(|r| {
             let observed =
-                chrono::DateTime::parse_from_rfc3339(r.body["observedAt"].as_str()?).ok()?;
+                chrono::DateTime::parse_from_rfc3339(r.body["observed_at"].as_str()?).ok()?;
             let arrived = chrono::Utc::now() - chrono::Duration::from_std(r.at.elapsed()).ok()?;
             Some(
                 (arrived - observed.with_timezone(&chrono::Utc)).num_microseconds()? as f64
@@ -765,6 +765,8 @@ struct Counting {
     observes: AtomicUsize,
     delay: Duration,
     gate: Option<Arc<Semaphore>>,
+    /// Every min-replica call: `set|read <namespace> <deployment> <hpa> [<min>]`.
+    scaled: std::sync::Mutex<Vec<String>>,
 }
 
 impl Counting {
@@ -775,7 +777,15 @@ impl Counting {
             observes: AtomicUsize::new(0),
             delay,
             gate,
+            scaled: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    fn scaled(&self) -> Vec<String> {
+        self.scaled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -812,11 +822,23 @@ impl KubeExecutor for Counting {
         self.jobs.fetch_add(1, Ordering::SeqCst);
         self.sim.create_job(spec).await
     }
-    async fn set_min_replicas(&self, ns: &str, d: &str, min: i32) -> Result<(), KubeError> {
-        self.sim.set_min_replicas(ns, d, min).await
+    async fn set_min_replicas(&self, ns: &str, t: &ScaleTarget, min: i32) -> Result<(), KubeError> {
+        self.scaled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(format!("set {ns} {} {} {min}", t.deployment, t.hpa));
+        self.sim.set_min_replicas(ns, t, min).await
     }
-    async fn observed_min_replicas(&self, ns: &str, d: &str) -> Result<Option<i32>, KubeError> {
-        self.sim.observed_min_replicas(ns, d).await
+    async fn observed_min_replicas(
+        &self,
+        ns: &str,
+        t: &ScaleTarget,
+    ) -> Result<Option<i32>, KubeError> {
+        self.scaled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(format!("read {ns} {} {}", t.deployment, t.hpa));
+        self.sim.observed_min_replicas(ns, t).await
     }
     async fn observe(&self, baseline: &Baseline) -> Result<Observation, KubeError> {
         let snapshot = self.sim.observe(baseline).await;
@@ -980,7 +1002,8 @@ async fn a_job_retried_after_a_failed_store_write_gets_its_callback_not_409() {
     assert_eq!(kube.jobs.load(Ordering::SeqCst), 1);
 }
 
-/// A stored intent as a replica that crashed between storing and acting left it.
+/// A stored intent as a replica that crashed between storing and acting left it, in
+/// the camelCase keys of records stored by earlier releases (they must still decode).
 fn submitting_intent(id: &str, job_name: &str, url: &str) -> Value {
     let now = chrono::Utc::now();
     json!({
@@ -1143,7 +1166,7 @@ async fn a_reread_that_returns_late_does_not_undo_events_that_arrived_meanwhile(
         .await
     );
     // beta changes again, so its rollout ends later than alpha's
-    sim.set_min_replicas("int", "beta", 2)
+    sim.set_min_replicas("int", &ScaleTarget::same("beta"), 2)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let alpha_done = support::eventually(Duration::from_secs(10), || async {
@@ -1157,7 +1180,7 @@ async fn a_reread_that_returns_late_does_not_undo_events_that_arrived_meanwhile(
     })
     .await;
     assert!(alpha_done);
-    sim.set_min_replicas("int", "beta", 3)
+    sim.set_min_replicas("int", &ScaleTarget::same("beta"), 3)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     // now the stale snapshot comes back, after alpha's completion event was applied
@@ -1263,7 +1286,7 @@ async fn min_replica_drift_in_the_cluster_is_corrected_and_reported() {
         .await
     );
     // someone edits the cluster behind our back
-    kube.set_min_replicas("int", "drifty", 1)
+    kube.set_min_replicas("int", &ScaleTarget::same("drifty"), 1)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let corrected = support::eventually(Duration::from_secs(10), || async {
@@ -1481,5 +1504,88 @@ async fn a_panic_in_the_intent_manager_does_not_stop_callbacks() {
     assert!(
         store.panicked.load(Ordering::SeqCst),
         "the poisoned read never happened, so nothing was tested"
+    );
+}
+
+#[actix_web::test]
+async fn min_pod_counts_scale_the_mapped_deployment_and_nothing_unregistered() {
+    let sim = Arc::new(SimKube::new(Duration::from_millis(50)));
+    for name in ["predator-v2", "predator-autoscaler"] {
+        sim.seed_deployable(&DeployableSpec {
+            name: name.into(),
+            namespace: "int".into(),
+            image: "x".into(),
+            node_selector: Default::default(),
+            min_pod_count: 1,
+            max_pod_count: 20,
+            resources: ResourceSpec::default(),
+            models_to_load: Vec::new(),
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let kube = Counting::new(sim.clone(), Duration::ZERO, None);
+    let svc = start_with(ops_config(), Arc::new(MemoryStore::new()), kube.clone());
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let base = "/api/1.0/int/shadow-deployables";
+    let bad = json!({"node_pool": "p", "dns": "x", "deployment": "Predator_V2"});
+    let r = send(&app, put(&format!("{base}/mapped"), &bad).to_request()).await;
+    assert_eq!(r.status, 400, "{}", r.json);
+    let mapping = json!({"node_pool": "p", "dns": "x", "deployment": "predator-v2", "hpa": "predator-autoscaler"});
+    let r = send(&app, put(&format!("{base}/mapped"), &mapping).to_request()).await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let r = send(&app, get(base).to_request()).await;
+    assert_eq!(
+        (&r.json["data"][0]["deployment"], &r.json["data"][0]["hpa"]),
+        (&json!("predator-v2"), &json!("predator-autoscaler"))
+    );
+    // the leader zeroes every FREE deployable, on the objects its record maps
+    let zeroed = support::eventually(Duration::from_secs(10), || async {
+        kube.scaled()
+            .contains(&"set int predator-v2 predator-autoscaler 0".to_owned())
+    })
+    .await;
+    assert!(zeroed, "{:?}", kube.scaled());
+    let procure = json!({"action": "PROCURE", "name": "mapped", "workflow_run_id": "r1"});
+    assert_eq!(
+        send(&app, post(base, &procure).to_request()).await.status,
+        200
+    );
+    let pods = |name: &str| json!({"action": "INCREASE", "count": 3, "name": name, "workflow_run_id": "r1"});
+    let r = send(
+        &app,
+        post(&format!("{base}/min-pod-count"), &pods("mapped")).to_request(),
+    )
+    .await;
+    assert_eq!(r.json, json!({"status": "UPDATED", "min_pod_count": 3}));
+    let scaled = support::eventually(Duration::from_secs(10), || async {
+        kube.scaled()
+            .contains(&"set int predator-v2 predator-autoscaler 3".to_owned())
+    })
+    .await;
+    assert!(scaled, "{:?}", kube.scaled());
+    // a name the registry does not know is refused and never reaches the cluster
+    let r = send(
+        &app,
+        post(&format!("{base}/min-pod-count"), &pods("ghost")).to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    let r = send(
+        &app,
+        post(&format!("{base}/min-pod-count"), &pods("predator-v2")).to_request(),
+    )
+    .await;
+    assert_eq!(
+        r.status, 404,
+        "a Deployment name is not a registered deployable"
+    );
+    let calls = kube.scaled();
+    assert!(
+        calls.iter().all(
+            |c| c.starts_with("set int predator-v2 predator-autoscaler ")
+                || c == "read int predator-v2 predator-autoscaler"
+        ),
+        "only the mapped objects are touched: {calls:?}"
     );
 }
