@@ -823,6 +823,20 @@ mod tests {
     }
 
     #[test]
+    fn the_seed_defaults_hold() {
+        // The controller seed's table: ETCD_PORT 2379, LEADER_LEASE_TTL 15,
+        // RECONCILE_INTERVAL 30, AWS_REGION us-east-1, CONTROLLER_INSTANCE_ID generated.
+        let a = Config::from_map(&HashMap::new()).expect("defaults");
+        let b = Config::from_map(&HashMap::new()).expect("defaults");
+        assert_eq!(a.controller.leader_lease_ttl, Duration::from_secs(15));
+        assert_eq!(a.controller.reconcile_interval, Duration::from_secs(30));
+        assert_eq!(a.controller.aws_region, "us-east-1");
+        assert!(a.etcd.endpoints[0].ends_with(":2379"));
+        assert!(!a.controller.instance_id.is_empty());
+        assert_ne!(a.controller.instance_id, b.controller.instance_id);
+    }
+
+    #[test]
     fn endpoints_and_envs_are_parsed() {
         let c = Config::from_map(&map(&[
             ("ETCD_ENDPOINTS", "a:1, b:2"),
