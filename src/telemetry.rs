@@ -49,7 +49,7 @@ pub struct Metrics {
     pub callback_latency: HistogramVec,
     /// Callback attempts by outcome.
     pub callbacks: IntCounterVec,
-    /// Expired hold leases the leader released (`resource_plane_leases_reaped_total`).
+    /// Expired hold leases the leader released (`leases_reaped_total`).
     pub leases_reaped: IntCounter,
 }
 
@@ -120,7 +120,7 @@ impl Metrics {
             &["outcome"],
         );
         let leases_reaped = IntCounter::new(
-            "resource_plane_leases_reaped_total",
+            "leases_reaped_total",
             "Expired shadow deployable hold leases released by the leader",
         );
         // Metric construction only fails on invalid names, which are constants here.

@@ -146,12 +146,12 @@ fn time(v: &Value) -> DateTime<Utc> {
         .unwrap_or_else(|| panic!("not an RFC 3339 time: {v}"))
 }
 
-/// `resource_plane_leases_reaped_total` as exposed on `GET /metrics`.
+/// `leases_reaped_total` as exposed on `GET /metrics`.
 async fn reaped(app: &impl TestApp) -> Option<u64> {
     let r = send(app, get("/metrics").to_request()).await;
     let text = String::from_utf8_lossy(&r.raw).into_owned();
     text.lines()
-        .find(|l| l.starts_with("resource_plane_leases_reaped_total"))
+        .find(|l| l.starts_with("leases_reaped_total"))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<f64>().ok())
         .map(|v| v as u64)
