@@ -334,7 +334,8 @@ async fn renewal_keeps_the_hold_past_its_first_expiry() {
     assert_eq!(reaped(&app).await, Some(0));
 
     // An explicit length applies to this renewal.
-    let before = Utc::now();
+    // The service stamps whole milliseconds (`clock::utc_now`), so compare with the same.
+    let before = resource_plane::clock::utc_now();
     let r = call(&app, &renew("d", "r1", Some(30))).await;
     assert_eq!(r.status, 200, "{:?}", r.json);
     let expires = time(&r.json["lease_expires_at"]);
