@@ -147,9 +147,8 @@ impl Frame {
             Scale::Linear if hi > lo => (lo, hi),
             Scale::Linear => (lo - 0.5, hi + 0.5),
             Scale::Log => {
-                let a = 10f64.powf(lo.log10().floor());
-                let b = 10f64.powf(hi.log10().ceil());
-                (a, if b > a { b } else { a * 10.0 })
+                let (a, b) = (nice_floor(lo), nice_ceiling(hi));
+                (a, if b > a { b } else { nice_ceiling(a * 1.5) })
             }
         };
         Frame {
@@ -179,11 +178,17 @@ impl Frame {
         match self.scale {
             Scale::Linear => ticks(self.x_min, self.x_max),
             Scale::Log => {
+                // 1, 2 and 5 times each power of ten in the range.
                 let mut out = Vec::new();
-                let mut v = self.x_min;
-                while v <= self.x_max * 1.000_001 && out.len() < 32 {
-                    out.push(v);
-                    v *= 10.0;
+                let mut p = 10f64.powf(self.x_min.log10().floor());
+                while p <= self.x_max && out.len() < 64 {
+                    for m in [1.0, 2.0, 5.0] {
+                        let v = m * p;
+                        if v >= self.x_min * (1.0 - 1e-9) && v <= self.x_max * (1.0 + 1e-9) {
+                            out.push(v);
+                        }
+                    }
+                    p *= 10.0;
                 }
                 out
             }
@@ -207,6 +212,19 @@ pub fn nice_ceiling(v: f64) -> f64 {
         .map(|m| m * p)
         .find(|c| *c >= v * (1.0 - 1e-12))
         .unwrap_or(10.0 * p)
+}
+
+/// The round value (1, 2 or 5 times a power of ten) at or below `v` (`v` > 0).
+pub fn nice_floor(v: f64) -> f64 {
+    if !(v.is_finite() && v > 0.0) {
+        return 1.0;
+    }
+    let p = 10f64.powf(v.log10().floor());
+    [5.0, 2.0, 1.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|c| *c <= v * (1.0 + 1e-12))
+        .unwrap_or(p)
 }
 
 /// Round tick values from `lo` to `hi`, about five of them.
@@ -286,7 +304,8 @@ impl Chart {
                 Shape::Line(points) => line(&f, points, colour, &mut out),
                 Shape::Bars(bars) => {
                     for &(a, b, y) in bars {
-                        if !(a.is_finite() && b.is_finite() && y.is_finite()) {
+                        // An empty range draws nothing (its count is in the data table).
+                        if !(a.is_finite() && b.is_finite() && y.is_finite() && y > 0.0) {
                             continue;
                         }
                         let (x0, x1) = (f.x(a), f.x(b));
@@ -452,9 +471,14 @@ mod tests {
                 shape: Shape::Bars(vec![(0.3, 2.0, 5.0), (2.0, 40.0, 1.0)]),
             }],
         );
-        assert_eq!((log.x_min, log.x_max, log.y_max), (0.1, 100.0, 5.0));
-        assert_eq!(log.x_ticks(), vec![0.1, 1.0, 10.0, 100.0]);
-        assert!((log.x(1.0) - (LEFT + (RIGHT - LEFT) / 3.0)).abs() < 1e-9);
+        assert_eq!((log.x_min, log.x_max, log.y_max), (0.2, 50.0, 5.0));
+        let ticks = log.x_ticks();
+        let want = [0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0];
+        assert_eq!(ticks.len(), want.len(), "{ticks:?}");
+        assert!(ticks.iter().zip(want).all(|(t, w)| (t - w).abs() < 1e-9), "{ticks:?}");
+        // 1 and 10 are as far apart as 5 and 50.
+        assert!(((log.x(10.0) - log.x(1.0)) - (log.x(50.0) - log.x(5.0))).abs() < 1e-9);
+        assert_eq!((log.x(0.2), log.x(50.0)), (LEFT, RIGHT));
     }
 
     #[test]
@@ -488,6 +512,9 @@ mod tests {
         assert_eq!(nice_ceiling(5.0), 5.0);
         assert_eq!(nice_ceiling(0.013), 0.02);
         assert_eq!(nice_ceiling(1234.0), 2000.0);
+        assert_eq!(nice_floor(0.93), 0.5);
+        assert_eq!(nice_floor(3.45), 2.0);
+        assert_eq!(nice_floor(10.0), 10.0);
         assert_eq!(label(0.25), "0.25");
         assert_eq!(label(20.0), "20");
         assert_eq!(label(1e-4), "0");
