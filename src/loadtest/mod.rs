@@ -645,9 +645,8 @@ pub async fn run(args: LoadtestArgs) -> Result<Report, LoadtestError> {
             distributions: m.main.distributions(report::HISTOGRAM_BINS),
             machine: report::Machine::probe(),
         });
-        std::fs::write(path, html).map_err(|e| {
-            LoadtestError::Setup(format!("cannot write {}: {e}", path.display()))
-        })?;
+        std::fs::write(path, html)
+            .map_err(|e| LoadtestError::Setup(format!("cannot write {}: {e}", path.display())))?;
     }
     Ok(report)
 }

@@ -132,14 +132,22 @@ pub fn html(input: &Input<'_>) -> String {
         r.cycles_per_sec,
         r.throughput
     );
-    summary(&mut out, "endpoints", "Measured requests per endpoint", &r.endpoints);
+    summary(
+        &mut out,
+        "endpoints",
+        "Measured requests per endpoint",
+        &r.endpoints,
+    );
     if !r.setup.is_empty() {
         summary(&mut out, "setup", "Setup requests per endpoint", &r.setup);
     }
     for (i, e) in r.endpoints.iter().enumerate() {
         let id = endpoint_id(i, &e.endpoint);
         let series = input.series.iter().find(|s| s.endpoint == e.endpoint);
-        let dist = input.distributions.iter().find(|d| d.endpoint == e.endpoint);
+        let dist = input
+            .distributions
+            .iter()
+            .find(|d| d.endpoint == e.endpoint);
         endpoint_section(&mut out, &id, e, series, dist, input.width_secs);
     }
     errors_section(&mut out, &input.series);
@@ -380,7 +388,9 @@ fn errors_section(out: &mut String, series: &[EndpointSeries]) {
     for s in series {
         for (i, p) in s.points.iter().enumerate() {
             for (status, n) in &p.errors {
-                by_status.entry(status.as_str()).or_insert_with(|| vec![0; buckets])[i] += n;
+                by_status
+                    .entry(status.as_str())
+                    .or_insert_with(|| vec![0; buckets])[i] += n;
             }
         }
     }
@@ -473,7 +483,15 @@ fn parameters_section(out: &mut String, a: &LoadtestArgs, r: &Report) {
         ("scenario", a.scenario.as_str().into()),
         ("target", redact_list(&r.target)),
         ("service URL(s)", urls.join(", ")),
-        ("API token", if a.token.is_some() { "given (not shown)" } else { "none" }.into()),
+        (
+            "API token",
+            if a.token.is_some() {
+                "given (not shown)"
+            } else {
+                "none"
+            }
+            .into(),
+        ),
         ("env", a.env.clone()),
         ("workflows", a.workflows.to_string()),
         ("deployables", a.deployable_count().to_string()),
@@ -503,7 +521,10 @@ fn machine_section(out: &mut String, m: &Machine) {
             "load average (1, 5, 15 min)",
             m.load_average.clone().unwrap_or_else(|| "unknown".into()),
         ),
-        ("kernel", m.kernel.clone().unwrap_or_else(|| "unknown".into())),
+        (
+            "kernel",
+            m.kernel.clone().unwrap_or_else(|| "unknown".into()),
+        ),
         ("platform", m.platform.clone()),
     ];
     dl(out, "machine", "Machine", &rows);
@@ -520,6 +541,90 @@ fn dl(out: &mut String, id: &str, heading: &str, rows: &[(&str, String)]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::loadtest::invariants::InvariantReport;
+    use crate::loadtest::stats::{Answer, Recorder};
+    use crate::loadtest::timeline::{Pending, Timeline};
+    use std::time::Duration;
+
+    const HOSTILE: &str = "<script>alert('x')</script> & \"q\"";
+
+    fn input_with(label: &str, message: &str) -> String {
+        let mut rec = Recorder::new();
+        rec.record(label, Answer::Status(503), Duration::from_millis(3));
+        rec.record(label, Answer::Status(200), Duration::from_millis(7));
+        let timeline = Timeline::with_width(Duration::from_secs(1));
+        let mut pending = Pending::default();
+        timeline.record(
+            &mut pending,
+            Duration::from_millis(10),
+            label,
+            Answer::Status(503),
+            Duration::from_millis(3),
+        );
+        timeline.record(
+            &mut pending,
+            Duration::from_millis(1500),
+            label,
+            Answer::Status(200),
+            Duration::from_millis(7),
+        );
+        timeline.absorb(&pending);
+        let mut args = LoadtestArgs::defaults();
+        args.url = vec![format!("http://user:pw@127.0.0.1:1/{HOSTILE}")];
+        args.token = Some("tok-secret-1".into());
+        let report = Report {
+            scenario: crate::loadtest::Scenario::Noop,
+            target: args.url.join(","),
+            concurrency: 1,
+            run_id: HOSTILE.into(),
+            elapsed_secs: 2.0,
+            cycles: 2,
+            cycles_per_sec: 1.0,
+            throughput: 0.5,
+            setup: Vec::new(),
+            endpoints: rec.summaries(Duration::from_secs(2)),
+            invariants: InvariantReport {
+                ok: false,
+                violations: 1,
+                messages: vec![message.into()],
+                ..InvariantReport::default()
+            },
+            etcd_rpcs: None,
+        };
+        html(&Input {
+            report: &report,
+            args: &args,
+            width_secs: 1.0,
+            series: timeline.series(),
+            distributions: rec.distributions(HISTOGRAM_BINS),
+            machine: Machine {
+                cores: 2,
+                load_average: None,
+                kernel: Some(HOSTILE.into()),
+                platform: "linux x86_64".into(),
+            },
+        })
+    }
+
+    #[test]
+    fn every_string_is_escaped_and_no_secret_is_shown() {
+        let page = input_with(HOSTILE, HOSTILE);
+        assert!(!page.contains("<script"), "{page}");
+        assert!(!page.contains("'x'"), "{page}");
+        assert!(
+            page.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;q&quot;")
+        );
+        assert!(
+            !page.contains("tok-secret-1") && !page.contains("user:pw"),
+            "{page}"
+        );
+        assert!(page.contains("Invariants: <strong>VIOLATED</strong>"));
+        assert!(page.contains("<td>503: 1</td>"), "{page}");
+        // Three charts for the endpoint and one of errors, the 503 among its series.
+        assert_eq!(page.matches("<svg ").count(), 4);
+        assert!(page.contains(r#"data-series="503""#), "{page}");
+    }
 
     #[test]
     fn endpoint_ids_are_unique_and_safe() {

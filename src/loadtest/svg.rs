@@ -163,7 +163,9 @@ impl Frame {
     pub fn x(&self, x: f64) -> f64 {
         let t = match self.scale {
             Scale::Linear => (x - self.x_min) / (self.x_max - self.x_min),
-            Scale::Log => (x.log10() - self.x_min.log10()) / (self.x_max.log10() - self.x_min.log10()),
+            Scale::Log => {
+                (x.log10() - self.x_min.log10()) / (self.x_max.log10() - self.x_min.log10())
+            }
         };
         LEFT + t.clamp(0.0, 1.0) * (RIGHT - LEFT)
     }
@@ -299,7 +301,11 @@ impl Chart {
         }
         for (i, s) in self.series.iter().enumerate() {
             let colour = PALETTE[i % PALETTE.len()];
-            let _ = write!(out, r#"<g class="series" data-series="{}">"#, escape(&s.name));
+            let _ = write!(
+                out,
+                r#"<g class="series" data-series="{}">"#,
+                escape(&s.name)
+            );
             match &s.shape {
                 Shape::Line(points) => line(&f, points, colour, &mut out),
                 Shape::Bars(bars) => {
@@ -475,7 +481,10 @@ mod tests {
         let ticks = log.x_ticks();
         let want = [0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0];
         assert_eq!(ticks.len(), want.len(), "{ticks:?}");
-        assert!(ticks.iter().zip(want).all(|(t, w)| (t - w).abs() < 1e-9), "{ticks:?}");
+        assert!(
+            ticks.iter().zip(want).all(|(t, w)| (t - w).abs() < 1e-9),
+            "{ticks:?}"
+        );
         // 1 and 10 are as far apart as 5 and 50.
         assert!(((log.x(10.0) - log.x(1.0)) - (log.x(50.0) - log.x(5.0))).abs() < 1e-9);
         assert_eq!((log.x(0.2), log.x(50.0)), (LEFT, RIGHT));

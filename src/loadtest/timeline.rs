@@ -321,7 +321,11 @@ mod tests {
         assert_eq!((p.points[0].count, p.points[0].ok), (3, 2));
         assert_eq!(p.points[0].errors.get("503"), Some(&1));
         assert!((p.points[0].per_sec - 3.0).abs() < 1e-9);
-        assert!((p.points[0].p99_ms - 30.0).abs() < 0.5, "{}", p.points[0].p99_ms);
+        assert!(
+            (p.points[0].p99_ms - 30.0).abs() < 0.5,
+            "{}",
+            p.points[0].p99_ms
+        );
         assert_eq!(p.points[1].count, 0);
         assert!((p.points[2].start_secs - 2.0).abs() < 1e-9);
         let r = &series[1];

@@ -147,9 +147,15 @@ async fn the_html_report_is_well_formed_and_agrees_with_the_json_summary() {
         panic!("the report is not well-formed: {e}");
     }
     for external in ["<script", "<link", "src=", "href=", "url(", "@import"] {
-        assert!(!html.contains(external), "the report references {external:?}");
+        assert!(
+            !html.contains(external),
+            "the report references {external:?}"
+        );
     }
-    assert!(!html.contains("report-test-token-9f3e"), "the token is in the report");
+    assert!(
+        !html.contains("report-test-token-9f3e"),
+        "the token is in the report"
+    );
 
     let endpoints = json["endpoints"]
         .as_array()
@@ -175,13 +181,17 @@ async fn the_html_report_is_well_formed_and_agrees_with_the_json_summary() {
         let row = summary_row(&html, &id);
         for field in ["count", "ok"] {
             let (value, text) = cell(&row, field);
-            let want = e[field].as_u64().unwrap_or_else(|| panic!("{field} in {e}"));
+            let want = e[field]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{field} in {e}"));
             assert_eq!(value.parse::<u64>().ok(), Some(want), "{id} {field}");
             assert_eq!(text, want.to_string(), "{id} {field}");
         }
         for field in ["p50_ms", "p90_ms", "p99_ms", "ops_per_sec"] {
             let (value, text) = cell(&row, field);
-            let want = e[field].as_f64().unwrap_or_else(|| panic!("{field} in {e}"));
+            let want = e[field]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{field} in {e}"));
             assert_eq!(value.parse::<f64>().ok(), Some(want), "{id} {field}");
             if field.ends_with("_ms") {
                 assert_eq!(text, format!("{want:.3}"), "{id} {field}");
@@ -199,7 +209,11 @@ async fn the_html_report_is_well_formed_and_agrees_with_the_json_summary() {
             .map(|r| r[2].parse::<u64>().unwrap_or_else(|_| panic!("{r:?}")))
             .sum();
         let transport = e["errors"]["transport"].as_u64().unwrap_or(0);
-        assert_eq!(Some(answered + transport), e["count"].as_u64(), "{id} distribution");
+        assert_eq!(
+            Some(answered + transport),
+            e["count"].as_u64(),
+            "{id} distribution"
+        );
     }
     let verdict = if report.passed() { "OK" } else { "VIOLATED" };
     assert!(html.contains(&format!("Invariants: <strong>{verdict}</strong>")));
@@ -240,10 +254,14 @@ fn cell(row: &str, field: &str) -> (String, String) {
 /// The body rows (cell texts) of the data table that follows the chart `chart_id`.
 fn data_rows(html: &str, chart_id: &str) -> Vec<Vec<String>> {
     let start = html
-        .find(&format!(r#"<svg xmlns="http://www.w3.org/2000/svg" id="{chart_id}""#))
+        .find(&format!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" id="{chart_id}""#
+        ))
         .unwrap_or_else(|| panic!("no chart {chart_id}"));
     let rest = &html[start..];
-    let rest = &rest[rest.find("<tbody>").unwrap_or_else(|| panic!("no data of {chart_id}"))..];
+    let rest = &rest[rest
+        .find("<tbody>")
+        .unwrap_or_else(|| panic!("no data of {chart_id}"))..];
     let body = &rest[..rest.find("</tbody>").unwrap_or(rest.len())];
     body.split("<tr>")
         .skip(1)
