@@ -430,7 +430,7 @@ pub struct Shared {
     pub run_id: String,
     /// Where every request is recorded (`--history`).
     pub history: Option<HistoryLog>,
-    /// The measured phase in time buckets (for `--report`).
+    /// The measured phase in time buckets (filled only for `--report`).
     pub timeline: Timeline,
 }
 
@@ -438,9 +438,12 @@ impl Shared {
     /// Records an answer everywhere it counts.
     pub fn note(&self, rec: &mut Recorder, label: &str, answer: Answer, latency: Duration) {
         rec.record(label, answer, latency);
-        let since_start = self.budget.phase_elapsed();
-        self.timeline
-            .record(&mut rec.pending, since_start, label, answer, latency);
+        // Time buckets cost a second histogram per request: only for a report.
+        if self.args.report.is_some() {
+            let since_start = self.budget.phase_elapsed();
+            self.timeline
+                .record(&mut rec.pending, since_start, label, answer, latency);
+        }
         self.tracker.observe(answer);
         self.progress.note(answer);
     }
@@ -636,12 +639,14 @@ pub async fn run(args: LoadtestArgs) -> Result<Report, LoadtestError> {
         etcd_rpcs: m.etcd_rpcs.clone(),
     };
     if let Some(path) = &args.report {
+        // On the timeline's clock, just after the last request of the phase.
+        let phase_end = shared.budget.phase_elapsed();
         shared.timeline.absorb(&m.main.pending);
         let html = report::html(&report::Input {
             report: &report,
             args,
             width_secs: shared.timeline.width().as_secs_f64(),
-            series: shared.timeline.series(),
+            series: shared.timeline.series(phase_end),
             distributions: m.main.distributions(report::HISTOGRAM_BINS),
             machine: report::Machine::probe(),
         });

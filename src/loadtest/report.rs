@@ -596,7 +596,7 @@ mod tests {
             report: &report,
             args: &args,
             width_secs: 1.0,
-            series: timeline.series(),
+            series: timeline.series(Duration::from_secs(2)),
             distributions: rec.distributions(HISTOGRAM_BINS),
             machine: Machine {
                 cores: 2,

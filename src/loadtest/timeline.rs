@@ -80,44 +80,42 @@ impl Bucket {
     }
 }
 
-/// Buckets a task is still filling, keyed by (bucket index, endpoint label).
+/// Bucket index -> endpoint label -> what it saw.
+type Buckets = BTreeMap<u32, BTreeMap<String, Bucket>>;
+
+/// Buckets a task is still filling.
 #[derive(Debug, Clone, Default)]
 pub struct Pending {
-    buckets: BTreeMap<(u32, String), Bucket>,
+    buckets: Buckets,
 }
 
 impl Pending {
     /// Records one request of `label` in bucket `index`.
     pub fn record(&mut self, index: u32, label: &str, answer: Answer, latency: Duration) {
-        if let Some(b) = self.buckets.get_mut(&(index, label.to_owned())) {
+        let endpoints = self.buckets.entry(index).or_default();
+        // Look up by `&str` first: no allocation per request once the label is known.
+        if let Some(b) = endpoints.get_mut(label) {
             b.record(answer, latency);
             return;
         }
         if let Some(mut b) = Bucket::new() {
             b.record(answer, latency);
-            self.buckets.insert((index, label.to_owned()), b);
+            endpoints.insert(label.to_owned(), b);
         }
     }
 
     /// Adds everything `other` holds.
     pub fn merge(&mut self, other: &Pending) {
-        for (key, b) in &other.buckets {
-            match self.buckets.get_mut(key) {
-                Some(mine) => mine.merge(b),
-                None => {
-                    self.buckets.insert(key.clone(), b.clone());
-                }
-            }
-        }
+        merge_into(&mut self.buckets, &other.buckets);
     }
 
     /// Takes the buckets before `index` out (the ones the task has moved past).
     fn split_before(&mut self, index: u32) -> Option<Pending> {
-        let first = self.buckets.keys().next()?.0;
+        let first = *self.buckets.keys().next()?;
         if first >= index {
             return None;
         }
-        let later = self.buckets.split_off(&(index, String::new()));
+        let later = self.buckets.split_off(&index);
         let done = std::mem::replace(&mut self.buckets, later);
         Some(Pending { buckets: done })
     }
@@ -128,11 +126,25 @@ impl Pending {
     }
 }
 
+fn merge_into(all: &mut Buckets, more: &Buckets) {
+    for (index, endpoints) in more {
+        let mine = all.entry(*index).or_default();
+        for (label, b) in endpoints {
+            match mine.get_mut(label) {
+                Some(m) => m.merge(b),
+                None => {
+                    mine.insert(label.clone(), b.clone());
+                }
+            }
+        }
+    }
+}
+
 /// The shared, time-bucketed record of the measured phase.
 #[derive(Debug)]
 pub struct Timeline {
     width: Duration,
-    buckets: Mutex<BTreeMap<(u32, String), Bucket>>,
+    buckets: Mutex<Buckets>,
 }
 
 impl Timeline {
@@ -186,42 +198,49 @@ impl Timeline {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        for (key, b) in &pending.buckets {
-            match all.get_mut(key) {
-                Some(mine) => mine.merge(b),
-                None => {
-                    all.insert(key.clone(), b.clone());
-                }
-            }
-        }
+        merge_into(&mut all, &pending.buckets);
     }
 
     /// The figures of every bucket, one series per endpoint label, each covering every
-    /// bucket from the first to the last seen in the run (empty buckets as zeros).
-    pub fn series(&self) -> Vec<EndpointSeries> {
+    /// bucket from the first to the last seen in the run (empty buckets as zeros). The
+    /// bucket the phase ended in (`phase_end` into it) is only as wide as the part of it
+    /// the phase covered, so its rate is not understated.
+    pub fn series(&self, phase_end: Duration) -> Vec<EndpointSeries> {
         let all = match self.buckets.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let last = all.keys().map(|(i, _)| *i).max();
+        let last = all.keys().next_back().copied();
         let mut out: BTreeMap<&str, EndpointSeries> = BTreeMap::new();
         let Some(last) = last else {
             return Vec::new();
         };
         let width = self.width.as_secs_f64();
-        for ((_, label), _) in all.iter() {
+        let end = phase_end.as_secs_f64();
+        let width_at = |i: u32| {
+            let covered = end - f64::from(i) * width;
+            if covered > 0.0 && covered < width {
+                covered
+            } else {
+                width
+            }
+        };
+        for label in all.values().flat_map(BTreeMap::keys) {
             out.entry(label.as_str()).or_insert_with(|| EndpointSeries {
                 endpoint: label.clone(),
                 points: (0..=last)
                     .map(|i| Point {
                         start_secs: f64::from(i) * width,
-                        width_secs: width,
+                        width_secs: width_at(i),
                         ..Point::default()
                     })
                     .collect(),
             });
         }
-        for ((index, label), b) in all.iter() {
+        let each = all
+            .iter()
+            .flat_map(|(index, endpoints)| endpoints.iter().map(move |(l, b)| (index, l, b)));
+        for (index, label, b) in each {
             let Some(s) = out.get_mut(label.as_str()) else {
                 continue;
             };
@@ -232,10 +251,10 @@ impl Timeline {
             let count = b.latency.len() + b.transport;
             *p = Point {
                 start_secs: p.start_secs,
-                width_secs: width,
+                width_secs: p.width_secs,
                 count,
                 ok: b.ok,
-                per_sec: count as f64 / width,
+                per_sec: count as f64 / p.width_secs,
                 p50_ms: ms(0.50),
                 p90_ms: ms(0.90),
                 p99_ms: ms(0.99),
@@ -313,7 +332,7 @@ mod tests {
         assert!(!a.is_empty());
         t.absorb(&a);
         t.absorb(&b);
-        let series = t.series();
+        let series = t.series(MS(2500));
         assert_eq!(series.len(), 2);
         let p = &series[0];
         assert_eq!(p.endpoint, "procure");
@@ -331,12 +350,15 @@ mod tests {
         let r = &series[1];
         assert_eq!(r.endpoint, "release");
         assert_eq!(r.points[2].count, 1);
+        // The phase ended half-way through bucket 2: one request in half a second.
+        assert!((r.points[2].width_secs - 0.5).abs() < 1e-9);
+        assert!((r.points[2].per_sec - 2.0).abs() < 1e-9);
         assert_eq!(r.points[2].errors.get("transport"), Some(&1));
         assert_eq!(r.points[2].p50_ms, 0.0, "no answered request, no latency");
     }
 
     #[test]
     fn an_empty_timeline_has_no_series() {
-        assert!(Timeline::with_width(MS(1000)).series().is_empty());
+        assert!(Timeline::with_width(MS(1000)).series(MS(1000)).is_empty());
     }
 }
