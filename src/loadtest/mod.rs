@@ -802,6 +802,18 @@ mod tests {
         assert_eq!(LoadtestError::Setup(String::new()).exit_code(), 69);
     }
 
+    #[tokio::test]
+    async fn a_report_that_cannot_be_written_fails_before_the_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("no-such-dir").join("report.html");
+        let mut args = parse(&["--url", "http://127.0.0.1:9", "--iterations", "1"]).expect("parse");
+        args.report = Some(missing);
+        match run(args).await {
+            Err(LoadtestError::Setup(m)) => assert!(m.contains("cannot create"), "{m}"),
+            other => panic!("expected a setup error, got {other:?}"),
+        }
+    }
+
     #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
