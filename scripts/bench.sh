@@ -10,6 +10,7 @@
 # free port. Each phase lasts BENCH_SECONDS (default 10). Processes are cleaned up on exit.
 #
 #   BENCH_SECONDS=10 BENCH_WORKFLOWS=64 scripts/bench.sh
+#   BENCH_REPORT_DIR=DIR (an existing directory): an HTML report of each phase there, DIR/<phase>.html
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -57,7 +58,8 @@ lt() { # output file, loadtest options...
   shift
   echo "bench: resource-plane loadtest $*" >&2
   # Exit 1 means an invariant broke: the report says which; keep going and show it.
-  "$BIN" loadtest --json --no-progress "$@" >"$WORK/$out.json" 2>"$WORK/$out.txt" || {
+  "$BIN" loadtest --json --no-progress ${BENCH_REPORT_DIR:+--report "$BENCH_REPORT_DIR/$out.html"} \
+    "$@" >"$WORK/$out.json" 2>"$WORK/$out.txt" || {
     rc=$?
     cat "$WORK/$out.txt" >&2
     [ "$rc" -eq 1 ] || exit "$rc"

@@ -9,6 +9,7 @@
 # Everything is on 127.0.0.1 and bounded: each load phase lasts SCALE_SECONDS (default 10).
 #
 #   SCALE_DEPLOYABLES=10000 SCALE_WORKERS=10000 SCALE_SECONDS=10 scripts/scale.sh
+#   SCALE_REPORT_DIR=DIR (an existing directory): an HTML report of each phase there, DIR/<phase>.html
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,7 +34,8 @@ lt() { # output file, loadtest options...
   local out=$1
   shift
   echo "scale: resource-plane loadtest $*" >&2
-  "$BIN" loadtest --json --no-progress "$@" >"$WORK/$out.json" 2>"$WORK/$out.txt" || {
+  "$BIN" loadtest --json --no-progress ${SCALE_REPORT_DIR:+--report "$SCALE_REPORT_DIR/$out.html"} \
+    "$@" >"$WORK/$out.json" 2>"$WORK/$out.txt" || {
     rc=$?
     cat "$WORK/$out.txt" >&2
     [ "$rc" -eq 1 ] || exit "$rc"

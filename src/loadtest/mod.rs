@@ -19,7 +19,9 @@
 //! `--etcd-endpoints` of the etcd scenarios) is ever contacted. `--url a,b` spreads the
 //! requests over several replicas (a retry goes to the next one), and `--history FILE`
 //! records every request as a JSON line for `resource-plane soak-check`
-//! ([`history`], [`soak_check`]).
+//! ([`history`], [`soak_check`]). `--report FILE` writes a self-contained HTML report
+//! of the run: charts over time per endpoint from the [`timeline`], the latency
+//! distribution, errors, invariants, parameters and machine ([`report`]).
 //!
 //! The library entry point is [`run`]; the binary parses [`LoadtestArgs`] and calls
 //! [`main`].
@@ -29,10 +31,13 @@ pub mod history;
 pub mod http;
 pub mod invariants;
 pub mod metrics;
+pub mod report;
 pub mod requests;
 pub mod shadow;
 pub mod soak_check;
 pub mod stats;
+pub mod svg;
+pub mod timeline;
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
@@ -50,6 +55,7 @@ use crate::loadtest::http::Reply;
 use crate::loadtest::invariants::{HolderTracker, InvariantReport};
 use crate::loadtest::metrics::EtcdRpcReport;
 use crate::loadtest::stats::{Answer, EndpointSummary, Recorder};
+use crate::loadtest::timeline::Timeline;
 
 /// Time limit when only `--iterations` bounds the run.
 pub const ITERATIONS_TIME_LIMIT: Duration = Duration::from_secs(300);
@@ -182,6 +188,10 @@ pub struct LoadtestArgs {
     /// Per-request deadline in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub request_timeout_ms: u64,
+    /// Write a self-contained HTML report of the run (charts, distribution, errors,
+    /// invariants, parameters, machine) to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
     /// Print a JSON summary on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,
@@ -371,6 +381,13 @@ impl Budget {
         self.remaining().is_zero()
     }
 
+    /// Time since the current phase began (the budget's creation or last restart).
+    pub fn phase_elapsed(&self) -> Duration {
+        let deadline = Duration::from_nanos(self.deadline_ns.load(Ordering::Relaxed));
+        let start = deadline.saturating_sub(self.limit);
+        self.origin.elapsed().saturating_sub(start)
+    }
+
     /// Time left before the deadline.
     pub fn remaining(&self) -> Duration {
         let deadline = Duration::from_nanos(self.deadline_ns.load(Ordering::Relaxed));
@@ -413,12 +430,20 @@ pub struct Shared {
     pub run_id: String,
     /// Where every request is recorded (`--history`).
     pub history: Option<HistoryLog>,
+    /// The measured phase in time buckets (filled only for `--report`).
+    pub timeline: Timeline,
 }
 
 impl Shared {
     /// Records an answer everywhere it counts.
     pub fn note(&self, rec: &mut Recorder, label: &str, answer: Answer, latency: Duration) {
         rec.record(label, answer, latency);
+        // Time buckets cost a second histogram per request: only for a report.
+        if self.args.report.is_some() {
+            let since_start = self.budget.phase_elapsed();
+            self.timeline
+                .record(&mut rec.pending, since_start, label, answer, latency);
+        }
         self.tracker.observe(answer);
         self.progress.note(answer);
     }
@@ -558,8 +583,14 @@ pub async fn run(args: LoadtestArgs) -> Result<Report, LoadtestError> {
         ),
         None => None,
     };
+    // Fail before the run, not after it, when the report cannot be written.
+    if let Some(p) = &args.report {
+        std::fs::File::create(p)
+            .map_err(|e| LoadtestError::Setup(format!("cannot create {}: {e}", p.display())))?;
+    }
     let shared = Arc::new(Shared {
         history,
+        timeline: Timeline::new(args.time_limit()),
         budget: Budget::new(args.time_limit(), args.iterations),
         tracker: HolderTracker::new(),
         progress: Progress::default(),
@@ -593,7 +624,7 @@ pub async fn run(args: LoadtestArgs) -> Result<Report, LoadtestError> {
         Scenario::RawEtcd | Scenario::Seed => args.etcd_endpoints.join(","),
         _ => args.url.join(","),
     };
-    Ok(Report {
+    let report = Report {
         scenario: args.scenario,
         target,
         concurrency: args.workflows,
@@ -605,8 +636,24 @@ pub async fn run(args: LoadtestArgs) -> Result<Report, LoadtestError> {
         setup: m.setup.summaries(m.setup_elapsed),
         endpoints: m.main.summaries(m.elapsed),
         invariants: shared.tracker.report(),
-        etcd_rpcs: m.etcd_rpcs,
-    })
+        etcd_rpcs: m.etcd_rpcs.clone(),
+    };
+    if let Some(path) = &args.report {
+        // On the timeline's clock, just after the last request of the phase.
+        let phase_end = shared.budget.phase_elapsed();
+        shared.timeline.absorb(&m.main.pending);
+        let html = report::html(&report::Input {
+            report: &report,
+            args,
+            width_secs: shared.timeline.width().as_secs_f64(),
+            series: shared.timeline.series(phase_end),
+            distributions: m.main.distributions(report::HISTOGRAM_BINS),
+            machine: report::Machine::probe(),
+        });
+        std::fs::write(path, html)
+            .map_err(|e| LoadtestError::Setup(format!("cannot write {}: {e}", path.display())))?;
+    }
+    Ok(report)
 }
 
 /// Shows live progress on stderr when it is a terminal; the task ends once `done`.
@@ -753,6 +800,18 @@ mod tests {
         assert!(check(&["--duration", "2h"]).is_err());
         assert_eq!(LoadtestError::Args(String::new()).exit_code(), 64);
         assert_eq!(LoadtestError::Setup(String::new()).exit_code(), 69);
+    }
+
+    #[tokio::test]
+    async fn a_report_that_cannot_be_written_fails_before_the_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("no-such-dir").join("report.html");
+        let mut args = parse(&["--url", "http://127.0.0.1:9", "--iterations", "1"]).expect("parse");
+        args.report = Some(missing);
+        match run(args).await {
+            Err(LoadtestError::Setup(m)) => assert!(m.contains("cannot create"), "{m}"),
+            other => panic!("expected a setup error, got {other:?}"),
+        }
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::loadtest::timeline::Pending;
+
 /// Highest latency the histograms track, in microseconds (60 s); larger values saturate.
 const MAX_LATENCY_US: u64 = 60_000_000;
 
@@ -92,6 +94,8 @@ impl EndpointStats {
 #[derive(Debug, Clone, Default)]
 pub struct Recorder {
     endpoints: BTreeMap<String, EndpointStats>,
+    /// Time buckets not yet handed to the run's [`Timeline`](super::timeline::Timeline).
+    pub(crate) pending: Pending,
 }
 
 impl Recorder {
@@ -122,6 +126,7 @@ impl Recorder {
                 }
             }
         }
+        self.pending.merge(&other.pending);
     }
 
     /// Requests of `label` recorded so far (answered or not).
@@ -173,6 +178,71 @@ impl Recorder {
             })
             .collect()
     }
+
+    /// The latency distribution of every endpoint: answered requests counted in up to
+    /// `bins` ranges, spaced evenly on a log scale from the smallest latency to the
+    /// largest (latencies of a loaded service span orders of magnitude).
+    pub fn distributions(&self, bins: usize) -> Vec<Distribution> {
+        self.endpoints
+            .iter()
+            .map(|(label, e)| Distribution {
+                endpoint: label.clone(),
+                bins: log_bins(&e.latency, bins.max(1)),
+            })
+            .collect()
+    }
+}
+
+fn log_bins(h: &Histogram<u64>, n: usize) -> Vec<Bin> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let low = h.min().max(1) as f64;
+    // The highest value equivalent to the max, so the top bin holds it.
+    let high = (h.highest_equivalent(h.max()) + 1) as f64;
+    // One value (give or take the histogram's precision): one bin.
+    let n = if h.equivalent(h.min(), h.max()) { 1 } else { n };
+    let step = (high / low).ln() / n as f64;
+    let edge = |i: usize| low * (step * i as f64).exp();
+    let mut bins: Vec<Bin> = (0..n)
+        .map(|i| Bin {
+            low_ms: edge(i) / 1000.0,
+            high_ms: edge(i + 1) / 1000.0,
+            count: 0,
+        })
+        .collect();
+    for v in h.iter_recorded() {
+        let x = v.value_iterated_to().max(1) as f64;
+        let i = if step > 0.0 {
+            ((x / low).ln() / step).floor().max(0.0) as usize
+        } else {
+            0
+        };
+        if let Some(b) = bins.get_mut(i.min(n - 1)) {
+            b.count += v.count_at_value();
+        }
+    }
+    bins
+}
+
+/// How the answered requests of one endpoint spread over latency ranges.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Distribution {
+    /// The endpoint label.
+    pub endpoint: String,
+    /// Ranges in increasing order; their counts add up to the answered requests.
+    pub bins: Vec<Bin>,
+}
+
+/// One latency range of a [`Distribution`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bin {
+    /// Lower edge (inclusive).
+    pub low_ms: f64,
+    /// Upper edge (exclusive).
+    pub high_ms: f64,
+    /// Answered requests in the range.
+    pub count: u64,
 }
 
 /// The figures of one endpoint over one phase.
@@ -268,6 +338,29 @@ mod tests {
         let text = table(&rows);
         assert!(text.contains("procure"), "{text}");
         assert!(text.contains("503:1 transport:1"), "{text}");
+    }
+
+    #[test]
+    fn distributions_cover_every_answered_request_on_a_log_scale() {
+        let mut r = Recorder::new();
+        for ms in [1u64, 1, 2, 20, 300, 900] {
+            r.record("procure", Answer::Status(200), Duration::from_millis(ms));
+        }
+        r.record("procure", Answer::Transport, Duration::from_secs(10));
+        r.record("single", Answer::Status(200), Duration::from_millis(5));
+        let d = r.distributions(3);
+        assert_eq!(d.len(), 2);
+        let bins = &d[0].bins;
+        assert_eq!(bins.len(), 3);
+        assert_eq!(bins.iter().map(|b| b.count).sum::<u64>(), 6, "{bins:?}");
+        // 1 ms .. 900 ms over three bins: about a decade each.
+        assert_eq!(bins.iter().map(|b| b.count).collect::<Vec<_>>(), [3, 1, 2]);
+        assert!((bins[0].low_ms - 1.0).abs() < 0.01, "{bins:?}");
+        assert!(bins[2].high_ms >= 900.0, "{bins:?}");
+        assert!(bins.windows(2).all(|w| w[0].high_ms == w[1].low_ms));
+        assert_eq!(d[1].bins.len(), 1);
+        assert_eq!(d[1].bins[0].count, 1);
+        assert!(Recorder::new().distributions(10).is_empty());
     }
 
     #[test]
