@@ -11,6 +11,7 @@ mod controller_disrupt;
 mod controller_idempotency;
 mod ec2;
 mod faults;
+mod group_commit;
 mod fencing;
 mod hostile;
 mod idempotency;
