@@ -618,3 +618,52 @@ async fn random_members_agree_with_the_history() {
     }
     assert!(applied > 0, "nothing applied");
 }
+
+const BASE: &str = "/api/1.0/int/shadow-deployables";
+
+/// Concurrent PROCUREs of distinct deployables through the HTTP API; returns the
+/// service's group-commit counters (members, Txns).
+async fn procure_concurrently(group_commit: bool) -> (u64, u64) {
+    use actix_web::test;
+    use futures::future::join_all;
+    use resource_plane::api;
+    use serde_json::json;
+
+    use crate::support::{post, put, send};
+
+    let etcd = Etcd::start();
+    let mut config = support::config();
+    config.group_commit.enabled = group_commit;
+    let svc = support::service(config, etcd.store(&support::unique_prefix())).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let n = 32;
+    for i in 0..n {
+        let r = send(
+            &app,
+            put(&format!("{BASE}/d{i}"), &json!({"node_pool": "p", "dns": "d"})).to_request(),
+        )
+        .await;
+        assert_eq!(r.json["status"], "CREATED", "{:?}", r.json);
+    }
+    let answers = join_all((0..n).map(|i| {
+        let body = json!({"action": "PROCURE", "name": format!("d{i}"), "workflow_run_id": "r"});
+        let app = &app;
+        async move { send(app, post(BASE, &body).to_request()).await }
+    }))
+    .await;
+    for r in answers {
+        assert_eq!(r.json["status"], "PROCURED", "{:?}", r.json);
+    }
+    let m = &svc.state.metrics;
+    let text = m.render();
+    assert!(text.contains("store_call_duration_seconds"), "{text}");
+    (m.group_commit_members.get(), m.group_commit_txns.get())
+}
+
+#[actix_web::test]
+async fn the_service_groups_its_etcd_transactions_by_default_and_not_when_disabled() {
+    let (members, txns) = procure_concurrently(true).await;
+    assert!(members >= 64, "every write went through the committer: {members}");
+    assert!(txns >= 1 && txns <= members, "{txns} Txns for {members} members");
+    assert_eq!(procure_concurrently(false).await, (0, 0));
+}
