@@ -916,7 +916,10 @@ mod tests {
         ]))
         .expect("config");
         assert!(!c.group_commit.enabled);
-        assert_eq!((c.group_commit.max_ops, c.group_commit.max_bytes), (64, 4096));
+        assert_eq!(
+            (c.group_commit.max_ops, c.group_commit.max_bytes),
+            (64, 4096)
+        );
         for (var, bad) in [
             ("ETCD_GROUP_COMMIT", "sometimes"),
             ("ETCD_MAX_TXN_OPS", "0"),

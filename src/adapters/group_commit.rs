@@ -22,9 +22,7 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::GroupCommitSettings;
-use crate::ports::store::{
-    Compare, Kv, Op, Store, StoreError, Txn, TxnResult, WatchReceiver,
-};
+use crate::ports::store::{Compare, Kv, Op, Store, StoreError, Txn, TxnResult, WatchReceiver};
 use crate::telemetry::Metrics;
 
 type Reply = oneshot::Sender<Result<TxnResult, StoreError>>;
@@ -142,7 +140,11 @@ struct Member {
 impl Member {
     fn new(txn: Txn, reply: Reply) -> Self {
         let writes: Vec<String> = txn.success.iter().map(|op| op_key(op).to_owned()).collect();
-        let bytes = txn.compares.iter().map(|c| compare_key(c).len()).sum::<usize>()
+        let bytes = txn
+            .compares
+            .iter()
+            .map(|c| compare_key(c).len())
+            .sum::<usize>()
             + txn
                 .success
                 .iter()
@@ -418,9 +420,7 @@ impl Committer {
             }));
         }
         let splits = &self.metrics.group_commit_splits;
-        splits
-            .with_label_values(&["conflict"])
-            .inc_by(conflicts);
+        splits.with_label_values(&["conflict"]).inc_by(conflicts);
         splits
             .with_label_values(&["resubmitted"])
             .inc_by(again.len() as u64);

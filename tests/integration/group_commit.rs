@@ -162,13 +162,21 @@ async fn join(h: JoinHandle<Result<TxnResult, StoreError>>) -> Result<TxnResult,
 impl Rig {
     /// Sends a Txn to an unrelated key and holds it in flight; returns its handle and
     /// the release.
-    async fn hold(&self) -> (JoinHandle<Result<TxnResult, StoreError>>, oneshot::Sender<()>) {
+    async fn hold(
+        &self,
+    ) -> (
+        JoinHandle<Result<TxnResult, StoreError>>,
+        oneshot::Sender<()>,
+    ) {
         let (entered, release) = self.rec.hold_next();
-        let h = spawn_txn(&self.gc, Txn {
-            compares: vec![],
-            success: vec![put("/held", "x")],
-            failure_gets: vec![],
-        });
+        let h = spawn_txn(
+            &self.gc,
+            Txn {
+                compares: vec![],
+                success: vec![put("/held", "x")],
+                failure_gets: vec![],
+            },
+        );
         tokio::time::timeout(Duration::from_secs(10), entered)
             .await
             .expect("held Txn reached etcd")
@@ -184,7 +192,11 @@ impl Rig {
             async move { m.group_commit_members.get() >= n }
         })
         .await;
-        assert!(ok, "only {} of {n} members queued", self.metrics.group_commit_members.get());
+        assert!(
+            ok,
+            "only {} of {n} members queued",
+            self.metrics.group_commit_members.get()
+        );
     }
 
     async fn value(&self, key: &str) -> Option<Kv> {
@@ -206,7 +218,9 @@ async fn a_lone_request_goes_out_at_once_and_queued_ones_share_the_next_txn() {
     let r = rig(128, 1 << 20);
     // Alone: sent at once, unchanged, without any other member ever arriving.
     let lone = cas("/a", 0, "1");
-    let res = join(spawn_txn(&r.gc, lone.clone())).await.expect("lone txn");
+    let res = join(spawn_txn(&r.gc, lone.clone()))
+        .await
+        .expect("lone txn");
     assert!(res.succeeded);
     assert_eq!(r.rec.seen(), vec![lone]);
 
@@ -230,7 +244,12 @@ async fn a_lone_request_goes_out_at_once_and_queued_ones_share_the_next_txn() {
 
     // Alone again: out at once, not waiting for company.
     let again = cas("/e", 0, "1");
-    assert!(join(spawn_txn(&r.gc, again.clone())).await.expect("again").succeeded);
+    assert!(
+        join(spawn_txn(&r.gc, again.clone()))
+            .await
+            .expect("again")
+            .succeeded
+    );
     assert_eq!(r.rec.seen().last(), Some(&again));
     assert_eq!(r.metrics.group_commit_txns.get(), 4);
     assert_eq!(r.metrics.group_commit_members.get(), 6);
@@ -255,7 +274,8 @@ async fn many_concurrent_independent_members_take_far_fewer_etcd_txns() {
     let handles: Vec<_> = (0..n)
         .map(|i| {
             let mut t = cas(&format!("/k/{i}"), 0, &format!("v{i}"));
-            t.compares.push(Compare::CreateRevision("/leader".into(), fence));
+            t.compares
+                .push(Compare::CreateRevision("/leader".into(), fence));
             spawn_txn(&r.gc, t)
         })
         .collect();
@@ -280,7 +300,10 @@ async fn many_concurrent_independent_members_take_far_fewer_etcd_txns() {
         assert_eq!(fences, 1, "the shared fence compare is sent once per Txn");
     }
     let text = r.metrics.render();
-    assert!(text.contains("etcd_group_commit_batch_size_bucket"), "{text}");
+    assert!(
+        text.contains("etcd_group_commit_batch_size_bucket"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -303,7 +326,11 @@ async fn a_stale_member_gets_its_fresh_record_and_the_others_apply() {
     assert!(a.succeeded && c.succeeded, "{a:?} {c:?}");
     assert!(!b.succeeded);
     let fresh = r.value("/b").await;
-    assert_eq!(b.fetched, vec![fresh.clone()], "the stale member's fresh record");
+    assert_eq!(
+        b.fetched,
+        vec![fresh.clone()],
+        "the stale member's fresh record"
+    );
     assert_eq!(fresh.map(|kv| kv.value), Some(b"0".to_vec()));
     // Exactly what the plain adapter answers it.
     let plain = r.raw.txn(stale).await.expect("plain");
@@ -354,7 +381,11 @@ async fn members_writing_the_same_key_never_share_a_txn() {
     for t in &seen {
         let keys = ops_of(t);
         let unique: HashSet<_> = keys.iter().collect();
-        assert_eq!(unique.len(), keys.len(), "one Txn writes a key twice: {t:?}");
+        assert_eq!(
+            unique.len(),
+            keys.len(),
+            "one Txn writes a key twice: {t:?}"
+        );
     }
     // The independent member did share a Txn with the first of each pair.
     assert!(
@@ -379,10 +410,18 @@ async fn batches_stay_within_the_op_and_byte_limits() {
     }
     let seen = r.rec.seen();
     for t in &seen {
-        let widest = t.compares.len().max(t.success.len()).max(t.failure_gets.len());
+        let widest = t
+            .compares
+            .len()
+            .max(t.success.len())
+            .max(t.failure_gets.len());
         assert!(widest <= 128, "a Txn of {widest} ops");
     }
-    assert!(seen.len() >= 1 + 3, "300 members in Txns of at most 128: {}", seen.len());
+    assert!(
+        seen.len() >= 1 + 3,
+        "300 members in Txns of at most 128: {}",
+        seen.len()
+    );
     assert!(seen.len() <= 1 + 4, "but still grouped: {}", seen.len());
 
     // Bytes: 1 KiB values under a 16 KiB limit; one member above the limit goes alone.
@@ -415,8 +454,14 @@ async fn batches_stay_within_the_op_and_byte_limits() {
             "a grouped Txn of {bytes} bytes"
         );
     }
-    assert!(seen.len() >= 1 + 3, "40 KiB in 16 KiB Txns, and the big one alone");
-    assert_eq!(r.value("/big").await.map(|kv| kv.value.len()), Some(40 * 1024));
+    assert!(
+        seen.len() >= 1 + 3,
+        "40 KiB in 16 KiB Txns, and the big one alone"
+    );
+    assert_eq!(
+        r.value("/big").await.map(|kv| kv.value.len()),
+        Some(40 * 1024)
+    );
 }
 
 #[tokio::test]
@@ -426,15 +471,18 @@ async fn a_refused_lease_fails_only_its_own_member() {
     r.raw.revoke_lease(lease).await.expect("revoke");
     let (held, release) = r.hold().await;
     let good1 = spawn_txn(&r.gc, cas("/g1", 0, "1"));
-    let bad = spawn_txn(&r.gc, Txn {
-        compares: vec![Compare::ModRevision("/l".into(), 0)],
-        success: vec![Op::Put {
-            key: "/l".into(),
-            value: b"1".to_vec(),
-            lease: Some(lease),
-        }],
-        failure_gets: vec!["/l".into()],
-    });
+    let bad = spawn_txn(
+        &r.gc,
+        Txn {
+            compares: vec![Compare::ModRevision("/l".into(), 0)],
+            success: vec![Op::Put {
+                key: "/l".into(),
+                value: b"1".to_vec(),
+                lease: Some(lease),
+            }],
+            failure_gets: vec!["/l".into()],
+        },
+    );
     let good2 = spawn_txn(&r.gc, cas("/g2", 0, "1"));
     r.queued(4).await;
     release.send(()).expect("release");
@@ -461,7 +509,10 @@ async fn with_etcd_down_every_member_gets_the_error_and_nothing_is_written() {
         assert!(matches!(res, Err(StoreError::Unavailable(_))), "{res:?}");
     }
     let seen = r.rec.seen();
-    assert!(seen.iter().any(|t| t.success.len() == 20), "one grouped Txn: {seen:?}");
+    assert!(
+        seen.iter().any(|t| t.success.len() == 20),
+        "one grouped Txn: {seen:?}"
+    );
     r.etcd.restart();
     let ok = support::eventually(Duration::from_secs(10), || async {
         r.raw.health().await.is_ok()
@@ -498,7 +549,11 @@ async fn random_members_agree_with_the_history() {
             current.insert(k.clone(), r.value(k).await.map_or(0, |kv| kv.mod_revision));
         }
         let base = r.metrics.group_commit_members.get();
-        let hold = if round % 2 == 0 { Some(r.hold().await) } else { None };
+        let hold = if round % 2 == 0 {
+            Some(r.hold().await)
+        } else {
+            None
+        };
         let mut handles = Vec::new();
         for i in 0..30 {
             let value = format!("r{round}m{i}").into_bytes();
@@ -543,7 +598,13 @@ async fn random_members_agree_with_the_history() {
                 success,
                 failure_gets: chosen.iter().map(|k| (*k).clone()).collect(),
             };
-            handles.push((Member { txn: txn.clone(), value }, spawn_txn(&r.gc, txn)));
+            handles.push((
+                Member {
+                    txn: txn.clone(),
+                    value,
+                },
+                spawn_txn(&r.gc, txn),
+            ));
         }
         if let Some((held, release)) = hold {
             r.queued(base + 31).await;
@@ -599,7 +660,10 @@ async fn random_members_agree_with_the_history() {
             assert_eq!(found, written, "a success wrote exactly its keys");
             assert!(mine.iter().all(|h| h.0 == a.revision), "at its revision");
             for c in &m.txn.compares {
-                assert!(holds(c, a.revision - 1), "success whose compare did not hold: {c:?}");
+                assert!(
+                    holds(c, a.revision - 1),
+                    "success whose compare did not hold: {c:?}"
+                );
             }
         } else {
             assert!(mine.is_empty(), "a conflict wrote something: {mine:?}");
@@ -640,7 +704,11 @@ async fn procure_concurrently(group_commit: bool) -> (u64, u64) {
     for i in 0..n {
         let r = send(
             &app,
-            put(&format!("{BASE}/d{i}"), &json!({"node_pool": "p", "dns": "d"})).to_request(),
+            put(
+                &format!("{BASE}/d{i}"),
+                &json!({"node_pool": "p", "dns": "d"}),
+            )
+            .to_request(),
         )
         .await;
         assert_eq!(r.json["status"], "CREATED", "{:?}", r.json);
@@ -663,7 +731,13 @@ async fn procure_concurrently(group_commit: bool) -> (u64, u64) {
 #[actix_web::test]
 async fn the_service_groups_its_etcd_transactions_by_default_and_not_when_disabled() {
     let (members, txns) = procure_concurrently(true).await;
-    assert!(members >= 64, "every write went through the committer: {members}");
-    assert!(txns >= 1 && txns <= members, "{txns} Txns for {members} members");
+    assert!(
+        members >= 64,
+        "every write went through the committer: {members}"
+    );
+    assert!(
+        txns >= 1 && txns <= members,
+        "{txns} Txns for {members} members"
+    );
     assert_eq!(procure_concurrently(false).await, (0, 0));
 }
