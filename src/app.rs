@@ -23,6 +23,7 @@ use crate::actors::worker::{WorkerDeps, WorkerRegistry};
 use crate::adapters::cml::CmlAgent;
 use crate::adapters::ec2::{Ec2Cloud, Ec2Settings};
 use crate::adapters::etcd::EtcdStore;
+use crate::adapters::group_commit::GroupCommitStore;
 use crate::adapters::http_callback::HttpCallbackSender;
 use crate::adapters::instrumented::InstrumentedStore;
 use crate::adapters::kube::KubeAdapter;
@@ -285,6 +286,17 @@ impl Service {
         let templates = load_templates(&config)?;
         let agent = new_worker_agent(&config)?;
         let metrics = Metrics::new();
+        // Group commit only pays where a transaction is a network round trip.
+        let store: Arc<dyn Store> = if config.group_commit.enabled && store.name() == "etcd" {
+            Arc::new(GroupCommitStore::new(
+                store,
+                config.group_commit,
+                config.etcd.prefix.len(),
+                metrics.clone(),
+            ))
+        } else {
+            store
+        };
         let store: Arc<dyn Store> = Arc::new(InstrumentedStore::new(store, metrics.clone()));
         let deps = Arc::new(Deps {
             store: store.clone(),

@@ -69,6 +69,9 @@ pub struct Config {
     pub use_mock_adapters: bool,
     /// etcd connection (used when `use_mock_adapters` is false).
     pub etcd: EtcdSettings,
+    /// Group commit of etcd transactions (`ETCD_GROUP_COMMIT`, `ETCD_MAX_TXN_OPS`,
+    /// `ETCD_MAX_TXN_BYTES`).
+    pub group_commit: GroupCommitSettings,
     /// Use the simulated Kubernetes cluster (`KUBE_ADAPTER=sim|kube`; default `sim` when
     /// `USE_MOCK_ADAPTERS` is true, `kube` otherwise).
     pub sim_kube: bool,
@@ -103,6 +106,48 @@ pub struct Config {
     pub operations: OperationsSettings,
     /// Worker agent (`WORKER_AGENT`) and CML client settings.
     pub agent: AgentSettings,
+}
+
+/// How concurrent etcd transactions share one etcd Txn (`adapters::group_commit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupCommitSettings {
+    /// Whether transactions are grouped at all (`ETCD_GROUP_COMMIT`, default true).
+    pub enabled: bool,
+    /// Most compares, success ops or failure gets in one Txn (`ETCD_MAX_TXN_OPS`, default
+    /// 128, etcd's `--max-txn-ops` default).
+    pub max_ops: usize,
+    /// Most estimated request bytes in one grouped Txn (`ETCD_MAX_TXN_BYTES`, default
+    /// 1 MiB, below etcd's `--max-request-bytes` default of 1.5 MiB).
+    pub max_bytes: usize,
+}
+
+impl Default for GroupCommitSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_ops: 128,
+            max_bytes: 1 << 20,
+        }
+    }
+}
+
+impl GroupCommitSettings {
+    fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let max_ops: usize = parse(env, "ETCD_MAX_TXN_OPS", d.max_ops)?;
+        if max_ops == 0 {
+            return Err(invalid("ETCD_MAX_TXN_OPS", "must be at least 1"));
+        }
+        let max_bytes: usize = parse(env, "ETCD_MAX_TXN_BYTES", d.max_bytes)?;
+        if max_bytes < 1024 {
+            return Err(invalid("ETCD_MAX_TXN_BYTES", "must be at least 1024"));
+        }
+        Ok(Self {
+            enabled: parse_bool(env, "ETCD_GROUP_COMMIT", d.enabled)?,
+            max_ops,
+            max_bytes,
+        })
+    }
 }
 
 /// Settings of the Kubernetes-facing operations, watch intents and callbacks.
@@ -241,7 +286,10 @@ pub const VARIABLES: &[&str] = &[
     "DRAIN_DEADLINE_SECONDS",
     "ETCD_DIAL_TIMEOUT_MS",
     "ETCD_ENDPOINTS",
+    "ETCD_GROUP_COMMIT",
     "ETCD_HOST",
+    "ETCD_MAX_TXN_BYTES",
+    "ETCD_MAX_TXN_OPS",
     "ETCD_PASSWORD",
     "ETCD_PORT",
     "ETCD_PREFIX",
@@ -480,6 +528,7 @@ impl Config {
                     3_000,
                 )?),
             },
+            group_commit: GroupCommitSettings::from_map(env)?,
             envs,
             idempotency_ttl: Duration::from_secs(ttl),
             api_token: get("API_AUTH_TOKEN")
@@ -861,6 +910,39 @@ mod tests {
         assert!(e.to_string().starts_with("USE_MOCK_ADAPTERS:"), "{e}");
         let e = Config::from_map(&map(&[("RM_ENVS", "a/b")])).expect_err("bad env");
         assert!(e.to_string().starts_with("RM_ENVS:"), "{e}");
+    }
+
+    #[test]
+    fn group_commit_is_on_by_default_with_etcd_limits_and_validated() {
+        let c = Config::from_map(&map(&[])).expect("config");
+        assert_eq!(
+            c.group_commit,
+            GroupCommitSettings {
+                enabled: true,
+                max_ops: 128,
+                max_bytes: 1 << 20
+            }
+        );
+        let c = Config::from_map(&map(&[
+            ("ETCD_GROUP_COMMIT", "false"),
+            ("ETCD_MAX_TXN_OPS", "64"),
+            ("ETCD_MAX_TXN_BYTES", "4096"),
+        ]))
+        .expect("config");
+        assert!(!c.group_commit.enabled);
+        assert_eq!(
+            (c.group_commit.max_ops, c.group_commit.max_bytes),
+            (64, 4096)
+        );
+        for (var, bad) in [
+            ("ETCD_GROUP_COMMIT", "sometimes"),
+            ("ETCD_MAX_TXN_OPS", "0"),
+            ("ETCD_MAX_TXN_OPS", "-3"),
+            ("ETCD_MAX_TXN_BYTES", "100"),
+        ] {
+            let e = Config::from_map(&map(&[(var, bad)])).expect_err("bad value");
+            assert!(e.to_string().starts_with(&format!("{var}:")), "{e}");
+        }
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Tracing set-up and the Prometheus metrics every layer records into.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -51,6 +51,20 @@ pub struct Metrics {
     pub callbacks: IntCounterVec,
     /// Expired hold leases the leader released (`leases_reaped_total`).
     pub leases_reaped: IntCounter,
+    /// Member transactions per etcd Txn sent by the group committer
+    /// (`etcd_group_commit_batch_size`).
+    pub group_commit_batch: Histogram,
+    /// etcd Txn RPCs the group committer sent (`etcd_group_commit_txns_total`).
+    pub group_commit_txns: IntCounter,
+    /// Member transactions handed to the group committer
+    /// (`etcd_group_commit_members_total`); Txn RPCs per transition is
+    /// `etcd_group_commit_txns_total / etcd_group_commit_members_total`.
+    pub group_commit_members: IntCounter,
+    /// What became of members of a grouped Txn that did not simply apply, by outcome:
+    /// `conflict` (its own compare failed; answered), `resubmitted` (its compares held
+    /// but another member's did not), `solo` (retried alone after the grouped Txn was
+    /// refused).
+    pub group_commit_splits: IntCounterVec,
 }
 
 impl Metrics {
@@ -123,6 +137,28 @@ impl Metrics {
             "leases_reaped_total",
             "Expired shadow deployable hold leases released by the leader",
         );
+        let group_commit_batch = Histogram::with_opts(
+            HistogramOpts::new(
+                "etcd_group_commit_batch_size",
+                "Member transactions per etcd Txn sent by the group committer",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+        );
+        let group_commit_txns = IntCounter::new(
+            "etcd_group_commit_txns_total",
+            "etcd Txn RPCs sent by the group committer",
+        );
+        let group_commit_members = IntCounter::new(
+            "etcd_group_commit_members_total",
+            "Member transactions handed to the group committer",
+        );
+        let group_commit_splits = IntCounterVec::new(
+            Opts::new(
+                "etcd_group_commit_splits_total",
+                "Members of a grouped Txn that did not simply apply, by outcome",
+            ),
+            &["outcome"],
+        );
         // Metric construction only fails on invalid names, which are constants here.
         let metrics = Self {
             registry,
@@ -138,6 +174,10 @@ impl Metrics {
             callback_latency: callback_latency.unwrap_or_else(|e| panic!("metric: {e}")),
             callbacks: callbacks.unwrap_or_else(|e| panic!("metric: {e}")),
             leases_reaped: leases_reaped.unwrap_or_else(|e| panic!("metric: {e}")),
+            group_commit_batch: group_commit_batch.unwrap_or_else(|e| panic!("metric: {e}")),
+            group_commit_txns: group_commit_txns.unwrap_or_else(|e| panic!("metric: {e}")),
+            group_commit_members: group_commit_members.unwrap_or_else(|e| panic!("metric: {e}")),
+            group_commit_splits: group_commit_splits.unwrap_or_else(|e| panic!("metric: {e}")),
         };
         for c in [
             Box::new(metrics.http_requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -152,6 +192,10 @@ impl Metrics {
             Box::new(metrics.callback_latency.clone()),
             Box::new(metrics.callbacks.clone()),
             Box::new(metrics.leases_reaped.clone()),
+            Box::new(metrics.group_commit_batch.clone()),
+            Box::new(metrics.group_commit_txns.clone()),
+            Box::new(metrics.group_commit_members.clone()),
+            Box::new(metrics.group_commit_splits.clone()),
         ] {
             let _ = metrics.registry.register(c);
         }

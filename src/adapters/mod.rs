@@ -3,6 +3,7 @@
 pub mod cml;
 pub mod ec2;
 pub mod etcd;
+pub mod group_commit;
 pub mod http_callback;
 pub mod instrumented;
 pub mod kube;

@@ -20,7 +20,7 @@ pub struct Kv {
 }
 
 /// A guard of a transaction.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Compare {
     /// The key's `mod_revision` equals this (0 means the key is absent).
     ModRevision(String, i64),

@@ -12,6 +12,7 @@ mod controller_idempotency;
 mod ec2;
 mod faults;
 mod fencing;
+mod group_commit;
 mod hostile;
 mod idempotency;
 mod kube;
