@@ -15,6 +15,7 @@ mod fencing;
 mod hostile;
 mod idempotency;
 mod kube;
+mod lists;
 mod leader;
 mod lease;
 mod loadtest;
