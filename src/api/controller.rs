@@ -426,8 +426,42 @@ async fn complete(
     Ok(reply_response(&reply))
 }
 
-async fn workers(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({"data": state.controller.workers.list()}))
+/// Token kind of the worker list.
+const WORKERS_KIND: &str = "workers";
+
+/// Query of `GET /api/1.0/workers`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersQuery {
+    /// Page size, 1..=[`paging::MAX_LIST_PAGE`] (default and most).
+    pub limit: Option<usize>,
+    /// Where the previous page ended (opaque).
+    #[serde(rename = "continue")]
+    pub cont: Option<String>,
+}
+
+/// Workers as this replica last saw them, ordered by id, a page at a time.
+async fn workers(
+    state: web::Data<AppState>,
+    query: web::Query<WorkersQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = paging::limit(query.limit)?;
+    let after = paging::after(WORKERS_KIND, query.cont.as_deref())?;
+    let mut page: Vec<_> = state
+        .controller
+        .workers
+        .list()
+        .into_iter()
+        .filter(|w| after.as_ref().is_none_or(|a| w.id > *a))
+        .take(limit + 1)
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let mut body = json!({ "data": page });
+    if let Some(last) = page.last().filter(|_| more) {
+        body["continue"] = json!(paging::token(WORKERS_KIND, &last.id));
+    }
+    Ok(HttpResponse::Ok().json(body))
 }
 
 async fn worker(

@@ -444,3 +444,74 @@ async fn instances_list_filters_by_state_and_worker_and_pages() {
         assert_eq!(r.status, 400, "{q}: {r:?}");
     }
 }
+
+#[actix_web::test]
+async fn workers_list_pages_by_id() {
+    use resource_plane::keys;
+    use resource_plane::loadtest::etcd::seed_worker;
+    use resource_plane::ports::store::{Op, Txn};
+
+    let store = memory();
+    let mut all: Vec<String> = Vec::new();
+    let mut ops = Vec::new();
+    for i in 0..12 {
+        let w = seed_worker(i);
+        ops.push(Op::Put {
+            key: keys::worker(&w.id),
+            value: serde_json::to_vec(&w).unwrap_or_default(),
+            lease: None,
+        });
+        all.push(w.id);
+    }
+    all.sort();
+    let written = store
+        .txn(Txn {
+            compares: vec![],
+            success: ops,
+            failure_gets: vec![],
+        })
+        .await;
+    assert!(written.is_ok_and(|r| r.succeeded));
+    let svc = support::service(support::config(), store).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    const PATH: &str = "/api/1.0/workers";
+    let ids = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|d| d["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let r = send(&app, get(PATH).to_request()).await;
+    assert_eq!(ids(&r.json), all);
+    assert!(r.json.get("continue").is_none());
+    let mut seen = Vec::new();
+    let mut uri = format!("{PATH}?limit=5");
+    for _ in 0..10 {
+        let r = send(&app, get(&uri).to_request()).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let page = ids(&r.json);
+        assert!(page.len() <= 5);
+        seen.extend(page);
+        match r.json["continue"].as_str() {
+            Some(t) => uri = format!("{PATH}?limit=5&continue={t}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, all);
+    for q in ["limit=0", "continue=%%%", "colour=red"] {
+        let r = send(&app, get(&format!("{PATH}?{q}")).to_request()).await;
+        assert_eq!(r.status, 400, "{q}: {r:?}");
+    }
+    // a token of another list is refused
+    let r = send(&app, get(&format!("{BASE}?limit=1")).to_request()).await;
+    assert_eq!(r.status, 200);
+    let r = send(&app, get("/api/1.0/instances?limit=1").to_request()).await;
+    assert_eq!(r.status, 200);
+    let shadow_token = resource_plane::api::paging::token("shadow-deployables", "x");
+    let r = send(&app, get(&format!("{PATH}?continue={shadow_token}")).to_request()).await;
+    assert_eq!(r.status, 400, "{r:?}");
+}
