@@ -28,8 +28,8 @@ use crate::actors::shadow::{
     decode, render, replay_if_stored, Cell, Deps, ExecError, Execute, Observe, ShadowActor,
     ShadowKey, REAPED,
 };
-use crate::actors::view::{Filter, Page};
 use crate::actors::stats::{ActorInfo, ActorStats};
+use crate::actors::view::{Filter, Page};
 use crate::domain::shadow::{ShadowCommand, ShadowDeployable, ShadowOutcome};
 use crate::idempotency::{IdemRequest, Reply};
 use crate::keys;
@@ -42,8 +42,7 @@ pub const MAX_POOL_TRIES: usize = 32;
 
 /// Whether a reply is a FAILED (held by another run) answer.
 fn is_failed(reply: &Reply) -> bool {
-    serde_json::from_str::<serde_json::Value>(&reply.body)
-        .is_ok_and(|v| v["status"] == "FAILED")
+    serde_json::from_str::<serde_json::Value>(&reply.body).is_ok_and(|v| v["status"] == "FAILED")
 }
 
 /// Kind label of shadow deployable actors.

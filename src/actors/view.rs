@@ -464,8 +464,15 @@ mod tests {
         };
         assert_eq!(names(&view.page("int", b, None, 10)), ["d1", "d2", "d3"]);
         view.remove(&ShadowKey::new("int", "d0"));
-        assert_eq!(view.free_in_pool("int", "a"), None, "an emptied pool is gone");
+        assert_eq!(
+            view.free_in_pool("int", "a"),
+            None,
+            "an emptied pool is gone"
+        );
         assert_eq!(view.page("int", Filter::default(), None, 10).items.len(), 3);
-        assert!(view.page("other", Filter::default(), None, 10).items.is_empty());
+        assert!(view
+            .page("other", Filter::default(), None, 10)
+            .items
+            .is_empty());
     }
 }

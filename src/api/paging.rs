@@ -77,9 +77,17 @@ mod tests {
     #[test]
     fn tokens_round_trip_and_refuse_other_lists_and_garbage() {
         let t = token("shadow", "d-07");
-        assert_eq!(after("shadow", Some(&t)).ok().flatten().as_deref(), Some("d-07"));
+        assert_eq!(
+            after("shadow", Some(&t)).ok().flatten().as_deref(),
+            Some("d-07")
+        );
         assert!(after("instances", Some(&t)).is_err());
-        for bad in ["", "%%%", "bm90LWEtdG9rZW4", &URL_SAFE_NO_PAD.encode("shadow\n")] {
+        for bad in [
+            "",
+            "%%%",
+            "bm90LWEtdG9rZW4",
+            &URL_SAFE_NO_PAD.encode("shadow\n"),
+        ] {
             assert!(after("shadow", Some(bad)).is_err(), "{bad:?}");
         }
         assert_eq!(after("shadow", None).ok(), Some(None));

@@ -478,6 +478,9 @@ pub struct Measured {
 pub struct Report {
     /// Scenario run.
     pub scenario: Scenario,
+    /// How the `shadow` scenario chose deployables (`round-robin`, `list`, `pool`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pick: Option<&'static str>,
     /// URL or etcd endpoints.
     pub target: String,
     /// Concurrent workflows / clients.
@@ -518,8 +521,9 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "scenario {} against {}: concurrency {}, {:.1} s, {} cycles ({:.1}/s), {:.1} successful ops/s",
+            "scenario {}{} against {}: concurrency {}, {:.1} s, {} cycles ({:.1}/s), {:.1} successful ops/s",
             self.scenario.as_str(),
+            self.pick.map(|p| format!(" (pick {p})")).unwrap_or_default(),
             self.target,
             self.concurrency,
             self.elapsed_secs,
@@ -606,8 +610,14 @@ pub async fn run(args: LoadtestArgs) -> Result<Report, LoadtestError> {
         Scenario::RawEtcd | Scenario::Seed => args.etcd_endpoints.join(","),
         _ => args.url.join(","),
     };
+    let pick = (args.scenario == Scenario::Shadow).then_some(match args.pick {
+        Pick::RoundRobin => "round-robin",
+        Pick::List => "list",
+        Pick::Pool => "pool",
+    });
     Ok(Report {
         scenario: args.scenario,
+        pick,
         target,
         concurrency: args.workflows,
         run_id: shared.run_id.clone(),

@@ -82,7 +82,11 @@ async fn pool_procure_picks_a_free_one_of_the_pool_and_fails_when_none() {
         assert!(name == "a2" || name == "a3", "picked {name:?}, never a1");
         assert!(got.insert(name), "a deployable handed out twice");
     }
-    let r = send(&app, post(BASE, &pool_procure("a", "run-late")).to_request()).await;
+    let r = send(
+        &app,
+        post(BASE, &pool_procure("a", "run-late")).to_request(),
+    )
+    .await;
     assert_eq!(
         (r.status, r.json.clone()),
         (200, json!({"status": "FAILED", "delay": 300}))
@@ -187,7 +191,11 @@ async fn sixty_four_pool_procures_across_two_replicas_get_the_eight_free_ones() 
     }
     // both replicas see the held ones as held before the race starts
     let seen = support::eventually(std::time::Duration::from_secs(10), || async {
-        let r = send(&app_b, get(&format!("{BASE}?in_use=false&node_pool=gpu")).to_request()).await;
+        let r = send(
+            &app_b,
+            get(&format!("{BASE}?in_use=false&node_pool=gpu")).to_request(),
+        )
+        .await;
         names(&r.json).len() == 8
     })
     .await;
@@ -217,7 +225,10 @@ async fn sixty_four_pool_procures_across_two_replicas_get_the_eight_free_ones() 
     assert_eq!(won.len(), 8, "exactly the 8 free ones: {won:?}");
     assert_eq!(failed, 56, "every other call told to retry");
     let distinct: HashSet<String> = won.into_iter().collect();
-    assert_eq!(distinct, free, "each free one handed out once, never a held one");
+    assert_eq!(
+        distinct, free,
+        "each free one handed out once, never a held one"
+    );
 }
 
 /// Walks every page of `path` with `limit`, returning the names in the order served.
@@ -263,17 +274,28 @@ async fn shadow_list_pages_walk_every_entry_once_in_order() {
     assert!(r.json.get("continue").is_none(), "{}", r.json);
 
     for (query, keep) in [
-        ("node_pool=x", &(|i: usize| i % 3 == 0) as &dyn Fn(usize) -> bool),
-        ("in_use=true", &|i: usize| i % 4 == 0),
-        ("in_use=false", &|i: usize| i % 4 != 0),
-        ("in_use=false&node_pool=y", &|i: usize| i % 4 != 0 && i % 3 != 0),
-        ("in_use=true&node_pool=x", &|i: usize| i % 4 == 0 && i % 3 == 0),
+        (
+            "node_pool=x",
+            &(|i: usize| i.is_multiple_of(3)) as &dyn Fn(usize) -> bool,
+        ),
+        ("in_use=true", &|i: usize| i.is_multiple_of(4)),
+        ("in_use=false", &|i: usize| !i.is_multiple_of(4)),
+        ("in_use=false&node_pool=y", &|i: usize| {
+            !i.is_multiple_of(4) && !i.is_multiple_of(3)
+        }),
+        ("in_use=true&node_pool=x", &|i: usize| {
+            i.is_multiple_of(4) && i.is_multiple_of(3)
+        }),
     ] {
         let want: Vec<String> = (0..50)
             .filter(|i| keep(*i))
             .map(|i| format!("d{i:02}"))
             .collect();
-        assert_eq!(walk(&app, &format!("{BASE}?{query}"), 7).await, want, "{query}");
+        assert_eq!(
+            walk(&app, &format!("{BASE}?{query}"), 7).await,
+            want,
+            "{query}"
+        );
         // unpaged, the same entries
         let r = send(&app, get(&format!("{BASE}?{query}")).to_request()).await;
         assert_eq!(names(&r.json), want, "{query}");
@@ -305,7 +327,11 @@ async fn a_change_between_pages_neither_duplicates_nor_skips_the_unchanged() {
     register(&app, "d30a", "p").await;
     for _ in 0..100 {
         let Some(t) = token.take() else { break };
-        let r = send(&app, get(&format!("{BASE}?limit=7&continue={t}")).to_request()).await;
+        let r = send(
+            &app,
+            get(&format!("{BASE}?limit=7&continue={t}")).to_request(),
+        )
+        .await;
         assert_eq!(r.status, 200);
         seen.extend(names(&r.json));
         token = r.json["continue"].as_str().map(str::to_owned);
@@ -512,6 +538,10 @@ async fn workers_list_pages_by_id() {
     let r = send(&app, get("/api/1.0/instances?limit=1").to_request()).await;
     assert_eq!(r.status, 200);
     let shadow_token = resource_plane::api::paging::token("shadow-deployables", "x");
-    let r = send(&app, get(&format!("{PATH}?continue={shadow_token}")).to_request()).await;
+    let r = send(
+        &app,
+        get(&format!("{PATH}?continue={shadow_token}")).to_request(),
+    )
+    .await;
     assert_eq!(r.status, 400, "{r:?}");
 }
