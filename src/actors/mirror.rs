@@ -41,6 +41,34 @@ impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Mirror<T> {
         self.items.iter().map(|e| e.value().clone()).collect()
     }
 
+    /// At most `limit` records kept by `keep` whose ids sort after `after`, in id
+    /// order, and whether more follow. Walks every record (the mirror is unordered);
+    /// clones only the page.
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        keep: impl Fn(&T) -> bool,
+    ) -> (Vec<(String, T)>, bool) {
+        let mut ids: Vec<String> = self
+            .items
+            .iter()
+            .filter(|e| after.is_none_or(|a| e.key().as_str() > a) && keep(&e.value().0))
+            .map(|e| e.key().clone())
+            .collect();
+        ids.sort_unstable();
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        let page = ids
+            .into_iter()
+            .filter_map(|id| {
+                let v = self.items.get(&id).map(|e| e.value().0.clone())?;
+                Some((id, v))
+            })
+            .collect();
+        (page, more)
+    }
+
     /// Notified after every change (one permit is kept if nobody waits).
     pub fn changes(&self) -> Arc<Notify> {
         self.changed.clone()

@@ -16,5 +16,6 @@ pub mod registry;
 pub mod scheduler;
 pub mod shadow;
 pub mod stats;
+pub mod view;
 pub mod watcher;
 pub mod worker;

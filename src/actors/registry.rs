@@ -20,18 +20,30 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use rand::Rng;
 use tracing::{warn, Span};
 
 use crate::actors::follow::Follower;
 use crate::actors::shadow::{
-    decode, Cell, Deps, ExecError, Execute, Observe, ShadowActor, ShadowKey, ViewEntry, REAPED,
+    decode, render, replay_if_stored, Cell, Deps, ExecError, Execute, Observe, ShadowActor,
+    ShadowKey, REAPED,
 };
 use crate::actors::stats::{ActorInfo, ActorStats};
-use crate::domain::shadow::{ShadowCommand, ShadowDeployable};
+use crate::actors::view::{Filter, Page};
+use crate::domain::shadow::{ShadowCommand, ShadowDeployable, ShadowOutcome};
 use crate::idempotency::{IdemRequest, Reply};
 use crate::keys;
 use crate::ports::kube::ScaleTarget;
 use crate::ports::store::{Compare, Kv, StoreError, WatchEvent};
+
+/// How many candidates one procure by pool tries before answering FAILED: bounds the
+/// work of one request when the view lags far behind (many of its FREE ones are held).
+pub const MAX_POOL_TRIES: usize = 32;
+
+/// Whether a reply is a FAILED (held by another run) answer.
+fn is_failed(reply: &Reply) -> bool {
+    serde_json::from_str::<serde_json::Value>(&reply.body).is_ok_and(|v| v["status"] == "FAILED")
+}
 
 /// Kind label of shadow deployable actors.
 pub const SHADOW_KIND: &str = "shadow-deployable";
@@ -151,9 +163,7 @@ impl Registry {
             .is_some_and(|v| v.mod_revision > revision);
         if !recreated {
             // A dead actor cannot unpublish its record: do it here.
-            self.deps
-                .view
-                .remove_if(key, |_, v| v.mod_revision < revision);
+            self.deps.view.remove_older(key, revision);
             if self.actors.remove(key).is_some() {
                 self.deps
                     .metrics
@@ -205,7 +215,57 @@ impl Registry {
         cmd: ShadowCommand,
         idem: Option<IdemRequest>,
     ) -> Result<Reply, ExecError> {
-        self.send(handle, cmd, idem, None).await
+        self.send(handle, cmd, idem, None, false).await
+    }
+
+    /// PROCUREs a FREE deployable of `pool` in `env` for `cmd` (a PROCURE): tries the
+    /// pool's FREE ones as this replica's view has them, starting at a random one so
+    /// replicas and workflows rarely collide, moving to the next when one is lost (held
+    /// meanwhile, here or on another replica: its actor decides on the store's record).
+    /// The answer is PROCURED with the name, or FAILED with the retry delay when none
+    /// could be had (after at most [`MAX_POOL_TRIES`] candidates). A request whose
+    /// idempotency key already has a stored reply gets that reply, whichever
+    /// deployable it names. `Ok(None)`: the pool has no deployable at all here.
+    pub async fn procure_from_pool(
+        &self,
+        env: &str,
+        pool: &str,
+        cmd: ShadowCommand,
+        idem: Option<IdemRequest>,
+    ) -> Result<Option<Reply>, ExecError> {
+        let known = self.deps.view.free_in_pool(env, pool);
+        if let Some(mut names) = known.clone() {
+            if !names.is_empty() {
+                let start = rand::thread_rng().gen_range(0..names.len());
+                names.rotate_left(start);
+            }
+            for name in names.iter().take(MAX_POOL_TRIES) {
+                let Some(handle) = self.find(&ShadowKey::new(env, name)).await? else {
+                    continue;
+                };
+                match self
+                    .send(&handle, cmd.clone(), idem.clone(), None, true)
+                    .await
+                {
+                    Ok(reply) if reply.replayed || !is_failed(&reply) => return Ok(Some(reply)),
+                    // Held by another run, or too contended: the next one may be free.
+                    Ok(_) | Err(ExecError::Contention) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if let Some(reply) = replay_if_stored(self.deps.store.as_ref(), idem.as_ref()).await? {
+            return Ok(Some(reply));
+        }
+        Ok(known.map(|_| {
+            render(
+                &ShadowOutcome::Failed {
+                    delay: self.deps.retry_delay,
+                },
+                "",
+                false,
+            )
+        }))
     }
 
     /// The leader's reaper: releases `key`'s hold if its lease has expired, through the
@@ -218,7 +278,7 @@ impl Registry {
             return Ok(false);
         };
         let reply = self
-            .send(&handle, ShadowCommand::Reap, None, Some(fence))
+            .send(&handle, ShadowCommand::Reap, None, Some(fence), false)
             .await?;
         let status = serde_json::from_str::<serde_json::Value>(&reply.body)
             .ok()
@@ -229,13 +289,12 @@ impl Registry {
     /// Leased holds whose lease expired before `now`, as this replica's view has them:
     /// candidates for [`Self::reap`], which decides again on the current record.
     pub fn expired_holds(&self, now: DateTime<Utc>) -> Vec<ShadowKey> {
-        let mut out: Vec<ShadowKey> = self
-            .deps
-            .view
-            .iter()
-            .filter(|e| e.value().record.lease_expired(now))
-            .map(|e| e.key().clone())
-            .collect();
+        let mut out: Vec<ShadowKey> = Vec::new();
+        self.deps.view.for_each(|k, e| {
+            if e.record.lease_expired(now) {
+                out.push(k.clone());
+            }
+        });
         out.sort();
         out
     }
@@ -246,6 +305,7 @@ impl Registry {
         cmd: ShadowCommand,
         idem: Option<IdemRequest>,
         fence: Option<Compare>,
+        answer_name: bool,
     ) -> Result<Reply, ExecError> {
         handle.stats.enqueued();
         let sent = tokio::time::timeout(
@@ -255,6 +315,7 @@ impl Registry {
                 idem,
                 span: Span::current(),
                 fence,
+                answer_name,
             }),
         )
         .await;
@@ -346,14 +407,11 @@ impl Registry {
     /// (unordered; cheap enough to sweep often). Only registered records are listed, so
     /// nothing else is ever scaled.
     pub fn min_pod_counts(&self) -> Vec<(ShadowKey, ScaleTarget, u32)> {
-        self.deps
-            .view
-            .iter()
-            .map(|e| {
-                let r = &e.value().record;
-                (e.key().clone(), scale_target(r), r.min_pod_count)
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.deps.view.for_each(|k, e| {
+            out.push((k.clone(), scale_target(&e.record), e.record.min_pod_count));
+        });
+        out
     }
 
     /// One record's mapped Deployment/HPA and `min_pod_count` (none: not registered).
@@ -364,17 +422,10 @@ impl Registry {
             .map(|e| (scale_target(&e.record), e.record.min_pod_count))
     }
 
-    /// Published records of `env`, sorted by name.
-    pub fn list(&self, env: &str) -> Vec<ViewEntry> {
-        let mut out: Vec<ViewEntry> = self
-            .deps
-            .view
-            .iter()
-            .filter(|e| e.key().env == env)
-            .map(|e| e.value().clone())
-            .collect();
-        out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
-        out
+    /// At most `limit` published records of `env` matching `filter`, after the name
+    /// `after`, in name order, as ready-made JSON.
+    pub fn page(&self, env: &str, filter: Filter<'_>, after: Option<&str>, limit: usize) -> Page {
+        self.deps.view.page(env, filter, after, limit)
     }
 
     /// Introspection of every live actor (registered and not dead), sorted by id.
@@ -395,7 +446,7 @@ impl Registry {
     }
 
     fn info(&self, key: &ShadowKey, h: &Handle) -> ActorInfo {
-        let view = self.deps.view.get(key).map(|v| v.clone());
+        let view = self.deps.view.get(key);
         let record: Option<&ShadowDeployable> = view.as_ref().map(|v| &v.record);
         ActorInfo {
             kind: SHADOW_KIND,

@@ -6,7 +6,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use dashmap::DashMap;
 use serde_json::json;
 use tracing::{debug, info, warn, Instrument, Span};
 
@@ -48,17 +47,7 @@ impl ShadowKey {
     }
 }
 
-/// The last persisted state an actor knows, as published for reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ViewEntry {
-    /// The record.
-    pub record: ShadowDeployable,
-    /// Its `mod_revision`.
-    pub mod_revision: i64,
-}
-
-/// Read-side view shared by all actors of a registry (lists are served from it).
-pub type View = DashMap<ShadowKey, ViewEntry>;
+pub use crate::actors::view::{View, ViewEntry};
 
 /// What every shadow actor needs.
 pub struct Deps {
@@ -140,6 +129,9 @@ pub struct Execute {
     /// The leader guard a leader-only command's write must also satisfy
     /// ([`crate::actors::leader::Fence::compare`]); `None` for client commands.
     pub fence: Option<Compare>,
+    /// Whether a PROCURED answer names the deployable (a procure by pool, whose caller
+    /// does not know which one it got; the stored idempotent reply keeps the name).
+    pub answer_name: bool,
 }
 
 /// A change seen by the replica's watch (or its hydration).
@@ -183,13 +175,8 @@ fn publish(view: &View, key: &ShadowKey, cell: &Cell) {
             record: Some(record),
             mod_revision,
         } => {
-            view.insert(
-                key.clone(),
-                ViewEntry {
-                    record: record.clone(),
-                    mod_revision: *mod_revision,
-                },
-            );
+            // Serialized here, once per change, so lists only concatenate.
+            view.insert(key, ViewEntry::new(record.clone(), *mod_revision));
         }
         Cell::Known { record: None, .. } => {
             view.remove(key);
@@ -227,6 +214,7 @@ impl Handler<Execute> for ShadowActor {
             msg.cmd,
             msg.idem,
             msg.fence,
+            msg.answer_name,
         )
         .instrument(msg.span);
         AtomicResponse::new(Box::pin(work.into_actor(self).map(
@@ -280,9 +268,13 @@ pub fn decode(kv: Option<&Kv>) -> Result<(Option<ShadowDeployable>, i64), ExecEr
     }
 }
 
-/// The answer for an outcome: HTTP status and exact JSON body.
-pub fn render(outcome: &ShadowOutcome, name: &str) -> Reply {
+/// The answer for an outcome: HTTP status and exact JSON body. `answer_name`: a
+/// PROCURED answer also names the deployable (procure by pool).
+pub fn render(outcome: &ShadowOutcome, name: &str, answer_name: bool) -> Reply {
     let (status, body) = match outcome {
+        ShadowOutcome::Procured if answer_name => {
+            (200, json!({"status": "PROCURED", "name": name}))
+        }
         ShadowOutcome::Procured => (200, json!({"status": "PROCURED"})),
         ShadowOutcome::Failed { delay } => (200, json!({"status": "FAILED", "delay": delay})),
         ShadowOutcome::Released => (200, json!({"status": "RELEASED"})),
@@ -328,7 +320,8 @@ async fn load(store: &dyn Store, key: &ShadowKey) -> Result<Cell, ExecError> {
     })
 }
 
-async fn replay_if_stored(
+/// The stored reply of `idem`'s request, if one was stored.
+pub async fn replay_if_stored(
     store: &dyn Store,
     idem: Option<&IdemRequest>,
 ) -> Result<Option<Reply>, ExecError> {
@@ -353,6 +346,7 @@ pub async fn execute(
     cmd: ShadowCommand,
     idem: Option<IdemRequest>,
     fence: Option<Compare>,
+    answer_name: bool,
 ) -> (Result<Reply, ExecError>, Cell) {
     let kind = cmd.kind();
     let count = |result: &str| {
@@ -409,7 +403,7 @@ pub async fn execute(
                 let result = match stored {
                     Ok(Some(reply)) => Ok(reply),
                     Ok(None) => other
-                        .map(|d| render(&d.outcome, &key.name))
+                        .map(|d| render(&d.outcome, &key.name, answer_name))
                         .map_err(ExecError::from),
                     Err(e) => Err(e),
                 };
@@ -422,7 +416,7 @@ pub async fn execute(
             }
         };
         let Decision { change, outcome } = decision;
-        let reply = render(&outcome, &key.name);
+        let reply = render(&outcome, &key.name, answer_name);
         let lease = match &idem {
             Some(_) => match deps.leases.lease(deps.store.as_ref()).await {
                 Ok(l) => Some(l),

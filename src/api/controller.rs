@@ -10,6 +10,7 @@ use crate::actors::instances::{self, Created, InstanceError};
 use crate::actors::worker::{WorkerCmd, WorkerExecError, WorkerOutcome};
 use crate::api::body::read_json;
 use crate::api::error::ApiError;
+use crate::api::paging;
 use crate::api::{method_not_allowed, reply_response, AppState, InflightGuard};
 use crate::config::valid_segment;
 use crate::domain::worker::{Instance, InstanceState, Resources, WorkerError};
@@ -28,7 +29,7 @@ const MAX_DRAIN_SECONDS: u64 = crate::config::MAX_DRAIN_DEADLINE.as_secs();
 pub fn configure(cfg: &mut web::ServiceConfig) {
     let r =
         |path: &str| web::resource(path.to_owned()).default_service(web::to(method_not_allowed));
-    cfg.service(r("/api/1.0/instances").post(submit))
+    cfg.service(r("/api/1.0/instances").get(list_instances).post(submit))
         .service(r("/api/1.0/instances/{id}").get(instance))
         .service(r("/api/1.0/instances/{id}/complete").post(complete))
         .service(r("/api/1.0/workers").get(workers))
@@ -262,6 +263,51 @@ async fn load_instance(state: &AppState, id: &str) -> Result<(Instance, i64), Ap
         .ok_or_else(|| ApiError::NotFound(format!("instance {id:?} not found")))
 }
 
+/// Token kind of the instance list.
+const INSTANCES_KIND: &str = "instances";
+
+/// Query of `GET /api/1.0/instances`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstancesQuery {
+    /// Only instances in this state.
+    pub state: Option<InstanceState>,
+    /// Only instances placed on this worker.
+    pub worker_id: Option<String>,
+    /// Page size, 1..=[`paging::MAX_LIST_PAGE`] (default and most).
+    pub limit: Option<usize>,
+    /// Where the previous page ended (opaque).
+    #[serde(rename = "continue")]
+    pub cont: Option<String>,
+}
+
+/// Instances as this replica's mirror has them, ordered by id, a page at a time.
+async fn list_instances(
+    state: web::Data<AppState>,
+    query: web::Query<InstancesQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let q = query.into_inner();
+    if let Some(w) = &q.worker_id {
+        check_id("worker", w)?;
+    }
+    let limit = paging::limit(q.limit)?;
+    let after = paging::after(INSTANCES_KIND, q.cont.as_deref())?;
+    let (page, more) = state
+        .controller
+        .instances
+        .page(after.as_deref(), limit, |i: &Instance| {
+            q.state.is_none_or(|s| i.state == s)
+                && q.worker_id
+                    .as_ref()
+                    .is_none_or(|w| i.worker_id.as_ref() == Some(w))
+        });
+    let mut body = json!({ "data": page.iter().map(|(_, i)| i).collect::<Vec<_>>() });
+    if let Some((last, _)) = page.last().filter(|_| more) {
+        body["continue"] = json!(paging::token(INSTANCES_KIND, last));
+    }
+    Ok(HttpResponse::Ok().json(body))
+}
+
 async fn instance(
     state: web::Data<AppState>,
     id: web::Path<String>,
@@ -380,8 +426,42 @@ async fn complete(
     Ok(reply_response(&reply))
 }
 
-async fn workers(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({"data": state.controller.workers.list()}))
+/// Token kind of the worker list.
+const WORKERS_KIND: &str = "workers";
+
+/// Query of `GET /api/1.0/workers`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersQuery {
+    /// Page size, 1..=[`paging::MAX_LIST_PAGE`] (default and most).
+    pub limit: Option<usize>,
+    /// Where the previous page ended (opaque).
+    #[serde(rename = "continue")]
+    pub cont: Option<String>,
+}
+
+/// Workers as this replica last saw them, ordered by id, a page at a time.
+async fn workers(
+    state: web::Data<AppState>,
+    query: web::Query<WorkersQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = paging::limit(query.limit)?;
+    let after = paging::after(WORKERS_KIND, query.cont.as_deref())?;
+    let mut page: Vec<_> = state
+        .controller
+        .workers
+        .list()
+        .into_iter()
+        .filter(|w| after.as_ref().is_none_or(|a| w.id > *a))
+        .take(limit + 1)
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let mut body = json!({ "data": page });
+    if let Some(last) = page.last().filter(|_| more) {
+        body["continue"] = json!(paging::token(WORKERS_KIND, &last.id));
+    }
+    Ok(HttpResponse::Ok().json(body))
 }
 
 async fn worker(

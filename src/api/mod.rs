@@ -8,6 +8,7 @@ pub mod middleware;
 pub mod openapi;
 pub mod operations;
 pub mod ops;
+pub mod paging;
 pub mod shadow;
 
 use std::sync::Arc;

@@ -3,11 +3,12 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::actors::shadow::ShadowKey;
+use crate::actors::view::Filter;
 use crate::api::body::read_json;
 use crate::api::error::ApiError;
+use crate::api::paging;
 use crate::api::{method_not_allowed, reply_response, AppState};
 use crate::config::valid_segment;
 use crate::domain::shadow::{
@@ -50,7 +51,15 @@ pub struct ListQuery {
     pub in_use: Option<String>,
     /// Exact node pool.
     pub node_pool: Option<String>,
+    /// Page size, 1..=[`paging::MAX_LIST_PAGE`] (default and most).
+    pub limit: Option<usize>,
+    /// Where the previous page ended (opaque).
+    #[serde(rename = "continue")]
+    pub cont: Option<String>,
 }
+
+/// Token kind of the shadow deployable list.
+const LIST_KIND: &str = "shadow-deployables";
 
 /// One shadow deployable as listed.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -101,8 +110,10 @@ pub enum Action {
 pub struct ActionBody {
     /// PROCURE, RELEASE or RENEW.
     pub action: Action,
-    /// Deployable name.
-    pub name: String,
+    /// Deployable name (PROCURE: this or `node_pool`).
+    pub name: Option<String>,
+    /// PROCURE only: any FREE deployable of this node pool (instead of `name`).
+    pub node_pool: Option<String>,
     /// Caller's run id.
     pub workflow_run_id: String,
     /// Caller's plan.
@@ -196,29 +207,18 @@ async fn list(
             )))
         }
     };
-    let data: Vec<ShadowView> = state
-        .registry
-        .list(&env)
-        .into_iter()
-        .map(|e| e.record)
-        .filter(|r| in_use.is_none_or(|u| r.in_use() == u))
-        .filter(|r| query.node_pool.as_ref().is_none_or(|p| r.node_pool == *p))
-        .map(|r| ShadowView {
-            in_use: r.in_use(),
-            deployment: r.deployment_name().to_owned(),
-            hpa: r.hpa_name().to_owned(),
-            name: r.name,
-            dns: r.dns,
-            min_pod_count: r.min_pod_count,
-            pod_count: r.min_pod_count,
-            node_pool: r.node_pool,
-            state: r.state,
-            owner: r.owner,
-            version: r.version,
-            lease_expires_at: r.lease_expires_at,
-        })
-        .collect();
-    Ok(HttpResponse::Ok().json(json!({ "data": data })))
+    let limit = paging::limit(query.limit)?;
+    let after = paging::after(LIST_KIND, query.cont.as_deref())?;
+    let filter = Filter {
+        in_use,
+        node_pool: query.node_pool.as_deref(),
+    };
+    let page = state.registry.page(&env, filter, after.as_deref(), limit);
+    Ok(paging::answer(
+        LIST_KIND,
+        &page.items,
+        page.more_after.as_deref(),
+    ))
 }
 
 async fn action(
@@ -230,7 +230,27 @@ async fn action(
     let env = state.env(&env)?;
     let body = read_json::<ActionBody>(&req, payload).await?;
     let b = body.value;
-    check_name(&b.name)?;
+    let target = match (b.action, b.name, b.node_pool) {
+        (_, Some(name), None) => {
+            check_name(&name)?;
+            Target::Name(name)
+        }
+        (Action::Procure, None, Some(pool)) => {
+            check_text("node_pool", &pool)?;
+            Target::Pool(pool)
+        }
+        (Action::Procure, _, _) => {
+            return Err(ApiError::BadRequest(
+                "PROCURE needs exactly one of name and node_pool".into(),
+            ))
+        }
+        (_, _, Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "node_pool is only for PROCURE; RELEASE and RENEW need name".into(),
+            ))
+        }
+        (_, None, None) => return Err(ApiError::BadRequest("name is required".into())),
+    };
     check_text("workflow_run_id", &b.workflow_run_id)?;
     if let Some(plan) = &b.workflow_plan {
         check_text("workflow_plan", plan)?;
@@ -267,13 +287,45 @@ async fn action(
         },
     };
     let idem = state.idempotency(&req, &env, "shadow-deployables:action", &body.canonical)?;
-    run(
-        &state,
-        ShadowKey::new(&env, &b.name),
-        cmd,
-        idem.as_ref().map(|i| &i.0),
-    )
-    .await
+    let idem = idem.as_ref().map(|i| &i.0);
+    match target {
+        Target::Name(name) => run(&state, ShadowKey::new(&env, &name), cmd, idem).await,
+        Target::Pool(pool) => procure_from_pool(&state, &env, &pool, cmd, idem).await,
+    }
+}
+
+/// What a POST acts on.
+enum Target {
+    /// One deployable.
+    Name(String),
+    /// Any FREE deployable of a node pool (PROCURE only).
+    Pool(String),
+}
+
+async fn procure_from_pool(
+    state: &AppState,
+    env: &str,
+    pool: &str,
+    cmd: ShadowCommand,
+    idem: Option<&IdemRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let retry_after = state.config.retry_after;
+    let reply = state
+        .registry
+        .procure_from_pool(env, pool, cmd, idem.cloned())
+        .await
+        .map_err(|e| ApiError::from_exec(e, retry_after))?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("node pool {pool:?} has no shadow deployables"))
+        })?;
+    if reply.replayed {
+        state
+            .metrics
+            .idempotency
+            .with_label_values(&["replayed"])
+            .inc();
+    }
+    Ok(reply_response(&reply))
 }
 
 async fn min_pod_count(

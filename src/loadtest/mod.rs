@@ -103,6 +103,9 @@ pub enum Pick {
     RoundRobin,
     /// A random FREE one from `GET …?in_use=false` (one list request per attempt).
     List,
+    /// None: PROCURE names the node pool (`loadtest`) and the service picks a FREE one
+    /// (one request per attempt, no list).
+    Pool,
 }
 
 /// Arguments of `resource-plane loadtest`.
@@ -146,6 +149,10 @@ pub struct LoadtestArgs {
     /// How a workflow chooses a deployable to procure.
     #[arg(long, value_enum, default_value_t = Pick::RoundRobin)]
     pub pick: Pick,
+    /// Page size of the `list` scenario (`?limit=N`, 1..=10000); default: no `limit`
+    /// (the whole list, up to the service's maximum page).
+    #[arg(long)]
+    pub limit: Option<usize>,
     /// `count` of the min-pod-count INCREASE step; 0 skips the step.
     #[arg(long, default_value_t = 1)]
     pub min_pod_count: u32,
@@ -254,6 +261,9 @@ impl LoadtestArgs {
         }
         if self.think_ms > 600_000 || self.max_retry_delay_ms > 600_000 {
             return bad("--think-ms and --max-retry-delay-ms must be at most 600000".into());
+        }
+        if self.limit.is_some_and(|l| !(1..=10_000).contains(&l)) {
+            return bad("--limit must be 1..=10000".into());
         }
         if !valid_segment(&self.env) {
             return bad(format!("--env {:?} is not a valid environment", self.env));
@@ -493,6 +503,9 @@ pub struct Measured {
 pub struct Report {
     /// Scenario run.
     pub scenario: Scenario,
+    /// How the `shadow` scenario chose deployables (`round-robin`, `list`, `pool`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pick: Option<&'static str>,
     /// URL or etcd endpoints.
     pub target: String,
     /// Concurrent workflows / clients.
@@ -533,8 +546,9 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "scenario {} against {}: concurrency {}, {:.1} s, {} cycles ({:.1}/s), {:.1} successful ops/s",
+            "scenario {}{} against {}: concurrency {}, {:.1} s, {} cycles ({:.1}/s), {:.1} successful ops/s",
             self.scenario.as_str(),
+            self.pick.map(|p| format!(" (pick {p})")).unwrap_or_default(),
             self.target,
             self.concurrency,
             self.elapsed_secs,
@@ -604,7 +618,10 @@ pub async fn run(args: LoadtestArgs) -> Result<Report, LoadtestError> {
         Scenario::Instances => requests::instances(shared.clone()).await,
         Scenario::Noop => requests::get_loop(shared.clone(), "/health".into(), "health").await,
         Scenario::List => {
-            let path = format!("/api/1.0/{}/shadow-deployables", shared.args.env);
+            let path = match shared.args.limit {
+                Some(l) => format!("/api/1.0/{}/shadow-deployables?limit={l}", shared.args.env),
+                None => format!("/api/1.0/{}/shadow-deployables", shared.args.env),
+            };
             requests::get_loop(shared.clone(), path, "list").await
         }
         Scenario::RawEtcd => etcd::raw(shared.clone()).await,
@@ -624,8 +641,14 @@ pub async fn run(args: LoadtestArgs) -> Result<Report, LoadtestError> {
         Scenario::RawEtcd | Scenario::Seed => args.etcd_endpoints.join(","),
         _ => args.url.join(","),
     };
+    let pick = (args.scenario == Scenario::Shadow).then_some(match args.pick {
+        Pick::RoundRobin => "round-robin",
+        Pick::List => "list",
+        Pick::Pool => "pool",
+    });
     let report = Report {
         scenario: args.scenario,
+        pick,
         target,
         concurrency: args.workflows,
         run_id: shared.run_id.clone(),
@@ -775,6 +798,12 @@ mod tests {
         assert_eq!(a.time_limit(), ITERATIONS_TIME_LIMIT);
         assert_eq!(a.deployable_count(), 8);
         assert_eq!(a.pick, Pick::List);
+        let a = parse(&["--pick", "pool", "--scenario", "list", "--limit", "100"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((a.pick, a.limit), (Pick::Pool, Some(100)));
+        assert!(a.validate().is_ok());
+        let a = parse(&["--limit", "0"]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(a.validate().is_err());
     }
 
     #[test]

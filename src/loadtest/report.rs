@@ -575,6 +575,7 @@ mod tests {
         args.token = Some("tok-secret-1".into());
         let report = Report {
             scenario: crate::loadtest::Scenario::Noop,
+            pick: None,
             target: args.url.join(","),
             concurrency: 1,
             run_id: HOSTILE.into(),

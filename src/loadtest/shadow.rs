@@ -22,6 +22,9 @@ use crate::loadtest::{LoadtestError, Measured, Pick, Shared};
 const SEND_ATTEMPTS: u32 = 4;
 /// PROCURE attempts of one cycle before the workflow gives up on it.
 const PROCURE_ATTEMPTS: u32 = 10_000;
+/// The node pool of the load test's deployables (registered and seeded).
+pub const POOL: &str = "loadtest";
+
 /// Attempts of one registration.
 const REGISTER_ATTEMPTS: usize = 6;
 
@@ -32,7 +35,7 @@ pub fn deployable_name(i: usize) -> String {
 
 /// The body that registers deployable `name`.
 pub fn register_body(name: &str) -> Value {
-    json!({"node_pool": "loadtest", "dns": format!("{name}.loadtest.invalid")})
+    json!({"node_pool": POOL, "dns": format!("{name}.loadtest.invalid")})
 }
 
 /// One workflow's view of the run.
@@ -76,7 +79,11 @@ impl Workflow {
                 .call_on(replica, Method::POST, path, Some(body), Some(key))
                 .await;
             self.shared.log(kind, &reply, |op| {
-                op.name = body["name"].as_str().map(str::to_owned);
+                // A procure by pool learns the name from the answer.
+                op.name = body["name"]
+                    .as_str()
+                    .or(reply.body["name"].as_str())
+                    .map(str::to_owned);
                 op.run = body["workflow_run_id"].as_str().map(str::to_owned);
                 op.key = Some(key.to_owned());
             });
@@ -103,7 +110,8 @@ impl Workflow {
 
     async fn pick(&mut self) -> Option<String> {
         match self.shared.args.pick {
-            Pick::RoundRobin => {
+            // A procure by pool never asks (see `procure`); round robin if it did.
+            Pick::RoundRobin | Pick::Pool => {
                 let i = self.next.fetch_add(1, Ordering::Relaxed) % self.names.len();
                 self.names.get(i).cloned()
             }
@@ -161,13 +169,23 @@ impl Workflow {
             if self.shared.budget.expired() {
                 return None;
             }
-            let name = self.pick().await?;
+            let by_pool = self.shared.args.pick == Pick::Pool;
+            let name = if by_pool {
+                None
+            } else {
+                Some(self.pick().await?)
+            };
+            let body = match &name {
+                Some(n) => body_of(n),
+                None => json!({"action": "PROCURE", "node_pool": POOL, "workflow_run_id": run,
+                               "workflow_plan": "loadtest"}),
+            };
             let path = self.base.clone();
             let reply = self
                 .send(
                     history::PROCURE,
                     &path,
-                    &body_of(&name),
+                    &body,
                     &format!("{run}-p{attempt}"),
                     |r| {
                         if r.outcome() == "FAILED" {
@@ -180,6 +198,12 @@ impl Workflow {
                 .await;
             match (reply.status(), reply.outcome()) {
                 (200, "PROCURED") => {
+                    let Some(name) =
+                        name.or_else(|| reply.body["name"].as_str().map(str::to_owned))
+                    else {
+                        // A pool answer without the name: nothing to hold or release.
+                        continue;
+                    };
                     self.transitions += 1;
                     self.shared.tracker.procured(&name, self.id);
                     return Some(name);
@@ -190,16 +214,21 @@ impl Workflow {
                 }
                 _ if reply.retryable() => {
                     // The outcome is unknown: the deployable may be ours now. Give it
-                    // back (a 409 means it was not) so it is not lost to the pool.
-                    let body = json!({"action": "RELEASE", "name": name, "workflow_run_id": run});
-                    self.send(
-                        history::RELEASE,
-                        &path,
-                        &body,
-                        &format!("{run}-c{attempt}"),
-                        |_| "release (cleanup)",
-                    )
-                    .await;
+                    // back (a 409 means it was not) so it is not lost to the pool. A
+                    // procure by pool does not know which one: its retries above reuse
+                    // the idempotency key, which is all it can do.
+                    if let Some(name) = &name {
+                        let body =
+                            json!({"action": "RELEASE", "name": name, "workflow_run_id": run});
+                        self.send(
+                            history::RELEASE,
+                            &path,
+                            &body,
+                            &format!("{run}-c{attempt}"),
+                            |_| "release (cleanup)",
+                        )
+                        .await;
+                    }
                     tokio::time::sleep(self.backoff(u64::MAX)).await;
                 }
                 _ => tokio::time::sleep(self.backoff(u64::MAX)).await,

@@ -17,6 +17,19 @@ use crate::support;
 
 #[actix_web::test]
 async fn the_shadow_scenario_keeps_every_invariant() {
+    shadow_scenario("round-robin").await;
+}
+
+/// PROCURE by node pool: one request per attempt, the service picks; the harness's
+/// invariant checker (one holder at a time per name) still holds.
+#[actix_web::test]
+async fn the_shadow_scenario_by_pool_keeps_every_invariant() {
+    let report = shadow_scenario("pool").await;
+    assert!(report.endpoint("list").is_none(), "{}", report.render());
+}
+
+/// Runs the shadow scenario with `--pick pick` and checks what every pick mode promises.
+async fn shadow_scenario(pick: &str) -> loadtest::Report {
     let svc = support::service(support::config(), Arc::new(MemoryStore::new())).await;
     let state = svc.state.clone();
     let server = HttpServer::new(move || api::app(state.clone()))
@@ -52,6 +65,8 @@ async fn the_shadow_scenario_keeps_every_invariant() {
         "120s",
         "--max-retry-delay-ms",
         "5",
+        "--pick",
+        pick,
         "--no-progress",
     ])
     .unwrap_or_else(|e| panic!("arguments: {e}"));
@@ -83,6 +98,7 @@ async fn the_shadow_scenario_keeps_every_invariant() {
     }
     let registered = report.setup.iter().map(|r| r.ok).sum::<u64>();
     assert_eq!(registered, 8, "{text}");
+    report
 }
 
 /// The service in-process on a free loopback port: its base URL and the server handle.

@@ -18,6 +18,7 @@ mod idempotency;
 mod kube;
 mod leader;
 mod lease;
+mod lists;
 mod loadtest;
 mod manifests;
 mod moto;

@@ -1,0 +1,478 @@
+//! The read side of the shadow deployables: every published record with its answer JSON
+//! already serialized (made once per change by the actor that made the change, never per
+//! read), ordered by name within each environment, with the `in_use` and `node_pool`
+//! filters kept as indexes. A list page is a range walk of one ordered set followed by a
+//! concatenation of ready-made JSON, so its cost follows the page, not the population.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::actors::shadow::ShadowKey;
+use crate::domain::shadow::{Owner, ShadowDeployable, ShadowState};
+
+/// The last persisted state an actor knows, as published for reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewEntry {
+    /// The record.
+    pub record: ShadowDeployable,
+    /// Its `mod_revision`.
+    pub mod_revision: i64,
+    /// The record as one list entry answers it (see [`listed_json`]).
+    pub json: Arc<str>,
+}
+
+impl ViewEntry {
+    /// An entry, serializing the record's list JSON once.
+    pub fn new(record: ShadowDeployable, mod_revision: i64) -> Self {
+        let json = listed_json(&record);
+        Self {
+            record,
+            mod_revision,
+            json,
+        }
+    }
+}
+
+/// One shadow deployable as a list answers it; field order is the answer's.
+#[derive(Serialize)]
+struct Listed<'a> {
+    name: &'a str,
+    dns: &'a str,
+    min_pod_count: u32,
+    // Deprecated alias of `min_pod_count`, answered for one more release.
+    pod_count: u32,
+    in_use: bool,
+    node_pool: &'a str,
+    state: ShadowState,
+    owner: Option<&'a Owner>,
+    version: u64,
+    #[serde(with = "crate::domain::time::option")]
+    lease_expires_at: Option<DateTime<Utc>>,
+    deployment: &'a str,
+    hpa: &'a str,
+}
+
+/// The list JSON of `record` (an object; never fails for a valid record).
+pub fn listed_json(r: &ShadowDeployable) -> Arc<str> {
+    let listed = Listed {
+        name: &r.name,
+        dns: &r.dns,
+        min_pod_count: r.min_pod_count,
+        pod_count: r.min_pod_count,
+        in_use: r.in_use(),
+        node_pool: &r.node_pool,
+        state: r.state,
+        owner: r.owner.as_ref(),
+        version: r.version,
+        lease_expires_at: r.lease_expires_at,
+        deployment: r.deployment_name(),
+        hpa: r.hpa_name(),
+    };
+    // Serializing plain strings, numbers and a timestamp cannot fail; an empty object
+    // keeps the answer valid JSON if it ever did.
+    serde_json::to_string(&listed)
+        .map(Arc::from)
+        .unwrap_or_else(|_| Arc::from("{}"))
+}
+
+/// Which entries a list wants.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Filter<'a> {
+    /// Only held (`true`) or only free (`false`) ones.
+    pub in_use: Option<bool>,
+    /// Only those of this node pool.
+    pub node_pool: Option<&'a str>,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The entries' JSON, in name order.
+    pub items: Vec<Arc<str>>,
+    /// The last name served when more entries follow (the next page starts after it).
+    pub more_after: Option<String>,
+}
+
+/// Free and held names of one group (an environment, or one pool of it).
+#[derive(Debug, Default)]
+struct Split {
+    free: BTreeSet<String>,
+    held: BTreeSet<String>,
+}
+
+impl Split {
+    fn side(&mut self, in_use: bool) -> &mut BTreeSet<String> {
+        if in_use {
+            &mut self.held
+        } else {
+            &mut self.free
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.free.is_empty() && self.held.is_empty()
+    }
+}
+
+#[derive(Debug, Default)]
+struct EnvView {
+    entries: BTreeMap<String, ViewEntry>,
+    all: Split,
+    pools: HashMap<String, Split>,
+}
+
+impl EnvView {
+    fn unindex(&mut self, name: &str, e: &ViewEntry) {
+        let in_use = e.record.in_use();
+        self.all.side(in_use).remove(name);
+        if let Some(p) = self.pools.get_mut(&e.record.node_pool) {
+            p.side(in_use).remove(name);
+            if p.is_empty() {
+                self.pools.remove(&e.record.node_pool);
+            }
+        }
+    }
+
+    fn index(&mut self, name: &str, e: &ViewEntry) {
+        let in_use = e.record.in_use();
+        self.all.side(in_use).insert(name.to_owned());
+        self.pools
+            .entry(e.record.node_pool.clone())
+            .or_default()
+            .side(in_use)
+            .insert(name.to_owned());
+    }
+
+    fn remove(&mut self, name: &str) -> Option<ViewEntry> {
+        let old = self.entries.remove(name)?;
+        self.unindex(name, &old);
+        Some(old)
+    }
+}
+
+/// Read-side view shared by all actors of a registry (lists are served from it).
+#[derive(Debug, Default)]
+pub struct View {
+    envs: RwLock<HashMap<String, EnvView>>,
+}
+
+/// Names in `set` after `after`, in order.
+fn range_after<'a>(
+    set: &'a BTreeSet<String>,
+    after: Option<&str>,
+) -> std::collections::btree_set::Range<'a, String> {
+    match after {
+        Some(a) => set.range::<str, _>((Bound::Excluded(a), Bound::Unbounded)),
+        None => set.range::<str, _>(..),
+    }
+}
+
+/// The ordered union of two ordered, disjoint name sequences.
+fn merge<'a>(
+    a: impl Iterator<Item = &'a String>,
+    b: impl Iterator<Item = &'a String>,
+) -> impl Iterator<Item = &'a String> {
+    let mut a = a.peekable();
+    let mut b = b.peekable();
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y < x => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
+}
+
+impl View {
+    /// An empty view.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<String, EnvView>> {
+        // A panic while holding the lock leaves consistent maps (each change is applied
+        // whole before anything can panic), so a poisoned lock is still usable.
+        self.envs.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, EnvView>> {
+        self.envs.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One entry.
+    pub fn get(&self, key: &ShadowKey) -> Option<ViewEntry> {
+        self.read()
+            .get(&key.env)
+            .and_then(|e| e.entries.get(&key.name))
+            .cloned()
+    }
+
+    /// Whether `key` is published.
+    pub fn contains_key(&self, key: &ShadowKey) -> bool {
+        self.read()
+            .get(&key.env)
+            .is_some_and(|e| e.entries.contains_key(&key.name))
+    }
+
+    /// Publishes `entry` under `key`, replacing (and re-indexing) what was there.
+    pub fn insert(&self, key: &ShadowKey, entry: ViewEntry) {
+        let mut envs = self.write();
+        let env = envs.entry(key.env.clone()).or_default();
+        env.remove(&key.name);
+        env.index(&key.name, &entry);
+        env.entries.insert(key.name.clone(), entry);
+    }
+
+    /// Unpublishes `key`.
+    pub fn remove(&self, key: &ShadowKey) {
+        if let Some(env) = self.write().get_mut(&key.env) {
+            env.remove(&key.name);
+        }
+    }
+
+    /// Unpublishes `key` if its entry is older than `revision`.
+    pub fn remove_older(&self, key: &ShadowKey, revision: i64) {
+        let mut envs = self.write();
+        let Some(env) = envs.get_mut(&key.env) else {
+            return;
+        };
+        if env
+            .entries
+            .get(&key.name)
+            .is_some_and(|e| e.mod_revision < revision)
+        {
+            env.remove(&key.name);
+        }
+    }
+
+    /// Calls `f` on every entry (no order), under the read lock: `f` must be quick.
+    pub fn for_each(&self, mut f: impl FnMut(&ShadowKey, &ViewEntry)) {
+        for (env, v) in self.read().iter() {
+            for (name, e) in &v.entries {
+                f(&ShadowKey::new(env, name), e);
+            }
+        }
+    }
+
+    /// Published entries of `env` in name order (clones: for tests and small tools).
+    pub fn entries(&self, env: &str) -> Vec<ViewEntry> {
+        self.read()
+            .get(env)
+            .map(|e| e.entries.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Names of `env`'s FREE deployables in `pool`, in name order; `None` when the pool
+    /// has no deployable at all (free or held).
+    pub fn free_in_pool(&self, env: &str, pool: &str) -> Option<Vec<String>> {
+        self.read()
+            .get(env)
+            .and_then(|e| e.pools.get(pool))
+            .map(|p| p.free.iter().cloned().collect())
+    }
+
+    /// At most `limit` entries of `env` matching `filter`, starting after the name
+    /// `after`, read from the index that fits the filter.
+    pub fn page(&self, env: &str, filter: Filter<'_>, after: Option<&str>, limit: usize) -> Page {
+        let envs = self.read();
+        let Some(v) = envs.get(env) else {
+            return Page {
+                items: Vec::new(),
+                more_after: None,
+            };
+        };
+        let empty = Split::default();
+        let split = match filter.node_pool {
+            Some(p) => v.pools.get(p).unwrap_or(&empty),
+            None => &v.all,
+        };
+        let names: Box<dyn Iterator<Item = &String>> = match (filter.in_use, filter.node_pool) {
+            (None, None) => match after {
+                Some(a) => Box::new(
+                    v.entries
+                        .range::<str, _>((Bound::Excluded(a), Bound::Unbounded))
+                        .map(|(k, _)| k),
+                ),
+                None => Box::new(v.entries.keys()),
+            },
+            (Some(true), _) => Box::new(range_after(&split.held, after)),
+            (Some(false), _) => Box::new(range_after(&split.free, after)),
+            (None, Some(_)) => Box::new(merge(
+                range_after(&split.free, after),
+                range_after(&split.held, after),
+            )),
+        };
+        let mut items = Vec::with_capacity(limit.min(1024));
+        let mut last: Option<&String> = None;
+        let mut more = false;
+        for name in names {
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            if let Some(e) = v.entries.get(name) {
+                items.push(e.json.clone());
+                last = Some(name);
+            }
+        }
+        Page {
+            items,
+            more_after: if more { last.cloned() } else { None },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::shadow::{decide, Change, Context, ShadowCommand};
+
+    fn record(name: &str, pool: &str) -> ShadowDeployable {
+        let d = decide(
+            None,
+            &ShadowCommand::Register {
+                name: name.into(),
+                node_pool: pool.into(),
+                dns: format!("{name}.example"),
+                deployment: None,
+                hpa: Some("h".into()),
+            },
+            ctx(),
+        );
+        match d.map(|d| d.change) {
+            Ok(Change::Put(r)) => r,
+            other => panic!("register: {other:?}"),
+        }
+    }
+
+    fn ctx() -> Context {
+        Context {
+            now: crate::clock::utc_now(),
+            retry_delay: 300,
+        }
+    }
+
+    fn expected(r: &ShadowDeployable) -> serde_json::Value {
+        serde_json::json!({
+            "name": r.name,
+            "dns": r.dns,
+            "min_pod_count": r.min_pod_count,
+            "pod_count": r.min_pod_count,
+            "in_use": r.state == ShadowState::Procured,
+            "node_pool": r.node_pool,
+            "state": r.state,
+            "owner": r.owner,
+            "version": r.version,
+            "lease_expires_at": r.lease_expires_at.map(|t| crate::domain::time::format(&t)),
+            "deployment": r.name,
+            "hpa": "h",
+        })
+    }
+
+    fn parsed(e: &ViewEntry) -> serde_json::Value {
+        serde_json::from_str(&e.json).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_serialized_entry_is_the_record_as_listed_and_follows_a_change() {
+        let free = record("d1", "p");
+        let view = View::new();
+        let key = ShadowKey::new("int", "d1");
+        view.insert(&key, ViewEntry::new(free.clone(), 3));
+        let e = view.get(&key).unwrap_or_else(|| panic!("published"));
+        assert_eq!(parsed(&e), expected(&free));
+
+        let held = match decide(
+            Some(&free),
+            &ShadowCommand::Procure {
+                run_id: "r1".into(),
+                plan: Some("plan".into()),
+                lease_seconds: Some(60),
+            },
+            ctx(),
+        )
+        .map(|d| d.change)
+        {
+            Ok(Change::Put(r)) => r,
+            other => panic!("procure: {other:?}"),
+        };
+        view.insert(&key, ViewEntry::new(held.clone(), 4));
+        let e = view.get(&key).unwrap_or_else(|| panic!("published"));
+        assert_eq!(parsed(&e), expected(&held));
+        assert_ne!(parsed(&e), expected(&free));
+        assert_eq!(parsed(&e)["owner"]["workflow_run_id"], "r1");
+        assert!(parsed(&e)["lease_expires_at"].is_string());
+    }
+
+    #[test]
+    fn indexes_follow_every_change_and_pages_resume_after_the_last_name() {
+        let view = View::new();
+        for (i, pool) in ["a", "b", "a", "b", "a"].iter().enumerate() {
+            let name = format!("d{i}");
+            view.insert(
+                &ShadowKey::new("int", &name),
+                ViewEntry::new(record(&name, pool), 1),
+            );
+        }
+        let names = |p: &Page| -> Vec<String> {
+            p.items
+                .iter()
+                .map(|j| {
+                    serde_json::from_str::<serde_json::Value>(j).unwrap_or_default()["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+                .collect()
+        };
+        let a = Filter {
+            in_use: None,
+            node_pool: Some("a"),
+        };
+        let p = view.page("int", a, None, 2);
+        assert_eq!(names(&p), ["d0", "d2"]);
+        assert_eq!(p.more_after.as_deref(), Some("d2"));
+        let p = view.page("int", a, Some("d2"), 2);
+        assert_eq!((names(&p), p.more_after), (vec!["d4".to_owned()], None));
+        assert_eq!(
+            view.free_in_pool("int", "a"),
+            Some(vec!["d0".into(), "d2".into(), "d4".into()])
+        );
+
+        // d2 moves to pool b and is held; d4 is deleted
+        let mut moved = record("d2", "b");
+        moved.state = ShadowState::Procured;
+        view.insert(&ShadowKey::new("int", "d2"), ViewEntry::new(moved, 2));
+        view.remove_older(&ShadowKey::new("int", "d4"), 1);
+        assert!(view.contains_key(&ShadowKey::new("int", "d4")), "not older");
+        view.remove_older(&ShadowKey::new("int", "d4"), 2);
+        assert_eq!(view.free_in_pool("int", "a"), Some(vec!["d0".into()]));
+        assert_eq!(
+            view.free_in_pool("int", "b"),
+            Some(vec!["d1".into(), "d3".into()])
+        );
+        let held = Filter {
+            in_use: Some(true),
+            node_pool: None,
+        };
+        assert_eq!(names(&view.page("int", held, None, 10)), ["d2"]);
+        let b = Filter {
+            in_use: None,
+            node_pool: Some("b"),
+        };
+        assert_eq!(names(&view.page("int", b, None, 10)), ["d1", "d2", "d3"]);
+        view.remove(&ShadowKey::new("int", "d0"));
+        assert_eq!(
+            view.free_in_pool("int", "a"),
+            None,
+            "an emptied pool is gone"
+        );
+        assert_eq!(view.page("int", Filter::default(), None, 10).items.len(), 3);
+        assert!(view
+            .page("other", Filter::default(), None, 10)
+            .items
+            .is_empty());
+    }
+}
