@@ -55,6 +55,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("put", "/api/1.0/{env}/{base}/{name}"),
     ("delete", "/api/1.0/{env}/{base}/{name}"),
     ("post", "/api/1.0/instances"),
+    ("get", "/api/1.0/instances"),
     ("get", "/api/1.0/instances/{id}"),
     ("post", "/api/1.0/instances/{id}/complete"),
     ("get", "/api/1.0/workers"),
