@@ -1,7 +1,7 @@
 //! Tracing set-up and the Prometheus metrics every layer records into.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 use tracing_subscriber::{fmt, EnvFilter};
@@ -51,6 +51,8 @@ pub struct Metrics {
     pub callbacks: IntCounterVec,
     /// Expired hold leases the leader released (`resource_plane_leases_reaped_total`).
     pub leases_reaped: IntCounter,
+    /// Time from an instance's creation (PENDING) to its placement (SCHEDULED).
+    pub schedule_latency: Histogram,
 }
 
 impl Metrics {
@@ -123,6 +125,16 @@ impl Metrics {
             "resource_plane_leases_reaped_total",
             "Expired shadow deployable hold leases released by the leader",
         );
+        let schedule_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "instance_schedule_latency_seconds",
+                "Time from an instance's creation (PENDING) to its placement (SCHEDULED)",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+                5.0, 10.0, 30.0,
+            ]),
+        );
         // Metric construction only fails on invalid names, which are constants here.
         let metrics = Self {
             registry,
@@ -138,6 +150,7 @@ impl Metrics {
             callback_latency: callback_latency.unwrap_or_else(|e| panic!("metric: {e}")),
             callbacks: callbacks.unwrap_or_else(|e| panic!("metric: {e}")),
             leases_reaped: leases_reaped.unwrap_or_else(|e| panic!("metric: {e}")),
+            schedule_latency: schedule_latency.unwrap_or_else(|e| panic!("metric: {e}")),
         };
         for c in [
             Box::new(metrics.http_requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -152,6 +165,7 @@ impl Metrics {
             Box::new(metrics.callback_latency.clone()),
             Box::new(metrics.callbacks.clone()),
             Box::new(metrics.leases_reaped.clone()),
+            Box::new(metrics.schedule_latency.clone()),
         ] {
             let _ = metrics.registry.register(c);
         }

@@ -1,5 +1,8 @@
 //! The scheduler: places PENDING instances on RUNNING workers with room (best fit),
 //! never on DRAINING or later; what cannot be placed goes to the autoscaler at once.
+//! It reads the pending queue and the workers' capacity index (both kept by the watch
+//! and this replica's writes, see [`crate::domain::schedule_index`]), never every
+//! instance or worker.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -7,31 +10,20 @@ use std::time::Instant;
 use actix::prelude::*;
 use tracing::debug;
 
-use crate::actors::autoscaler::{Autoscaler, Demand};
-use crate::actors::controller::ControllerCtx;
+pub use crate::actors::controller_ctx::{Schedule, Stop};
+use crate::actors::controller_ctx::{ControllerCtx, Demand};
 use crate::actors::worker::{WorkerCmd, WorkerExecError};
-use crate::domain::controller::best_fit;
-use crate::domain::worker::Worker;
-
-/// Place pending instances now.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Schedule;
-
-/// Stop (leadership lost).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Stop;
+use crate::domain::worker::InstanceState;
 
 /// The scheduler actor (leader only).
 pub struct Scheduler {
     ctx: Arc<ControllerCtx>,
-    autoscaler: Addr<Autoscaler>,
+    autoscaler: Recipient<Demand>,
 }
 
 impl Scheduler {
     /// A scheduler that reports unplaceable demand to `autoscaler`.
-    pub fn new(ctx: Arc<ControllerCtx>, autoscaler: Addr<Autoscaler>) -> Self {
+    pub fn new(ctx: Arc<ControllerCtx>, autoscaler: Recipient<Demand>) -> Self {
         Self { ctx, autoscaler }
     }
 }
@@ -63,16 +55,25 @@ impl Handler<Schedule> for Scheduler {
     }
 }
 
-/// One pass: place what fits, hand the rest to the autoscaler.
-pub async fn schedule_once(ctx: &ControllerCtx, autoscaler: &Addr<Autoscaler>) {
+/// One pass over the pending queue (oldest first): place what fits on the best-fitting
+/// RUNNING worker from the capacity index, hand the rest to the autoscaler. The cost
+/// follows the number pending, not the number of instances or workers.
+pub async fn schedule_once(ctx: &ControllerCtx, autoscaler: &Recipient<Demand>) {
     if ctx.fence.epoch().is_none() {
         return;
     }
-    let mut workers: Vec<Worker> = ctx.workers.list();
     let mut unplaced = Vec::new();
-    for (inst, rev) in ctx.pending() {
-        let Some(target) = best_fit(&workers, &inst.requirements).map(|w| w.id.clone()) else {
-            unplaced.push(inst.id.clone());
+    for id in ctx.pending_ids() {
+        let Some((inst, rev)) = ctx.instances.get(&id) else {
+            continue;
+        };
+        if inst.state != InstanceState::Pending {
+            continue;
+        }
+        // The worker actor publishes each placement (view and index) before it answers,
+        // so the next lookup already sees the room this one took.
+        let Some(target) = ctx.workers.deps().best_fit(&inst.requirements) else {
+            unplaced.push(id);
             continue;
         };
         let cmd = WorkerCmd::Place {
@@ -82,11 +83,12 @@ pub async fn schedule_once(ctx: &ControllerCtx, autoscaler: &Addr<Autoscaler>) {
         match ctx.workers.send(&target, cmd, true).await {
             Ok(out) => {
                 debug!(instance = %inst.id, worker = %target, "instance scheduled");
+                let waited = (ctx.clock.now() - inst.created_at).to_std().unwrap_or_default();
+                ctx.metrics
+                    .schedule_latency
+                    .observe(waited.as_secs_f64());
                 if let Some((i, r)) = out.instance {
                     ctx.instances.note(&i.id.clone(), i, r);
-                }
-                if let Some(w) = workers.iter_mut().find(|w| w.id == target) {
-                    *w = out.worker;
                 }
             }
             Err(WorkerExecError::Fenced) => return,
@@ -96,14 +98,10 @@ pub async fn schedule_once(ctx: &ControllerCtx, autoscaler: &Addr<Autoscaler>) {
                 }
             }
             Err(e) => {
-                // Our view of the worker was stale (it filled up or started draining).
+                // Our view of the worker was stale (it filled up or started draining);
+                // the refusal refreshed it.
                 debug!(instance = %inst.id, worker = %target, error = %e, "placement refused");
-                if let Some(w) = ctx.workers.get(&target) {
-                    if let Some(slot) = workers.iter_mut().find(|x| x.id == target) {
-                        *slot = w;
-                    }
-                }
-                unplaced.push(inst.id.clone());
+                unplaced.push(id);
             }
         }
     }

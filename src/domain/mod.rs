@@ -6,6 +6,7 @@ pub mod conditions;
 pub mod controller;
 pub mod intent;
 pub mod launch;
+pub mod schedule_index;
 pub mod shadow;
 pub mod time;
 pub mod worker;
