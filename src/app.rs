@@ -292,6 +292,7 @@ impl Service {
             leases: LeasePool::new(config.idempotency_ttl),
             retry_delay: config.procure_retry_delay,
             view: View::new(),
+            holds: Default::default(),
             send_timeout: config.actor_send_timeout,
         });
         let registry = Registry::new(deps, config.actor_threads);

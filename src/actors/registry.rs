@@ -154,6 +154,7 @@ impl Registry {
             self.deps
                 .view
                 .remove_if(key, |_, v| v.mod_revision < revision);
+            self.deps.resync_hold(key);
             if self.actors.remove(key).is_some() {
                 self.deps
                     .metrics
@@ -228,16 +229,13 @@ impl Registry {
 
     /// Leased holds whose lease expired before `now`, as this replica's view has them:
     /// candidates for [`Self::reap`], which decides again on the current record.
+    /// They come from the hold index (by lease expiry), not a walk of every record.
     pub fn expired_holds(&self, now: DateTime<Utc>) -> Vec<ShadowKey> {
-        let mut out: Vec<ShadowKey> = self
-            .deps
-            .view
-            .iter()
-            .filter(|e| e.value().record.lease_expired(now))
-            .map(|e| e.key().clone())
-            .collect();
-        out.sort();
-        out
+        self.deps
+            .holds
+            .lock()
+            .map(|h| h.expired(now))
+            .unwrap_or_default()
     }
 
     async fn send(

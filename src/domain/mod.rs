@@ -3,6 +3,7 @@
 pub mod callback;
 pub mod cml;
 pub mod conditions;
+pub mod hold_index;
 pub mod controller;
 pub mod intent;
 pub mod launch;
