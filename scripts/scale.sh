@@ -122,8 +122,12 @@ stop_service
 
 # 2. The large fleet, on the same etcd.
 echo "scale: seeding $N deployables, $M workers, $INSTANCES instances ($PENDING pending)" >&2
+SEED_INSTANCES=()
+if [ "$INSTANCES" -gt 0 ]; then
+  SEED_INSTANCES=(--instances "$INSTANCES" --pending "$PENDING")
+fi
 lt seed --scenario seed --etcd-endpoints "$ETCD" --deployables "$N" --workers "$M" \
-  --instances "$INSTANCES" --pending "$PENDING" --workflows 16
+  "${SEED_INSTANCES[@]}" --workflows 16
 start_service
 RSS_READY=$(rss_mib "$SVC")
 LISTED=$(curl -fs "$URL/api/1.0/int/shadow-deployables" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["data"]))')

@@ -302,7 +302,7 @@ impl Service {
             metrics: metrics.clone(),
             fence: fence.clone(),
             view: DashMap::new(),
-            capacity: Default::default(),
+            index: Default::default(),
             clock: crate::clock::Clock::new(),
             retention: LeasePool::new(config.controller.record_retention),
             send_timeout: config.actor_send_timeout,

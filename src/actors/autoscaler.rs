@@ -255,7 +255,10 @@ async fn drive(
         return asked;
     }
     let now = ctx.clock.now();
-    for w in ctx.workers.list() {
+    // Only the workers in motion (from the index, not a copy of every worker): RUNNING
+    // and TERMINATED ones need nothing from this poll.
+    let moving = ctx.workers.deps().moving();
+    for w in moving.iter().filter_map(|id| ctx.workers.get(id)) {
         // Each step may have waited on etcd or the cloud: stop as soon as the lease may
         // have lapsed (a frozen leader resumes here), before any further cloud call.
         if !ctx.fence.is_leading() {

@@ -238,17 +238,27 @@ impl OpsCtx {
             swept = true;
             let check = sweeps.is_multiple_of(DRIFT_CHECK_EVERY);
             sweeps += 1;
-            let targets = self.shadows.min_pod_counts();
             if !check {
-                for (key, target, want) in targets {
-                    let next = (target, want);
-                    if applied.get(&key) != Some(&next) && missing.get(&key) != Some(&next) {
-                        self.converge_tracked(key, next, &mut applied, &mut missing)
-                            .await;
-                    }
+                // Copies only what differs from what was applied (or found missing).
+                let same = |m: &HashMap<ShadowKey, (ScaleTarget, u32)>,
+                            key: &ShadowKey,
+                            dep: &str,
+                            hpa: &str,
+                            want: u32| {
+                    m.get(key).is_some_and(|(t, w)| {
+                        *w == want && t.deployment == dep && t.hpa == hpa
+                    })
+                };
+                let changed = self.shadows.min_pod_counts_where(|key, dep, hpa, want| {
+                    !same(&applied, key, dep, hpa, want) && !same(&missing, key, dep, hpa, want)
+                });
+                for (key, target, want) in changed {
+                    self.converge_tracked(key, (target, want), &mut applied, &mut missing)
+                        .await;
                 }
                 continue;
             }
+            let targets = self.shadows.min_pod_counts();
             let mut report = ConvergeReport {
                 last_check_at: Some(self.clock.now()),
                 checked: targets.len(),

@@ -354,6 +354,27 @@ impl Registry {
             .collect()
     }
 
+    /// Like [`Self::min_pod_counts`], but only the records `keep` (given the key, the
+    /// mapped Deployment and HPA names and the count, borrowed) selects are copied: a
+    /// sweep that finds nothing changed allocates nothing per record.
+    pub fn min_pod_counts_where(
+        &self,
+        mut keep: impl FnMut(&ShadowKey, &str, &str, u32) -> bool,
+    ) -> Vec<(ShadowKey, ScaleTarget, u32)> {
+        self.deps
+            .view
+            .iter()
+            .filter(|e| {
+                let r = &e.value().record;
+                keep(e.key(), r.deployment_name(), r.hpa_name(), r.min_pod_count)
+            })
+            .map(|e| {
+                let r = &e.value().record;
+                (e.key().clone(), scale_target(r), r.min_pod_count)
+            })
+            .collect()
+    }
+
     /// One record's mapped Deployment/HPA and `min_pod_count` (none: not registered).
     pub fn min_pod_count(&self, key: &ShadowKey) -> Option<(ScaleTarget, u32)> {
         self.deps

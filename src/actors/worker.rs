@@ -26,7 +26,7 @@ use crate::actors::follow::Follower;
 use crate::actors::leader::Fence;
 use crate::actors::stats::{ActorInfo, ActorStats};
 use crate::clock::Clock;
-use crate::domain::schedule_index::CapacityIndex;
+use crate::domain::schedule_index::WorkerIndex;
 use crate::domain::worker::{
     instance_transition, place, plan_heartbeat, start_drain, start_idle_drain, transition, unplace,
     Instance, InstanceState, Resources, Worker, WorkerError, WorkerState,
@@ -192,9 +192,10 @@ pub struct WorkerDeps {
     pub fence: Arc<Fence>,
     /// Published workers with their revisions.
     pub view: DashMap<String, (Worker, i64)>,
-    /// Free capacity of the RUNNING workers in `view`, for the scheduler's best fit
-    /// (kept equal to `view` after every change of it; see [`WorkerDeps::resync`]).
-    pub capacity: Mutex<CapacityIndex>,
+    /// Free capacity of the RUNNING workers in `view` (the scheduler's best fit) and the
+    /// workers in motion (the autoscaler's cloud poll), kept equal to `view` after every
+    /// change of it (see [`WorkerDeps::resync`]).
+    pub index: Mutex<WorkerIndex>,
     /// Time source.
     pub clock: Clock,
     /// Lease for ended records (TERMINATED workers, ended instances), so etcd drops
@@ -209,7 +210,7 @@ impl WorkerDeps {
     /// read while the index is locked, so whichever of two concurrent changes resyncs
     /// last leaves the index equal to the view (order-independent).
     fn resync(&self, id: &str) {
-        let Ok(mut ix) = self.capacity.lock() else {
+        let Ok(mut ix) = self.index.lock() else {
             return;
         };
         let current = self.view.get(id);
@@ -219,10 +220,16 @@ impl WorkerDeps {
     /// The RUNNING worker with room for `req` that best fits it (see
     /// [`crate::domain::controller::best_fit`]), from the capacity index.
     pub fn best_fit(&self, req: &Resources) -> Option<String> {
-        self.capacity
+        self.index
             .lock()
             .ok()
-            .and_then(|ix| ix.best_fit(req).map(str::to_owned))
+            .and_then(|ix| ix.capacity.best_fit(req).map(str::to_owned))
+    }
+
+    /// Ids of the workers the autoscaler drives with the cloud (not RUNNING, not
+    /// TERMINATED), sorted.
+    pub fn moving(&self) -> Vec<String> {
+        self.index.lock().map(|ix| ix.moving()).unwrap_or_default()
     }
 }
 

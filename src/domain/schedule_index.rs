@@ -3,7 +3,8 @@
 //!
 //! - [`PendingQueue`]: the PENDING instances in scheduling order (oldest first, then id),
 //!   the order [`crate::actors::controller_ctx::ControllerCtx::pending`] had.
-//! - [`CapacityIndex`]: the RUNNING workers' free capacity, grouped by capacity (one
+//! - [`WorkerIndex`]: the workers the autoscaler drives with the cloud, and
+//!   [`CapacityIndex`]: the RUNNING workers' free capacity, grouped by capacity (one
 //!   group per template size) and ordered by normalized free capacity, so that
 //!   [`CapacityIndex::best_fit`] answers exactly what [`best_fit`] answers over all
 //!   workers, by looking only at the workers whose free capacity is near the request.
@@ -19,7 +20,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 
 use super::controller::{leftover_key, quantize, waste};
-use super::worker::{Instance, InstanceState, Resources, Worker, RESOURCE_EPSILON};
+use super::worker::{
+    Instance, InstanceState, Resources, Worker, WorkerState, RESOURCE_EPSILON,
+};
 
 /// PENDING instances, oldest first (ties by id).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -197,11 +200,53 @@ impl CapacityIndex {
     }
 }
 
+/// Whether the autoscaler drives a worker in `state` with the cloud (launch, boot,
+/// drain, stop, terminate); RUNNING and TERMINATED workers need nothing from it.
+pub fn in_motion(state: WorkerState) -> bool {
+    !matches!(state, WorkerState::Running | WorkerState::Terminated)
+}
+
+/// The controller's indexes of the workers: free capacity for the scheduler, and the
+/// workers in motion for the autoscaler's cloud poll.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkerIndex {
+    /// Free capacity of the RUNNING workers.
+    pub capacity: CapacityIndex,
+    moving: BTreeSet<String>,
+}
+
+impl WorkerIndex {
+    /// The index of `workers`.
+    pub fn rebuild<'a>(workers: impl IntoIterator<Item = &'a Worker>) -> Self {
+        let mut ix = Self::default();
+        for w in workers {
+            ix.sync(&w.id, Some(w));
+        }
+        ix
+    }
+
+    /// Makes the index agree with worker `id`'s current record (`None`: deleted).
+    pub fn sync(&mut self, id: &str, current: Option<&Worker>) {
+        self.capacity.sync(id, current);
+        if current.is_some_and(|w| in_motion(w.state)) {
+            if !self.moving.contains(id) {
+                self.moving.insert(id.to_owned());
+            }
+        } else {
+            self.moving.remove(id);
+        }
+    }
+
+    /// Ids of the workers in motion ([`in_motion`]), sorted.
+    pub fn moving(&self) -> Vec<String> {
+        self.moving.iter().cloned().collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::controller::best_fit;
-    use crate::domain::worker::WorkerState;
     use chrono::TimeZone;
     use proptest::prelude::*;
 
@@ -319,7 +364,7 @@ mod tests {
             events in prop::collection::vec(worker_event(), 1..60),
             reqs in prop::collection::vec((0u8..=16, 0u8..=16), 1..6),
         ) {
-            let mut ix = CapacityIndex::default();
+            let mut ix = WorkerIndex::default();
             let mut view: BTreeMap<String, Worker> = BTreeMap::new();
             for (id, ev) in events {
                 let name = format!("w{id:02}");
@@ -335,11 +380,17 @@ mod tests {
                     }
                 }
                 let all: Vec<Worker> = view.values().cloned().collect();
-                prop_assert_eq!(&ix, &CapacityIndex::rebuild(&all));
+                prop_assert_eq!(&ix, &WorkerIndex::rebuild(&all));
+                let moving: Vec<String> = all
+                    .iter()
+                    .filter(|w| in_motion(w.state))
+                    .map(|w| w.id.clone())
+                    .collect();
+                prop_assert_eq!(ix.moving(), moving);
                 for (c, m) in &reqs {
                     let req = Resources { cpu: f64::from(*c) / 2.0, memory_gb: f64::from(*m) * 2.0 };
                     prop_assert_eq!(
-                        ix.best_fit(&req),
+                        ix.capacity.best_fit(&req),
                         best_fit(&all, &req).map(|w| w.id.as_str()),
                         "request {:?}", req
                     );
