@@ -358,7 +358,21 @@ impl ControllerCtx {
 
     /// Ids of the PENDING instances, oldest first.
     pub fn pending_ids(&self) -> Vec<String> {
-        self.pending.0.lock().map(|q| q.ids()).unwrap_or_default()
+        self.pending_ids_where(|_| true)
+    }
+
+    /// How many instances are PENDING.
+    pub fn pending_len(&self) -> usize {
+        self.pending.0.lock().map(|q| q.len()).unwrap_or_default()
+    }
+
+    /// Ids of the PENDING instances `keep` selects, oldest first.
+    pub fn pending_ids_where(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        self.pending
+            .0
+            .lock()
+            .map(|q| q.ids_where(keep))
+            .unwrap_or_default()
     }
 
     /// A template by name.

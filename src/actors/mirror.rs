@@ -70,6 +70,15 @@ impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Mirror<T> {
         self.items.iter().map(|e| e.value().clone()).collect()
     }
 
+    /// The records `keep` selects (only those are copied).
+    pub fn select(&self, keep: impl Fn(&T) -> bool) -> Vec<(T, i64)> {
+        self.items
+            .iter()
+            .filter(|e| keep(&e.value().0))
+            .map(|e| e.value().clone())
+            .collect()
+    }
+
     /// Notified after every change (one permit is kept if nobody waits).
     pub fn changes(&self) -> Arc<Notify> {
         self.changed.clone()

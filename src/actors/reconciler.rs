@@ -102,13 +102,14 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
         .into_iter()
         .map(|w| (w.id.clone(), w))
         .collect();
-    for (inst, _) in ctx.instances.all() {
-        if !matches!(
-            inst.state,
+    // Only the placed ones are copied: most instances have ended.
+    let placed = ctx.instances.select(|i| {
+        matches!(
+            i.state,
             InstanceState::Scheduled | InstanceState::Running
-        ) {
-            continue;
-        }
+        )
+    });
+    for (inst, _) in placed {
         let worker = inst.worker_id.as_ref().and_then(|id| workers.get(id));
         let reason = match worker {
             None => "its worker is unknown",

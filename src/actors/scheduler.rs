@@ -4,6 +4,7 @@
 //! and this replica's writes, see [`crate::domain::schedule_index`]), never every
 //! instance or worker.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,13 +20,27 @@ use crate::domain::worker::InstanceState;
 pub struct Scheduler {
     ctx: Arc<ControllerCtx>,
     autoscaler: Recipient<Demand>,
+    blocked: Blocked,
 }
 
 impl Scheduler {
     /// A scheduler that reports unplaceable demand to `autoscaler`.
     pub fn new(ctx: Arc<ControllerCtx>, autoscaler: Recipient<Demand>) -> Self {
-        Self { ctx, autoscaler }
+        Self {
+            ctx,
+            autoscaler,
+            blocked: Blocked::default(),
+        }
     }
+}
+
+/// Pending instances that fit no worker, and the capacity index's room counter when
+/// that was found: until room appears ([`crate::domain::schedule_index::CapacityIndex::room`]
+/// changes) they still fit nowhere, so a pass skips them and costs what is new.
+#[derive(Debug, Default)]
+pub struct Blocked {
+    ids: HashSet<String>,
+    room: Option<u64>,
 }
 
 impl Actor for Scheduler {
@@ -49,21 +64,36 @@ impl Handler<Schedule> for Scheduler {
 
     fn handle(&mut self, _msg: Schedule, _ctx: &mut Self::Context) -> Self::Result {
         let (cctx, autoscaler) = (self.ctx.clone(), self.autoscaler.clone());
+        let blocked = std::mem::take(&mut self.blocked);
         AtomicResponse::new(Box::pin(
-            async move { schedule_once(&cctx, &autoscaler).await }.into_actor(self),
+            async move { schedule_once(&cctx, &autoscaler, blocked).await }
+                .into_actor(self)
+                .map(|blocked, act, _| act.blocked = blocked),
         ))
     }
 }
 
 /// One pass over the pending queue (oldest first): place what fits on the best-fitting
-/// RUNNING worker from the capacity index, hand the rest to the autoscaler. The cost
-/// follows the number pending, not the number of instances or workers.
-pub async fn schedule_once(ctx: &ControllerCtx, autoscaler: &Recipient<Demand>) {
+/// RUNNING worker from the capacity index, hand the rest to the autoscaler. Instances
+/// found to fit nowhere are skipped until room appears (`blocked`). The cost follows
+/// the number of pending instances that may fit, not the number of instances or
+/// workers.
+pub async fn schedule_once(
+    ctx: &ControllerCtx,
+    autoscaler: &Recipient<Demand>,
+    mut blocked: Blocked,
+) -> Blocked {
     if ctx.fence.epoch().is_none() {
-        return;
+        return Blocked::default();
+    }
+    let room = ctx.workers.deps().room();
+    if blocked.room != Some(room) {
+        blocked.ids.clear();
+        blocked.room = Some(room);
     }
     let mut unplaced = Vec::new();
-    for id in ctx.pending_ids() {
+    let todo = ctx.pending_ids_where(|id| !blocked.ids.contains(id));
+    for id in todo {
         let Some((inst, rev)) = ctx.instances.get(&id) else {
             continue;
         };
@@ -73,6 +103,7 @@ pub async fn schedule_once(ctx: &ControllerCtx, autoscaler: &Recipient<Demand>) 
         // The worker actor publishes each placement (view and index) before it answers,
         // so the next lookup already sees the room this one took.
         let Some(target) = ctx.workers.deps().best_fit(&inst.requirements) else {
+            blocked.ids.insert(id.clone());
             unplaced.push(id);
             continue;
         };
@@ -91,7 +122,7 @@ pub async fn schedule_once(ctx: &ControllerCtx, autoscaler: &Recipient<Demand>) 
                     ctx.instances.note(&i.id.clone(), i, r);
                 }
             }
-            Err(WorkerExecError::Fenced) => return,
+            Err(WorkerExecError::Fenced) => return Blocked::default(),
             Err(WorkerExecError::InstanceChanged(fresh)) => {
                 if let Some((i, r)) = fresh {
                     ctx.instances.note(&i.id.clone(), i, r);
@@ -105,10 +136,17 @@ pub async fn schedule_once(ctx: &ControllerCtx, autoscaler: &Recipient<Demand>) 
             }
         }
     }
+    // Forget blocked instances that are no longer pending (placed elsewhere, ended).
+    let pending = ctx.pending_len();
+    if blocked.ids.len() > 2 * pending + 1024 {
+        let still: HashSet<String> = ctx.pending_ids().into_iter().collect();
+        blocked.ids.retain(|id| still.contains(id));
+    }
     if !unplaced.is_empty() {
         autoscaler.do_send(Demand {
             instances: unplaced,
             seen_at: Instant::now(),
         });
     }
+    blocked
 }

@@ -226,6 +226,11 @@ impl WorkerDeps {
             .and_then(|ix| ix.capacity.best_fit(req).map(str::to_owned))
     }
 
+    /// [`crate::domain::schedule_index::CapacityIndex::room`] now.
+    pub fn room(&self) -> u64 {
+        self.index.lock().map(|ix| ix.capacity.room()).unwrap_or_default()
+    }
+
     /// Ids of the workers the autoscaler drives with the cloud (not RUNNING, not
     /// TERMINATED), sorted.
     pub fn moving(&self) -> Vec<String> {

@@ -61,7 +61,16 @@ impl PendingQueue {
 
     /// Ids in scheduling order.
     pub fn ids(&self) -> Vec<String> {
-        self.order.iter().map(|(_, id)| id.clone()).collect()
+        self.ids_where(|_| true)
+    }
+
+    /// Ids `keep` selects, in scheduling order (only those are copied).
+    pub fn ids_where(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        self.order
+            .iter()
+            .filter(|(_, id)| keep(id))
+            .map(|(_, id)| id.clone())
+            .collect()
     }
 
     /// How many are pending.
@@ -97,10 +106,21 @@ struct Entry {
 }
 
 /// Free capacity of the workers that take instances (RUNNING), indexed for best fit.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct CapacityIndex {
     groups: BTreeMap<CapacityKey, Group>,
     entries: HashMap<String, Entry>,
+    /// Bumped whenever room appears (a worker starts taking instances, or its free
+    /// capacity grows in some dimension): an instance that did not fit before may now.
+    room: u64,
+}
+
+/// Two indexes are equal when they index the same workers the same way (the room
+/// counter is history, not content).
+impl PartialEq for CapacityIndex {
+    fn eq(&self, other: &Self) -> bool {
+        self.groups == other.groups && self.entries == other.entries
+    }
 }
 
 /// Extra quantized units scanned past the best candidate so far: the leftover of a
@@ -131,6 +151,18 @@ impl CapacityIndex {
         if self.entries.get(id) == next.as_ref() {
             return;
         }
+        let grew = match (self.entries.get(id), &next) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(old), Some(new)) => {
+                old.group != new.group
+                    || new.free.cpu > old.free.cpu
+                    || new.free.memory_gb > old.free.memory_gb
+            }
+        };
+        if grew {
+            self.room = self.room.wrapping_add(1);
+        }
         if let Some(old) = self.entries.remove(id) {
             if let Some(g) = self.groups.get_mut(&old.group) {
                 g.by_free.remove(&(old.waste, id.to_owned()));
@@ -155,6 +187,12 @@ impl CapacityIndex {
     /// How many workers take instances.
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Changes whenever room appears somewhere; while it stays the same, an instance
+    /// that fit nowhere still fits nowhere.
+    pub fn room(&self) -> u64 {
+        self.room
     }
 
     /// Whether no worker takes instances.
@@ -338,6 +376,22 @@ mod tests {
             memory_gb: 1.0,
         };
         assert_eq!(ix.best_fit(&huge), None);
+    }
+
+    #[test]
+    fn room_changes_only_when_capacity_appears() {
+        let mut ix = CapacityIndex::default();
+        let r0 = ix.room();
+        ix.sync("w01", Some(&worker(1, 0, 0, (4, 4))));
+        let r1 = ix.room();
+        assert_ne!(r0, r1, "a new RUNNING worker is room");
+        ix.sync("w01", Some(&worker(1, 0, 0, (5, 5))));
+        assert_eq!(ix.room(), r1, "a placement takes room, it adds none");
+        ix.sync("w01", Some(&worker(1, 0, 2, (5, 5))));
+        ix.sync("w01", None);
+        assert_eq!(ix.room(), r1, "draining and deletion add no room");
+        ix.sync("w01", Some(&worker(1, 0, 0, (2, 2))));
+        assert_ne!(ix.room(), r1);
     }
 
     /// One watch event: a record written (`Some`) or deleted (`None`).
