@@ -1,8 +1,8 @@
 //! Tracing set-up and the Prometheus metrics every layer records into.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -131,8 +131,8 @@ impl Metrics {
                 "Time from an instance's creation (PENDING) to its placement (SCHEDULED)",
             )
             .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
-                5.0, 10.0, 30.0,
+                0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
             ]),
         );
         // Metric construction only fails on invalid names, which are constants here.

@@ -11,8 +11,8 @@ use std::time::Instant;
 use actix::prelude::*;
 use tracing::debug;
 
-pub use crate::actors::controller_ctx::{Demand, EnsureMinimum, Stop};
 use crate::actors::controller_ctx::{ControllerCtx, EffectError, Schedule};
+pub use crate::actors::controller_ctx::{Demand, EnsureMinimum, Stop};
 use crate::actors::leader::FenceError;
 use crate::actors::worker::{WorkerCmd, WorkerExecError};
 use crate::domain::controller::{plan_min_workers, plan_scale_up};

@@ -245,9 +245,8 @@ impl OpsCtx {
                             dep: &str,
                             hpa: &str,
                             want: u32| {
-                    m.get(key).is_some_and(|(t, w)| {
-                        *w == want && t.deployment == dep && t.hpa == hpa
-                    })
+                    m.get(key)
+                        .is_some_and(|(t, w)| *w == want && t.deployment == dep && t.hpa == hpa)
                 };
                 let changed = self.shadows.min_pod_counts_where(|key, dep, hpa, want| {
                     !same(&applied, key, dep, hpa, want) && !same(&missing, key, dep, hpa, want)

@@ -103,12 +103,9 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
         .map(|w| (w.id.clone(), w))
         .collect();
     // Only the placed ones are copied: most instances have ended.
-    let placed = ctx.instances.select(|i| {
-        matches!(
-            i.state,
-            InstanceState::Scheduled | InstanceState::Running
-        )
-    });
+    let placed = ctx
+        .instances
+        .select(|i| matches!(i.state, InstanceState::Scheduled | InstanceState::Running));
     for (inst, _) in placed {
         let worker = inst.worker_id.as_ref().and_then(|id| workers.get(id));
         let reason = match worker {

@@ -11,8 +11,8 @@ use std::time::Instant;
 use actix::prelude::*;
 use tracing::debug;
 
-pub use crate::actors::controller_ctx::{Schedule, Stop};
 use crate::actors::controller_ctx::{ControllerCtx, Demand};
+pub use crate::actors::controller_ctx::{Schedule, Stop};
 use crate::actors::worker::{WorkerCmd, WorkerExecError};
 use crate::domain::worker::InstanceState;
 
@@ -114,10 +114,10 @@ pub async fn schedule_once(
         match ctx.workers.send(&target, cmd, true).await {
             Ok(out) => {
                 debug!(instance = %inst.id, worker = %target, "instance scheduled");
-                let waited = (ctx.clock.now() - inst.created_at).to_std().unwrap_or_default();
-                ctx.metrics
-                    .schedule_latency
-                    .observe(waited.as_secs_f64());
+                let waited = (ctx.clock.now() - inst.created_at)
+                    .to_std()
+                    .unwrap_or_default();
+                ctx.metrics.schedule_latency.observe(waited.as_secs_f64());
                 if let Some((i, r)) = out.instance {
                     ctx.instances.note(&i.id.clone(), i, r);
                 }

@@ -228,7 +228,10 @@ impl WorkerDeps {
 
     /// [`crate::domain::schedule_index::CapacityIndex::room`] now.
     pub fn room(&self) -> u64 {
-        self.index.lock().map(|ix| ix.capacity.room()).unwrap_or_default()
+        self.index
+            .lock()
+            .map(|ix| ix.capacity.room())
+            .unwrap_or_default()
     }
 
     /// Ids of the workers the autoscaler drives with the cloud (not RUNNING, not

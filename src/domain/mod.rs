@@ -3,8 +3,8 @@
 pub mod callback;
 pub mod cml;
 pub mod conditions;
-pub mod hold_index;
 pub mod controller;
+pub mod hold_index;
 pub mod intent;
 pub mod launch;
 pub mod schedule_index;

@@ -20,9 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 
 use super::controller::{leftover_key, quantize, waste};
-use super::worker::{
-    Instance, InstanceState, Resources, Worker, WorkerState, RESOURCE_EPSILON,
-};
+use super::worker::{Instance, InstanceState, Resources, Worker, WorkerState, RESOURCE_EPSILON};
 
 /// PENDING instances, oldest first (ties by id).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -394,14 +392,14 @@ mod tests {
         assert_ne!(ix.room(), r1);
     }
 
+    /// A worker record's shape: template size, state, used eighths of cpu and memory.
+    type Shape = (usize, usize, (u8, u8));
+
     /// One watch event: a record written (`Some`) or deleted (`None`).
-    fn worker_event() -> impl Strategy<Value = (usize, Option<(usize, usize, (u8, u8))>)> {
+    fn worker_event() -> impl Strategy<Value = (usize, Option<Shape>)> {
         (
             0usize..12,
-            prop::option::weighted(
-                0.85,
-                (0usize..3, 0usize..4, ((0u8..=8), (0u8..=8))),
-            ),
+            prop::option::weighted(0.85, (0usize..3, 0usize..4, ((0u8..=8), (0u8..=8)))),
         )
     }
 
