@@ -2,7 +2,7 @@
 //! this replica's own writes) instead of a scan of every instance and worker per pass:
 //!
 //! - [`PendingQueue`]: the PENDING instances in scheduling order (oldest first, then id),
-//!   the order [`crate::actors::controller_ctx::ControllerCtx::pending`] had.
+//!   the order the scheduler places them in.
 //! - [`WorkerIndex`]: the workers the autoscaler drives with the cloud, and
 //!   [`CapacityIndex`]: the RUNNING workers' free capacity, grouped by capacity (one
 //!   group per template size) and ordered by normalized free capacity, so that
