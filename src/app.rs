@@ -304,6 +304,7 @@ impl Service {
             leases: LeasePool::new(config.idempotency_ttl),
             retry_delay: config.procure_retry_delay,
             view: View::new(),
+            holds: Default::default(),
             send_timeout: config.actor_send_timeout,
         });
         let registry = Registry::new(deps, config.actor_threads);
@@ -313,6 +314,7 @@ impl Service {
             metrics: metrics.clone(),
             fence: fence.clone(),
             view: DashMap::new(),
+            index: Default::default(),
             clock: crate::clock::Clock::new(),
             retention: LeasePool::new(config.controller.record_retention),
             send_timeout: config.actor_send_timeout,

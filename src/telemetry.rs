@@ -65,6 +65,8 @@ pub struct Metrics {
     /// but another member's did not), `solo` (retried alone after the grouped Txn was
     /// refused).
     pub group_commit_splits: IntCounterVec,
+    /// Time from an instance's creation (PENDING) to its placement (SCHEDULED).
+    pub schedule_latency: Histogram,
 }
 
 impl Metrics {
@@ -159,6 +161,16 @@ impl Metrics {
             ),
             &["outcome"],
         );
+        let schedule_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "instance_schedule_latency_seconds",
+                "Time from an instance's creation (PENDING) to its placement (SCHEDULED)",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+        );
         // Metric construction only fails on invalid names, which are constants here.
         let metrics = Self {
             registry,
@@ -178,6 +190,7 @@ impl Metrics {
             group_commit_txns: group_commit_txns.unwrap_or_else(|e| panic!("metric: {e}")),
             group_commit_members: group_commit_members.unwrap_or_else(|e| panic!("metric: {e}")),
             group_commit_splits: group_commit_splits.unwrap_or_else(|e| panic!("metric: {e}")),
+            schedule_latency: schedule_latency.unwrap_or_else(|e| panic!("metric: {e}")),
         };
         for c in [
             Box::new(metrics.http_requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -196,6 +209,7 @@ impl Metrics {
             Box::new(metrics.group_commit_txns.clone()),
             Box::new(metrics.group_commit_members.clone()),
             Box::new(metrics.group_commit_splits.clone()),
+            Box::new(metrics.schedule_latency.clone()),
         ] {
             let _ = metrics.registry.register(c);
         }

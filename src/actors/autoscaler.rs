@@ -11,39 +11,19 @@ use std::time::Instant;
 use actix::prelude::*;
 use tracing::debug;
 
-use crate::actors::controller::{ControllerCtx, EffectError};
+use crate::actors::controller_ctx::{ControllerCtx, EffectError, Schedule};
+pub use crate::actors::controller_ctx::{Demand, EnsureMinimum, Stop};
 use crate::actors::leader::FenceError;
-use crate::actors::scheduler::{Schedule, Scheduler};
 use crate::actors::worker::{WorkerCmd, WorkerExecError};
 use crate::domain::controller::{plan_min_workers, plan_scale_up};
 use crate::domain::worker::{drain_complete, Worker, WorkerState};
 use crate::ports::agent::AgentTarget;
 use crate::ports::cloud::CloudInstanceStatus;
 
-/// Instances that could not be placed, and when that was first seen.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Demand {
-    /// Instance ids.
-    pub instances: Vec<String>,
-    /// When the scheduler gave up on them.
-    pub seen_at: Instant,
-}
-
-/// Launch workers so every template has its `min_workers`.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct EnsureMinimum;
-
 /// Tells the autoscaler where the scheduler is.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SetScheduler(pub Addr<Scheduler>);
-
-/// Stop (leadership lost).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Stop;
+pub struct SetScheduler(pub Recipient<Schedule>);
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -56,7 +36,7 @@ struct Drive;
 /// The autoscaler actor (leader only).
 pub struct Autoscaler {
     ctx: Arc<ControllerCtx>,
-    scheduler: Option<Addr<Scheduler>>,
+    scheduler: Option<Recipient<Schedule>>,
     batch_started: Option<Instant>,
     /// Workers whose termination has been journaled (once per stop sequence).
     asked: HashSet<String>,
@@ -268,14 +248,17 @@ async fn create_and_record(
 /// Moves in-flight workers along with what the cloud reports.
 async fn drive(
     ctx: &ControllerCtx,
-    scheduler: Option<&Addr<Scheduler>>,
+    scheduler: Option<&Recipient<Schedule>>,
     mut asked: HashSet<String>,
 ) -> HashSet<String> {
     if ctx.fence.epoch().is_none() {
         return asked;
     }
     let now = ctx.clock.now();
-    for w in ctx.workers.list() {
+    // Only the workers in motion (from the index, not a copy of every worker): RUNNING
+    // and TERMINATED ones need nothing from this poll.
+    let moving = ctx.workers.deps().moving();
+    for w in moving.iter().filter_map(|id| ctx.workers.get(id)) {
         // Each step may have waited on etcd or the cloud: stop as soon as the lease may
         // have lapsed (a frozen leader resumes here), before any further cloud call.
         if !ctx.fence.is_leading() {
@@ -315,7 +298,7 @@ async fn transition(ctx: &ControllerCtx, id: &str, to: WorkerState) -> Result<()
 async fn advance_provisioning(
     ctx: &ControllerCtx,
     w: &Worker,
-    scheduler: Option<&Addr<Scheduler>>,
+    scheduler: Option<&Recipient<Schedule>>,
 ) -> Result<(), WorkerExecError> {
     let Some(cloud_id) = &w.cloud_instance_id else {
         // The launch call failed or was cut off: ask again (the adapter finds an

@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use futures::stream::{self, StreamExt};
 use tracing::{info, warn};
 
-use crate::actors::controller::ControllerCtx;
+use crate::actors::controller_ctx::ControllerCtx;
 use crate::actors::worker::WorkerCmd;
 use crate::domain::cml::{plan_sync, UnknownLab};
 use crate::domain::worker::{Instance, InstanceState, Worker, WorkerState};

@@ -1,7 +1,8 @@
-//! A read-only, watch-fed copy of the JSON records under one prefix (instances).
+//! A read-only, watch-fed copy of the JSON records under one prefix (instances), with
+//! an optional index kept equal to it record by record (the scheduler's pending queue).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use serde::de::DeserializeOwned;
@@ -12,12 +13,21 @@ use crate::actors::follow::Follower;
 use crate::keys;
 use crate::ports::store::{Kv, WatchEvent};
 
+/// Something derived from a mirror's records, updated one record at a time.
+pub trait MirrorIndex<T>: Send + Sync {
+    /// Makes the index agree with record `id` as `read` returns it now (`None`:
+    /// absent). Implementations call `read` while holding their own lock, so the last of
+    /// two concurrent resyncs of a record leaves the index equal to the mirror.
+    fn resync(&self, id: &str, read: &dyn Fn() -> Option<T>);
+}
+
 /// Records by id with their `mod_revision`.
 pub struct Mirror<T> {
     prefix: &'static str,
     items: DashMap<String, (T, i64)>,
     loaded: AtomicBool,
     changed: Arc<Notify>,
+    index: OnceLock<Arc<dyn MirrorIndex<T>>>,
 }
 
 impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Mirror<T> {
@@ -28,6 +38,25 @@ impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Mirror<T> {
             items: DashMap::new(),
             loaded: AtomicBool::new(false),
             changed: Arc::new(Notify::new()),
+            index: OnceLock::new(),
+        }
+    }
+
+    /// Installs the index kept equal to this mirror (once; a second one is ignored) and
+    /// fills it with the records already here.
+    pub fn set_index(&self, index: Arc<dyn MirrorIndex<T>>) {
+        if self.index.set(index).is_err() {
+            return;
+        }
+        let ids: Vec<String> = self.items.iter().map(|e| e.key().clone()).collect();
+        for id in ids {
+            self.resync(&id);
+        }
+    }
+
+    fn resync(&self, id: &str) {
+        if let Some(ix) = self.index.get() {
+            ix.resync(id, &|| self.items.get(id).map(|e| e.value().0.clone()));
         }
     }
 
@@ -69,6 +98,15 @@ impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Mirror<T> {
         (page, more)
     }
 
+    /// The records `keep` selects (only those are copied).
+    pub fn select(&self, keep: impl Fn(&T) -> bool) -> Vec<(T, i64)> {
+        self.items
+            .iter()
+            .filter(|e| keep(&e.value().0))
+            .map(|e| e.value().clone())
+            .collect()
+    }
+
     /// Notified after every change (one permit is kept if nobody waits).
     pub fn changes(&self) -> Arc<Notify> {
         self.changed.clone()
@@ -81,24 +119,27 @@ impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Mirror<T> {
 
     /// Records a value this replica just wrote (the watch will confirm it).
     pub fn note(&self, id: &str, value: T, revision: i64) {
-        let mut entry = self
-            .items
-            .entry(id.to_owned())
-            .or_insert((value.clone(), revision));
-        if entry.1 <= revision {
-            *entry = (value, revision);
+        {
+            let mut entry = self
+                .items
+                .entry(id.to_owned())
+                .or_insert((value.clone(), revision));
+            if entry.1 <= revision {
+                *entry = (value, revision);
+            }
         }
+        self.resync(id);
     }
 
     fn put(&self, kv: &Kv) {
-        self.changed.notify_one();
-        let Some(id) = keys::child(self.prefix, &kv.key) else {
-            return;
-        };
-        match serde_json::from_slice::<T>(&kv.value) {
-            Ok(v) => self.note(id, v, kv.mod_revision),
-            Err(e) => warn!(key = %kv.key, error = %e, "skipping undecodable record"),
+        if let Some(id) = keys::child(self.prefix, &kv.key) {
+            match serde_json::from_slice::<T>(&kv.value) {
+                Ok(v) => self.note(id, v, kv.mod_revision),
+                Err(e) => warn!(key = %kv.key, error = %e, "skipping undecodable record"),
+            }
         }
+        // After the record (and its index) changed: a waiter woken now sees it.
+        self.changed.notify_one();
     }
 }
 
@@ -112,7 +153,16 @@ impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Follower for Mirror<T>
             .iter()
             .filter_map(|kv| keys::child(self.prefix, &kv.key).map(str::to_owned))
             .collect();
-        self.items.retain(|k, _| ids.contains(k));
+        let gone: Vec<String> = self
+            .items
+            .iter()
+            .filter(|e| !ids.contains(e.key()))
+            .map(|e| e.key().clone())
+            .collect();
+        for id in gone {
+            self.items.remove(&id);
+            self.resync(&id);
+        }
         for kv in &kvs {
             self.put(kv);
         }
@@ -125,6 +175,7 @@ impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Follower for Mirror<T>
             WatchEvent::Delete { key, .. } => {
                 if let Some(id) = keys::child(self.prefix, &key) {
                     self.items.remove(id);
+                    self.resync(id);
                 }
             }
         }

@@ -189,7 +189,14 @@ impl OpsCtx {
     pub async fn converge_forever(self: Arc<Self>) {
         // What each deployable was last converged to: the mapped objects and the count.
         let mut applied: HashMap<ShadowKey, (ScaleTarget, u32)> = HashMap::new();
+        // What the cluster lacked when last tried (NotFound). Each try costs a fenced
+        // etcd write, so these are tried again when their record changes or at the next
+        // drift check, not on every sweep: otherwise a fleet of records without objects
+        // in the cluster turns every sweep into one etcd write per record.
+        let mut missing: HashMap<ShadowKey, (ScaleTarget, u32)> = HashMap::new();
         let mut leading = false;
+        // A full sweep ran under this leadership: wake-ups need only the changed ones.
+        let mut swept = false;
         let mut sweeps: u64 = 0;
         let mut corrected: u64 = 0;
         loop {
@@ -206,6 +213,8 @@ impl OpsCtx {
             if !leading {
                 // New leadership: re-apply everything once, and check the cluster.
                 applied.clear();
+                missing.clear();
+                swept = false;
                 leading = true;
                 sweeps = 0;
                 corrected = 0;
@@ -215,32 +224,40 @@ impl OpsCtx {
                 .lock()
                 .map(|mut d| d.drain().collect())
                 .unwrap_or_default();
-            if woken && !applied.is_empty() {
+            if woken && swept {
                 for key in dirty {
                     if let Some(next) = self.shadows.min_pod_count(&key) {
-                        if applied.get(&key) != Some(&next)
-                            && self.converge_one(&key, &next.0, next.1).await.is_ok()
-                        {
-                            applied.insert(key, next);
+                        if applied.get(&key) != Some(&next) {
+                            self.converge_tracked(key, next, &mut applied, &mut missing)
+                                .await;
                         }
                     }
                 }
                 continue;
             }
+            swept = true;
             let check = sweeps.is_multiple_of(DRIFT_CHECK_EVERY);
             sweeps += 1;
-            let targets = self.shadows.min_pod_counts();
             if !check {
-                for (key, target, want) in targets {
-                    let next = (target, want);
-                    if applied.get(&key) != Some(&next)
-                        && self.converge_one(&key, &next.0, want).await.is_ok()
-                    {
-                        applied.insert(key, next);
-                    }
+                // Copies only what differs from what was applied (or found missing).
+                let same = |m: &HashMap<ShadowKey, (ScaleTarget, u32)>,
+                            key: &ShadowKey,
+                            dep: &str,
+                            hpa: &str,
+                            want: u32| {
+                    m.get(key)
+                        .is_some_and(|(t, w)| *w == want && t.deployment == dep && t.hpa == hpa)
+                };
+                let changed = self.shadows.min_pod_counts_where(|key, dep, hpa, want| {
+                    !same(&applied, key, dep, hpa, want) && !same(&missing, key, dep, hpa, want)
+                });
+                for (key, target, want) in changed {
+                    self.converge_tracked(key, (target, want), &mut applied, &mut missing)
+                        .await;
                 }
                 continue;
             }
+            let targets = self.shadows.min_pod_counts();
             let mut report = ConvergeReport {
                 last_check_at: Some(self.clock.now()),
                 checked: targets.len(),
@@ -263,6 +280,7 @@ impl OpsCtx {
                 match self.kube.observed_min_replicas(&ns, &next.0).await {
                     Ok(Some(have)) if min_replicas_hold(wanted, have) => {
                         report.in_sync += 1;
+                        missing.remove(&key);
                         applied.insert(key, next);
                     }
                     Ok(Some(have)) => {
@@ -278,6 +296,7 @@ impl OpsCtx {
                             Ok(()) => {
                                 corrected += 1;
                                 report.drifted.push(entry(Some(have), None));
+                                missing.remove(&key);
                                 applied.insert(key, next);
                             }
                             Err(e) => {
@@ -293,6 +312,7 @@ impl OpsCtx {
                             .inc();
                         report.missing.push(entry(None, None));
                         applied.remove(&key);
+                        missing.insert(key, next);
                     }
                     Err(e) => {
                         report.failed.push(entry(None, Some(e.to_string())));
@@ -303,6 +323,27 @@ impl OpsCtx {
             if let Ok(mut c) = self.convergence.lock() {
                 *c = report;
             }
+        }
+    }
+
+    /// [`Self::converge_one`], remembering the outcome: converged, or missing from the
+    /// cluster (not tried again until it changes or the next drift check).
+    async fn converge_tracked(
+        &self,
+        key: ShadowKey,
+        next: (ScaleTarget, u32),
+        applied: &mut HashMap<ShadowKey, (ScaleTarget, u32)>,
+        missing: &mut HashMap<ShadowKey, (ScaleTarget, u32)>,
+    ) {
+        match self.converge_one(&key, &next.0, next.1).await {
+            Ok(()) => {
+                missing.remove(&key);
+                applied.insert(key, next);
+            }
+            Err(KubeError::NotFound(_)) => {
+                missing.insert(key, next);
+            }
+            Err(_) => {}
         }
     }
 

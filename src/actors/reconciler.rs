@@ -12,8 +12,10 @@ use actix::prelude::*;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use tracing::{debug, warn};
 
-use crate::actors::autoscaler::{Autoscaler, Demand, EnsureMinimum};
-use crate::actors::controller::{ControllerCtx, EffectError};
+pub use crate::actors::controller_ctx::Stop;
+use crate::actors::controller_ctx::{
+    AutoscalerHandle, ControllerCtx, Demand, EffectError, EnsureMinimum,
+};
 use crate::actors::instances;
 use crate::actors::worker::{WorkerCmd, WorkerExecError};
 use crate::domain::controller::idle_to_drain;
@@ -26,20 +28,15 @@ use crate::ports::cloud::{CloudInstance, CloudInstanceStatus};
 #[rtype(result = "()")]
 pub struct Reconcile;
 
-/// Stop (leadership lost).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Stop;
-
 /// The reconciler actor (leader only).
 pub struct Reconciler {
     ctx: Arc<ControllerCtx>,
-    autoscaler: Addr<Autoscaler>,
+    autoscaler: AutoscalerHandle,
 }
 
 impl Reconciler {
     /// A reconciler.
-    pub fn new(ctx: Arc<ControllerCtx>, autoscaler: Addr<Autoscaler>) -> Self {
+    pub fn new(ctx: Arc<ControllerCtx>, autoscaler: AutoscalerHandle) -> Self {
         Self { ctx, autoscaler }
     }
 }
@@ -79,7 +76,7 @@ impl Handler<Reconcile> for Reconciler {
 /// One reconcile pass; the error is the first thing that went wrong.
 pub async fn reconcile_once(
     ctx: &ControllerCtx,
-    autoscaler: &Addr<Autoscaler>,
+    autoscaler: &AutoscalerHandle,
 ) -> Result<(), String> {
     if ctx.fence.epoch().is_none() {
         return Err("not the leader".into());
@@ -105,13 +102,11 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
         .into_iter()
         .map(|w| (w.id.clone(), w))
         .collect();
-    for (inst, _) in ctx.instances.all() {
-        if !matches!(
-            inst.state,
-            InstanceState::Scheduled | InstanceState::Running
-        ) {
-            continue;
-        }
+    // Only the placed ones are copied: most instances have ended.
+    let placed = ctx
+        .instances
+        .select(|i| matches!(i.state, InstanceState::Scheduled | InstanceState::Running));
+    for (inst, _) in placed {
         let worker = inst.worker_id.as_ref().and_then(|id| workers.get(id));
         let reason = match worker {
             None => "its worker is unknown",
@@ -348,19 +343,19 @@ fn orphans<'a>(
 
 async fn reconcile_capacity(
     ctx: &ControllerCtx,
-    autoscaler: &Addr<Autoscaler>,
+    autoscaler: &AutoscalerHandle,
     note: &mut impl FnMut(String),
 ) {
     let pending: Vec<String> = ctx.pending().into_iter().map(|(i, _)| i.id).collect();
     if !pending.is_empty() {
         // Give the scheduler a chance first; what it cannot place reaches the autoscaler.
         ctx.kick();
-        autoscaler.do_send(Demand {
+        autoscaler.demand.do_send(Demand {
             instances: pending,
             seen_at: Instant::now(),
         });
     }
-    autoscaler.do_send(EnsureMinimum);
+    autoscaler.ensure_minimum.do_send(EnsureMinimum);
     let idle = ChronoDuration::from_std(ctx.settings.scale_down_idle).unwrap_or_default();
     let now = ctx.clock.now();
     let deadline = ctx

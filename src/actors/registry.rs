@@ -164,6 +164,7 @@ impl Registry {
         if !recreated {
             // A dead actor cannot unpublish its record: do it here.
             self.deps.view.remove_older(key, revision);
+            self.deps.resync_hold(key);
             if self.actors.remove(key).is_some() {
                 self.deps
                     .metrics
@@ -288,15 +289,13 @@ impl Registry {
 
     /// Leased holds whose lease expired before `now`, as this replica's view has them:
     /// candidates for [`Self::reap`], which decides again on the current record.
+    /// They come from the hold index (by lease expiry), not a walk of every record.
     pub fn expired_holds(&self, now: DateTime<Utc>) -> Vec<ShadowKey> {
-        let mut out: Vec<ShadowKey> = Vec::new();
-        self.deps.view.for_each(|k, e| {
-            if e.record.lease_expired(now) {
-                out.push(k.clone());
-            }
-        });
-        out.sort();
-        out
+        self.deps
+            .holds
+            .lock()
+            .map(|h| h.expired(now))
+            .unwrap_or_default()
     }
 
     async fn send(
@@ -410,6 +409,23 @@ impl Registry {
         let mut out = Vec::new();
         self.deps.view.for_each(|k, e| {
             out.push((k.clone(), scale_target(&e.record), e.record.min_pod_count));
+        });
+        out
+    }
+
+    /// Like [`Self::min_pod_counts`], but only the records `keep` (given the key, the
+    /// mapped Deployment and HPA names and the count, borrowed) selects are copied: a
+    /// sweep that finds nothing changed allocates nothing per record.
+    pub fn min_pod_counts_where(
+        &self,
+        mut keep: impl FnMut(&ShadowKey, &str, &str, u32) -> bool,
+    ) -> Vec<(ShadowKey, ScaleTarget, u32)> {
+        let mut out = Vec::new();
+        self.deps.view.for_each(|k, e| {
+            let r = &e.record;
+            if keep(k, r.deployment_name(), r.hpa_name(), r.min_pod_count) {
+                out.push((k.clone(), scale_target(r), r.min_pod_count));
+            }
         });
         out
     }

@@ -1,39 +1,46 @@
 //! The scheduler: places PENDING instances on RUNNING workers with room (best fit),
 //! never on DRAINING or later; what cannot be placed goes to the autoscaler at once.
+//! It reads the pending queue and the workers' capacity index (both kept by the watch
+//! and this replica's writes, see [`crate::domain::schedule_index`]), never every
+//! instance or worker.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
 use tracing::debug;
 
-use crate::actors::autoscaler::{Autoscaler, Demand};
-use crate::actors::controller::ControllerCtx;
+use crate::actors::controller_ctx::{ControllerCtx, Demand};
+pub use crate::actors::controller_ctx::{Schedule, Stop};
 use crate::actors::worker::{WorkerCmd, WorkerExecError};
-use crate::domain::controller::best_fit;
-use crate::domain::worker::Worker;
-
-/// Place pending instances now.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Schedule;
-
-/// Stop (leadership lost).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Stop;
+use crate::domain::worker::InstanceState;
 
 /// The scheduler actor (leader only).
 pub struct Scheduler {
     ctx: Arc<ControllerCtx>,
-    autoscaler: Addr<Autoscaler>,
+    autoscaler: Recipient<Demand>,
+    blocked: Blocked,
 }
 
 impl Scheduler {
     /// A scheduler that reports unplaceable demand to `autoscaler`.
-    pub fn new(ctx: Arc<ControllerCtx>, autoscaler: Addr<Autoscaler>) -> Self {
-        Self { ctx, autoscaler }
+    pub fn new(ctx: Arc<ControllerCtx>, autoscaler: Recipient<Demand>) -> Self {
+        Self {
+            ctx,
+            autoscaler,
+            blocked: Blocked::default(),
+        }
     }
+}
+
+/// Pending instances that fit no worker, and the capacity index's room counter when
+/// that was found: until room appears ([`crate::domain::schedule_index::CapacityIndex::room`]
+/// changes) they still fit nowhere, so a pass skips them and costs what is new.
+#[derive(Debug, Default)]
+pub struct Blocked {
+    ids: HashSet<String>,
+    room: Option<u64>,
 }
 
 impl Actor for Scheduler {
@@ -57,22 +64,47 @@ impl Handler<Schedule> for Scheduler {
 
     fn handle(&mut self, _msg: Schedule, _ctx: &mut Self::Context) -> Self::Result {
         let (cctx, autoscaler) = (self.ctx.clone(), self.autoscaler.clone());
+        let blocked = std::mem::take(&mut self.blocked);
         AtomicResponse::new(Box::pin(
-            async move { schedule_once(&cctx, &autoscaler).await }.into_actor(self),
+            async move { schedule_once(&cctx, &autoscaler, blocked).await }
+                .into_actor(self)
+                .map(|blocked, act, _| act.blocked = blocked),
         ))
     }
 }
 
-/// One pass: place what fits, hand the rest to the autoscaler.
-pub async fn schedule_once(ctx: &ControllerCtx, autoscaler: &Addr<Autoscaler>) {
+/// One pass over the pending queue (oldest first): place what fits on the best-fitting
+/// RUNNING worker from the capacity index, hand the rest to the autoscaler. Instances
+/// found to fit nowhere are skipped until room appears (`blocked`). The cost follows
+/// the number of pending instances that may fit, not the number of instances or
+/// workers.
+pub async fn schedule_once(
+    ctx: &ControllerCtx,
+    autoscaler: &Recipient<Demand>,
+    mut blocked: Blocked,
+) -> Blocked {
     if ctx.fence.epoch().is_none() {
-        return;
+        return Blocked::default();
     }
-    let mut workers: Vec<Worker> = ctx.workers.list();
+    let room = ctx.workers.deps().room();
+    if blocked.room != Some(room) {
+        blocked.ids.clear();
+        blocked.room = Some(room);
+    }
     let mut unplaced = Vec::new();
-    for (inst, rev) in ctx.pending() {
-        let Some(target) = best_fit(&workers, &inst.requirements).map(|w| w.id.clone()) else {
-            unplaced.push(inst.id.clone());
+    let todo = ctx.pending_ids_where(|id| !blocked.ids.contains(id));
+    for id in todo {
+        let Some((inst, rev)) = ctx.instances.get(&id) else {
+            continue;
+        };
+        if inst.state != InstanceState::Pending {
+            continue;
+        }
+        // The worker actor publishes each placement (view and index) before it answers,
+        // so the next lookup already sees the room this one took.
+        let Some(target) = ctx.workers.deps().best_fit(&inst.requirements) else {
+            blocked.ids.insert(id.clone());
+            unplaced.push(id);
             continue;
         };
         let cmd = WorkerCmd::Place {
@@ -82,30 +114,33 @@ pub async fn schedule_once(ctx: &ControllerCtx, autoscaler: &Addr<Autoscaler>) {
         match ctx.workers.send(&target, cmd, true).await {
             Ok(out) => {
                 debug!(instance = %inst.id, worker = %target, "instance scheduled");
+                let waited = (ctx.clock.now() - inst.created_at)
+                    .to_std()
+                    .unwrap_or_default();
+                ctx.metrics.schedule_latency.observe(waited.as_secs_f64());
                 if let Some((i, r)) = out.instance {
                     ctx.instances.note(&i.id.clone(), i, r);
                 }
-                if let Some(w) = workers.iter_mut().find(|w| w.id == target) {
-                    *w = out.worker;
-                }
             }
-            Err(WorkerExecError::Fenced) => return,
+            Err(WorkerExecError::Fenced) => return Blocked::default(),
             Err(WorkerExecError::InstanceChanged(fresh)) => {
                 if let Some((i, r)) = fresh {
                     ctx.instances.note(&i.id.clone(), i, r);
                 }
             }
             Err(e) => {
-                // Our view of the worker was stale (it filled up or started draining).
+                // Our view of the worker was stale (it filled up or started draining);
+                // the refusal refreshed it.
                 debug!(instance = %inst.id, worker = %target, error = %e, "placement refused");
-                if let Some(w) = ctx.workers.get(&target) {
-                    if let Some(slot) = workers.iter_mut().find(|x| x.id == target) {
-                        *slot = w;
-                    }
-                }
-                unplaced.push(inst.id.clone());
+                unplaced.push(id);
             }
         }
+    }
+    // Forget blocked instances that are no longer pending (placed elsewhere, ended).
+    let pending = ctx.pending_len();
+    if blocked.ids.len() > 2 * pending + 1024 {
+        let still: HashSet<String> = ctx.pending_ids().into_iter().collect();
+        blocked.ids.retain(|id| still.contains(id));
     }
     if !unplaced.is_empty() {
         autoscaler.do_send(Demand {
@@ -113,4 +148,5 @@ pub async fn schedule_once(ctx: &ControllerCtx, autoscaler: &Addr<Autoscaler>) {
             seen_at: Instant::now(),
         });
     }
+    blocked
 }

@@ -3,13 +3,14 @@
 //! index and idempotency record in one transaction) and only then applies and answers.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use serde_json::json;
 use tracing::{debug, info, warn, Instrument, Span};
 
 use crate::actors::stats::ActorStats;
+use crate::domain::hold_index::HoldExpiries;
 use crate::domain::shadow::{
     decide, Change, Context as DomainContext, Decision, ShadowCommand, ShadowDeployable,
     ShadowError, ShadowOutcome,
@@ -61,8 +62,24 @@ pub struct Deps {
     pub retry_delay: u64,
     /// Published records.
     pub view: View,
+    /// The leased holds of `view` by lease expiry, for the lease reaper (kept equal to
+    /// `view` after every change of it; see [`Deps::resync_hold`]).
+    pub holds: Mutex<HoldExpiries<ShadowKey>>,
     /// How long a caller waits for the actor's answer (`ACTOR_SEND_TIMEOUT_MS`).
     pub send_timeout: std::time::Duration,
+}
+
+impl Deps {
+    /// Makes the hold index agree with `view`'s current record of `key`. The view is
+    /// read while the index is locked, so whichever of two concurrent changes resyncs
+    /// last leaves the index equal to the view.
+    pub fn resync_hold(&self, key: &ShadowKey) {
+        let Ok(mut holds) = self.holds.lock() else {
+            return;
+        };
+        let current = self.view.get(key);
+        holds.sync(key, current.as_ref().map(|e| &e.record));
+    }
 }
 
 /// What the actor knows of its record.
@@ -164,12 +181,13 @@ impl ShadowActor {
     }
 
     fn apply(&mut self, cell: Cell) {
-        publish(&self.deps.view, &self.key, &cell);
+        publish(&self.deps, &self.key, &cell);
         self.cell = cell;
     }
 }
 
-fn publish(view: &View, key: &ShadowKey, cell: &Cell) {
+fn publish(deps: &Deps, key: &ShadowKey, cell: &Cell) {
+    let view = &deps.view;
     match cell {
         Cell::Known {
             record: Some(record),
@@ -181,15 +199,16 @@ fn publish(view: &View, key: &ShadowKey, cell: &Cell) {
         Cell::Known { record: None, .. } => {
             view.remove(key);
         }
-        Cell::Unknown => {}
+        Cell::Unknown => return,
     }
+    deps.resync_hold(key);
 }
 
 impl Actor for ShadowActor {
     type Context = Context<Self>;
 
     fn started(&mut self, _ctx: &mut Self::Context) {
-        publish(&self.deps.view, &self.key, &self.cell);
+        publish(&self.deps, &self.key, &self.cell);
     }
 }
 

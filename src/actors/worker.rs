@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
@@ -26,6 +26,7 @@ use crate::actors::follow::Follower;
 use crate::actors::leader::Fence;
 use crate::actors::stats::{ActorInfo, ActorStats};
 use crate::clock::Clock;
+use crate::domain::schedule_index::WorkerIndex;
 use crate::domain::worker::{
     instance_transition, place, plan_heartbeat, start_drain, start_idle_drain, transition, unplace,
     Instance, InstanceState, Resources, Worker, WorkerError, WorkerState,
@@ -191,6 +192,10 @@ pub struct WorkerDeps {
     pub fence: Arc<Fence>,
     /// Published workers with their revisions.
     pub view: DashMap<String, (Worker, i64)>,
+    /// Free capacity of the RUNNING workers in `view` (the scheduler's best fit) and the
+    /// workers in motion (the autoscaler's cloud poll), kept equal to `view` after every
+    /// change of it (see [`WorkerDeps::resync`]).
+    pub index: Mutex<WorkerIndex>,
     /// Time source.
     pub clock: Clock,
     /// Lease for ended records (TERMINATED workers, ended instances), so etcd drops
@@ -198,6 +203,42 @@ pub struct WorkerDeps {
     pub retention: LeasePool,
     /// How long a caller waits for a worker actor's answer (`ACTOR_SEND_TIMEOUT_MS`).
     pub send_timeout: std::time::Duration,
+}
+
+impl WorkerDeps {
+    /// Makes the capacity index agree with `view`'s current record of `id`. The view is
+    /// read while the index is locked, so whichever of two concurrent changes resyncs
+    /// last leaves the index equal to the view (order-independent).
+    fn resync(&self, id: &str) {
+        let Ok(mut ix) = self.index.lock() else {
+            return;
+        };
+        let current = self.view.get(id);
+        ix.sync(id, current.as_ref().map(|e| &e.value().0));
+    }
+
+    /// The RUNNING worker with room for `req` that best fits it (see
+    /// [`crate::domain::controller::best_fit`]), from the capacity index.
+    pub fn best_fit(&self, req: &Resources) -> Option<String> {
+        self.index
+            .lock()
+            .ok()
+            .and_then(|ix| ix.capacity.best_fit(req).map(str::to_owned))
+    }
+
+    /// [`crate::domain::schedule_index::CapacityIndex::room`] now.
+    pub fn room(&self) -> u64 {
+        self.index
+            .lock()
+            .map(|ix| ix.capacity.room())
+            .unwrap_or_default()
+    }
+
+    /// Ids of the workers the autoscaler drives with the cloud (not RUNNING, not
+    /// TERMINATED), sorted.
+    pub fn moving(&self) -> Vec<String> {
+        self.index.lock().map(|ix| ix.moving()).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -219,9 +260,11 @@ impl WorkerActor {
         match &cell {
             Cell::Known(Some(w), rev) => {
                 self.deps.view.insert(self.id.clone(), (w.clone(), *rev));
+                self.deps.resync(&self.id);
             }
             Cell::Known(None, _) => {
                 self.deps.view.remove(&self.id);
+                self.deps.resync(&self.id);
             }
             Cell::Unknown => {}
         }
@@ -935,6 +978,7 @@ impl WorkerRegistry {
         if !recreated {
             // A dead actor cannot unpublish its record: do it here.
             self.deps.view.remove_if(id, |_, v| v.1 < revision);
+            self.deps.resync(id);
             if self.actors.remove(id).is_some() {
                 self.deps
                     .metrics

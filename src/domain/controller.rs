@@ -35,18 +35,18 @@ fn ratio(x: f64, cap: f64) -> f64 {
 }
 
 /// Normalized unused capacity of a host of capacity `cap` with `free` left.
-fn waste(free: &Resources, cap: &Resources) -> f64 {
+pub(crate) fn waste(free: &Resources, cap: &Resources) -> f64 {
     ratio(free.cpu, cap.cpu) + ratio(free.memory_gb, cap.memory_gb)
 }
 
 /// Quantizes a score so that scores equal up to float noise compare equal and the
 /// ordering is total (NaN maps to 0; the cast saturates).
-fn quantize(x: f64) -> i64 {
+pub(crate) fn quantize(x: f64) -> i64 {
     (x * 1e9).round() as i64
 }
 
 /// Best-fit key: normalized leftover after placing `req`, lower is tighter.
-fn leftover_key(free: &Resources, cap: &Resources, req: &Resources) -> i64 {
+pub(crate) fn leftover_key(free: &Resources, cap: &Resources, req: &Resources) -> i64 {
     quantize(waste(&free.sub_floor0(req), cap))
 }
 

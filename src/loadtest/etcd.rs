@@ -17,7 +17,9 @@ use etcd_client::{
 use tokio::task::JoinSet;
 
 use crate::domain::shadow::{Owner, ShadowDeployable, ShadowState};
-use crate::domain::worker::{Resources, Worker, WorkerState, WorkerTemplate};
+use crate::domain::worker::{
+    Instance, InstanceState, Resources, Worker, WorkerState, WorkerTemplate,
+};
 use crate::keys;
 use crate::loadtest::metrics::{EtcdRpcReport, Sampler};
 use crate::loadtest::shadow::{deployable_name, register_body};
@@ -248,6 +250,32 @@ pub fn seed_worker(i: usize) -> Worker {
     w
 }
 
+/// Requirements of a seeded PENDING instance: more than any worker template offers, so
+/// it stays pending (the scheduler's backlog) however many workers run.
+pub const SEED_UNPLACEABLE: Resources = Resources {
+    cpu: 100_000.0,
+    memory_gb: 1_000_000.0,
+};
+
+/// The `i`-th instance record `seed` writes: PENDING and unplaceable when `pending`,
+/// COMPLETED (ended, on no worker) otherwise.
+pub fn seed_instance(i: usize, pending: bool) -> Instance {
+    let (requirements, state) = if pending {
+        (SEED_UNPLACEABLE, InstanceState::Pending)
+    } else {
+        (
+            Resources {
+                cpu: 1.0,
+                memory_gb: 4.0,
+            },
+            InstanceState::Completed,
+        )
+    };
+    let mut inst = Instance::new(&format!("lt-i-{i}"), requirements, false, Utc::now());
+    inst.state = state;
+    inst
+}
+
 /// The `seed` scenario: batched puts, `--workflows` (at most 32) transactions at once.
 /// Existing records with the same keys are overwritten.
 pub async fn seed(shared: Arc<Shared>) -> Result<Measured, LoadtestError> {
@@ -287,6 +315,16 @@ pub async fn seed(shared: Arc<Shared>) -> Result<Measured, LoadtestError> {
         batch.push((
             format!("{prefix}{}", keys::worker(&w.id)),
             encode(serde_json::to_vec(&w))?,
+        ));
+    }
+    for i in 0..args.instances {
+        let inst = seed_instance(i, i < args.pending);
+        if batch.len() + 1 > MAX_TXN_OPS {
+            batches.push(std::mem::take(&mut batch));
+        }
+        batch.push((
+            format!("{prefix}{}", keys::instance(&inst.id)),
+            encode(serde_json::to_vec(&inst))?,
         ));
     }
     if !batch.is_empty() {

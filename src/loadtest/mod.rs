@@ -192,6 +192,13 @@ pub struct LoadtestArgs {
     /// Worker records to write (`seed`).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
+    /// Instance records to write (`seed`): `--pending` of them PENDING and larger than
+    /// any worker (they stay pending: the scheduler's backlog), the rest COMPLETED.
+    #[arg(long, default_value_t = 0)]
+    pub instances: usize,
+    /// How many of the seeded `--instances` are PENDING (`seed`).
+    #[arg(long, default_value_t = 0)]
+    pub pending: usize,
     /// Per-request deadline in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub request_timeout_ms: u64,
@@ -238,6 +245,12 @@ impl LoadtestArgs {
         }
         if self.workers > 1_000_000 {
             return bad("--workers must be at most 1000000".into());
+        }
+        if self.instances > 1_000_000 {
+            return bad("--instances must be at most 1000000".into());
+        }
+        if self.pending > self.instances {
+            return bad("--pending must be at most --instances".into());
         }
         if let Some(d) = self.duration {
             if d.is_zero() || d > MAX_DURATION {
@@ -821,6 +834,8 @@ mod tests {
         assert!(check(&["--url", "ftp://x"]).is_err());
         assert!(check(&["--url", "http://a:1,ftp://x"]).is_err());
         assert!(check(&["--dnd-ratio", "1.5"]).is_err());
+        assert!(check(&["--instances", "10", "--pending", "11"]).is_err());
+        assert!(check(&["--instances", "10", "--pending", "10"]).is_ok());
         let a = parse(&["--url", "http://a:1,http://b:2"]).expect("parse");
         assert_eq!(a.url, vec!["http://a:1", "http://b:2"]);
         a.validate().expect("two replicas are valid");
@@ -866,5 +881,17 @@ mod tests {
         let b = Budget::new(Duration::from_secs(3600), None);
         b.restart();
         assert!(b.remaining() > Duration::from_secs(3599));
+    }
+
+    #[test]
+    fn seeded_pending_instances_fit_no_worker_and_the_rest_have_ended() {
+        let w = etcd::seed_worker(0);
+        let p = etcd::seed_instance(0, true);
+        assert_eq!(p.state, crate::domain::worker::InstanceState::Pending);
+        assert!(!p.requirements.fits_in(&w.capacity));
+        let c = etcd::seed_instance(1, false);
+        assert_eq!(c.state, crate::domain::worker::InstanceState::Completed);
+        assert!(!c.is_live());
+        assert_ne!(p.id, c.id);
     }
 }

@@ -556,6 +556,7 @@ mod interleavings {
             metrics: Metrics::new(),
             fence: Arc::new(Fence::default()),
             view: Default::default(),
+            index: Default::default(),
             clock: Clock::new(),
             retention: LeasePool::new(std::time::Duration::from_secs(600)),
             send_timeout: std::time::Duration::from_secs(10),
