@@ -1,8 +1,9 @@
 //! Shadow deployable routes (and their `shadow-deploybles` typo alias): list, procure /
-//! release, min pod count, register, delete.
+//! release (by name, or PROCURE by node pool), min pod count, register, delete. List
+//! entries are served as the view keeps them (`actors::view`), already serialized.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::actors::shadow::ShadowKey;
 use crate::actors::view::Filter;
@@ -12,8 +13,7 @@ use crate::api::paging;
 use crate::api::{method_not_allowed, reply_response, AppState};
 use crate::config::valid_segment;
 use crate::domain::shadow::{
-    valid_object_name, MinPodAction, Owner, ShadowCommand, ShadowState, MAX_LEASE_SECONDS,
-    MAX_MIN_POD_COUNT,
+    valid_object_name, MinPodAction, ShadowCommand, MAX_LEASE_SECONDS, MAX_MIN_POD_COUNT,
 };
 use crate::idempotency::IdemRequest;
 
@@ -60,37 +60,6 @@ pub struct ListQuery {
 
 /// Token kind of the shadow deployable list.
 const LIST_KIND: &str = "shadow-deployables";
-
-/// One shadow deployable as listed.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct ShadowView {
-    /// Name.
-    pub name: String,
-    /// DNS name.
-    pub dns: String,
-    /// Minimum pod count requested by the holder.
-    pub min_pod_count: u32,
-    /// Deprecated alias of `min_pod_count` (same value), answered for one more release.
-    pub pod_count: u32,
-    /// Whether it is procured.
-    pub in_use: bool,
-    /// Node pool.
-    pub node_pool: String,
-    /// FREE or PROCURED.
-    pub state: ShadowState,
-    /// Holder.
-    pub owner: Option<Owner>,
-    /// Version.
-    pub version: u64,
-    /// When a leased hold expires (null: FREE, or held without a lease).
-    #[serde(default, with = "crate::domain::time::option")]
-    pub lease_expires_at: Option<chrono::DateTime<chrono::Utc>>,
-    /// The Deployment its minimum pod count scales (registration's `deployment`, default
-    /// the name).
-    pub deployment: String,
-    /// The HorizontalPodAutoscaler whose `minReplicas` follows it (default the name).
-    pub hpa: String,
-}
 
 /// Action of the procure/release route.
 #[derive(Debug, Clone, Copy, Deserialize)]
