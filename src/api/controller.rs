@@ -11,7 +11,7 @@ use crate::actors::worker::{WorkerCmd, WorkerExecError, WorkerOutcome};
 use crate::api::body::read_json;
 use crate::api::error::ApiError;
 use crate::api::paging;
-use crate::api::{method_not_allowed, reply_response, AppState, InflightGuard};
+use crate::api::{method_not_allowed, note_replayed, reply_response, AppState, InflightGuard};
 use crate::config::valid_segment;
 use crate::domain::worker::{Instance, InstanceState, Resources, WorkerError};
 use crate::idempotency::{IdemError, IdemWrite, Reply};
@@ -169,16 +169,6 @@ async fn send_worker(
         return ctl.workers.send(id, make(idem), false).await;
     }
     first
-}
-
-fn note_replayed(state: &AppState, reply: &Reply) {
-    if reply.replayed {
-        state
-            .metrics
-            .idempotency
-            .with_label_values(&["replayed"])
-            .inc();
-    }
 }
 
 fn check_id(what: &str, id: &str) -> Result<(), ApiError> {

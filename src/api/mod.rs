@@ -163,6 +163,17 @@ async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     )))
 }
 
+/// Counts a replayed idempotent reply in `idempotency_outcomes_total{outcome="replayed"}`.
+pub fn note_replayed(state: &AppState, reply: &Reply) {
+    if reply.replayed {
+        state
+            .metrics
+            .idempotency
+            .with_label_values(&["replayed"])
+            .inc();
+    }
+}
+
 /// The HTTP response of a reply (fresh or replayed for an idempotency key).
 pub fn reply_response(reply: &Reply) -> HttpResponse {
     let status = actix_web::http::StatusCode::from_u16(reply.status)

@@ -10,7 +10,7 @@ use crate::actors::view::Filter;
 use crate::api::body::read_json;
 use crate::api::error::ApiError;
 use crate::api::paging;
-use crate::api::{method_not_allowed, reply_response, AppState};
+use crate::api::{method_not_allowed, note_replayed, reply_response, AppState};
 use crate::config::valid_segment;
 use crate::domain::shadow::{
     valid_object_name, MinPodAction, ShadowCommand, MAX_LEASE_SECONDS, MAX_MIN_POD_COUNT,
@@ -287,13 +287,7 @@ async fn procure_from_pool(
         .ok_or_else(|| {
             ApiError::NotFound(format!("node pool {pool:?} has no shadow deployables"))
         })?;
-    if reply.replayed {
-        state
-            .metrics
-            .idempotency
-            .with_label_values(&["replayed"])
-            .inc();
-    }
+    note_replayed(state, &reply);
     Ok(reply_response(&reply))
 }
 
@@ -458,12 +452,6 @@ async fn run(
     if converge && !reply.replayed {
         state.ops.converge_soon(key);
     }
-    if reply.replayed {
-        state
-            .metrics
-            .idempotency
-            .with_label_values(&["replayed"])
-            .inc();
-    }
+    note_replayed(state, &reply);
     Ok(reply_response(&reply))
 }
