@@ -11,7 +11,8 @@
 #      writes); the service started again, and measured:
 #        - time from process start until /health/ready is 200 (all actors hydrated),
 #        - resident memory (VmRSS) after hydration and after the load phases,
-#        - service CPU while idle,
+#        - the new leader's start-up sweep (time and CPU), then service CPU while idle
+#          over SCALE_IDLE_SECONDS (default 30: one drift check),
 #        - GET list latency (p50/p99) of the whole deployable list,
 #        - the same procure load as (1), over all the deployables,
 #        - with SCALE_SCHEDULE_RATE > 0 (default 50), instances submitted at that rate
@@ -135,8 +136,25 @@ RSS_READY=$(rss_mib "$SVC")
 LISTED=$(curl -fs "$URL/api/1.0/int/shadow-deployables" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["data"]))')
 WORKERS=$(curl -fs "$URL/api/1.0/workers" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["data"]))')
 
+# The new leader's start-up sweep: every deployable's min replicas applied once and
+# compared with the cluster. Wait for its first report and count its CPU apart.
+S0=$(cpu_ticks "$SVC")
+T0=$(date +%s.%N)
+for _ in $(seq 1 1200); do
+  if curl -fs "$URL/api/1.0/controller" | python3 -c \
+    'import json,sys; sys.exit(0 if json.load(sys.stdin)["min_replicas"]["last_check_at"] else 1)'; then
+    break
+  fi
+  sleep 0.5
+done
+S1=$(cpu_ticks "$SVC")
+T1=$(date +%s.%N)
+SWEEP_SECS=$(python3 -c "print(f'{$T1 - $T0:.1f}')")
+SWEEP_CPU=$(python3 -c "print(f'{($S1 - $S0) / $(getconf CLK_TCK):.2f}')")
+
 # Background work that grows with the fleet shows up as CPU while no request arrives.
-IDLE_SECS=${SCALE_IDLE_SECONDS:-5}
+# The default window (30 s) holds one drift check (every 15th sweep, 2 s apart).
+IDLE_SECS=${SCALE_IDLE_SECONDS:-30}
 C0=$(cpu_ticks "$SVC")
 sleep "$IDLE_SECS"
 C1=$(cpu_ticks "$SVC")
@@ -170,7 +188,7 @@ export MACHINE="nproc $(nproc), ${MEM_GIB} GiB, $(uname -sr), etcd $ETCD_VERSION
 export COMMAND="SCALE_DEPLOYABLES=$N SCALE_WORKERS=$M SCALE_SMALL_DEPLOYABLES=$SMALL SCALE_INSTANCES=$INSTANCES SCALE_PENDING=$PENDING SCALE_SCHEDULE_RATE=$SCHED_RATE SCALE_SECONDS=$SECS SCALE_WORKFLOWS=$W SCALE_LIST_CLIENTS=$LIST_CLIENTS scripts/scale.sh"
 export CLK_TCK=$(getconf CLK_TCK)
 export WORK N M SMALL INSTANCES PENDING HYDRATE RSS_READY RSS_AFTER LISTED WORKERS W LIST_CLIENTS
-export IDLE_CPU IDLE_SECS LOAD_SMALL LOAD_LARGE SCHED SCHED_RATE
+export IDLE_CPU IDLE_SECS SWEEP_SECS SWEEP_CPU LOAD_SMALL LOAD_LARGE SCHED SCHED_RATE
 python3 - <<'EOF'
 import json, os, re
 
@@ -244,7 +262,8 @@ print("|---|---:|---|")
 print(f"| seed {e['N']} deployables + {e['M']} workers + {e['INSTANCES']} instances ({e['PENDING']} pending) into etcd | {seed['elapsed_secs']:.2f} s | {seed['cycles']} txns of <= 128 puts |")
 print(f"| start-up to /health/ready (hydration) | {float(e['HYDRATE']):.2f} s | lists {e['LISTED']} deployables, {e['WORKERS']} workers once ready |")
 print(f"| resident memory after hydration (VmRSS) | {e['RSS_READY']} MiB | |")
-print(f"| service CPU while idle after hydration | {e['IDLE_CPU']} % of one core | over {e['IDLE_SECS']} s with no request |")
+print(f"| leader's start-up sweep after ready (min replicas of every deployable) | {e['SWEEP_SECS']} s | {e['SWEEP_CPU']} s of service CPU |")
+print(f"| service CPU while idle after the sweep | {e['IDLE_CPU']} % of one core | over {e['IDLE_SECS']} s with no request (one drift check) |")
 print(f"| resident memory after the load phases | {e['RSS_AFTER']} MiB | |")
 l = row(lst, "list")
 print(f"| GET list of {e['N']} ({e['LIST_CLIENTS']} clients) p50 / p99 | {l['p50_ms']:.1f} / {l['p99_ms']:.1f} ms | {l['ops_per_sec']:.1f} lists/s, max {l['max_ms']:.1f} ms, errors {errs(l)} |")

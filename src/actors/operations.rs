@@ -14,10 +14,10 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::actors::leader::on_leadership;
+use crate::actors::ops_types::{note_drift, Stop, Sweep};
 pub use crate::actors::ops_types::{
     ActError, ConvergeReport, Drift, IntentWriteError, ManagerHandle, OpsCtx,
 };
-use crate::actors::ops_types::{Stop, Sweep};
 use crate::actors::outbox::IntentManager;
 use crate::actors::shadow::ShadowKey;
 use crate::domain::intent::WatchIntent;
@@ -210,6 +210,11 @@ impl OpsCtx {
                 leading = false;
                 continue;
             }
+            if !self.shadows.is_hydrated() {
+                // A sweep now would see a part of the fleet: the first one under a new
+                // leadership must compare all of it with the cluster before patching.
+                continue;
+            }
             if !leading {
                 // New leadership: re-apply everything once, and check the cluster.
                 applied.clear();
@@ -295,12 +300,20 @@ impl OpsCtx {
                         match self.converge_one(&key, &next.0, want).await {
                             Ok(()) => {
                                 corrected += 1;
-                                report.drifted.push(entry(Some(have), None));
+                                note_drift(
+                                    &mut report.drifted_count,
+                                    &mut report.drifted,
+                                    entry(Some(have), None),
+                                );
                                 missing.remove(&key);
                                 applied.insert(key, next);
                             }
                             Err(e) => {
-                                report.failed.push(entry(Some(have), Some(e.to_string())));
+                                note_drift(
+                                    &mut report.failed_count,
+                                    &mut report.failed,
+                                    entry(Some(have), Some(e.to_string())),
+                                );
                                 applied.remove(&key);
                             }
                         }
@@ -310,12 +323,20 @@ impl OpsCtx {
                             .decisions
                             .with_label_values(&["min_replicas_missing"])
                             .inc();
-                        report.missing.push(entry(None, None));
+                        note_drift(
+                            &mut report.missing_count,
+                            &mut report.missing,
+                            entry(None, None),
+                        );
                         applied.remove(&key);
                         missing.insert(key, next);
                     }
                     Err(e) => {
-                        report.failed.push(entry(None, Some(e.to_string())));
+                        note_drift(
+                            &mut report.failed_count,
+                            &mut report.failed,
+                            entry(None, Some(e.to_string())),
+                        );
                     }
                 }
             }

@@ -79,6 +79,18 @@ pub struct Drift {
     pub error: Option<String>,
 }
 
+/// Entries each list of a [`ConvergeReport`] keeps (the counts cover all): the status
+/// answer stays small with any fleet size.
+pub const REPORT_SAMPLE: usize = 20;
+
+/// Counts `d` and keeps it when the sample has room.
+pub fn note_drift(count: &mut usize, sample: &mut Vec<Drift>, d: Drift) {
+    *count += 1;
+    if sample.len() < REPORT_SAMPLE {
+        sample.push(d);
+    }
+}
+
 /// The min-replica converger's last comparison with the cluster, as shown by
 /// `GET /api/1.0/controller` under `min_replicas`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -91,11 +103,17 @@ pub struct ConvergeReport {
     pub checked: usize,
     /// Of those, how many matched their record.
     pub in_sync: usize,
-    /// Deployables found drifted in that check (each was patched again).
+    /// How many were found drifted in that check (each was patched again).
+    pub drifted_count: usize,
+    /// The first [`REPORT_SAMPLE`] of them.
     pub drifted: Vec<Drift>,
-    /// Deployables with no HPA/Deployment in the cluster (retried every check).
+    /// How many have no HPA/Deployment in the cluster (retried every check).
+    pub missing_count: usize,
+    /// The first [`REPORT_SAMPLE`] of them.
     pub missing: Vec<Drift>,
-    /// Deployables that could not be read or patched.
+    /// How many could not be read or patched.
+    pub failed_count: usize,
+    /// The first [`REPORT_SAMPLE`] of them.
     pub failed: Vec<Drift>,
     /// Drift found and patched since this replica started leading.
     pub drift_corrected_total: u64,
@@ -326,5 +344,31 @@ impl OpsCtx {
             .lock()
             .map(|c| c.clone())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_keeps_a_bounded_sample_and_counts_everything() {
+        let mut r = ConvergeReport::default();
+        for i in 0..(REPORT_SAMPLE + 5) {
+            note_drift(
+                &mut r.missing_count,
+                &mut r.missing,
+                Drift {
+                    env: "int".into(),
+                    name: format!("d-{i}"),
+                    want: 1,
+                    observed: None,
+                    error: None,
+                },
+            );
+        }
+        assert_eq!(r.missing_count, REPORT_SAMPLE + 5);
+        assert_eq!(r.missing.len(), REPORT_SAMPLE);
+        assert_eq!(r.missing.first().map(|d| d.name.as_str()), Some("d-0"));
     }
 }

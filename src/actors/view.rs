@@ -288,33 +288,51 @@ impl View {
             Some(p) => v.pools.get(p).unwrap_or(&empty),
             None => &v.all,
         };
-        let names: Box<dyn Iterator<Item = &String>> = match (filter.in_use, filter.node_pool) {
-            (None, None) => match after {
-                Some(a) => Box::new(
-                    v.entries
-                        .range::<str, _>((Bound::Excluded(a), Bound::Unbounded))
-                        .map(|(k, _)| k),
-                ),
-                None => Box::new(v.entries.keys()),
-            },
-            (Some(true), _) => Box::new(range_after(&split.held, after)),
-            (Some(false), _) => Box::new(range_after(&split.free, after)),
-            (None, Some(_)) => Box::new(merge(
-                range_after(&split.free, after),
-                range_after(&split.held, after),
-            )),
-        };
         let mut items = Vec::with_capacity(limit.min(1024));
         let mut last: Option<&String> = None;
         let mut more = false;
-        for name in names {
+        let mut take = |e: &ViewEntry| -> bool {
             if items.len() == limit {
                 more = true;
-                break;
+                return false;
             }
-            if let Some(e) = v.entries.get(name) {
-                items.push(e.json.clone());
-                last = Some(name);
+            items.push(e.json.clone());
+            true
+        };
+        match (filter.in_use, filter.node_pool) {
+            // No filter: walk the entries themselves (no second lookup per name).
+            (None, None) => {
+                let entries: Box<dyn Iterator<Item = (&String, &ViewEntry)>> = match after {
+                    Some(a) => Box::new(
+                        v.entries
+                            .range::<str, _>((Bound::Excluded(a), Bound::Unbounded)),
+                    ),
+                    None => Box::new(v.entries.iter()),
+                };
+                for (name, e) in entries {
+                    if !take(e) {
+                        break;
+                    }
+                    last = Some(name);
+                }
+            }
+            (in_use, _) => {
+                let names: Box<dyn Iterator<Item = &String>> = match in_use {
+                    Some(true) => Box::new(range_after(&split.held, after)),
+                    Some(false) => Box::new(range_after(&split.free, after)),
+                    None => Box::new(merge(
+                        range_after(&split.free, after),
+                        range_after(&split.held, after),
+                    )),
+                };
+                for name in names {
+                    if let Some(e) = v.entries.get(name) {
+                        if !take(e) {
+                            break;
+                        }
+                        last = Some(name);
+                    }
+                }
             }
         }
         Page {

@@ -48,9 +48,7 @@ pub async fn get_loop(
             let mut rec = Recorder::new();
             let mut n = 0u64;
             while let Some(claim) = shared.budget.claim() {
-                let r = client
-                    .call_on(claim as usize, Method::GET, &path, None, None)
-                    .await;
+                let r = client.get_unparsed(claim as usize, &path).await;
                 shared.note(&mut rec, label, r.answer, r.latency);
                 n += 1;
             }

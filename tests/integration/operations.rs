@@ -1589,3 +1589,128 @@ async fn min_pod_counts_scale_the_mapped_deployment_and_nothing_unregistered() {
         "only the mapped objects are touched: {calls:?}"
     );
 }
+
+/// A store whose shadow-deployable listing answers late (a large fleet hydrating), and
+/// which counts the fenced min-replica effects written.
+struct SlowShadowList {
+    inner: MemoryStore,
+    delay: Duration,
+    kube_effects: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Store for SlowShadowList {
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<resource_plane::ports::store::Kv>, resource_plane::ports::store::StoreError>
+    {
+        self.inner.get(key).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+    ) -> Result<
+        (Vec<resource_plane::ports::store::Kv>, i64),
+        resource_plane::ports::store::StoreError,
+    > {
+        if prefix.starts_with(resource_plane::keys::SHADOW_PREFIX) {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.inner.list(prefix).await
+    }
+    async fn txn(
+        &self,
+        txn: resource_plane::ports::store::Txn,
+    ) -> Result<resource_plane::ports::store::TxnResult, resource_plane::ports::store::StoreError>
+    {
+        let effect = txn.success.iter().any(|op| match op {
+            resource_plane::ports::store::Op::Put { key, .. } => key.contains("kube_min_replicas"),
+            _ => false,
+        });
+        let r = self.inner.txn(txn).await;
+        if effect && r.as_ref().is_ok_and(|r| r.succeeded) {
+            self.kube_effects
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        r
+    }
+    async fn grant_lease(&self, ttl: i64) -> Result<i64, resource_plane::ports::store::StoreError> {
+        self.inner.grant_lease(ttl).await
+    }
+    async fn keep_alive(
+        &self,
+        lease: i64,
+    ) -> Result<i64, resource_plane::ports::store::StoreError> {
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke_lease(
+        &self,
+        lease: i64,
+    ) -> Result<(), resource_plane::ports::store::StoreError> {
+        self.inner.revoke_lease(lease).await
+    }
+    async fn watch(
+        &self,
+        prefix: &str,
+        rev: i64,
+    ) -> Result<resource_plane::ports::store::WatchReceiver, resource_plane::ports::store::StoreError>
+    {
+        self.inner.watch(prefix, rev).await
+    }
+    async fn health(&self) -> Result<(), resource_plane::ports::store::StoreError> {
+        self.inner.health().await
+    }
+    fn name(&self) -> &'static str {
+        "slow-shadow-list"
+    }
+}
+
+/// A new leader compares the cluster with every record before it patches anything: a
+/// sweep that ran before the records were loaded would find none in sync and patch (and
+/// fence) each one again. None of these is in the cluster, so nothing is patched.
+#[actix_web::test]
+async fn a_new_leader_checks_the_whole_fleet_before_patching() {
+    let inner = MemoryStore::new();
+    let seed: resource_plane::app::Seed = [(
+        "int".to_owned(),
+        (0..20)
+            .map(|i| resource_plane::app::SeedEntry {
+                name: format!("d-{i}"),
+                node_pool: "p".into(),
+                dns: format!("d-{i}.example"),
+                deployment: None,
+                hpa: None,
+            })
+            .collect(),
+    )]
+    .into_iter()
+    .collect();
+    let created = resource_plane::app::apply_seed(&inner, &seed)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(created, 20);
+    let store = Arc::new(SlowShadowList {
+        inner,
+        delay: Duration::from_millis(800),
+        kube_effects: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let kube = Arc::new(SimKube::new(Duration::from_millis(50)));
+    let svc = start_with_kube(ops_config(), store.clone(), kube);
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let checked_all = support::eventually(Duration::from_secs(10), || async {
+        let s = send(&app, get("/api/1.0/controller").to_request()).await;
+        s.json["min_replicas"]["checked"] == 20 && s.json["min_replicas"]["missing_count"] == 20
+    })
+    .await;
+    assert!(checked_all, "a check of all 20, each reported missing");
+    // a few more sweeps (50 ms apart) that must leave the missing ones alone
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        store.kube_effects.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "min replicas patched (and fenced) before the cluster was compared"
+    );
+    svc.shutdown().await;
+}
