@@ -24,7 +24,8 @@
 #   `grpc_server_handled_total` over the phase).
 # Everything is on 127.0.0.1 and bounded: each load phase lasts SCALE_SECONDS (default 10).
 # SCALE_PERF=path records the service with `perf record --call-graph dwarf` during the
-# large procure phase (needs perf; build with CARGO_PROFILE_RELEASE_DEBUG=line-tables-only).
+# large procure phase (path) and the small one (path.small); needs perf and a build with
+# CARGO_PROFILE_RELEASE_DEBUG=line-tables-only.
 #
 #   SCALE_DEPLOYABLES=10000 SCALE_WORKERS=10000 SCALE_SECONDS=10 scripts/scale.sh
 #   SCALE_DEPLOYABLES=100000 SCALE_WORKERS=10000 SCALE_INSTANCES=100000 SCALE_PENDING=5000 scripts/scale.sh
@@ -120,7 +121,14 @@ echo "scale: seeding $SMALL deployables" >&2
 lt seed-small --scenario seed --etcd-endpoints "$ETCD" --deployables "$SMALL" --workflows 16
 start_service
 LOAD_SMALL=$(cut -d" " -f1-3 /proc/loadavg)
+if [ -n "$PERF_OUT" ]; then
+  perf record -F 499 --call-graph dwarf -o "$PERF_OUT.small" -p "$SVC" -- sleep "$SECS" >/dev/null 2>&1 &
+  PERF_PID=$!
+fi
 procure_phase small "$SMALL"
+if [ -n "$PERF_OUT" ]; then
+  wait "$PERF_PID" || true
+fi
 stop_service
 
 # 2. The large fleet, on the same etcd.
