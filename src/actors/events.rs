@@ -13,7 +13,7 @@
 //! - All the changes of one store revision travel as one buffer entry, so a client
 //!   never holds half a transaction and `Last-Event-ID` is always a clean cut.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -139,7 +139,7 @@ pub struct Change {
 }
 
 /// The fields of a record the stream reports; everything else is skipped unread.
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 struct Probe {
     #[serde(default)]
     state: Option<String>,
@@ -191,13 +191,7 @@ impl Translator {
             deleted: value.is_none(),
         };
         if let Some(value) = value {
-            let probe = serde_json::from_slice::<Probe>(value).ok();
-            let probe = probe.unwrap_or(Probe {
-                state: None,
-                status: None,
-                version: None,
-                env: None,
-            });
+            let probe: Probe = serde_json::from_slice(value).unwrap_or_default();
             change.state = probe
                 .state
                 .or(probe.status)
@@ -326,9 +320,28 @@ impl EventMetrics {
     }
 }
 
+/// A subscriber's place under `EVENTS_MAX_CLIENTS`, given back once: when the stream
+/// is dropped, or as soon as the hub closes it (overflow), so a client that stopped
+/// reading does not hold a place while its connection lingers.
+struct Slot {
+    released: AtomicBool,
+    open: Arc<AtomicUsize>,
+    gauge: IntGauge,
+}
+
+impl Slot {
+    fn release(&self) {
+        if !self.released.swap(true, Ordering::SeqCst) {
+            self.open.fetch_sub(1, Ordering::SeqCst);
+            self.gauge.dec();
+        }
+    }
+}
+
 /// The hub's side of one subscriber.
 struct Client {
     id: u64,
+    slot: Arc<Slot>,
     tx: mpsc::Sender<Bytes>,
     filter: Filter,
     /// The last event, sent after everything queued (overflow).
@@ -383,6 +396,7 @@ impl Client {
         if let Ok(mut end) = self.end.lock() {
             *end = Some(frame);
         }
+        self.slot.release();
     }
 }
 
@@ -449,7 +463,7 @@ pub struct EventHub {
     settings: EventsSettings,
     state: Mutex<HubState>,
     wake: Notify,
-    open: AtomicUsize,
+    open: Arc<AtomicUsize>,
     next_id: AtomicU64,
     /// Its metrics.
     pub metrics: EventMetrics,
@@ -474,13 +488,13 @@ impl EventHub {
                 running: false,
             }),
             wake: Notify::new(),
-            open: AtomicUsize::new(0),
+            open: Arc::new(AtomicUsize::new(0)),
             next_id: AtomicU64::new(1),
             metrics: EventMetrics::new(),
         })
     }
 
-    /// Subscribers open right now.
+    /// Subscribers open right now (one closed for falling behind no longer counts).
     pub fn subscribers(&self) -> usize {
         self.open.load(Ordering::SeqCst)
     }
@@ -511,8 +525,14 @@ impl EventHub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.settings.client_buffer.max(1));
         let end = Arc::new(Mutex::new(None));
+        let slot = Arc::new(Slot {
+            released: AtomicBool::new(false),
+            open: self.open.clone(),
+            gauge: self.metrics.subscribers.clone(),
+        });
         let client = Client {
             id,
+            slot: slot.clone(),
             tx,
             filter,
             end: end.clone(),
@@ -521,6 +541,7 @@ impl EventHub {
         let guard = Guard {
             hub: self.clone(),
             id,
+            slot,
             shared: since.is_none(),
         };
         match since {
@@ -582,8 +603,6 @@ impl EventHub {
     }
 
     fn leave(&self, id: u64, shared: bool) {
-        self.open.fetch_sub(1, Ordering::SeqCst);
-        self.metrics.subscribers.dec();
         if !shared {
             return;
         }
@@ -754,11 +773,13 @@ async fn pump<S: Sink>(store: &dyn Store, mut next: i64, sink: &mut S) {
 struct Guard {
     hub: Arc<EventHub>,
     id: u64,
+    slot: Arc<Slot>,
     shared: bool,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        self.slot.release();
         self.hub.leave(self.id, self.shared);
     }
 }

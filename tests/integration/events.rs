@@ -402,8 +402,9 @@ async fn a_compacted_resume_point_gets_reset_then_live_changes() {
             None => panic!("ended"),
         }
     };
-    let Msg::Event { id, event, data } = reset else {
-        panic!("{reset:?}")
+    let (id, event, data) = match reset {
+        Msg::Event { id, event, data } => (id, event, data),
+        other => panic!("{other:?}"),
     };
     assert_eq!(event, "reset", "{data}");
     assert_eq!(data["reason"], "compacted");
@@ -519,6 +520,8 @@ async fn a_client_that_does_not_read_gets_overflow_and_others_keep_receiving() {
     assert_eq!(data["dropped_after"].as_i64(), fifth.map(|r| r - 1), "{data}");
     assert_eq!(id, data["dropped_after"].as_i64());
     assert_eq!(slow.next().await, None, "the overflowed stream ends");
+    // its place under EVENTS_MAX_CLIENTS was given back when it overflowed
+    assert_eq!(svc.state.events.subscribers(), 1);
     drop(slow);
     // the reader is still served
     register(&app, "int", "after").await;
