@@ -475,6 +475,9 @@ pub enum SubscribeError {
     /// `EVENTS_MAX_CLIENTS` subscribers are open already.
     #[error("{0} change stream subscribers are open already; retry later")]
     TooMany(usize),
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(StoreError),
 }
 
 impl EventHub {
@@ -504,9 +507,11 @@ impl EventHub {
         self.state.lock().map(|st| st.running).unwrap_or(false)
     }
 
-    /// Opens a subscription: live changes from now on, or, with `since`, every change
-    /// after that revision and then live ones. Must be called inside an actix system.
-    pub fn subscribe(
+    /// Opens a subscription: every change committed after this returns (the shared
+    /// watch, started now if it is not running), or, with `since`, every change after that
+    /// revision and then live ones (a watch of its own). Must be called inside an actix
+    /// system.
+    pub async fn subscribe(
         self: &Arc<Self>,
         filter: Filter,
         since: Option<i64>,
@@ -530,19 +535,32 @@ impl EventHub {
             open: self.open.clone(),
             gauge: self.metrics.subscribers.clone(),
         });
-        let client = Client {
-            id,
-            slot: slot.clone(),
-            tx,
-            filter,
-            end: end.clone(),
-            seen: since.unwrap_or(0),
-        };
+        // From here on, dropping the guard (an error, a cancelled request) gives the
+        // place back.
         let guard = Guard {
             hub: self.clone(),
             id,
-            slot,
+            slot: slot.clone(),
             shared: since.is_none(),
+        };
+        // A fresh subscriber's starting point, read before it joins: a watch started
+        // for it begins right after, so nothing committed once it has its answer is
+        // missed. One small read per subscription.
+        let now = match since {
+            Some(_) => None,
+            None => Some(
+                current_revision(self.store.as_ref())
+                    .await
+                    .map_err(SubscribeError::Store)?,
+            ),
+        };
+        let client = Client {
+            id,
+            slot,
+            tx,
+            filter,
+            end: end.clone(),
+            seen: since.or(now).unwrap_or(0),
         };
         match since {
             Some(since) => {
@@ -553,7 +571,7 @@ impl EventHub {
                     pump(store.as_ref(), since + 1, &mut sink).await;
                 });
             }
-            None => self.join(client),
+            None => self.join(client, now.unwrap_or(0)),
         }
         Ok(Subscription {
             rx,
@@ -563,7 +581,7 @@ impl EventHub {
         })
     }
 
-    fn join(self: &Arc<Self>, client: Client) {
+    fn join(self: &Arc<Self>, client: Client, revision: i64) {
         let start = match self.state.lock() {
             Ok(mut st) => {
                 st.clients.push(client);
@@ -573,30 +591,14 @@ impl EventHub {
         };
         if start {
             let hub = self.clone();
-            spawn(async move { hub.run().await });
+            spawn(async move { hub.run(revision).await });
         }
     }
 
-    /// The shared watch, from the store's current revision, until the last subscriber
+    /// The shared watch, from the revision after `start`, until the last subscriber
     /// leaves.
-    async fn run(self: Arc<Self>) {
+    async fn run(self: Arc<Self>, start: i64) {
         let mut sink = HubSink { hub: self.clone() };
-        let mut backoff = Duration::from_millis(100);
-        let start = loop {
-            let rev = tokio::select! {
-                r = current_revision(self.store.as_ref()) => r,
-                () = sink.gone() => return,
-            };
-            match rev {
-                Ok(rev) => break rev,
-                Err(e) => warn!(error = %e, "change stream: cannot read the store revision"),
-            }
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = sink.gone() => return,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        };
         info!(revision = start, "change stream: shared watch started");
         pump(self.store.as_ref(), start + 1, &mut sink).await;
         info!("change stream: shared watch stopped (no subscribers)");

@@ -83,11 +83,13 @@ async fn events(
     let sub = state
         .events
         .subscribe(Filter::new(&kinds, env), since)
+        .await
         .map_err(|e| match e {
             SubscribeError::TooMany(_) => ApiError::Unavailable {
                 message: e.to_string(),
                 retry_after: state.config.retry_after,
             },
+            SubscribeError::Store(e) => ApiError::from_store(e, state.config.retry_after),
         })?;
     let body = futures::StreamExt::map(sub.into_stream(), Ok::<_, std::convert::Infallible>);
     Ok(HttpResponse::Ok()

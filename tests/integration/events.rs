@@ -709,7 +709,8 @@ async fn heartbeats_keep_an_idle_stream_open_over_a_real_socket() {
             let r = client
                 .put(format!("http://{addr}/api/1.0/int/shadow-deployables/hb"))
                 .bearer_auth("tok")
-                .json(&json!({"node_pool": "p", "dns": "hb.example"}))
+                .header("content-type", "application/json")
+                .body(json!({"node_pool": "p", "dns": "hb.example"}).to_string())
                 .send()
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
