@@ -656,7 +656,8 @@ impl Sink for HubSink {
             frames.prepare_all();
         }
         let metrics = &self.hub.metrics;
-        st.clients.retain_mut(|c| c.offer(revision, &frames, metrics));
+        st.clients
+            .retain_mut(|c| c.offer(revision, &frames, metrics));
         !Self::stop_if_empty(&mut st)
     }
 
@@ -742,7 +743,10 @@ async fn pump<S: Sink>(store: &dyn Store, mut next: i64, sink: &mut S) {
                         break;
                     }
                     None => {
-                        warn!(revision = next, "change stream: watch ended; watching again");
+                        warn!(
+                            revision = next,
+                            "change stream: watch ended; watching again"
+                        );
                         break;
                     }
                 }
@@ -753,7 +757,11 @@ async fn pump<S: Sink>(store: &dyn Store, mut next: i64, sink: &mut S) {
         if compacted {
             match current_revision(store).await {
                 Ok(rev) => {
-                    info!(from = next, to = rev, "change stream: resume point compacted; reset");
+                    info!(
+                        from = next,
+                        to = rev,
+                        "change stream: resume point compacted; reset"
+                    );
                     if !sink.reset(rev) {
                         return;
                     }
@@ -865,7 +873,15 @@ mod tests {
         let all: Vec<&Change> = groups.iter().flat_map(|(_, g)| g).collect();
         let brief: Vec<(Kind, &str, &str, Option<u64>, bool)> = all
             .iter()
-            .map(|c| (c.kind, c.id.as_str(), c.state.as_str(), c.version, c.deleted))
+            .map(|c| {
+                (
+                    c.kind,
+                    c.id.as_str(),
+                    c.state.as_str(),
+                    c.version,
+                    c.deleted,
+                )
+            })
             .collect();
         assert_eq!(
             brief,
@@ -886,8 +902,16 @@ mod tests {
     fn filters_select_kinds_and_the_env_of_shadow_events_only() {
         let mut t = Translator::new();
         let groups = t.batch(&[
-            put("/shadow-deployables/int/a", r#"{"state":"FREE","version":1}"#, 1),
-            put("/shadow-deployables/prod/b", r#"{"state":"FREE","version":1}"#, 2),
+            put(
+                "/shadow-deployables/int/a",
+                r#"{"state":"FREE","version":1}"#,
+                1,
+            ),
+            put(
+                "/shadow-deployables/prod/b",
+                r#"{"state":"FREE","version":1}"#,
+                2,
+            ),
             put("/workers/w1", r#"{"state":"PENDING"}"#, 3),
         ]);
         let changes: Vec<Change> = groups.into_iter().flat_map(|(_, g)| g).collect();

@@ -49,7 +49,13 @@ fn parse_block(block: &str) -> Msg {
         }
         let (field, value) = line.split_once(": ").unwrap_or((line, ""));
         match field {
-            "id" => id = Some(value.parse().unwrap_or_else(|e| panic!("id {value:?}: {e}"))),
+            "id" => {
+                id = Some(
+                    value
+                        .parse()
+                        .unwrap_or_else(|e| panic!("id {value:?}: {e}")),
+                )
+            }
             "event" => event = value.to_owned(),
             "data" => data.push_str(value),
             other => panic!("unexpected field {other:?} in {block:?}"),
@@ -114,9 +120,10 @@ impl Sse {
                     .await;
             match chunk {
                 Some(Ok(bytes)) => {
-                    self.buf.push_str(std::str::from_utf8(&bytes).unwrap_or_else(|e| {
-                        panic!("not UTF-8: {e}");
-                    }));
+                    self.buf
+                        .push_str(std::str::from_utf8(&bytes).unwrap_or_else(|e| {
+                            panic!("not UTF-8: {e}");
+                        }));
                     let blocks = take_blocks(&mut self.buf);
                     self.queue.extend(blocks);
                 }
@@ -236,7 +243,9 @@ async fn changes_arrive_in_revision_order_matching_the_writes() {
     let mut sse = Sse::open(&app, events_req("")).await;
     assert_eq!(sse.status, 200);
     assert_eq!(
-        sse.headers.get("content-type").and_then(|v| v.to_str().ok()),
+        sse.headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
         Some("text/event-stream")
     );
 
@@ -247,7 +256,9 @@ async fn changes_arrive_in_revision_order_matching_the_writes() {
     act(&app, "PROCURE", "d1", "run-2").await;
 
     let got = sse
-        .changes_until(|c| is(c, "shadow", "int/d1") && c["state"] == "PROCURED" && c["version"] == 3)
+        .changes_until(|c| {
+            is(c, "shadow", "int/d1") && c["state"] == "PROCURED" && c["version"] == 3
+        })
         .await;
     let revisions: Vec<i64> = got.iter().filter_map(|c| c["revision"].as_i64()).collect();
     assert!(
@@ -389,11 +400,7 @@ async fn a_compacted_resume_point_gets_reset_then_live_changes() {
         .await
         .unwrap_or_else(|e| panic!("compact: {e}"));
 
-    let mut sse = Sse::open(
-        &app,
-        events_req("").insert_header(("Last-Event-ID", "2")),
-    )
-    .await;
+    let mut sse = Sse::open(&app, events_req("").insert_header(("Last-Event-ID", "2"))).await;
     assert_eq!(sse.status, 200);
     let reset = loop {
         match sse.next().await {
@@ -457,7 +464,8 @@ async fn filters_select_kinds_and_env_and_bad_values_are_400() {
     let got = prod.changes_until(|c| is(c, "instance", &last)).await;
     assert!(got.iter().any(|c| is(c, "shadow", "prod/b")), "{got:?}");
     assert!(
-        got.iter().all(|c| c["kind"] != "shadow" || c["env"] == "prod"),
+        got.iter()
+            .all(|c| c["kind"] != "shadow" || c["env"] == "prod"),
         "{got:?}"
     );
     assert!(got.iter().any(|c| is(c, "instance", &first)), "{got:?}");
@@ -466,13 +474,18 @@ async fn filters_select_kinds_and_env_and_bad_values_are_400() {
     assert!(got.iter().all(|c| c["kind"] == "instance"), "{got:?}");
     assert!(got.iter().any(|c| is(c, "instance", &first)), "{got:?}");
 
-    let got = int_shadow.changes_until(|c| is(c, "shadow", "int/zz")).await;
+    let got = int_shadow
+        .changes_until(|c| is(c, "shadow", "int/zz"))
+        .await;
     let ids: Vec<&str> = got.iter().filter_map(|c| c["id"].as_str()).collect();
     assert_eq!(ids, vec!["int/a", "int/zz"]);
 
     let got = two.changes_until(|c| is(c, "instance", &last)).await;
     let kinds: Vec<&str> = got.iter().filter_map(|c| c["kind"].as_str()).collect();
-    assert!(kinds.iter().all(|k| *k == "shadow" || *k == "instance"), "{kinds:?}");
+    assert!(
+        kinds.iter().all(|k| *k == "shadow" || *k == "instance"),
+        "{kinds:?}"
+    );
     assert!(got.iter().any(|c| is(c, "shadow", "prod/b")), "{got:?}");
 }
 
@@ -490,7 +503,10 @@ async fn a_client_that_does_not_read_gets_overflow_and_others_keep_receiving() {
     for i in 0..12 {
         let name = format!("o{i:02}");
         register(&app, "int", &name).await;
-        fast_got.push(fast.changes_until(|c| is(c, "shadow", &format!("int/{name}"))).await);
+        fast_got.push(
+            fast.changes_until(|c| is(c, "shadow", &format!("int/{name}")))
+                .await,
+        );
     }
     let fast_ids: Vec<String> = fast_got
         .iter()
@@ -517,7 +533,11 @@ async fn a_client_that_does_not_read_gets_overflow_and_others_keep_receiving() {
     let (event, data, id) = overflow;
     assert_eq!(event, "overflow", "{data}");
     let fifth = fast_got[4].last().and_then(|c| c["revision"].as_i64());
-    assert_eq!(data["dropped_after"].as_i64(), fifth.map(|r| r - 1), "{data}");
+    assert_eq!(
+        data["dropped_after"].as_i64(),
+        fifth.map(|r| r - 1),
+        "{data}"
+    );
     assert_eq!(id, data["dropped_after"].as_i64());
     assert_eq!(slow.next().await, None, "the overflowed stream ends");
     // its place under EVENTS_MAX_CLIENTS was given back when it overflowed
