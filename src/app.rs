@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use crate::actors::cml_sync::AgentSync;
 use crate::actors::controller::ControllerCtx;
+use crate::actors::events::EventHub;
 use crate::actors::follow::follow;
 use crate::actors::leader::{run_election, Fence};
 use crate::actors::mirror::Mirror;
@@ -385,6 +386,7 @@ impl Service {
             );
             actix_rt::spawn(sync.run_forever());
         }
+        let events = EventHub::new(store.clone(), config.events);
         let state = web::Data::new(AppState {
             config: Arc::new(config),
             registry: registry.clone(),
@@ -393,6 +395,7 @@ impl Service {
             inflight: DashMap::new(),
             controller,
             ops,
+            events,
         });
         actix_rt::spawn(async move {
             let mut backoff = Duration::from_millis(100);

@@ -106,6 +106,51 @@ pub struct Config {
     pub operations: OperationsSettings,
     /// Worker agent (`WORKER_AGENT`) and CML client settings.
     pub agent: AgentSettings,
+    /// The change stream (`GET /api/1.0/events`).
+    pub events: EventsSettings,
+}
+
+/// The change stream's limits (`EVENTS_HEARTBEAT_SECONDS`, `EVENTS_CLIENT_BUFFER`,
+/// `EVENTS_MAX_CLIENTS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventsSettings {
+    /// Period of the `: keep-alive` comment (`EVENTS_HEARTBEAT_SECONDS`, default 15).
+    pub heartbeat: Duration,
+    /// Store revisions queued per subscriber before it is closed with `overflow`
+    /// (`EVENTS_CLIENT_BUFFER`, default 1024).
+    pub client_buffer: usize,
+    /// Subscribers open at once on this replica; more get 503 (`EVENTS_MAX_CLIENTS`,
+    /// default 256).
+    pub max_clients: usize,
+}
+
+impl Default for EventsSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(15),
+            client_buffer: 1024,
+            max_clients: 256,
+        }
+    }
+}
+
+impl EventsSettings {
+    fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let heartbeat: u64 = parse(env, "EVENTS_HEARTBEAT_SECONDS", d.heartbeat.as_secs())?;
+        if heartbeat == 0 {
+            return Err(invalid("EVENTS_HEARTBEAT_SECONDS", "must be positive"));
+        }
+        let client_buffer: usize = parse(env, "EVENTS_CLIENT_BUFFER", d.client_buffer)?;
+        if client_buffer == 0 {
+            return Err(invalid("EVENTS_CLIENT_BUFFER", "must be at least 1"));
+        }
+        Ok(Self {
+            heartbeat: Duration::from_secs(heartbeat),
+            client_buffer,
+            max_clients: parse(env, "EVENTS_MAX_CLIENTS", d.max_clients)?,
+        })
+    }
 }
 
 /// How concurrent etcd transactions share one etcd Txn (`adapters::group_commit`).
@@ -295,6 +340,9 @@ pub const VARIABLES: &[&str] = &[
     "ETCD_PREFIX",
     "ETCD_REQUEST_TIMEOUT_MS",
     "ETCD_USERNAME",
+    "EVENTS_CLIENT_BUFFER",
+    "EVENTS_HEARTBEAT_SECONDS",
+    "EVENTS_MAX_CLIENTS",
     "HEARTBEAT_TIMEOUT_SECONDS",
     "HTTP_WORKERS",
     "IDEMPOTENCY_TTL_SECONDS",
@@ -545,6 +593,7 @@ impl Config {
             controller,
             operations,
             agent: AgentSettings::from_map(env, use_mock_adapters)?,
+            events: EventsSettings::from_map(env)?,
         };
         Ok(cfg)
     }

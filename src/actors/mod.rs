@@ -4,6 +4,7 @@ pub mod autoscaler;
 pub mod cml_sync;
 pub mod controller;
 pub mod controller_ctx;
+pub mod events;
 pub mod follow;
 pub mod instances;
 pub mod leader;

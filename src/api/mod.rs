@@ -4,6 +4,7 @@
 pub mod body;
 pub mod controller;
 pub mod error;
+pub mod events;
 pub mod middleware;
 pub mod openapi;
 pub mod operations;
@@ -18,6 +19,7 @@ use actix_web::{middleware::from_fn, web, App, Error, HttpRequest, HttpResponse}
 use dashmap::DashMap;
 
 use crate::actors::controller::ControllerCtx;
+use crate::actors::events::EventHub;
 use crate::actors::operations::OpsCtx;
 use crate::actors::registry::Registry;
 use crate::api::error::ApiError;
@@ -42,6 +44,8 @@ pub struct AppState {
     pub controller: Arc<ControllerCtx>,
     /// Kubernetes operations, intents and callbacks.
     pub ops: Arc<OpsCtx>,
+    /// The change stream hub (`GET /api/1.0/events`).
+    pub events: Arc<EventHub>,
 }
 
 /// Removes an in-flight idempotency key when the request ends.
@@ -150,6 +154,7 @@ pub fn app(
 pub fn configure(cfg: &mut web::ServiceConfig) {
     ops::configure(cfg);
     controller::configure(cfg);
+    events::configure(cfg);
     operations::configure(cfg);
     shadow::configure(cfg);
     cfg.default_service(web::to(not_found));

@@ -79,7 +79,7 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .body(state.metrics.render() + &state.events.metrics.render())
 }
 
 /// The largest page of `GET /api/1.0/actors`, and its size when `limit` is absent.

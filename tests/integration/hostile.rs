@@ -67,6 +67,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/1.0/actors"),
     ("get", "/api/1.0/actors/{kind}/{id}"),
     ("get", "/api/1.0/openapi.json"),
+    ("get", "/api/1.0/events"),
     ("post", "/api/1.0/{env}/deployables"),
     ("post", "/api/1.0/{env}/deployables/restart"),
     ("post", "/api/1.0/{env}/models/load"),

@@ -10,6 +10,7 @@ mod controller;
 mod controller_disrupt;
 mod controller_idempotency;
 mod ec2;
+mod events;
 mod faults;
 mod fencing;
 mod group_commit;

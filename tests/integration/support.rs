@@ -219,7 +219,17 @@ where
     };
     let status = res.status().as_u16();
     let headers = res.headers().clone();
-    let raw = test::read_body(res).await.to_vec();
+    // An event stream never ends on its own: its head is the answer (dropping the
+    // response closes the stream).
+    let streaming = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let raw = if streaming {
+        Vec::new()
+    } else {
+        test::read_body(res).await.to_vec()
+    };
     let json = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     Resp {
         status,
