@@ -72,14 +72,25 @@ fn serve_main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    telemetry::init_tracing(config.log_format);
-    match actix_web::rt::System::new().block_on(serve(config)) {
+    let traces = match telemetry::init_tracing(config.log_format, config.traces.as_ref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("resource-plane: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let code = match actix_web::rt::System::new().block_on(serve(config)) {
         Ok(code) => code,
         Err(e) => {
             error!(error = %e, "server failed");
             ExitCode::FAILURE
         }
+    };
+    // Outside the runtime: export the spans still buffered.
+    if let Some(t) = traces {
+        t.shutdown();
     }
+    code
 }
 
 async fn serve(config: Config) -> std::io::Result<ExitCode> {
