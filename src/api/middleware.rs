@@ -54,7 +54,16 @@ pub async fn request_context(
         http.route = Empty,
         http.response.status_code = Empty,
     );
-    otel::continue_trace(&span, req.headers());
+    if otel::enabled() {
+        otel::continue_trace(&span, req.headers());
+        // Named by the route pattern the path matches (the resource map knows it before
+        // routing), never by the raw path, which holds ids. Set before the span starts.
+        let pattern = req.match_pattern();
+        let route = pattern.as_deref().unwrap_or("unmatched");
+        otel::rename(&span, || format!("{method} {route}"));
+        span.record("otel.kind", "server");
+        span.record("http.route", route);
+    }
     let mut res = next
         .call(req)
         .instrument(span.clone())
@@ -74,10 +83,6 @@ pub async fn request_context(
             .observe(start.elapsed().as_secs_f64());
     }
     if otel::enabled() {
-        // Named by the matched route pattern, never the raw path (which holds ids).
-        otel::rename(&span, || format!("{method} {route}"));
-        span.record("otel.kind", "server");
-        span.record("http.route", route.as_str());
         span.record("http.response.status_code", status);
         if status >= 500 {
             span.record("otel.status_code", "error");

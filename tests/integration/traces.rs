@@ -32,7 +32,6 @@ struct Exported {
     parent: String,
     name: String,
     attrs: HashMap<String, String>,
-    links: Vec<(String, String)>,
 }
 
 impl Exported {
@@ -110,11 +109,6 @@ async fn collect(
                     parent: hex::encode(&s.parent_span_id),
                     name: s.name.clone(),
                     attrs: attrs(&s.attributes),
-                    links: s
-                        .links
-                        .iter()
-                        .map(|l| (hex::encode(&l.trace_id), hex::encode(&l.span_id)))
-                        .collect(),
                 });
             }
         }
