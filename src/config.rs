@@ -1122,7 +1122,10 @@ mod tests {
         assert!(t.headers.is_empty());
         let c = Config::from_map(&map(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://col:4318"),
-            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://traces.example/custom"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "https://traces.example/custom",
+            ),
             ("OTEL_SERVICE_NAME", "rp-eu"),
             ("OTEL_BSP_SCHEDULE_DELAY", "250"),
         ]))
@@ -1136,7 +1139,10 @@ mod tests {
     #[test]
     fn traces_headers_are_parsed_and_never_shown() {
         let c = Config::from_map(&map(&[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://user:pw-endpoint@col:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://user:pw-endpoint@col:4318",
+            ),
             (
                 "OTEL_EXPORTER_OTLP_HEADERS",
                 "api-key=hdr-secret-1, x-tenant = t1",

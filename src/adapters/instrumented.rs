@@ -48,33 +48,21 @@ impl InstrumentedStore {
 impl Store for InstrumentedStore {
     async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
         let t = Instant::now();
-        let r = self
-            .inner
-            .get(key)
-            .instrument(self.span("get"))
-            .await;
+        let r = self.inner.get(key).instrument(self.span("get")).await;
         self.record("get", t, &r);
         r
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
         let t = Instant::now();
-        let r = self
-            .inner
-            .list(prefix)
-            .instrument(self.span("list"))
-            .await;
+        let r = self.inner.list(prefix).instrument(self.span("list")).await;
         self.record("list", t, &r);
         r
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
         let t = Instant::now();
-        let r = self
-            .inner
-            .txn(txn)
-            .instrument(self.span("txn"))
-            .await;
+        let r = self.inner.txn(txn).instrument(self.span("txn")).await;
         self.record("txn", t, &r);
         r
     }
@@ -125,11 +113,7 @@ impl Store for InstrumentedStore {
 
     async fn health(&self) -> Result<(), StoreError> {
         let t = Instant::now();
-        let r = self
-            .inner
-            .health()
-            .instrument(self.span("health"))
-            .await;
+        let r = self.inner.health().instrument(self.span("health")).await;
         self.record("health", t, &r);
         r
     }

@@ -98,7 +98,10 @@ async fn collect(
     };
     let mut got = Vec::new();
     for rs in export.resource_spans {
-        let resource = rs.resource.map(|r| attrs(&r.attributes)).unwrap_or_default();
+        let resource = rs
+            .resource
+            .map(|r| attrs(&r.attributes))
+            .unwrap_or_default();
         let service = resource.get("service.name").cloned().unwrap_or_default();
         for ss in rs.scope_spans {
             for s in ss.spans {
@@ -183,17 +186,17 @@ impl Collector {
     }
 }
 
+/// Headers of each callback received.
+type HookLog = Arc<Mutex<Vec<HashMap<String, String>>>>;
+
 /// A callback receiver that records each request's headers.
 struct Hooks {
     port: u16,
-    got: Arc<Mutex<Vec<HashMap<String, String>>>>,
+    got: HookLog,
     handle: ServerHandle,
 }
 
-async fn hook(
-    req: HttpRequest,
-    got: web::Data<Arc<Mutex<Vec<HashMap<String, String>>>>>,
-) -> HttpResponse {
+async fn hook(req: HttpRequest, got: web::Data<HookLog>) -> HttpResponse {
     let headers = req
         .headers()
         .iter()
@@ -210,7 +213,7 @@ async fn hook(
 
 impl Hooks {
     fn start() -> Self {
-        let got: Arc<Mutex<Vec<HashMap<String, String>>>> = Arc::default();
+        let got: HookLog = Arc::default();
         let data = web::Data::new(got.clone());
         let server = HttpServer::new(move || {
             App::new()
@@ -269,10 +272,7 @@ async fn call(
     if let Some(tp) = traceparent {
         r = r.header("traceparent", tp);
     }
-    let resp = r
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{url}: {e:?}"));
+    let resp = r.send().await.unwrap_or_else(|e| panic!("{url}: {e:?}"));
     let status = resp.status().as_u16();
     let body = resp.bytes().await.unwrap_or_default();
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
@@ -328,7 +328,10 @@ fn service_env(extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> 
         ("CALLBACK_ALLOW_INSECURE_LOCALHOST", "true".to_owned()),
         ("SIM_KUBE_READY_DELAY_MS", "100".to_owned()),
         ("KUBE_CONVERGE_INTERVAL_MS", "50".to_owned()),
-        ("CALLBACK_SIGNING_SECRET", "whsec_c2VjcmV0LXRyYWNlcw==".to_owned()),
+        (
+            "CALLBACK_SIGNING_SECRET",
+            "whsec_c2VjcmV0LXRyYWNlcw==".to_owned(),
+        ),
     ];
     env.extend(extra.iter().cloned());
     env
@@ -392,14 +395,23 @@ async fn a_procure_and_a_callback_are_exported_as_connected_spans() {
         .iter()
         .find(|s| s.name == route)
         .unwrap_or_else(|| panic!("no HTTP span"));
-    assert_eq!(http.parent, caller_span, "the HTTP span continues the caller's");
+    assert_eq!(
+        http.parent, caller_span,
+        "the HTTP span continues the caller's"
+    );
     assert_eq!(http.attr("http.response.status_code"), Some("200"));
-    assert_eq!(http.attr("http.route"), Some("/api/1.0/{env}/shadow-deployables"));
+    assert_eq!(
+        http.attr("http.route"),
+        Some("/api/1.0/{env}/shadow-deployables")
+    );
     assert_eq!(http.service, "rp-traces-test");
     for name in ["shadow.decide", "shadow.commit"] {
         let s = trace.iter().find(|s| s.name == name);
         let s = s.unwrap_or_else(|| panic!("no {name} span"));
-        assert!(descends(&trace, s, &http.span_id), "{name} is not under the HTTP span: {trace:#?}");
+        assert!(
+            descends(&trace, s, &http.span_id),
+            "{name} is not under the HTTP span: {trace:#?}"
+        );
     }
     let commit = trace.iter().find(|s| s.name == "shadow.commit");
     let commit = commit.unwrap_or_else(|| panic!("no commit span"));
@@ -408,7 +420,9 @@ async fn a_procure_and_a_callback_are_exported_as_connected_spans() {
         .filter(|s| s.attr("db.system.name") == Some("etcd"))
         .collect();
     assert!(
-        etcd_spans.iter().all(|s| descends(&trace, s, &http.span_id)),
+        etcd_spans
+            .iter()
+            .all(|s| descends(&trace, s, &http.span_id)),
         "every etcd span of the trace is under the HTTP span: {trace:#?}"
     );
     assert!(
@@ -433,7 +447,11 @@ async fn a_procure_and_a_callback_are_exported_as_connected_spans() {
             .any(|s| s.span_id == cb_span)
     })
     .await;
-    assert!(exported, "callback span {tp} not exported: {:#?}", collector.trace(&cb_trace));
+    assert!(
+        exported,
+        "callback span {tp} not exported: {:#?}",
+        collector.trace(&cb_trace)
+    );
     let attempt = collector.trace(&cb_trace);
     let attempt = attempt.iter().find(|s| s.span_id == cb_span);
     let attempt = attempt.unwrap_or_else(|| panic!("no attempt span"));
@@ -441,7 +459,10 @@ async fn a_procure_and_a_callback_are_exported_as_connected_spans() {
     assert_eq!(attempt.attr("http.response.status_code"), Some("200"));
 
     let log = svc.log();
-    assert!(!log.contains("otlp-secret-42"), "an OTLP header value was logged");
+    assert!(
+        !log.contains("otlp-secret-42"),
+        "an OTLP header value was logged"
+    );
     hooks.stop().await;
     collector.stop().await;
 }
@@ -475,6 +496,10 @@ async fn without_an_endpoint_nothing_is_exported_or_propagated() {
     } else {
         println!("port 4318 is taken: the default-endpoint check was not made");
     }
-    assert!(svc.log().lines().all(|l| !l.contains("trace exporter")), "{}", svc.log());
+    assert!(
+        svc.log().lines().all(|l| !l.contains("trace exporter")),
+        "{}",
+        svc.log()
+    );
     hooks.stop().await;
 }
