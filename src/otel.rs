@@ -85,12 +85,17 @@ pub fn layer<S>(settings: &TracesSettings) -> Result<(impl Layer<S>, Guard), Str
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
 {
-    // Built here, outside any async runtime (a blocking client starts its own).
-    let client = reqwest::blocking::Client::builder()
-        .no_proxy()
-        .timeout(EXPORT_TIMEOUT)
-        .build()
-        .map_err(|e| format!("trace exporter http client: {e}"))?;
+    // A blocking client runs its own runtime, which must not be built (or dropped) in an
+    // async context: build it on a thread of its own.
+    let client = std::thread::spawn(|| {
+        reqwest::blocking::Client::builder()
+            .no_proxy()
+            .timeout(EXPORT_TIMEOUT)
+            .build()
+    })
+    .join()
+    .map_err(|_| "trace exporter http client: build panicked".to_owned())?
+    .map_err(|e| format!("trace exporter http client: {e}"))?;
     let headers: HashMap<String, String> = settings
         .headers
         .iter()

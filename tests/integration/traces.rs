@@ -4,6 +4,7 @@
 //! Checked: a PROCURE sent with a `traceparent` continues that trace down to the actor's
 //! decide/commit and the etcd calls; a callback carries a `traceparent` naming its
 //! exported attempt span; with no endpoint set, nothing is exported or propagated.
+//! In process: a grouped etcd Txn's span links to every member's `etcd txn` span.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,8 +19,16 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use prost::Message;
 use serde_json::{json, Value};
 
+use resource_plane::adapters::group_commit::GroupCommitStore;
+use resource_plane::adapters::instrumented::InstrumentedStore;
+use resource_plane::config::{GroupCommitSettings, Secret, TracesSettings};
+use resource_plane::ports::store::{Compare, Op, Store, Txn};
+use resource_plane::telemetry::Metrics;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Layer;
+
 use crate::cluster::{test_prefix, ServiceProc};
-use crate::support::{eventually, Etcd};
+use crate::support::{eventually, unique_prefix, Etcd};
 
 const BASE: &str = "/api/1.0/int/shadow-deployables";
 
@@ -32,6 +41,8 @@ struct Exported {
     parent: String,
     name: String,
     attrs: HashMap<String, String>,
+    /// Span links: (trace id, span id).
+    links: Vec<(String, String)>,
 }
 
 impl Exported {
@@ -112,6 +123,11 @@ async fn collect(
                     parent: hex::encode(&s.parent_span_id),
                     name: s.name.clone(),
                     attrs: attrs(&s.attributes),
+                    links: s
+                        .links
+                        .iter()
+                        .map(|l| (hex::encode(&l.trace_id), hex::encode(&l.span_id)))
+                        .collect(),
                 });
             }
         }
@@ -502,4 +518,89 @@ async fn without_an_endpoint_nothing_is_exported_or_propagated() {
         svc.log()
     );
     hooks.stop().await;
+}
+
+/// In process, with the OTel layer as this thread's subscriber (the actix test runtime
+/// runs the group committer on this thread too). Note: this marks traces enabled for the
+/// rest of this test process; other tests' threads have no OTel layer, so the helpers
+/// find no span context there and do nothing.
+#[actix_web::test]
+async fn a_grouped_etcd_txn_links_to_every_member_span() {
+    let etcd = Etcd::start();
+    let collector = Collector::start(0).unwrap_or_else(|| panic!("collector did not bind"));
+    let settings = TracesSettings {
+        endpoint: Secret::new(format!("{}/v1/traces", collector.base_url())),
+        service_name: "rp-group-commit".to_owned(),
+        headers: Vec::new(),
+        schedule_delay: Duration::from_millis(100),
+    };
+    let (layer, guard) =
+        resource_plane::otel::layer(&settings).unwrap_or_else(|e| panic!("otel layer: {e}"));
+    let subscriber =
+        tracing_subscriber::registry().with(layer.with_filter(resource_plane::otel::filter()));
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let prefix = unique_prefix();
+    let metrics = Metrics::new();
+    let grouped: Arc<dyn Store> = Arc::new(GroupCommitStore::new(
+        etcd.store(&prefix),
+        GroupCommitSettings::default(),
+        prefix.len(),
+        metrics.clone(),
+    ));
+    let store = InstrumentedStore::new(grouped, metrics.clone());
+    // Polled together before the committer runs: one batch of all of them.
+    const MEMBERS: usize = 6;
+    let txns = (0..MEMBERS).map(|i| {
+        let key = format!("/traced/{i}");
+        store.txn(Txn {
+            compares: vec![Compare::ModRevision(key.clone(), 0)],
+            success: vec![Op::Put {
+                key: key.clone(),
+                value: b"1".to_vec(),
+                lease: None,
+            }],
+            failure_gets: vec![key],
+        })
+    });
+    let results = tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(txns))
+        .await
+        .unwrap_or_else(|_| panic!("members not answered in 20 s"));
+    assert!(
+        results
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|r| r.succeeded)),
+        "{results:?}"
+    );
+    assert_eq!(metrics.group_commit_txns.get(), 1, "one grouped Txn");
+
+    let exported = eventually(Duration::from_secs(20), || async {
+        let spans = collector.spans();
+        spans.iter().any(|s| s.name == "etcd txn (grouped)")
+            && spans.iter().filter(|s| s.name == "etcd txn").count() == MEMBERS
+    })
+    .await;
+    let spans = collector.spans();
+    assert!(exported, "spans: {spans:#?}");
+    let group = spans.iter().find(|s| s.name == "etcd txn (grouped)");
+    let group = group.unwrap_or_else(|| panic!("no grouped span"));
+    assert_eq!(group.parent, "", "the grouped Txn is a root span");
+    assert_eq!(group.attr("members"), Some(MEMBERS.to_string().as_str()));
+    let mut members: Vec<(String, String)> = spans
+        .iter()
+        .filter(|s| s.name == "etcd txn")
+        .map(|s| (s.trace_id.clone(), s.span_id.clone()))
+        .collect();
+    let mut links = group.links.clone();
+    members.sort();
+    links.sort();
+    assert_eq!(links, members, "one link to each member's span");
+    let traces: std::collections::HashSet<&String> = members.iter().map(|(t, _)| t).collect();
+    assert_eq!(traces.len(), MEMBERS, "each member is its own trace");
+    assert!(!traces.contains(&group.trace_id));
+
+    tokio::task::spawn_blocking(move || guard.shutdown())
+        .await
+        .unwrap_or_else(|e| panic!("shutdown: {e}"));
+    collector.stop().await;
 }
