@@ -604,3 +604,49 @@ async fn a_grouped_etcd_txn_links_to_every_member_span() {
         .unwrap_or_else(|e| panic!("shutdown: {e}"));
     collector.stop().await;
 }
+
+#[actix_web::test]
+async fn spans_still_buffered_are_flushed_on_a_graceful_shutdown() {
+    let etcd = Etcd::start();
+    let collector = Collector::start(0).unwrap_or_else(|| panic!("collector did not bind"));
+    let env = service_env(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base_url()),
+        // No scheduled export during the test: only the shutdown flush can send them.
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000".to_owned()),
+    ]);
+    let mut svc = ServiceProc::start("flush", &[etcd.endpoint()], &test_prefix(), &env).await;
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    register_and_procure(&svc, Some(&traceparent)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        collector.trace(&trace_id).is_empty(),
+        "exported before the shutdown: the flush would go untested"
+    );
+    let pid = svc.pid().unwrap_or_else(|| panic!("no pid"));
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    assert!(killed.success());
+    let exited = eventually(Duration::from_secs(30), || {
+        let done = svc.exited().is_some();
+        async move { done }
+    })
+    .await;
+    assert!(exited, "did not exit on SIGTERM:\n{}", svc.log());
+    let flushed = eventually(Duration::from_secs(5), || async {
+        collector
+            .trace(&trace_id)
+            .iter()
+            .any(|s| s.name == "POST /api/1.0/{env}/shadow-deployables")
+    })
+    .await;
+    assert!(
+        flushed,
+        "spans lost at shutdown: {:#?}\n{}",
+        collector.trace(&trace_id),
+        svc.log()
+    );
+    collector.stop().await;
+}
