@@ -109,8 +109,10 @@ where
         .with_timeout(EXPORT_TIMEOUT)
         .with_headers(headers)
         .build()
-        // The error may quote the URL: say only that it failed.
-        .map_err(|_| "trace exporter: invalid OTLP endpoint or headers".to_owned())?;
+        // The error may quote the URL or a header: say only what to check.
+        .map_err(|_| {
+            "trace exporter could not be built: check the OTEL_EXPORTER_OTLP_* variables".to_owned()
+        })?;
     let batch = BatchConfigBuilder::default()
         .with_scheduled_delay(settings.schedule_delay)
         .build();
