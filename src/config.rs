@@ -108,6 +108,9 @@ pub struct Config {
     pub agent: AgentSettings,
     /// The change stream (`GET /api/1.0/events`).
     pub events: EventsSettings,
+    /// OpenTelemetry trace export; `None` (the default) when neither
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` nor `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set.
+    pub traces: Option<TracesSettings>,
 }
 
 /// The change stream's limits (`EVENTS_HEARTBEAT_SECONDS`, `EVENTS_CLIENT_BUFFER`,
@@ -152,6 +155,96 @@ impl EventsSettings {
         })
     }
 }
+
+/// OTLP/HTTP (protobuf) trace export (`src/otel.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TracesSettings {
+    /// Full URL spans are POSTed to: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as given, or
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` with `/v1/traces` appended (the OTLP spec's rule).
+    pub endpoint: Secret,
+    /// `service.name` of the exported resource (`OTEL_SERVICE_NAME`).
+    pub service_name: String,
+    /// Extra request headers (`OTEL_EXPORTER_OTLP_HEADERS`, `k1=v1,k2=v2`); may hold
+    /// credentials, so only their names are ever shown.
+    pub headers: Vec<(String, Secret)>,
+    /// Delay between two batch exports (`OTEL_BSP_SCHEDULE_DELAY`, milliseconds).
+    pub schedule_delay: Duration,
+}
+
+impl TracesSettings {
+    fn from_map(env: &HashMap<String, String>) -> Result<Option<Self>, ConfigError> {
+        let get = |k: &str| {
+            env.get(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let endpoint = match (
+            get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ) {
+            (Some(full), _) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", full),
+            (None, Some(base)) => (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("{}/v1/traces", base.trim_end_matches('/')),
+            ),
+            (None, None) => return Ok(None),
+        };
+        let (var, endpoint) = endpoint;
+        // The URL may carry credentials: the error names the variable, never the value.
+        match url::Url::parse(&endpoint) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => return Err(invalid(var, "must be an http:// or https:// URL")),
+        }
+        let mut headers = Vec::new();
+        for pair in get("OTEL_EXPORTER_OTLP_HEADERS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let Some((name, value)) = pair.split_once('=') else {
+                return Err(invalid(
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    "must be a comma-separated list of name=value",
+                ));
+            };
+            let name = name.trim();
+            let valid_name = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !valid_name {
+                return Err(invalid(
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    "a header name is not a valid HTTP header name",
+                ));
+            }
+            let value = value.trim();
+            if value.bytes().any(|b| b < 0x20 || b == 0x7f) {
+                return Err(invalid(
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    &format!("the value of header {name:?} has control characters"),
+                ));
+            }
+            headers.push((name.to_owned(), Secret::new(value)));
+        }
+        let service_name =
+            get("OTEL_SERVICE_NAME").unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned());
+        let schedule_delay = Duration::from_millis(parse(env, "OTEL_BSP_SCHEDULE_DELAY", 5_000)?);
+        if schedule_delay.is_zero() {
+            return Err(invalid("OTEL_BSP_SCHEDULE_DELAY", "must be positive"));
+        }
+        Ok(Some(Self {
+            endpoint: Secret::new(endpoint),
+            service_name,
+            headers,
+            schedule_delay,
+        }))
+    }
+}
+
+/// `service.name` when `OTEL_SERVICE_NAME` is unset.
+pub const DEFAULT_SERVICE_NAME: &str = "resource-plane";
 
 /// How concurrent etcd transactions share one etcd Txn (`adapters::group_commit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,6 +450,11 @@ pub const VARIABLES: &[&str] = &[
     "LEASE_REAP_INTERVAL_MS",
     "LOG_FORMAT",
     "ORPHAN_GRACE_SECONDS",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_SERVICE_NAME",
     "PROCURE_RETRY_DELAY_SECONDS",
     "PROVISION_TIMEOUT_SECONDS",
     "RECONCILE_INTERVAL",
@@ -594,6 +692,7 @@ impl Config {
             operations,
             agent: AgentSettings::from_map(env, use_mock_adapters)?,
             events: EventsSettings::from_map(env)?,
+            traces: TracesSettings::from_map(env)?,
         };
         Ok(cfg)
     }
@@ -1046,6 +1145,89 @@ mod tests {
         .expect("config");
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("tok-123") && !dbg.contains("pw-456"), "{dbg}");
+    }
+
+    #[test]
+    fn traces_are_off_unless_an_otlp_endpoint_is_set() {
+        let off = Config::from_map(&map(&[])).expect("config");
+        assert_eq!(off.traces, None);
+        let empty = Config::from_map(&map(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", " "),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", ""),
+            ("OTEL_SERVICE_NAME", "x"),
+        ]))
+        .expect("config");
+        assert_eq!(empty.traces, None, "empty is unset");
+    }
+
+    #[test]
+    fn traces_endpoint_follows_the_otlp_rules() {
+        let c = Config::from_map(&map(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://col:4318/")]))
+            .expect("config");
+        let t = c.traces.expect("on");
+        assert_eq!(t.endpoint.expose(), "http://col:4318/v1/traces");
+        assert_eq!(t.service_name, "resource-plane");
+        assert_eq!(t.schedule_delay, Duration::from_millis(5_000));
+        assert!(t.headers.is_empty());
+        let c = Config::from_map(&map(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://col:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "https://traces.example/custom",
+            ),
+            ("OTEL_SERVICE_NAME", "rp-eu"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "250"),
+        ]))
+        .expect("config");
+        let t = c.traces.expect("on");
+        assert_eq!(t.endpoint.expose(), "https://traces.example/custom");
+        assert_eq!(t.service_name, "rp-eu");
+        assert_eq!(t.schedule_delay, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn traces_headers_are_parsed_and_never_shown() {
+        let c = Config::from_map(&map(&[
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://user:pw-endpoint@col:4318",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=hdr-secret-1, x-tenant = t1",
+            ),
+        ]))
+        .expect("config");
+        let t = c.traces.clone().expect("on");
+        let headers: Vec<(&str, &str)> = t
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.expose()))
+            .collect();
+        assert_eq!(headers, [("api-key", "hdr-secret-1"), ("x-tenant", "t1")]);
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("hdr-secret-1") && !dbg.contains("pw-endpoint"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn bad_traces_settings_are_refused_without_echoing_them() {
+        for (var, value) in [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "col:4318?token=leak-1"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "ftp://leak-2/"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "leak-3"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "bad name=leak-4"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "0"),
+        ] {
+            let mut env = map(&[(var, value)]);
+            env.entry("OTEL_EXPORTER_OTLP_ENDPOINT".into())
+                .or_insert_with(|| "http://col:4318".into());
+            let err = Config::from_map(&env).expect_err(value).to_string();
+            assert!(err.contains(var), "{err}");
+            assert!(!err.contains("leak"), "{err}");
+        }
     }
 }
 

@@ -15,6 +15,7 @@ pub mod domain;
 pub mod idempotency;
 pub mod keys;
 pub mod loadtest;
+pub mod otel;
 pub mod ports;
 pub mod telemetry;
 

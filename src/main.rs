@@ -16,6 +16,12 @@ use resource_plane::loadtest::{self, LoadtestArgs};
 use resource_plane::{api, telemetry};
 use tracing::{error, info};
 
+/// mimalloc instead of glibc's malloc: with a large fleet loaded, glibc's `_int_malloc`
+/// and `malloc_consolidate` grew to the largest per-change cost that depended on fleet
+/// size (profiled with `scripts/scale.sh` and `SCALE_PERF`; see README, Measured).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// EX_USAGE: the configuration is wrong.
 const EX_USAGE: u8 = 64;
 
@@ -72,14 +78,25 @@ fn serve_main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    telemetry::init_tracing(config.log_format);
-    match actix_web::rt::System::new().block_on(serve(config)) {
+    let traces = match telemetry::init_tracing(config.log_format, config.traces.as_ref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("resource-plane: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let code = match actix_web::rt::System::new().block_on(serve(config)) {
         Ok(code) => code,
         Err(e) => {
             error!(error = %e, "server failed");
             ExitCode::FAILURE
         }
+    };
+    // Outside the runtime: export the spans still buffered.
+    if let Some(t) = traces {
+        t.shutdown();
     }
+    code
 }
 
 async fn serve(config: Config) -> std::io::Result<ExitCode> {

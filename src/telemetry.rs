@@ -4,23 +4,54 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use tracing_subscriber::{fmt, EnvFilter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, EnvFilter, Layer};
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, TracesSettings};
+use crate::otel;
 
-/// Installs the global tracing subscriber (`RUST_LOG`, default `info`).
-pub fn init_tracing(format: LogFormat) {
+/// Installs the global tracing subscriber: logs filtered by `RUST_LOG` (default
+/// `info`), and, with `traces`, the OpenTelemetry layer with its own filter (see
+/// [`crate::otel`]). The returned guard must be shut down to flush the last spans.
+/// Without traces the subscriber is exactly the logs one, with a global filter.
+pub fn init_tracing(
+    format: LogFormat,
+    traces: Option<&TracesSettings>,
+) -> Result<Option<otel::Guard>, String> {
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_target(false);
-    let _ = match format {
-        LogFormat::Json => builder
+    let Some(settings) = traces else {
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(logs_layer(format))
+            .try_init();
+        return Ok(None);
+    };
+    let (layer, guard) = otel::layer(settings)?;
+    // Each layer has its own filter: the OTel layer sees its spans whatever RUST_LOG says.
+    let _ = tracing_subscriber::registry()
+        .with(logs_layer(format).with_filter(filter))
+        .with(layer.with_filter(otel::filter()))
+        .try_init();
+    Ok(Some(guard))
+}
+
+/// The log output layer for `format`.
+fn logs_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    match format {
+        LogFormat::Json => fmt::layer()
+            .with_target(false)
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+            .boxed(),
+        LogFormat::Text => fmt::layer().with_target(false).boxed(),
+    }
 }
 
 /// All metrics of one service instance (its own registry, so tests can run several).

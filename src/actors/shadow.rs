@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use serde_json::json;
-use tracing::{debug, info, warn, Instrument, Span};
+use tracing::{debug, debug_span, info, warn, Instrument, Span};
 
 use crate::actors::stats::ActorStats;
 use crate::domain::hold_index::HoldExpiries;
@@ -396,8 +396,9 @@ pub async fn execute(
             now: crate::clock::utc_now(),
             retry_delay: deps.retry_delay,
         };
-        let decided =
-            std::panic::catch_unwind(AssertUnwindSafe(|| decide(record.as_ref(), &cmd, ctx)));
+        let decided = debug_span!("shadow.decide", command = kind).in_scope(|| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| decide(record.as_ref(), &cmd, ctx)))
+        });
         let decision = match decided {
             Err(_) => {
                 count("panic");
@@ -446,7 +447,8 @@ pub async fn execute(
         let mut txn = build_txn(&key, *mod_revision, &change, idem.as_ref(), &reply, lease);
         txn.compares.extend(fence.clone());
         let decided_at = *mod_revision;
-        match deps.store.txn(txn).await {
+        let commit = debug_span!("shadow.commit", command = kind);
+        match deps.store.txn(txn).instrument(commit).await {
             Ok(r) if r.succeeded => {
                 count("applied");
                 debug!(env = %key.env, name = %key.name, command = kind, revision = r.revision, "transition persisted");

@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use serde_json::json;
-use tracing::{debug, warn};
+use tracing::{debug, debug_span, warn, Instrument, Span};
 
 use crate::actors::follow::Follower;
 use crate::actors::leader::Fence;
@@ -172,6 +172,9 @@ pub struct WorkerMsg {
     pub cmd: WorkerCmd,
     /// Leader-only: guard the write with the leader fence.
     pub fenced: bool,
+    /// The sender's span, so the command's spans and logs sit under it across the
+    /// mailbox hop.
+    pub span: Span,
 }
 
 /// A change seen by the watch.
@@ -300,7 +303,8 @@ impl Handler<WorkerMsg> for WorkerActor {
             self.cell.clone(),
             msg.cmd,
             msg.fenced,
-        );
+        )
+        .instrument(msg.span);
         AtomicResponse::new(Box::pin(work.into_actor(self).map(
             |(result, cell), act, ctx| {
                 if result == Err(WorkerExecError::Mailbox) {
@@ -583,16 +587,16 @@ async fn execute(
     fenced: bool,
 ) -> (Result<WorkerOutcome, WorkerExecError>, Cell) {
     let key = keys::worker(&id);
+    let kind = match &cmd {
+        WorkerCmd::Create(_) => "create",
+        WorkerCmd::Transition { .. } => "transition",
+        WorkerCmd::SetCloudId(_) => "set_cloud_id",
+        WorkerCmd::Place { .. } => "place",
+        WorkerCmd::Unplace { .. } => "unplace",
+        WorkerCmd::Drain { .. } => "drain",
+        WorkerCmd::Heartbeat { .. } => "heartbeat",
+    };
     let count = |result: &str| {
-        let kind = match &cmd {
-            WorkerCmd::Create(_) => "create",
-            WorkerCmd::Transition { .. } => "transition",
-            WorkerCmd::SetCloudId(_) => "set_cloud_id",
-            WorkerCmd::Place { .. } => "place",
-            WorkerCmd::Unplace { .. } => "unplace",
-            WorkerCmd::Drain { .. } => "drain",
-            WorkerCmd::Heartbeat { .. } => "heartbeat",
-        };
         deps.metrics
             .transitions
             .with_label_values(&[WORKER_KIND, kind, result])
@@ -636,9 +640,11 @@ async fn execute(
                 }
             }
         }
-        let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            decide(current.as_ref(), &cmd, deps.clock.now(), &insts)
-        }));
+        let decided = debug_span!("worker.decide", command = kind).in_scope(|| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                decide(current.as_ref(), &cmd, deps.clock.now(), &insts)
+            }))
+        });
         let d = match decided {
             Err(_) => return (Err(WorkerExecError::Mailbox), Cell::Unknown),
             Ok(Err(e)) => {
@@ -744,7 +750,8 @@ async fn execute(
             txn.success.push(w.put(reply, crate::clock::utc_now()));
             txn.failure_gets.push(w.request.store_key.clone());
         }
-        match deps.store.txn(txn).await {
+        let commit = debug_span!("worker.commit", command = kind);
+        match deps.store.txn(txn).instrument(commit).await {
             Ok(r) if r.succeeded => {
                 count("applied");
                 debug!(worker = %id, state = ?d.worker.state, revision = r.revision, "worker persisted");
@@ -1006,7 +1013,11 @@ impl WorkerRegistry {
         h.stats.enqueued();
         let sent = tokio::time::timeout(
             self.deps.send_timeout,
-            h.addr.send(WorkerMsg { cmd, fenced }),
+            h.addr.send(WorkerMsg {
+                cmd,
+                fenced,
+                span: Span::current(),
+            }),
         )
         .await;
         // An actor left without a record (deleted, or a create that failed) serves

@@ -158,7 +158,14 @@ impl CmlAgent {
     }
 
     /// One HTTP exchange under a concurrency permit; the body is read (bounded) before
-    /// the permit is returned.
+    /// the permit is returned. Its span (`cml.call`) names the method and the API path,
+    /// never the token.
+    #[tracing::instrument(
+        level = "debug",
+        name = "cml.call",
+        skip_all,
+        fields(otel.kind = "client", http.request.method = %method, path = %path)
+    )]
     async fn call(
         &self,
         method: Method,

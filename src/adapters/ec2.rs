@@ -530,6 +530,7 @@ impl CloudProvider for Ec2Cloud {
             .unwrap_or(CloudInstanceStatus::NotFound))
     }
 
+    #[tracing::instrument(level = "debug", skip(self), fields(instance_id = %instance_id))]
     async fn instance_private_ip(&self, instance_id: &str) -> Result<Option<String>, CloudError> {
         let request = self.client.describe_instances().instance_ids(instance_id);
         match request.send().await {

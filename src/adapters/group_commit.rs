@@ -14,14 +14,21 @@
 //! compares held: those that did not get their answer (as the plain adapter would give
 //! it), those that did go again at the front of the queue, so nobody starves and each
 //! round answers at least one member. Every other call passes straight through.
+//!
+//! Traces: each member keeps its caller's span (the store decorator's `etcd txn` span,
+//! which covers the wait). A lone member's Txn runs inside that span; a grouped Txn gets
+//! its own `etcd txn (grouped)` span, a root span with a span link to each member's span,
+//! since one RPC serves several callers' traces.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
+use tracing::{debug_span, Instrument, Span};
 
 use crate::config::GroupCommitSettings;
+use crate::otel;
 use crate::ports::store::{Compare, Kv, Op, Store, StoreError, Txn, TxnResult, WatchReceiver};
 use crate::telemetry::Metrics;
 
@@ -135,6 +142,8 @@ struct Member {
     keys: usize,
     /// Must go alone (its grouped Txn was refused as a whole).
     solo: bool,
+    /// The caller's span, to run in or link to (`Span::none()` while traces are off).
+    span: Span,
 }
 
 impl Member {
@@ -162,6 +171,7 @@ impl Member {
             bytes,
             keys,
             solo: false,
+            span: otel::current_for_link(),
         }
     }
 
@@ -357,13 +367,24 @@ impl Committer {
         if batch.len() == 1 {
             if let Some(mut m) = batch.pop() {
                 let txn = std::mem::take(&mut m.txn);
-                let result = self.inner.txn(txn).await;
+                let result = self.inner.txn(txn).instrument(m.span.clone()).await;
                 m.answer(result);
             }
             return;
         }
         let (txn, reads) = combine(&batch);
-        match self.inner.txn(txn).await {
+        let span = debug_span!(
+            parent: None,
+            "etcd.group_txn",
+            otel.name = "etcd txn (grouped)",
+            otel.kind = "client",
+            db.system.name = "etcd",
+            members = batch.len(),
+        );
+        for m in &batch {
+            otel::link(&span, &m.span);
+        }
+        match self.inner.txn(txn).instrument(span).await {
             Ok(r) if r.succeeded => {
                 for m in batch {
                     m.answer(Ok(TxnResult {

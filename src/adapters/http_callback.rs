@@ -11,6 +11,7 @@
 //! Headers sent: the caller's, `content-type: application/json`, `webhook-id`,
 //! `webhook-timestamp` and, with a signing secret, `webhook-signature`. The secret and
 //! the signature are never logged; neither are caller header values or URL queries.
+//! With traces on, also `traceparent` (the attempt's `callback_attempt` span).
 //!
 //! [`check_at_request_time`] runs the same validation and resolution when a request
 //! names a callback, so a bad target is answered with a 400 before anything is stored.
@@ -24,6 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::redirect;
+use tracing::field::Empty;
 
 use crate::config::Secret;
 use crate::domain::callback::{
@@ -31,6 +33,7 @@ use crate::domain::callback::{
     CallbackTarget, TargetHost, UrlPolicy, ValidatedTarget, HEADER_WEBHOOK_ID,
     HEADER_WEBHOOK_SIGNATURE, HEADER_WEBHOOK_TIMESTAMP,
 };
+use crate::otel;
 use crate::ports::callback::{CallbackRequest, CallbackSender};
 
 /// How long request-time validation waits for DNS.
@@ -241,10 +244,12 @@ impl HttpCallbackSender {
             Err(e) if e.is_transient() => return AttemptOutcome::NetworkError(e.to_string()),
             Err(e) => return AttemptOutcome::Refused(e.to_string()),
         };
-        let headers = match self.headers(&target, req) {
+        let mut headers = match self.headers(&target, req) {
             Ok(h) => h,
             Err(reason) => return AttemptOutcome::Refused(reason),
         };
+        // With traces on: `traceparent` names this attempt's span.
+        otel::inject_current(&mut headers);
         let method = match reqwest::Method::from_bytes(target.method().as_bytes()) {
             Ok(m) => m,
             Err(_) => {
@@ -358,9 +363,34 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 
 #[async_trait]
 impl CallbackSender for HttpCallbackSender {
-    #[tracing::instrument(skip(self, req), fields(webhook_id = %req.webhook_id))]
+    #[tracing::instrument(
+        name = "callback_attempt",
+        skip_all,
+        fields(
+            webhook_id = %req.webhook_id,
+            otel.kind = Empty,
+            otel.status_code = Empty,
+            http.response.status_code = Empty,
+        )
+    )]
     async fn send(&self, req: &CallbackRequest) -> AttemptOutcome {
         let outcome = self.attempt(req).await;
+        if otel::enabled() {
+            let span = tracing::Span::current();
+            span.record("otel.kind", "client");
+            match &outcome {
+                AttemptOutcome::Delivered { status } => {
+                    span.record("http.response.status_code", status);
+                }
+                AttemptOutcome::HttpError { status } => {
+                    span.record("http.response.status_code", status);
+                    span.record("otel.status_code", "error");
+                }
+                AttemptOutcome::NetworkError(_) | AttemptOutcome::Refused(_) => {
+                    span.record("otel.status_code", "error");
+                }
+            }
+        }
         match &outcome {
             AttemptOutcome::Delivered { status } => tracing::debug!(status, "callback delivered"),
             AttemptOutcome::HttpError { status } => {

@@ -657,6 +657,7 @@ impl KubeExecutor for KubeAdapter {
         Ok(Some(hpa.spec.and_then(|s| s.min_replicas).unwrap_or(1)))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(namespace = %baseline.namespace))]
     async fn observe(&self, baseline: &Baseline) -> Result<Observation, KubeError> {
         let ns = baseline.namespace.as_str();
         let mut objects = Vec::new();

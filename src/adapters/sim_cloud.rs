@@ -219,6 +219,7 @@ impl SimCloud {
 
 #[async_trait]
 impl CloudProvider for SimCloud {
+    #[tracing::instrument(level = "debug", name = "sim_cloud.create_instance", skip_all)]
     async fn create_instance(
         &self,
         template: &WorkerTemplate,
@@ -247,6 +248,7 @@ impl CloudProvider for SimCloud {
         .await
     }
 
+    #[tracing::instrument(level = "debug", name = "sim_cloud.terminate_instance", skip_all)]
     async fn terminate_instance(&self, instance_id: &str) -> Result<(), CloudError> {
         if let Some(i) = self.state().instances.get_mut(instance_id) {
             i.terminated = true;
@@ -254,6 +256,7 @@ impl CloudProvider for SimCloud {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "sim_cloud.stop_instance", skip_all)]
     async fn stop_instance(&self, instance_id: &str) -> Result<(), CloudError> {
         let done_at = Instant::now() + self.boot;
         let mut state = self.state();
@@ -267,6 +270,7 @@ impl CloudProvider for SimCloud {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "sim_cloud.get_instance_status", skip_all)]
     async fn get_instance_status(
         &self,
         instance_id: &str,
@@ -281,6 +285,7 @@ impl CloudProvider for SimCloud {
 
     /// Simulated hosts live on loopback: a simulated instance that is not terminated
     /// answers `127.0.0.1`.
+    #[tracing::instrument(level = "debug", name = "sim_cloud.instance_private_ip", skip_all)]
     async fn instance_private_ip(&self, instance_id: &str) -> Result<Option<String>, CloudError> {
         Ok(self
             .state()
@@ -290,6 +295,7 @@ impl CloudProvider for SimCloud {
             .map(|_| "127.0.0.1".to_owned()))
     }
 
+    #[tracing::instrument(level = "debug", name = "sim_cloud.list_instances", skip_all)]
     async fn list_instances(&self) -> Result<Vec<CloudInstance>, CloudError> {
         let now = Instant::now();
         Ok(self

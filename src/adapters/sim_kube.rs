@@ -698,6 +698,7 @@ fn converged_replicas(current: i32, min: i32, max: i32) -> i32 {
 
 #[async_trait]
 impl KubeExecutor for SimKube {
+    #[tracing::instrument(level = "debug", name = "sim_kube.apply_deployable", skip_all)]
     async fn apply_deployable(&self, spec: &DeployableSpec) -> Result<Baseline, KubeError> {
         let mut st = self.inner.lock();
         st.take_failure("apply_deployable")?;
@@ -709,6 +710,7 @@ impl KubeExecutor for SimKube {
         Ok(baseline)
     }
 
+    #[tracing::instrument(level = "debug", name = "sim_kube.restart", skip_all)]
     async fn restart(
         &self,
         namespace: &str,
@@ -750,6 +752,7 @@ impl KubeExecutor for SimKube {
         Ok(baselines)
     }
 
+    #[tracing::instrument(level = "debug", name = "sim_kube.load_model", skip_all)]
     async fn load_model(
         &self,
         namespace: &str,
@@ -785,6 +788,7 @@ impl KubeExecutor for SimKube {
         })
     }
 
+    #[tracing::instrument(level = "debug", name = "sim_kube.create_job", skip_all)]
     async fn create_job(&self, spec: &JobSpec) -> Result<Baseline, KubeError> {
         let mut st = self.inner.lock();
         st.take_failure("create_job")?;
@@ -827,6 +831,7 @@ impl KubeExecutor for SimKube {
         })
     }
 
+    #[tracing::instrument(level = "debug", name = "sim_kube.set_min_replicas", skip_all)]
     async fn set_min_replicas(
         &self,
         namespace: &str,
@@ -877,6 +882,7 @@ impl KubeExecutor for SimKube {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "sim_kube.observed_min_replicas", skip_all)]
     async fn observed_min_replicas(
         &self,
         namespace: &str,
@@ -902,6 +908,7 @@ impl KubeExecutor for SimKube {
         Ok(Some(if replicas == 0 { 0 } else { min }))
     }
 
+    #[tracing::instrument(level = "debug", name = "sim_kube.observe", skip_all)]
     async fn observe(&self, baseline: &Baseline) -> Result<Observation, KubeError> {
         let mut st = self.inner.lock();
         st.take_failure("observe")?;

@@ -11,10 +11,12 @@ use actix_web::middleware::Next;
 use actix_web::{web, ResponseError};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tracing::field::Empty;
 use tracing::{info, info_span, Instrument};
 
 use crate::api::error::ApiError;
 use crate::api::AppState;
+use crate::otel;
 
 /// The request id header.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -40,7 +42,28 @@ pub async fn request_context(
     let metrics = req
         .app_data::<web::Data<AppState>>()
         .map(|s| s.metrics.clone());
-    let span = info_span!("request", request_id = %id, method = %method, path = %path);
+    // The `otel.*` and `http.*` fields are filled in only when traces are exported.
+    let span = info_span!(
+        "request",
+        request_id = %id,
+        method = %method,
+        path = %path,
+        otel.name = Empty,
+        otel.kind = Empty,
+        otel.status_code = Empty,
+        http.route = Empty,
+        http.response.status_code = Empty,
+    );
+    if otel::enabled() {
+        otel::continue_trace(&span, req.headers());
+        // Named by the route pattern the path matches (the resource map knows it before
+        // routing), never by the raw path, which holds ids. Set before the span starts.
+        let pattern = req.match_pattern();
+        let route = pattern.as_deref().unwrap_or("unmatched");
+        otel::rename(&span, || format!("{method} {route}"));
+        span.record("otel.kind", "server");
+        span.record("http.route", route);
+    }
     let mut res = next
         .call(req)
         .instrument(span.clone())
@@ -58,6 +81,12 @@ pub async fn request_context(
         m.http_latency
             .with_label_values(&[&route])
             .observe(start.elapsed().as_secs_f64());
+    }
+    if otel::enabled() {
+        span.record("http.response.status_code", status);
+        if status >= 500 {
+            span.record("otel.status_code", "error");
+        }
     }
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert(REQUEST_ID, v);

@@ -31,3 +31,4 @@ mod stop_sequence;
 mod supervision;
 mod support;
 mod timestamps;
+mod traces;
