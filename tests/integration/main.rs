@@ -30,3 +30,4 @@ mod stop_sequence;
 mod supervision;
 mod support;
 mod timestamps;
+mod ui;
