@@ -275,7 +275,7 @@ pages.overview = {
         ["store (etcd)", h("span", { class: `state ${r.store === "ok" ? "ok" : "bad"}` }, r.store === "ok" ? "reachable" : "unreachable")],
         ["hydrated", String(!!r.hydrated)],
       ])));
-    cards.push(h("section", { class: "card", "aria-labelledby": "ov-leader" },
+    cards.push(h("section", { class: "card wide", "aria-labelledby": "ov-leader" },
       h("h2", { id: "ov-leader" }, "Leader"),
       dl([
         ["leader", leader.leader_id],
@@ -521,7 +521,7 @@ pages.operations = {
         h("h2", {}, `${op.operation} `, h("span", { class: "mono" }, op.request_id), " ", stateBadge(op.status)),
         dl([
           ["environment", op.env],
-          ["desired condition", JSON.stringify(op.desired_condition)],
+          ["desired condition", typeof op.desired_condition === "string" ? op.desired_condition : JSON.stringify(op.desired_condition)],
           ["workflow", op.workflow ? [op.workflow.run_id, op.workflow.plan, op.workflow.task_id].filter(Boolean).join(" / ") : ""],
           ["created", fmtTime(op.created_at)],
           ["deadline", fmtTime(op.deadline)],
