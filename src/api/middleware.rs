@@ -81,7 +81,6 @@ pub const PUBLIC_PATHS: &[&str] = &[
     "/health/ready",
     "/health/self",
     "/metrics",
-    "/",
     "/ui",
     "/ui/",
     "/ui/index.html",

@@ -1,5 +1,5 @@
 //! The web console: static HTML, CSS and JavaScript compiled into the binary and served
-//! at `/ui` (and `/` redirects there). The assets carry no data, so they are public (see
+//! at `/ui`. The assets carry no data, so they are public (see
 //! [`crate::api::middleware::PUBLIC_PATHS`]); the page reads everything through the
 //! token-protected `/api/` routes. Also `GET /api/1.0/environments`, the configured
 //! environments the console offers (protected like every `/api/` route).
@@ -59,13 +59,9 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
 style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; \
 form-action 'self'; frame-ancestors 'none'";
 
-/// Registers `/`, `/ui`, the assets and `GET /api/1.0/environments`.
+/// Registers `/ui`, the assets and `GET /api/1.0/environments`. (`/` stays unrouted: an
+/// unauthenticated caller learns nothing from it, see `middleware::auth`.)
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/")
-            .get(redirect)
-            .default_service(web::to(method_not_allowed)),
-    );
     for path in PAGE_PATHS {
         cfg.service(
             web::resource(*path)
@@ -85,12 +81,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .get(environments)
             .default_service(web::to(method_not_allowed)),
     );
-}
-
-async fn redirect() -> HttpResponse {
-    HttpResponse::Found()
-        .insert_header((header::LOCATION, "/ui/"))
-        .finish()
 }
 
 /// The strong `ETag` of each asset (a digest of its bytes), computed once.

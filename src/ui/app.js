@@ -54,7 +54,7 @@ function table(caption, columns, rows, emptyText) {
   for (const cells of rows) {
     const tr = h("tr");
     cells.forEach((c, i) => {
-      const cell = c && c.cell ? c : { cell: c };
+      const cell = c && typeof c === "object" && !(c instanceof Node) && "cell" in c ? c : { cell: c };
       const attrs = { class: cell.class, dataset: cell.dataset };
       if (i === 0) tr.append(h("th", { scope: "row", ...attrs }, cell.cell));
       else tr.append(h("td", attrs, cell.cell));
