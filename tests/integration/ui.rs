@@ -14,6 +14,7 @@
 //! With `UI_SCREENSHOTS_DIR` set (e.g. `UI_SCREENSHOTS_DIR=docs`), the same runs write
 //! `ui-<page>.png` for each page and `loadtest-report.png` (1280x800) there.
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -227,13 +228,29 @@ struct Browser {
     client: Client,
 }
 
-/// The chromedriver process, killed when dropped (by its own pid only).
-struct Driver(Child);
+/// The chromedriver process and its session. Dropped (also when a test panics), it ends
+/// the session, so chromedriver quits the browser, then kills chromedriver (by its pid).
+struct Driver {
+    child: Child,
+    port: u16,
+    session: Option<String>,
+}
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(id) = self.session.take() {
+            // A plain blocking `DELETE /session/{id}` (no runtime here), bounded in time.
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let _ = write!(
+                    s,
+                    "DELETE /session/{id} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                );
+                let _ = s.read(&mut [0u8; 512]);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -268,14 +285,16 @@ impl Browser {
             );
         }
         let port = support::free_port();
-        let driver = Driver(
-            Command::new(CHROMEDRIVER)
+        let mut driver = Driver {
+            child: Command::new(CHROMEDRIVER)
                 .arg(format!("--port={port}"))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {CHROMEDRIVER}: {e}")),
-        );
+            port,
+            session: None,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -311,6 +330,7 @@ impl Browser {
                 .await
             {
                 Ok(client) => {
+                    driver.session = client.session_id().await.ok().flatten();
                     let b = Self {
                         _driver: driver,
                         client,
@@ -399,13 +419,17 @@ impl Browser {
 
     /// Ends the session (chromedriver quits the browser), then chromedriver.
     async fn close(self) {
-        let Self { _driver, client } = self;
+        let Self {
+            _driver: mut driver,
+            client,
+        } = self;
         let closed = tokio::time::timeout(Duration::from_secs(20), client.close()).await;
         assert!(
             matches!(closed, Ok(Ok(()))),
             "the browser session did not end: {closed:?}"
         );
-        drop(_driver);
+        driver.session = None;
+        drop(driver);
     }
 
     /// Clicks `css`, finding it again when a redraw replaced it in between.
