@@ -9,7 +9,8 @@
 #   - moto's EC2 emulator, installed from PyPI into a virtualenv this script owns
 #     ($RP_TOOLS/venv), so nothing depends on pip's bin directory being on PATH; the
 #     Makefile puts $RP_TOOLS/venv/bin first on PATH.
-#   - with SETUP_BROWSER=1 (the console tests): Debian chromium and chromium-driver.
+#   - Debian chromium and chromium-driver for the web console's browser tests
+#     (tests/integration/ui.rs); SETUP_BROWSER=0 skips them.
 set -euo pipefail
 
 RP_TOOLS="${RP_TOOLS:-/var/tmp/resource-plane-tools}"
@@ -49,9 +50,9 @@ protoc_ok || need+=(protobuf-compiler libprotobuf-dev)
 command -v curl >/dev/null 2>&1 || need+=(curl ca-certificates)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
-if [ "${SETUP_BROWSER:-0}" = 1 ]; then
-  command -v chromium >/dev/null 2>&1 || need+=(chromium)
-  command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+if [ "${SETUP_BROWSER:-1}" = 1 ]; then
+  [ -x /usr/bin/chromium ] || need+=(chromium)
+  [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 fi
 if [ ${#need[@]} -gt 0 ]; then apt_install "${need[@]}"; fi
 
@@ -63,6 +64,11 @@ for pair in etcd:etcd-server etcdctl:etcd-client curl:curl python3:python3; do
   bin=${pair%%:*}
   command -v "$bin" >/dev/null 2>&1 || { echo "setup: $bin is still missing; install the Debian package ${pair#*:}" >&2; exit 1; }
 done
+if [ "${SETUP_BROWSER:-1}" = 1 ]; then
+  for pair in chromium:chromium chromedriver:chromium-driver; do
+    [ -x "/usr/bin/${pair%%:*}" ] || { echo "setup: /usr/bin/${pair%%:*} is still missing; install the Debian package ${pair#*:}" >&2; exit 1; }
+  done
+fi
 
 # moto in our own virtualenv: ask the program itself (a stale shim or a half-installed
 # package would pass a `command -v`).

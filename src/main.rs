@@ -125,9 +125,38 @@ async fn serve(config: Config) -> std::io::Result<ExitCode> {
         }
     };
     info!(%host, port, store = mode, "resource-plane listening");
-    server.run().await?;
+    // Signals are handled here, not by actix: the change streams must end first, or the
+    // graceful stop would wait `shutdown_timeout` for subscribers that never hang up.
+    let server = server.disable_signals().run();
+    let handle = server.handle();
+    let events = service.state.events.clone();
+    actix_web::rt::spawn(async move {
+        stop_signal().await;
+        info!("stop signal: ending change streams, stopping the HTTP server");
+        events.close_all();
+        handle.stop(true).await;
+    });
+    server.await?;
     // Stop leader-only work at once so no half-done step races the successor.
     service.shutdown().await;
     info!("resource-plane stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for SIGTERM or SIGINT (Ctrl-C); if the handlers cannot be installed, for
+/// Ctrl-C only.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures::Stream;
 use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::{info, warn};
 
 use crate::config::EventsSettings;
@@ -465,6 +465,8 @@ pub struct EventHub {
     wake: Notify,
     open: Arc<AtomicUsize>,
     next_id: AtomicU64,
+    /// `true` once the replica shuts down: every stream ends.
+    closing: watch::Sender<bool>,
     /// Its metrics.
     pub metrics: EventMetrics,
 }
@@ -493,8 +495,16 @@ impl EventHub {
             wake: Notify::new(),
             open: Arc::new(AtomicUsize::new(0)),
             next_id: AtomicU64::new(1),
+            closing: watch::channel(false).0,
             metrics: EventMetrics::new(),
         })
+    }
+
+    /// Ends every open stream (and every one opened later) so a graceful shutdown does
+    /// not wait for subscribers that never hang up; clients reconnect to another replica
+    /// with `Last-Event-ID`.
+    pub fn close_all(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Subscribers open right now (one closed for falling behind no longer counts).
@@ -577,6 +587,7 @@ impl EventHub {
             rx,
             end,
             heartbeat: self.settings.heartbeat,
+            closing: self.closing.subscribe(),
             _guard: guard,
         })
     }
@@ -799,6 +810,7 @@ pub struct Subscription {
     rx: mpsc::Receiver<Bytes>,
     end: Arc<Mutex<Option<Bytes>>>,
     heartbeat: Duration,
+    closing: watch::Receiver<bool>,
     _guard: Guard,
 }
 
@@ -812,8 +824,12 @@ impl Subscription {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         futures::stream::unfold(Some((self, tick)), |state| async move {
             let (mut sub, mut tick) = state?;
+            if *sub.closing.borrow_and_update() {
+                return None;
+            }
             tokio::select! {
                 biased;
+                _ = sub.closing.changed() => None,
                 item = sub.rx.recv() => match item {
                     Some(bytes) => Some((bytes, Some((sub, tick)))),
                     None => {

@@ -51,6 +51,27 @@ pub struct EtcdStore {
     client: RwLock<Option<Client>>,
 }
 
+/// Keys per page of a listing.
+const LIST_PAGE: i64 = 500;
+
+/// The largest answer a listing page may be (gRPC's default is 4 MiB): 500 records of up
+/// to 128 KiB each; etcd itself refuses requests above 1.5 MiB by default.
+const LIST_MAX_MESSAGE: usize = 64 << 20;
+
+/// The end of the key range holding every key that starts with `prefix` (etcd's rule:
+/// the prefix with its last byte below 0xff incremented, the bytes after it dropped).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): to the end of the keyspace.
+    vec![0]
+}
+
 impl EtcdStore {
     /// Creates the adapter; the connection is made on first use.
     pub fn new(settings: EtcdSettings) -> Self {
@@ -187,18 +208,40 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
+        // In pages of LIST_PAGE keys, all read at the first page's revision (one
+        // consistent snapshot): a large prefix (100,000 records are ~25 MB) does not fit
+        // the 4 MiB a gRPC answer may carry.
         let full = self.full(prefix);
-        let resp = self
-            .call(|mut c| {
-                let k = full.clone();
-                async move { c.get(k, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
-        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-        Ok((
-            resp.kvs().iter().filter_map(|kv| self.kv(kv)).collect(),
-            rev,
-        ))
+        let end = prefix_end(full.as_bytes());
+        let mut from = full.into_bytes();
+        let mut rev = 0;
+        let mut out = Vec::new();
+        loop {
+            let resp = self
+                .call(|mut c| {
+                    let (k, e) = (from.clone(), end.clone());
+                    let opts = GetOptions::new()
+                        .with_range(e)
+                        .with_limit(LIST_PAGE)
+                        .with_revision(rev);
+                    let mut kv = c.kv_client().max_decoding_message_size(LIST_MAX_MESSAGE);
+                    async move { kv.get(k, Some(opts)).await }
+                })
+                .await?;
+            if rev == 0 {
+                rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            out.extend(resp.kvs().iter().filter_map(|kv| self.kv(kv)));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    // The next page starts just after the last key read.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok((out, rev))
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {

@@ -101,10 +101,22 @@ pub async fn request_context(
     Ok(res)
 }
 
-/// The only paths served without the token when `API_AUTH_TOKEN` is set: probes and
-/// metrics (a public page such as `/ui` would be added here). Every other path, whether
-/// a route matches it or not, needs the token.
-pub const PUBLIC_PATHS: &[&str] = &["/health", "/health/ready", "/health/self", "/metrics"];
+/// The only paths served without the token when `API_AUTH_TOKEN` is set: probes,
+/// metrics, and the web console's static files (they carry no data; the page reads
+/// everything through `/api/`, which needs the token). Every other path, whether a route
+/// matches it or not, needs the token.
+pub const PUBLIC_PATHS: &[&str] = &[
+    "/health",
+    "/health/ready",
+    "/health/self",
+    "/metrics",
+    "/ui",
+    "/ui/",
+    "/ui/index.html",
+    "/ui/app.js",
+    "/ui/style.css",
+    "/ui/favicon.svg",
+];
 
 /// Whether `req` may be served without the token. Decided on the path the router
 /// matches (`match_info().as_str()`: the request path percent-decoded exactly as the router

@@ -11,6 +11,7 @@ pub mod operations;
 pub mod ops;
 pub mod paging;
 pub mod shadow;
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -157,6 +158,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     events::configure(cfg);
     operations::configure(cfg);
     shadow::configure(cfg);
+    ui::configure(cfg);
     cfg.default_service(web::to(not_found));
 }
 

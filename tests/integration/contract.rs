@@ -597,3 +597,80 @@ async fn seeding_creates_missing_records_and_never_overwrites() {
     let e = resource_plane::app::load_seed(&cfg).expect_err("bad hpa name");
     assert!(e.to_string().contains("Not_A_Name"), "{e}");
 }
+
+/// A prefix holding more than one gRPC message can carry (4 MiB by default: 100,000
+/// shadow deployables are about 25 MB) still lists whole and consistent: before, the
+/// service could not hydrate such a fleet ("decoded message length too large").
+#[actix_web::test]
+async fn a_listing_larger_than_one_grpc_message_comes_whole_from_real_etcd() {
+    let etcd = Etcd::start();
+    let store = etcd.store(&support::unique_prefix());
+    let value = vec![b'x'; 100 * 1024];
+    let n = 60; // 6 MB in all
+    for i in 0..n {
+        let r = store
+            .txn(resource_plane::ports::store::Txn {
+                compares: vec![],
+                success: vec![resource_plane::ports::store::Op::Put {
+                    key: format!("/big/{i:03}"),
+                    value: value.clone(),
+                    lease: None,
+                }],
+                failure_gets: vec![],
+            })
+            .await
+            .unwrap_or_else(|e| panic!("put {i}: {e}"));
+        assert!(r.succeeded);
+    }
+    // a neighbour prefix that must not be listed
+    let r = store
+        .txn(resource_plane::ports::store::Txn {
+            compares: vec![],
+            success: vec![resource_plane::ports::store::Op::Put {
+                key: "/bigger".into(),
+                value: b"no".to_vec(),
+                lease: None,
+            }],
+            failure_gets: vec![],
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (kvs, rev) = store
+        .list("/big/")
+        .await
+        .unwrap_or_else(|e| panic!("list: {e}"));
+    assert_eq!(kvs.len(), n, "every record, once");
+    let keys: Vec<String> = kvs.iter().map(|kv| kv.key.clone()).collect();
+    let want: Vec<String> = (0..n).map(|i| format!("/big/{i:03}")).collect();
+    assert_eq!(keys, want, "in key order, none from a neighbour prefix");
+    assert!(kvs.iter().all(|kv| kv.value.len() == value.len()));
+    assert_eq!(rev, r.revision, "the revision the listing was read at");
+
+    // more keys than one page of the listing (500), put 100 per transaction
+    let m = 1_234;
+    for chunk in (0..m).collect::<Vec<usize>>().chunks(100) {
+        let r = store
+            .txn(resource_plane::ports::store::Txn {
+                compares: vec![],
+                success: chunk
+                    .iter()
+                    .map(|i| resource_plane::ports::store::Op::Put {
+                        key: format!("/many/{i:05}"),
+                        value: i.to_string().into_bytes(),
+                        lease: None,
+                    })
+                    .collect(),
+                failure_gets: vec![],
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(r.succeeded);
+    }
+    let (kvs, _) = store
+        .list("/many/")
+        .await
+        .unwrap_or_else(|e| panic!("list: {e}"));
+    let got: Vec<String> = kvs.iter().map(|kv| kv.key.clone()).collect();
+    let want: Vec<String> = (0..m).map(|i| format!("/many/{i:05}")).collect();
+    assert_eq!(got, want, "every key once, in order, across pages");
+}

@@ -752,3 +752,52 @@ async fn heartbeats_keep_an_idle_stream_open_over_a_real_socket() {
     drop(resp);
     handle.stop(false).await;
 }
+
+/// A replica told to stop while a subscriber is connected ends the stream and exits at
+/// once; before, the HTTP server waited its whole 10 s shutdown timeout for the stream,
+/// and the leader lease was revoked only after that.
+#[actix_web::test]
+async fn sigterm_ends_open_streams_and_the_replica_exits_without_waiting_for_them() {
+    let etcd = Etcd::start();
+    let mut svc = crate::cluster::ServiceProc::start(
+        "events-stop",
+        &[etcd.endpoint()],
+        &crate::cluster::test_prefix(),
+        &[],
+    )
+    .await;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap_or_else(|e| panic!("http client: {e}"));
+    let mut resp = http
+        .get(svc.url("/api/1.0/events"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    assert_eq!(resp.status().as_u16(), 200);
+    let pid = svc.pid().unwrap_or_else(|| panic!("no pid"));
+    let started = std::time::Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    assert!(killed.success());
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(_)) = resp.chunk().await {}
+    })
+    .await
+    .is_ok();
+    let exited = support::eventually(Duration::from_secs(20), || {
+        let done = svc.exited().is_some();
+        async move { done }
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(ended, "the stream never ended:\n{}", svc.log());
+    assert!(exited, "did not exit on SIGTERM:\n{}", svc.log());
+    assert!(
+        took < Duration::from_secs(8),
+        "stopping took {took:?}: the server waited out its 10 s shutdown timeout for the stream"
+    );
+}

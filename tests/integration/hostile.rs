@@ -68,6 +68,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/1.0/actors/{kind}/{id}"),
     ("get", "/api/1.0/openapi.json"),
     ("get", "/api/1.0/events"),
+    ("get", "/api/1.0/environments"),
     ("post", "/api/1.0/{env}/deployables"),
     ("post", "/api/1.0/{env}/deployables/restart"),
     ("post", "/api/1.0/{env}/models/load"),
@@ -1407,7 +1408,8 @@ fn capitalize(s: &str) -> String {
 /// the table, both spellings of the shadow prefix) reaches a handler without the token:
 /// each answers 401 `{"error"}` and changes nothing. Paths that route nowhere answer 401
 /// too without a token (whether a path exists is not disclosed) and 404 with it. Only
-/// the probes and `/metrics` are open, under the exact path the router matches.
+/// the probes, `/metrics` and the console's static files are open, under the exact path the
+/// router matches.
 #[test]
 fn no_spelling_of_a_route_gets_past_auth() {
     let sys = actix_rt::System::new();
@@ -1415,7 +1417,15 @@ fn no_spelling_of_a_route_gets_past_auth() {
     let app = sys.block_on(test::init_service(api::app(fx.svc.state.clone())));
     sys.block_on(seed(&app, &mut fx));
     sys.block_on(async {
-        let public = ["/health", "/health/self", "/health/ready", "/metrics"];
+        let public = [
+            "/health",
+            "/health/self",
+            "/health/ready",
+            "/metrics",
+            "/ui",
+            "/ui/",
+            "/ui/app.js",
+        ];
         let mut tried = 0;
         for &(m, p) in ROUTES {
             for base in ["shadow-deployables", "shadow-deploybles"] {
@@ -1503,7 +1513,8 @@ fn no_spelling_of_a_route_gets_past_auth() {
             "/api/1.0/nope",
             "/health/x",
             "/metricsx",
-            "/ui",
+            "/ui/nope",
+            "/uix",
         ] {
             let r = send(&app, TestRequest::get().uri(uri).to_request()).await;
             assert_eq!(r.status, 401, "{uri} without a token");

@@ -32,3 +32,4 @@ mod supervision;
 mod support;
 mod timestamps;
 mod traces;
+mod ui;
