@@ -218,7 +218,7 @@ impl Store for EtcdStore {
         let mut out = Vec::new();
         loop {
             let resp = self
-                .call(|mut c| {
+                .call(|c| {
                     let (k, e) = (from.clone(), end.clone());
                     let opts = GetOptions::new()
                         .with_range(e)
