@@ -21,7 +21,7 @@ use resource_plane::keys;
 use resource_plane::ports::store::Store;
 use serde_json::{json, Value};
 
-use crate::support::{self, post, put, send, Etcd, TestApp};
+use crate::support::{self, post, send, Etcd, TestApp};
 
 /// How long any single read waits before the test gives up.
 const WAIT: Duration = Duration::from_secs(10);
@@ -172,16 +172,7 @@ fn is(c: &Value, kind: &str, id: &str) -> bool {
 }
 
 async fn register<A: TestApp>(app: &A, env: &str, name: &str) {
-    let r = send(
-        app,
-        put(
-            &format!("/api/1.0/{env}/shadow-deployables/{name}"),
-            &json!({"node_pool": "p", "dns": format!("{name}.example")}),
-        )
-        .to_request(),
-    )
-    .await;
-    assert!(r.status == 201 || r.status == 200, "register {name}: {r:?}");
+    support::register_shadow(app, env, name).await;
 }
 
 async fn act<A: TestApp>(app: &A, action: &str, name: &str, run: &str) {

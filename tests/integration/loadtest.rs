@@ -3,13 +3,10 @@
 //! The HTML report (`--report`) is checked for well-formedness, one chart set per
 //! endpoint, and figures equal to the `--json` summary of the same run.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use actix_web::HttpServer;
 use clap::Parser;
 use resource_plane::adapters::memory::MemoryStore;
-use resource_plane::api;
 use resource_plane::loadtest::report::endpoint_id;
 use resource_plane::loadtest::{self, LoadtestArgs};
 
@@ -31,24 +28,9 @@ async fn the_shadow_scenario_by_pool_keeps_every_invariant() {
 /// Runs the shadow scenario with `--pick pick` and checks what every pick mode promises.
 async fn shadow_scenario(pick: &str) -> loadtest::Report {
     let svc = support::service(support::config(), Arc::new(MemoryStore::new())).await;
-    let state = svc.state.clone();
-    let server = HttpServer::new(move || api::app(state.clone()))
-        .workers(2)
-        .disable_signals()
-        .shutdown_timeout(1)
-        .bind(("127.0.0.1", 0))
-        .unwrap_or_else(|e| panic!("bind: {e}"));
-    let port = server
-        .addrs()
-        .first()
-        .map(SocketAddr::port)
-        .unwrap_or_else(|| panic!("server has no address"));
-    let server = server.run();
-    let handle = server.handle();
-    actix_web::rt::spawn(server);
+    let (url, handle) = support::serve_api(svc.state.clone());
 
     // Fewer deployables than workflows, so PROCUREs collide and get FAILED + delay.
-    let url = format!("http://127.0.0.1:{port}");
     let args = LoadtestArgs::try_parse_from([
         "loadtest",
         "--url",
@@ -104,22 +86,7 @@ async fn shadow_scenario(pick: &str) -> loadtest::Report {
 /// The service in-process on a free loopback port: its base URL and the server handle.
 async fn start_service() -> (String, actix_web::dev::ServerHandle) {
     let svc = support::service(support::config(), Arc::new(MemoryStore::new())).await;
-    let state = svc.state.clone();
-    let server = HttpServer::new(move || api::app(state.clone()))
-        .workers(2)
-        .disable_signals()
-        .shutdown_timeout(1)
-        .bind(("127.0.0.1", 0))
-        .unwrap_or_else(|e| panic!("bind: {e}"));
-    let port = server
-        .addrs()
-        .first()
-        .map(SocketAddr::port)
-        .unwrap_or_else(|| panic!("server has no address"));
-    let server = server.run();
-    let handle = server.handle();
-    actix_web::rt::spawn(server);
-    (format!("http://127.0.0.1:{port}"), handle)
+    support::serve_api(svc.state.clone())
 }
 
 #[actix_web::test]

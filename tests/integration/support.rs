@@ -57,11 +57,59 @@ impl Etcd {
             peer_port: free_port(),
             dir,
         };
+        // The free ports are only free when picked: another test may take one before
+        // etcd binds it, and etcd then exits. Pick new ones and start again.
+        for _ in 0..3 {
+            match etcd.try_spawn() {
+                Ok(()) => return etcd,
+                Err(log) => {
+                    eprintln!("etcd exited at start (port taken?); retrying:\n{log}");
+                    etcd.client_port = free_port();
+                    etcd.peer_port = free_port();
+                }
+            }
+        }
         etcd.spawn();
         etcd
     }
 
+    /// Starts etcd; `Err(log)` when it exited before becoming healthy.
+    fn try_spawn(&mut self) -> Result<(), String> {
+        self.start_child();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.healthy() {
+            if let Some(c) = self.child.as_mut() {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    self.child = None;
+                    let log = std::fs::read_to_string(self.dir.path().join("etcd.log"))
+                        .unwrap_or_default();
+                    // A fresh data dir for the next try.
+                    let _ = std::fs::remove_dir_all(self.dir.path().join("data"));
+                    return Err(log);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not become healthy in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     fn spawn(&mut self) {
+        self.start_child();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.healthy() {
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not become healthy in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn start_child(&mut self) {
         let bin = require("etcd", "apt-get install etcd-server");
         let c = format!("http://127.0.0.1:{}", self.client_port);
         let p = format!("http://127.0.0.1:{}", self.peer_port);
@@ -85,14 +133,6 @@ impl Etcd {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.healthy() {
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not become healthy in 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     fn http_get(&self, path: &str) -> Option<String> {
@@ -286,4 +326,40 @@ where
     B: MessageBody,
 {
     type Body = B;
+}
+
+/// Serves `state`'s API in-process on a free loopback port (two workers, no signal
+/// handling): its base URL and the server's handle, to stop it at the end.
+pub fn serve_api(
+    state: actix_web::web::Data<resource_plane::api::AppState>,
+) -> (String, actix_web::dev::ServerHandle) {
+    let server = actix_web::HttpServer::new(move || resource_plane::api::app(state.clone()))
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(1)
+        .bind(("127.0.0.1", 0))
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let port = server
+        .addrs()
+        .first()
+        .map(std::net::SocketAddr::port)
+        .unwrap_or_else(|| panic!("server has no address"));
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+    (format!("http://127.0.0.1:{port}"), handle)
+}
+
+/// Registers shadow deployable `name` (pool `p`) in `env` through the API.
+pub async fn register_shadow<A: TestApp>(app: &A, env: &str, name: &str) {
+    let r = send(
+        app,
+        put(
+            &format!("/api/1.0/{env}/shadow-deployables/{name}"),
+            &serde_json::json!({"node_pool": "p", "dns": format!("{name}.example")}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert!(r.status == 201 || r.status == 200, "register {name}: {r:?}");
 }

@@ -15,7 +15,7 @@
 //! `ui-<page>.png` for each page and `loadtest-report.png` (1280x800) there.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use actix_web::dev::ServerHandle;
 use actix_web::http::header;
 use actix_web::test;
-use actix_web::HttpServer;
 use clap::Parser;
 use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -86,23 +85,9 @@ impl Console {
             svc.wait_hydrated(Duration::from_secs(15)).await,
             "not hydrated"
         );
-        let state = svc.state.clone();
-        let server = HttpServer::new(move || api::app(state.clone()))
-            .workers(2)
-            .disable_signals()
-            .shutdown_timeout(1)
-            .bind(("127.0.0.1", 0))
-            .unwrap_or_else(|e| panic!("bind: {e}"));
-        let port = server
-            .addrs()
-            .first()
-            .map(SocketAddr::port)
-            .unwrap_or_else(|| panic!("server has no address"));
-        let server = server.run();
-        let handle = server.handle();
-        actix_web::rt::spawn(server);
+        let (base, handle) = support::serve_api(svc.state.clone());
         Self {
-            base: format!("http://127.0.0.1:{port}"),
+            base,
             token: token.map(str::to_owned),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
