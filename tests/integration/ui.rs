@@ -261,6 +261,19 @@ impl WebDriverCompatibleCommand for BrowserLog {
     }
 }
 
+/// Fails the test when the page logged a console error.
+async fn assert_no_console_errors(b: &Browser) {
+    let errors = b.console_errors().await;
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+}
+
+/// Ends a browser test: no console error, then the browser and the service closed.
+async fn finish(b: Browser, c: Console) {
+    assert_no_console_errors(&b).await;
+    b.close().await;
+    c.stop().await;
+}
+
 impl Browser {
     async fn start() -> Self {
         for (bin, package) in [(CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")] {
@@ -558,8 +571,7 @@ async fn every_page_loads_without_console_errors_and_is_accessible_at_laptop_and
         assert_eq!(a11y, json!([]), "{page}");
         b.screenshot(&format!("ui-{page}")).await;
     }
-    let errors = b.console_errors().await;
-    assert!(errors.is_empty(), "console errors: {errors:#?}");
+    assert_no_console_errors(&b).await;
 
     // Phone width: nothing wider than the screen (wide tables scroll in their own box).
     b.client
@@ -579,10 +591,7 @@ async fn every_page_loads_without_console_errors_and_is_accessible_at_laptop_and
             "{page} overflows a phone screen: {fits}"
         );
     }
-    let errors = b.console_errors().await;
-    assert!(errors.is_empty(), "console errors: {errors:#?}");
-    b.close().await;
-    c.stop().await;
+    finish(b, c).await;
 }
 
 #[actix_web::test]
@@ -624,10 +633,7 @@ async fn a_procure_through_the_api_shows_in_the_table_within_a_second_without_a_
         row.as_str().is_some_and(|r| r.contains("run-live")),
         "owner not shown: {row}"
     );
-    let errors = b.console_errors().await;
-    assert!(errors.is_empty(), "console errors: {errors:#?}");
-    b.close().await;
-    c.stop().await;
+    finish(b, c).await;
 }
 
 #[actix_web::test]
@@ -680,10 +686,7 @@ async fn a_drain_clicked_in_the_console_changes_the_worker_state_only_when_confi
         )
         .await;
     assert!(shown.is_some(), "the table does not show DRAINING");
-    let errors = b.console_errors().await;
-    assert!(errors.is_empty(), "console errors: {errors:#?}");
-    b.close().await;
-    c.stop().await;
+    finish(b, c).await;
 }
 
 #[actix_web::test]
@@ -783,10 +786,7 @@ async fn with_a_token_the_console_asks_once_then_shows_data_and_no_url_carries_t
         .await,
         json!(true)
     );
-    let errors = b.console_errors().await;
-    assert!(errors.is_empty(), "console errors: {errors:#?}");
-    b.close().await;
-    c.stop().await;
+    finish(b, c).await;
 }
 
 #[actix_web::test]
@@ -913,8 +913,7 @@ async fn the_loadtest_report_renders_in_the_browser() {
         charts.and_then(|v| v.as_u64()).is_some_and(|n| n >= 4),
         "no charts rendered"
     );
-    let errors = b.console_errors().await;
-    assert!(errors.is_empty(), "console errors: {errors:#?}");
+    assert_no_console_errors(&b).await;
     b.screenshot("loadtest-report").await;
     b.close().await;
     c.stop().await;
