@@ -116,19 +116,26 @@ procure_phase() {
   curl -fs "http://$ETCD/metrics" >"$WORK/$name.etcd1"
 }
 
+# procure_phase, recorded with perf into $1 when SCALE_PERF is set.
+profiled_procure_phase() { # perf output, procure_phase arguments...
+  local out=$1 pid=
+  shift
+  if [ -n "$PERF_OUT" ]; then
+    perf record -F 499 --call-graph dwarf -o "$out" -p "$SVC" -- sleep "$SECS" >/dev/null 2>&1 &
+    pid=$!
+  fi
+  procure_phase "$@"
+  if [ -n "$pid" ]; then
+    wait "$pid" || true
+  fi
+}
+
 # 1. The small fleet.
 echo "scale: seeding $SMALL deployables" >&2
 lt seed-small --scenario seed --etcd-endpoints "$ETCD" --deployables "$SMALL" --workflows 16
 start_service
 LOAD_SMALL=$(cut -d" " -f1-3 /proc/loadavg)
-if [ -n "$PERF_OUT" ]; then
-  perf record -F 499 --call-graph dwarf -o "$PERF_OUT.small" -p "$SVC" -- sleep "$SECS" >/dev/null 2>&1 &
-  PERF_PID=$!
-fi
-procure_phase small "$SMALL"
-if [ -n "$PERF_OUT" ]; then
-  wait "$PERF_PID" || true
-fi
+profiled_procure_phase "$PERF_OUT.small" small "$SMALL"
 stop_service
 
 # 2. The large fleet, on the same etcd.
@@ -170,14 +177,7 @@ IDLE_CPU=$(python3 -c "print(f'{100 * ($C1 - $C0) / $(getconf CLK_TCK) / $IDLE_S
 
 lt list --url "$URL" --scenario list --workflows "$LIST_CLIENTS" --duration "${SECS}s"
 LOAD_LARGE=$(cut -d" " -f1-3 /proc/loadavg)
-if [ -n "$PERF_OUT" ]; then
-  perf record -F 499 --call-graph dwarf -o "$PERF_OUT" -p "$SVC" -- sleep "$SECS" >/dev/null 2>&1 &
-  PERF_PID=$!
-fi
-procure_phase large "$N"
-if [ -n "$PERF_OUT" ]; then
-  wait "$PERF_PID" || true
-fi
+profiled_procure_phase "$PERF_OUT" large "$N"
 
 SCHED=0
 if python3 -c "import sys; sys.exit(0 if float('$SCHED_RATE') > 0 else 1)"; then

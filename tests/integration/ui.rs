@@ -171,10 +171,7 @@ impl Console {
                 )
                 .await;
             if let Some(w) = i["worker_id"].as_str() {
-                let (_, worker) = self
-                    .call(reqwest::Method::GET, &format!("/api/1.0/workers/{w}"), None)
-                    .await;
-                if worker["state"] == "RUNNING" {
+                if self.worker_state(w).await == "RUNNING" {
                     return w.to_owned();
                 }
             }
