@@ -20,7 +20,7 @@ pub use crate::actors::ops_types::{
 };
 use crate::actors::outbox::IntentManager;
 use crate::actors::shadow::ShadowKey;
-use crate::domain::intent::WatchIntent;
+use crate::domain::intent::{IntentStatus, WatchIntent};
 use crate::keys;
 use crate::ports::kube::{min_replicas_hold, KubeError, ScaleTarget};
 use crate::ports::store::{Compare, Op, StoreError, Txn};
@@ -28,6 +28,26 @@ use crate::ports::store::{Compare, Op, StoreError, Txn};
 /// The converger reads the cluster back (to find drift) on every this-many-th sweep;
 /// the sweeps in between only re-apply recorded changes.
 pub const DRIFT_CHECK_EVERY: u64 = 15;
+
+/// Most keys one read of the intents list asks for, and fewest (a page of an
+/// environment's intents skips the other environments' keys, so a read asks for a few
+/// more than the page still lacks).
+const INTENT_READ_MAX: usize = 1_000;
+const INTENT_READ_MIN: usize = 64;
+/// Most reads behind one page of the intents list: a page costs at most this many
+/// bounded range reads, whatever the number of intents stored.
+const INTENT_PAGE_READS: usize = 16;
+
+/// One page of an environment's intents, in request id order.
+#[derive(Debug, Default)]
+pub struct IntentPage {
+    /// The intents of the page.
+    pub items: Vec<WatchIntent>,
+    /// The request id the page ended at, when more intents may follow it: the last
+    /// intent served, or the last key read when the read budget ran out first (then the
+    /// page holds fewer than asked for).
+    pub more_after: Option<String>,
+}
 
 /// An idempotency record to write with a submission or its withdrawal.
 #[derive(Debug, Clone)]
@@ -103,6 +123,54 @@ impl OpsCtx {
             });
         }
         Ok(self.store.txn(txn).await?.succeeded)
+    }
+
+    /// At most `limit` intents of `env` (only those in `status`, when given) whose
+    /// request ids sort after `after`, in request id order. Reads the store a bounded
+    /// range at a time from `after` on, a bounded number of times, so a
+    /// page's cost does not grow with the number of intents stored.
+    pub async fn page_intents(
+        &self,
+        env: &str,
+        status: Option<IntentStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<IntentPage, StoreError> {
+        let mut from = after.map(keys::watch_intent);
+        let mut items: Vec<WatchIntent> = Vec::new();
+        for _ in 0..INTENT_PAGE_READS {
+            // One more than the page needs tells whether more follow.
+            let need = (limit + 1).saturating_sub(items.len());
+            let ask = need.clamp(INTENT_READ_MIN, INTENT_READ_MAX);
+            let (kvs, more) = self
+                .store
+                .list_after(keys::WATCH_INTENT_PREFIX, from.as_deref(), ask)
+                .await?;
+            for kv in &kvs {
+                match serde_json::from_slice::<WatchIntent>(&kv.value) {
+                    Ok(i) if i.env == env && status.is_none_or(|s| i.status == s) => {
+                        items.push(i);
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(key = %kv.key, error = %e, "skipping undecodable intent"),
+                }
+            }
+            if items.len() > limit {
+                items.truncate(limit);
+                let more_after = items.last().map(|i| i.request_id.clone());
+                return Ok(IntentPage { items, more_after });
+            }
+            let last = kvs.last().map(|kv| kv.key.clone());
+            match last {
+                Some(last) if more => from = Some(last),
+                _ => return Ok(IntentPage { items, more_after: None }),
+            }
+        }
+        let more_after = from
+            .as_deref()
+            .and_then(|k| keys::child(keys::WATCH_INTENT_PREFIX, k))
+            .map(str::to_owned);
+        Ok(IntentPage { items, more_after })
     }
 
     fn start_leading(self: &Arc<Self>) {

@@ -244,6 +244,42 @@ impl Store for EtcdStore {
         Ok((out, rev))
     }
 
+    async fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Kv>, bool), StoreError> {
+        let full = self.full(prefix);
+        let end = prefix_end(full.as_bytes());
+        // Just after `after` (the smallest key above it), or the prefix's first key.
+        let from = match after {
+            Some(a) if a >= prefix => {
+                let mut k = self.full(a).into_bytes();
+                k.push(0);
+                k
+            }
+            _ => full.into_bytes(),
+        };
+        if end != [0] && from >= end {
+            return Ok((Vec::new(), false));
+        }
+        // etcd reads everything for a limit of 0.
+        let wanted = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        let resp = self
+            .call(|c| {
+                let (k, e) = (from.clone(), end.clone());
+                let opts = GetOptions::new().with_range(e).with_limit(wanted);
+                let mut kv = c.kv_client().max_decoding_message_size(LIST_MAX_MESSAGE);
+                async move { kv.get(k, Some(opts)).await }
+            })
+            .await?;
+        let mut kvs: Vec<Kv> = resp.kvs().iter().filter_map(|kv| self.kv(kv)).collect();
+        let more = resp.more() || kvs.len() > limit;
+        kvs.truncate(limit);
+        Ok((kvs, more))
+    }
+
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
         let compares: Vec<EtcdCompare> = txn
             .compares

@@ -60,6 +60,22 @@ impl Store for InstrumentedStore {
         r
     }
 
+    async fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Kv>, bool), StoreError> {
+        let t = Instant::now();
+        let r = self
+            .inner
+            .list_after(prefix, after, limit)
+            .instrument(self.span("list_page"))
+            .await;
+        self.record("list_page", t, &r);
+        r
+    }
+
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
         let t = Instant::now();
         let r = self.inner.txn(txn).instrument(self.span("txn")).await;
@@ -131,6 +147,7 @@ fn span_name(adapter: &str, op: &'static str) -> &'static str {
     match op {
         "get" => "etcd get",
         "list" => "etcd list",
+        "list_page" => "etcd list_page",
         "txn" => "etcd txn",
         "lease_grant" => "etcd lease_grant",
         "lease_keep_alive" => "etcd lease_keep_alive",

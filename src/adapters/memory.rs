@@ -3,6 +3,7 @@
 //! that replay from a revision. The embedded default, and a fast twin of etcd in tests.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::ports::store::{
-    Compare, Kv, Op, Store, StoreError, Txn, TxnResult, WatchEvent, WatchReceiver,
+    first_after, Compare, Kv, Op, Store, StoreError, Txn, TxnResult, WatchEvent, WatchReceiver,
 };
 
 /// How many events are kept so a watch can start from an older revision.
@@ -185,6 +186,25 @@ impl Store for MemoryStore {
             .map(|(k, e)| Inner::kv(k, e))
             .collect();
         Ok((kvs, inner.revision))
+    }
+
+    async fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Kv>, bool), StoreError> {
+        let inner = self.lock()?;
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a.to_owned()),
+            _ => Bound::Included(prefix.to_owned()),
+        };
+        let kvs = inner
+            .data
+            .range((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, e)| Inner::kv(k, e));
+        Ok(first_after(kvs, after, limit))
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {

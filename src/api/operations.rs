@@ -5,6 +5,7 @@
 //! caller back when the desired condition holds.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use chrono::{Duration as ChronoDuration, SecondsFormat};
@@ -15,6 +16,7 @@ use crate::actors::operations::{ActError, IdemWrite};
 use crate::adapters::http_callback::check_at_request_time;
 use crate::api::body::read_json;
 use crate::api::error::ApiError;
+use crate::api::paging;
 use crate::api::{method_not_allowed, reply_response, AppState};
 use crate::config::valid_segment;
 use crate::domain::callback::{CallbackTarget, UrlPolicy};
@@ -37,7 +39,24 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(r("/api/1.0/{env}/deployables").post(submit::<DeployableBody>))
         .service(r("/api/1.0/{env}/models/load").post(submit::<ModelLoadBody>))
         .service(r("/api/1.0/{env}/jobs").post(submit::<JobBody>))
+        .service(r("/api/1.0/{env}/operations").get(list))
         .service(r("/api/1.0/{env}/operations/{request_id}").get(operation));
+}
+
+/// Token kind of the operations list.
+const LIST_KIND: &str = "operations";
+
+/// Query of `GET …/operations`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only operations in this status.
+    pub status: Option<IntentStatus>,
+    /// Page size, 1..=[`paging::MAX_LIST_PAGE`] (default and most).
+    pub limit: Option<usize>,
+    /// Where the previous page ended (opaque).
+    #[serde(rename = "continue")]
+    pub cont: Option<String>,
 }
 
 /// Body of `POST …/deployables`.
@@ -617,6 +636,57 @@ async fn submit<B: OperationBody>(
     Ok(reply_response(&reply))
 }
 
+/// The environment's operations, in request id order, a page at a time, each as
+/// `GET …/operations/{request_id}` shows it.
+async fn list(
+    state: web::Data<AppState>,
+    env: web::Path<String>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let env = state.env(&env)?;
+    let limit = paging::limit(query.limit)?;
+    let after = paging::after(LIST_KIND, query.cont.as_deref())?;
+    if after.as_deref().is_some_and(|a| !valid_segment(a)) {
+        return Err(ApiError::BadRequest("invalid continue token".into()));
+    }
+    let page = state
+        .ops
+        .page_intents(&env, query.status, after.as_deref(), limit)
+        .await
+        .map_err(|e| ApiError::from_store(e, state.config.retry_after))?;
+    let items: Vec<Arc<str>> = page
+        .items
+        .iter()
+        .map(|i| Arc::from(view(i).to_string()))
+        .collect();
+    Ok(paging::answer(
+        LIST_KIND,
+        &items,
+        page.more_after.as_deref(),
+    ))
+}
+
+/// An intent as the API shows it: without the stored action, with the callback's
+/// secrets redacted.
+fn view(intent: &WatchIntent) -> serde_json::Value {
+    let mut view = serde_json::to_value(intent).unwrap_or_default();
+    if let Some(v) = view.as_object_mut() {
+        // The stored action repeats the request (a job's payload, say): not shown.
+        v.remove("submission");
+    }
+    if let Some(cb) = view.get_mut("callback").and_then(|c| c.as_object_mut()) {
+        // Callback headers and URL queries often carry credentials: show header names
+        // only, and the URL without its query.
+        cb.insert("url".into(), json!(intent.callback.redacted_url()));
+        if let Some(h) = cb.get_mut("headers").and_then(|h| h.as_object_mut()) {
+            for v in h.values_mut() {
+                *v = json!("<redacted>");
+            }
+        }
+    }
+    view
+}
+
 async fn operation(
     state: web::Data<AppState>,
     path: web::Path<(String, String)>,
@@ -636,22 +706,7 @@ async fn operation(
         .and_then(|kv| serde_json::from_slice::<WatchIntent>(&kv.value).ok())
         .filter(|i| i.env == env)
         .ok_or_else(|| ApiError::NotFound(format!("operation {id:?} not found")))?;
-    let mut view = serde_json::to_value(&intent).unwrap_or_default();
-    if let Some(v) = view.as_object_mut() {
-        // The stored action repeats the request (a job's payload, say): not shown.
-        v.remove("submission");
-    }
-    if let Some(cb) = view.get_mut("callback").and_then(|c| c.as_object_mut()) {
-        // Callback headers and URL queries often carry credentials: show header names
-        // only, and the URL without its query.
-        cb.insert("url".into(), json!(intent.callback.redacted_url()));
-        if let Some(h) = cb.get_mut("headers").and_then(|h| h.as_object_mut()) {
-            for v in h.values_mut() {
-                *v = json!("<redacted>");
-            }
-        }
-    }
-    Ok(HttpResponse::Ok().json(view))
+    Ok(HttpResponse::Ok().json(view(&intent)))
 }
 
 #[cfg(test)]

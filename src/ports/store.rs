@@ -112,6 +112,19 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError>;
     /// Reads every key under `prefix`, with the store revision of the read.
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError>;
+    /// Reads at most `limit` keys under `prefix` that sort after `after` (a full key;
+    /// `None`: from the start), in key order, and whether more keys follow them. A page
+    /// costs one bounded read where the store can range (etcd, memory); this default
+    /// reads the whole prefix, so decorators forward it to what they wrap.
+    async fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Kv>, bool), StoreError> {
+        let (kvs, _) = self.list(prefix).await?;
+        Ok(first_after(kvs, after, limit))
+    }
     /// Runs one atomic transaction.
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError>;
     /// Grants a lease of `ttl_seconds`; returns its id.
@@ -127,4 +140,21 @@ pub trait Store: Send + Sync + 'static {
     async fn health(&self) -> Result<(), StoreError>;
     /// Adapter name for logs and metrics.
     fn name(&self) -> &'static str;
+}
+
+/// At most `limit` of `kvs` (in key order) whose keys sort after `after`, and whether
+/// more follow them.
+pub fn first_after(
+    kvs: impl IntoIterator<Item = Kv>,
+    after: Option<&str>,
+    limit: usize,
+) -> (Vec<Kv>, bool) {
+    let mut page: Vec<Kv> = kvs
+        .into_iter()
+        .filter(|kv| after.is_none_or(|a| kv.key.as_str() > a))
+        .take(limit.saturating_add(1))
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    (page, more)
 }

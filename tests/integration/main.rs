@@ -25,6 +25,7 @@ mod manifests;
 mod moto;
 mod openapi;
 mod operations;
+mod operations_list;
 mod outage;
 mod soak;
 mod stop_sequence;
