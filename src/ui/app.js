@@ -474,66 +474,125 @@ pages.instances = {
   },
 };
 
-// Intents the console has seen (from the event stream or looked up): "env/request_id".
-const seenIntents = new Set();
+// Operations looked up by request id: "env/request_id" (shown besides the list).
+const lookedUp = new Set();
+// Operations per page of the list; "More" loads one more page.
+const OPS_PAGE = 25;
+const INTENT_STATUSES = ["SUBMITTING", "PENDING", "SUCCEEDED", "FAILED", "TIMED_OUT"];
+
+/// One operation: what it waits for, where it stands, whose it is, and every callback
+/// attempt.
+function operationCard(op) {
+  const d = op.delivery || {};
+  const attempts = d.attempts || [];
+  return h("section", { class: "card", "aria-label": `Operation ${op.request_id}`, dataset: { op: op.request_id } },
+    h("h2", {}, `${op.operation} `, h("span", { class: "mono" }, op.request_id), " ", stateBadge(op.status)),
+    dl([
+      ["environment", op.env],
+      ["desired condition", typeof op.desired_condition === "string" ? op.desired_condition : JSON.stringify(op.desired_condition)],
+      ["resource", op.resource ? [op.resource.kind, op.resource.name].filter(Boolean).join(" ") : ""],
+      ["workflow", op.workflow ? [op.workflow.run_id, op.workflow.plan, op.workflow.task_id].filter(Boolean).join(" / ") : ""],
+      ["created", fmtTime(op.created_at)],
+      ["deadline", fmtTime(op.deadline)],
+      ["observed", fmtTime(op.observed_at)],
+      ["detail", op.detail],
+      ["callback", d.delivered ? "delivered" : d.gave_up ? "gave up" : d.next_attempt_at ? `next attempt ${fmtTime(d.next_attempt_at)}` : "not yet due"],
+    ]),
+    table(`Callback attempts of ${op.request_id}`, ["Attempt", "At", "Outcome", "HTTP status", "Error"],
+      attempts.map((a, i) => [String(a.attempt ?? i + 1), fmtTime(a.at), a.outcome, a.status ? String(a.status) : "", a.error || ""]),
+      "no attempt yet"));
+}
 
 pages.operations = {
   title: "Operations",
+  pages: 1,
   async mount(root) {
+    this.pages = 1;
     const envSelect = h("select", { name: "env" });
+    const status = h("select", { name: "status" }, ["", ...INTENT_STATUSES].map((s) => h("option", { value: s }, s || "any")));
+    const filters = h("form", { class: "filters", role: "search", "aria-label": "Filter operations" },
+      field("o-env", "Environment", envSelect), field("o-status", "Status", status));
+    filters.addEventListener("submit", (ev) => ev.preventDefault());
+    for (const c of [envSelect, status]) {
+      c.addEventListener("change", () => {
+        this.pages = 1;
+        refreshNow();
+      });
+    }
     const rid = h("input", { name: "request_id", type: "search", required: true, placeholder: "request id" });
-    const form = h("form", { class: "filters", "aria-label": "Look up an operation" },
-      field("o-env", "Environment", envSelect), field("o-rid", "Request id", rid), h("button", { type: "submit" }, "Look up"));
-    form.addEventListener("submit", (ev) => {
+    const lookup = h("form", { class: "filters", "aria-label": "Look up an operation" },
+      field("o-rid", "Request id", rid), h("button", { type: "submit" }, "Look up"));
+    lookup.addEventListener("submit", (ev) => {
       ev.preventDefault();
       const id = rid.value.trim();
       if (id) {
-        seenIntents.add(`${envSelect.value}/${id}`);
+        lookedUp.add(`${envSelect.value}/${id}`);
+        this.focus = id;
         refreshNow();
       }
     });
+    this.controls = { envSelect, status };
     this.msg = h("p", { class: "error", role: "alert" });
+    this.looked = h("div");
+    this.summary = h("p", { class: "muted", "aria-live": "polite" });
     this.out = h("div");
+    this.more = h("button", { type: "button", id: "o-more", hidden: true, onclick: () => {
+      this.pages += 1;
+      refreshNow();
+    } }, "More");
     root.append(h("h1", {}, "Operations"),
-      h("p", { class: "muted" }, "Watch intents and their callbacks. Intents appear here as the event stream reports them; look one up by its request id."),
-      form, this.msg, this.out);
+      h("p", { class: "muted" }, "The environment's watch intents with their condition, status, workflow and every callback attempt, kept current from the event stream."),
+      filters, lookup, this.msg, this.looked,
+      h("h2", {}, "All operations"), this.summary, this.out, this.more);
     const list = await envs();
     envSelect.replaceChildren(...list.map((e) => h("option", { value: e }, e)));
+    if (this.env && list.includes(this.env)) envSelect.value = this.env;
   },
   async refresh() {
-    const keys = [...seenIntents].slice(-50);
+    const { envSelect, status } = this.controls;
+    const env = envSelect.value || (await envs())[0];
+    if (!env) return;
+    if (env !== this.env) this.pages = 1;
+    this.env = env;
+    // The pages shown so far, read again from the first: a change anywhere shows.
+    const items = [];
+    let cont = null;
+    for (let p = 0; p < this.pages; p++) {
+      const q = new URLSearchParams({ limit: String(OPS_PAGE) });
+      if (status.value) q.set("status", status.value);
+      if (cont) q.set("continue", cont);
+      const { json } = await api(`/api/1.0/${encodeURIComponent(env)}/operations?${q}`);
+      items.push(...((json && json.data) || []));
+      cont = json && json.continue;
+      if (!cont) break;
+    }
+    // Looked-up operations the list shows already are not shown twice.
+    const listed = new Set(items.map((op) => `${env}/${op.request_id}`));
     const found = [];
     const missing = [];
-    await Promise.all(keys.map(async (k) => {
-      const [env, ...rest] = k.split("/");
+    await Promise.all([...lookedUp].filter((k) => !listed.has(k)).slice(-20).map(async (k) => {
+      const [e, ...rest] = k.split("/");
       const id = rest.join("/");
-      const r = await api(`/api/1.0/${encodeURIComponent(env)}/operations/${encodeURIComponent(id)}`, { allow: [404, 400] });
+      const r = await api(`/api/1.0/${encodeURIComponent(e)}/operations/${encodeURIComponent(id)}`, { allow: [404, 400] });
       if (r.status === 200 && r.json) found.push(r.json);
       else missing.push(k);
     }));
-    this.msg.textContent = missing.length ? `Not found: ${missing.join(", ")}` : "";
     found.sort((a, b) => String(b.created_at).localeCompare(String(a.created_at)));
-    if (unchanged(this, found)) return;
-    const sections = found.map((op) => {
-      const d = op.delivery || {};
-      const attempts = d.attempts || [];
-      return h("section", { class: "card", "aria-label": `Operation ${op.request_id}` },
-        h("h2", {}, `${op.operation} `, h("span", { class: "mono" }, op.request_id), " ", stateBadge(op.status)),
-        dl([
-          ["environment", op.env],
-          ["desired condition", typeof op.desired_condition === "string" ? op.desired_condition : JSON.stringify(op.desired_condition)],
-          ["workflow", op.workflow ? [op.workflow.run_id, op.workflow.plan, op.workflow.task_id].filter(Boolean).join(" / ") : ""],
-          ["created", fmtTime(op.created_at)],
-          ["deadline", fmtTime(op.deadline)],
-          ["observed", fmtTime(op.observed_at)],
-          ["detail", op.detail],
-          ["callback", d.delivered ? "delivered" : d.gave_up ? "gave up" : d.next_attempt_at ? `next attempt ${fmtTime(d.next_attempt_at)}` : "not yet due"],
-        ]),
-        table(`Callback attempts of ${op.request_id}`, ["Attempt", "At", "Outcome", "HTTP status", "Error"],
-          attempts.map((a, i) => [String(a.attempt ?? i + 1), fmtTime(a.at), a.outcome, a.status ? String(a.status) : "", a.error || ""]),
-          "no attempt yet"));
-    });
-    this.out.replaceChildren(...(sections.length ? sections : [h("p", { class: "empty" }, "No operation seen yet.")]));
+    if (!unchanged(this, [env, status.value, items, cont, found, missing])) {
+      this.msg.textContent = missing.length ? `Not found: ${missing.join(", ")}` : "";
+      this.looked.replaceChildren(...(found.length ? [h("h2", {}, "Looked up"), ...found.map(operationCard)] : []));
+      const which = status.value ? ` with status ${status.value}` : "";
+      const n = `${items.length} operation${items.length === 1 ? "" : "s"}`;
+      this.summary.textContent = `${n} in ${env}${which}, by request id${cont ? "; more follow" : ""}`;
+      this.out.replaceChildren(...(items.length ? items.map(operationCard) : [h("p", { class: "empty" }, `No operations in ${env}${which}.`)]));
+      this.more.hidden = !cont;
+    }
+    if (this.focus) {
+      // A looked-up operation the list holds: brought into view where it is.
+      const card = [...this.out.querySelectorAll("section[data-op]")].find((el) => el.dataset.op === this.focus);
+      if (card) card.scrollIntoView({ block: "start" });
+      this.focus = null;
+    }
   },
 };
 
@@ -760,16 +819,6 @@ async function readEvents(body, on) {
 
 function onEvent(event, data, id) {
   if (id) lastEventId = id;
-  if (event === "change") {
-    try {
-      const change = JSON.parse(data);
-      if (change.kind === "intent" && change.id) {
-        seenIntents.add(change.id.includes("/") ? change.id : `${change.env || ""}/${change.id}`);
-      }
-    } catch {
-      // A frame that is not JSON still means something changed.
-    }
-  }
   // change, reset and overflow all mean: re-read the current page.
   refreshNow();
 }

@@ -157,6 +157,25 @@ impl Console {
         body["id"].as_str().unwrap_or_default().to_owned()
     }
 
+    /// Triggers job `name` of run `run` in `int`, its callback sent to a path of this
+    /// very server that answers 404 (so the intent records failed attempts): its
+    /// request id.
+    async fn job(&self, name: &str, run: &str) -> String {
+        let (status, op) = self
+            .call(
+                reqwest::Method::POST,
+                "/api/1.0/int/jobs",
+                Some(
+                    json!({"job_name": name, "container": {"image": "registry.local/warmup:1"},
+                    "payload": {"rps": 100}, "workflow_run_id": run,
+                    "callback": {"url": format!("{}/callback-sink", self.base), "method": "POST"}}),
+                ),
+            )
+            .await;
+        assert_eq!(status, 202, "{op}");
+        op["request_id"].as_str().unwrap_or_default().to_owned()
+    }
+
     /// Submits an instance that fits the small template and waits until the worker it
     /// is placed on runs: that worker's id.
     async fn running_worker(&self) -> String {
@@ -488,19 +507,7 @@ async fn every_page_loads_without_console_errors_and_is_accessible_at_laptop_and
     // More than any template holds: waits in the pending queue with its reason.
     let waiting = c.submit(64.0, 512.0).await;
     // An operation whose callback is refused (404 from this very server): attempts.
-    let (status, op) = c
-        .call(
-            reqwest::Method::POST,
-            "/api/1.0/int/jobs",
-            Some(
-                json!({"job_name": "warmup", "container": {"image": "registry.local/warmup:1"},
-                "payload": {"rps": 100}, "workflow_run_id": "er5tdgsh",
-                "callback": {"url": format!("{}/callback-sink", c.base), "method": "POST"}}),
-            ),
-        )
-        .await;
-    assert_eq!(status, 202, "{op}");
-    let request_id = op["request_id"].as_str().unwrap_or_default().to_owned();
+    let request_id = c.job("warmup", "er5tdgsh").await;
 
     let b = Browser::start().await;
     for (page, heading) in PAGES {
@@ -630,6 +637,84 @@ async fn a_procure_through_the_api_shows_in_the_table_within_a_second_without_a_
         row.as_str().is_some_and(|r| r.contains("run-live")),
         "owner not shown: {row}"
     );
+    finish(b, c).await;
+}
+
+#[actix_web::test]
+async fn an_operation_submitted_through_the_api_shows_on_the_operations_page_without_a_look_up() {
+    let c = Console::start(None).await;
+    let first = c.job("ui-op-first", "run-first").await;
+    let b = Browser::start().await;
+    open(&b, &c.base, "operations", "Operations").await;
+    let card = |id: &str| format!("document.querySelector('#page section[data-op={id:?}]')");
+    assert!(
+        b.until(Duration::from_secs(5), &card(&first)).await.is_some(),
+        "an operation stored before the page opened is not listed"
+    );
+    // Marks this document: a reload would lose the mark.
+    b.js("window.__sameDocument = 'kept'; return null;").await;
+    let id = c.job("ui-op-live", "run-live").await;
+    // It appears with its condition, status and workflow, then its callback attempt
+    // (the sink answers 404), with nobody looking it up.
+    let text = format!("({} || {{}}).innerText", card(&id));
+    let shown = b
+        .until(
+            Duration::from_secs(10),
+            &format!(
+                "{text} && ['JobComplete', 'SUCCEEDED', 'run-live', '404'].every((w) => {text}.includes(w))"
+            ),
+        )
+        .await;
+    let page = b.js("return document.querySelector('#page').innerText;").await;
+    assert!(shown.is_some(), "{id} not shown with its attempts: {page}");
+    assert_eq!(
+        b.js("return [window.__sameDocument || null, document.querySelector('#o-rid').value];")
+            .await,
+        json!(["kept", ""]),
+        "reloaded, or looked up"
+    );
+
+    // A page holds 25; More shows the rest.
+    for i in 0..25 {
+        c.job(&format!("ui-op-{i:02}"), "run-many").await;
+    }
+    let listed = "document.querySelectorAll('#page section[data-op]').length";
+    let more = "!document.querySelector('#o-more').hidden";
+    let paged = b
+        .until(
+            Duration::from_secs(10),
+            &format!("{listed} === 25 && {more}"),
+        )
+        .await;
+    assert!(paged.is_some(), "not one page of 25 with More: {}", b.js(&format!("return [{listed}, {more}];")).await);
+    b.click("#o-more").await;
+    let all = b
+        .until(
+            Duration::from_secs(10),
+            &format!("{listed} === 27 && !({more})"),
+        )
+        .await;
+    assert!(all.is_some(), "More did not show the rest: {}", b.js(&format!("return [{listed}, {more}];")).await);
+    // Filtered by status: every job succeeds, none is still SUBMITTING.
+    let pick = |status: &str| {
+        format!("const s = document.querySelector('#o-status'); s.value = {status:?}; s.dispatchEvent(new Event('change')); return null;")
+    };
+    b.js(&pick("SUCCEEDED")).await;
+    let succeeded = b
+        .until(
+            Duration::from_secs(10),
+            &format!("{listed} === 25 && {more} && [...document.querySelectorAll('#page section[data-op] h2 .state')].every((e) => e.textContent === 'SUCCEEDED')"),
+        )
+        .await;
+    assert!(succeeded.is_some(), "SUCCEEDED not listed alone");
+    b.js(&pick("SUBMITTING")).await;
+    let none = b
+        .until(
+            Duration::from_secs(10),
+            &format!("{listed} === 0 && document.querySelector('#page').innerText.includes('No operations in int with status SUBMITTING')"),
+        )
+        .await;
+    assert!(none.is_some(), "the status filter is not applied");
     finish(b, c).await;
 }
 
