@@ -366,3 +366,40 @@ async fn a_page_from_etcd_is_one_bounded_range_read_whatever_the_number_of_keys(
     let _ = store.list("/k/").await;
     assert_eq!(ranges() - before, 3, "a full listing reads 500 keys a Range");
 }
+
+#[actix_web::test]
+async fn a_page_reads_a_bounded_range_and_continues_past_other_envs_intents() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    // 1,100 intents of prod sort before the two of int.
+    let mut records = Vec::new();
+    for i in 0..1_100 {
+        let id = format!("op-a{i:05}");
+        records.push((
+            format!("/watch-intents/{id}"),
+            serde_json::to_vec(&intent(&id, "prod", "SUCCEEDED")).unwrap_or_default(),
+        ));
+    }
+    for id in ["op-z1", "op-z2"] {
+        records.push((
+            format!("/watch-intents/{id}"),
+            serde_json::to_vec(&intent(id, "int", "FAILED")).unwrap_or_default(),
+        ));
+    }
+    put_all(store.as_ref(), &records).await;
+    let svc = support::service(support::config(), store).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let first = send(
+        &app,
+        get("/api/1.0/int/operations?limit=1").to_request(),
+    )
+    .await;
+    // The first page stops reading before it reaches them: it says so with `continue`.
+    assert_eq!(first.json["data"], json!([]), "{:?}", first.json);
+    assert!(first.json["continue"].is_string(), "{:?}", first.json);
+    let (entries, pages) = walk(&app, "/api/1.0/int/operations", 1).await;
+    assert_eq!(ids(&entries), ["op-z1", "op-z2"]);
+    assert!(pages >= 3, "{pages} pages");
+    let (entries, _) = walk(&app, "/api/1.0/prod/operations", 10_000).await;
+    assert_eq!(entries.len(), 1_100);
+    svc.shutdown().await;
+}
