@@ -163,7 +163,12 @@ impl OpsCtx {
             let last = kvs.last().map(|kv| kv.key.clone());
             match last {
                 Some(last) if more => from = Some(last),
-                _ => return Ok(IntentPage { items, more_after: None }),
+                _ => {
+                    return Ok(IntentPage {
+                        items,
+                        more_after: None,
+                    })
+                }
             }
         }
         let more_after = from

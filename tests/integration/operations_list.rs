@@ -125,8 +125,14 @@ async fn operation_pages_return_every_intent_of_the_env_once_in_request_id_order
         let (entries, pages) = walk(&app, "/api/1.0/int/operations", limit).await;
         let got = ids(&entries);
         let want: Vec<String> = int.keys().cloned().collect();
-        assert_eq!(got, want, "limit {limit}: every int intent once, by request id");
-        assert!(pages >= 23usize.div_ceil(limit), "limit {limit}: {pages} pages");
+        assert_eq!(
+            got, want,
+            "limit {limit}: every int intent once, by request id"
+        );
+        assert!(
+            pages >= 23usize.div_ceil(limit),
+            "limit {limit}: {pages} pages"
+        );
     }
     let (entries, _) = walk(&app, "/api/1.0/prod/operations", 5).await;
     assert_eq!(
@@ -155,15 +161,14 @@ async fn operation_pages_return_every_intent_of_the_env_once_in_request_id_order
     assert_eq!(first["status"], json!(int[id]));
 
     // A token of one env's walk does not leak another env's intents.
-    let r = send(
-        &app,
-        get("/api/1.0/int/operations?limit=2").to_request(),
-    )
-    .await;
+    let r = send(&app, get("/api/1.0/int/operations?limit=2").to_request()).await;
     let token = r.json["continue"].as_str().unwrap_or_default().to_owned();
     let r = send(
         &app,
-        get(&format!("/api/1.0/prod/operations?limit=100&continue={token}")).to_request(),
+        get(&format!(
+            "/api/1.0/prod/operations?limit=100&continue={token}"
+        ))
+        .to_request(),
     )
     .await;
     assert_eq!(r.status, 200, "{r:?}");
@@ -197,12 +202,7 @@ async fn the_status_filter_pages_only_intents_in_that_status() {
             .filter(|(_, s)| *s == status)
             .map(|(id, _)| id.clone())
             .collect();
-        let (entries, _) = walk(
-            &app,
-            &format!("/api/1.0/int/operations?status={status}"),
-            2,
-        )
-        .await;
+        let (entries, _) = walk(&app, &format!("/api/1.0/int/operations?status={status}"), 2).await;
         assert_eq!(ids(&entries), want, "{status}");
         assert!(entries.iter().all(|e| e["status"] == status), "{status}");
     }
@@ -319,14 +319,17 @@ async fn range_reads_page_exactly(store: &dyn Store) {
             .list_after("/k/", after, limit)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        (
-            kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>(),
-            more,
-        )
+        (kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>(), more)
     };
     assert_eq!(page(Some("/k/0027"), 5).await, (keys[28..].to_vec(), false));
-    assert_eq!(page(Some("/k/0026"), 3).await, (keys[27..30].to_vec(), false));
-    assert_eq!(page(Some("/k/0025"), 3).await, (keys[26..29].to_vec(), true));
+    assert_eq!(
+        page(Some("/k/0026"), 3).await,
+        (keys[27..30].to_vec(), false)
+    );
+    assert_eq!(
+        page(Some("/k/0025"), 3).await,
+        (keys[26..29].to_vec(), true)
+    );
     // not a key that exists: from the next one
     assert_eq!(page(Some("/k/0003x"), 2).await, (keys[4..6].to_vec(), true));
     // before the prefix: from its start; past it: nothing
@@ -360,11 +363,18 @@ async fn a_page_from_etcd_is_one_bounded_range_read_whatever_the_number_of_keys(
     assert!(more);
     assert_eq!(
         kvs.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(),
-        keys[601..611].iter().map(String::as_str).collect::<Vec<_>>()
+        keys[601..611]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
     );
     let before = ranges();
     let _ = store.list("/k/").await;
-    assert_eq!(ranges() - before, 3, "a full listing reads 500 keys a Range");
+    assert_eq!(
+        ranges() - before,
+        3,
+        "a full listing reads 500 keys a Range"
+    );
 }
 
 #[actix_web::test]
@@ -388,11 +398,7 @@ async fn a_page_reads_a_bounded_range_and_continues_past_other_envs_intents() {
     put_all(store.as_ref(), &records).await;
     let svc = support::service(support::config(), store).await;
     let app = test::init_service(api::app(svc.state.clone())).await;
-    let first = send(
-        &app,
-        get("/api/1.0/int/operations?limit=1").to_request(),
-    )
-    .await;
+    let first = send(&app, get("/api/1.0/int/operations?limit=1").to_request()).await;
     // The first page stops reading before it reaches them: it says so with `continue`.
     assert_eq!(first.json["data"], json!([]), "{:?}", first.json);
     assert!(first.json["continue"].is_string(), "{:?}", first.json);

@@ -648,7 +648,9 @@ async fn an_operation_submitted_through_the_api_shows_on_the_operations_page_wit
     open(&b, &c.base, "operations", "Operations").await;
     let card = |id: &str| format!("document.querySelector('#page section[data-op={id:?}]')");
     assert!(
-        b.until(Duration::from_secs(5), &card(&first)).await.is_some(),
+        b.until(Duration::from_secs(5), &card(&first))
+            .await
+            .is_some(),
         "an operation stored before the page opened is not listed"
     );
     // Marks this document: a reload would lose the mark.
@@ -665,7 +667,9 @@ async fn an_operation_submitted_through_the_api_shows_on_the_operations_page_wit
             ),
         )
         .await;
-    let page = b.js("return document.querySelector('#page').innerText;").await;
+    let page = b
+        .js("return document.querySelector('#page').innerText;")
+        .await;
     assert!(shown.is_some(), "{id} not shown with its attempts: {page}");
     assert_eq!(
         b.js("return [window.__sameDocument || null, document.querySelector('#o-rid').value];")
@@ -686,7 +690,11 @@ async fn an_operation_submitted_through_the_api_shows_on_the_operations_page_wit
             &format!("{listed} === 25 && {more}"),
         )
         .await;
-    assert!(paged.is_some(), "not one page of 25 with More: {}", b.js(&format!("return [{listed}, {more}];")).await);
+    assert!(
+        paged.is_some(),
+        "not one page of 25 with More: {}",
+        b.js(&format!("return [{listed}, {more}];")).await
+    );
     b.click("#o-more").await;
     let all = b
         .until(
@@ -694,7 +702,11 @@ async fn an_operation_submitted_through_the_api_shows_on_the_operations_page_wit
             &format!("{listed} === 27 && !({more})"),
         )
         .await;
-    assert!(all.is_some(), "More did not show the rest: {}", b.js(&format!("return [{listed}, {more}];")).await);
+    assert!(
+        all.is_some(),
+        "More did not show the rest: {}",
+        b.js(&format!("return [{listed}, {more}];")).await
+    );
     // Filtered by status: every job succeeds, none is still SUBMITTING.
     let pick = |status: &str| {
         format!("const s = document.querySelector('#o-status'); s.value = {status:?}; s.dispatchEvent(new Event('change')); return null;")
