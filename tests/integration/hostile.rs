@@ -73,6 +73,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/1.0/{env}/deployables/restart"),
     ("post", "/api/1.0/{env}/models/load"),
     ("post", "/api/1.0/{env}/jobs"),
+    ("get", "/api/1.0/{env}/operations"),
     ("get", "/api/1.0/{env}/operations/{request_id}"),
     ("get", "/health"),
     ("get", "/health/self"),
