@@ -158,3 +158,47 @@ pub fn first_after(
     page.truncate(limit);
     (page, more)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kvs(keys: &[&str]) -> Vec<Kv> {
+        keys.iter()
+            .map(|k| Kv {
+                key: (*k).to_owned(),
+                value: Vec::new(),
+                mod_revision: 1,
+                create_revision: 1,
+            })
+            .collect()
+    }
+
+    fn keys(page: (Vec<Kv>, bool)) -> (Vec<String>, bool) {
+        (page.0.into_iter().map(|kv| kv.key).collect(), page.1)
+    }
+
+    #[test]
+    fn first_after_starts_past_the_key_and_says_whether_more_follow() {
+        let all = || kvs(&["/a/1", "/a/2", "/a/3"]);
+        let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            keys(first_after(all(), None, 2)),
+            (owned(&["/a/1", "/a/2"]), true)
+        );
+        assert_eq!(
+            keys(first_after(all(), None, 3)),
+            (owned(&["/a/1", "/a/2", "/a/3"]), false)
+        );
+        assert_eq!(
+            keys(first_after(all(), Some("/a/1"), 5)),
+            (owned(&["/a/2", "/a/3"]), false)
+        );
+        assert_eq!(
+            keys(first_after(all(), Some("/a/1x"), 1)),
+            (owned(&["/a/2"]), true)
+        );
+        assert_eq!(keys(first_after(all(), Some("/a/3"), 1)), (vec![], false));
+        assert_eq!(keys(first_after(all(), None, 0)), (vec![], true));
+    }
+}
