@@ -24,7 +24,8 @@
 #   `grpc_server_handled_total` over the phase).
 # Everything is on 127.0.0.1 and bounded: each load phase lasts SCALE_SECONDS (default 10).
 # SCALE_PERF=path records the service with `perf record --call-graph dwarf` during the
-# large procure phase (path) and the small one (path.small); needs perf and a build with
+# large procure phase (path), the small one (path.small), the idle window (path.idle) and
+# the scheduling phase (path.sched); needs perf and a build with
 # CARGO_PROFILE_RELEASE_DEBUG=line-tables-only.
 #
 #   SCALE_DEPLOYABLES=10000 SCALE_WORKERS=10000 SCALE_SECONDS=10 scripts/scale.sh
@@ -116,15 +117,16 @@ procure_phase() {
   curl -fs "http://$ETCD/metrics" >"$WORK/$name.etcd1"
 }
 
-# procure_phase, recorded with perf into $1 when SCALE_PERF is set.
-profiled_procure_phase() { # perf output, procure_phase arguments...
-  local out=$1 pid=
-  shift
+# Runs a command, with the service recorded by perf into $1 for $2 seconds meanwhile
+# when SCALE_PERF is set.
+profiled() { # perf output, seconds, command...
+  local out=$1 secs=$2 pid=
+  shift 2
   if [ -n "$PERF_OUT" ]; then
-    perf record -F 499 --call-graph dwarf -o "$out" -p "$SVC" -- sleep "$SECS" >/dev/null 2>&1 &
+    perf record -F 499 --call-graph dwarf -o "$out" -p "$SVC" -- sleep "$secs" >/dev/null 2>&1 &
     pid=$!
   fi
-  procure_phase "$@"
+  "$@"
   if [ -n "$pid" ]; then
     wait "$pid" || true
   fi
@@ -135,7 +137,7 @@ echo "scale: seeding $SMALL deployables" >&2
 lt seed-small --scenario seed --etcd-endpoints "$ETCD" --deployables "$SMALL" --workflows 16
 start_service
 LOAD_SMALL=$(cut -d" " -f1-3 /proc/loadavg)
-profiled_procure_phase "$PERF_OUT.small" small "$SMALL"
+profiled "$PERF_OUT.small" "$SECS" procure_phase small "$SMALL"
 stop_service
 
 # 2. The large fleet, on the same etcd.
@@ -171,20 +173,20 @@ SWEEP_CPU=$(python3 -c "print(f'{($S1 - $S0) / $(getconf CLK_TCK):.2f}')")
 # The default window (30 s) holds one drift check (every 15th sweep, 2 s apart).
 IDLE_SECS=${SCALE_IDLE_SECONDS:-30}
 C0=$(cpu_ticks "$SVC")
-sleep "$IDLE_SECS"
+profiled "$PERF_OUT.idle" "$IDLE_SECS" sleep "$IDLE_SECS"
 C1=$(cpu_ticks "$SVC")
 IDLE_CPU=$(python3 -c "print(f'{100 * ($C1 - $C0) / $(getconf CLK_TCK) / $IDLE_SECS:.1f}')")
 
 lt list --url "$URL" --scenario list --workflows "$LIST_CLIENTS" --duration "${SECS}s"
 LOAD_LARGE=$(cut -d" " -f1-3 /proc/loadavg)
-profiled_procure_phase "$PERF_OUT" large "$N"
+profiled "$PERF_OUT" "$SECS" procure_phase large "$N"
 
 SCHED=0
 if python3 -c "import sys; sys.exit(0 if float('$SCHED_RATE') > 0 else 1)"; then
   SCHED=1
   curl -fs "$URL/metrics" >"$WORK/sched.m0"
-  lt sched --url "$URL" --scenario instances --rate "$SCHED_RATE" --think-ms 200 \
-    --workflows "$W" --duration "${SECS}s"
+  profiled "$PERF_OUT.sched" "$SECS" lt sched --url "$URL" --scenario instances \
+    --rate "$SCHED_RATE" --think-ms 200 --workflows "$W" --duration "${SECS}s"
   sleep 1
   curl -fs "$URL/metrics" >"$WORK/sched.m1"
 fi

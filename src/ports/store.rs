@@ -114,17 +114,14 @@ pub trait Store: Send + Sync + 'static {
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError>;
     /// Reads at most `limit` keys under `prefix` that sort after `after` (a full key;
     /// `None`: from the start), in key order, and whether more keys follow them. A page
-    /// costs one bounded read where the store can range (etcd, memory); this default
-    /// reads the whole prefix, so decorators forward it to what they wrap.
+    /// costs one bounded read. No default: a decorator that forgot to forward it would
+    /// silently turn every page into a read of the whole prefix.
     async fn list_after(
         &self,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<(Vec<Kv>, bool), StoreError> {
-        let (kvs, _) = self.list(prefix).await?;
-        Ok(first_after(kvs, after, limit))
-    }
+    ) -> Result<(Vec<Kv>, bool), StoreError>;
     /// Runs one atomic transaction.
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError>;
     /// Grants a lease of `ttl_seconds`; returns its id.

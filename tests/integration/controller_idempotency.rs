@@ -256,6 +256,14 @@ impl Store for FailAfter {
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
         self.inner.list(prefix).await
     }
+    async fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Kv>, bool), StoreError> {
+        self.inner.list_after(prefix, after, limit).await
+    }
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
         if touches_controller(&txn) {
             let left = self.allow.load(Ordering::SeqCst);

@@ -414,6 +414,14 @@ impl Store for FailingStore {
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
         self.inner.list(prefix).await
     }
+    async fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Kv>, bool), StoreError> {
+        self.inner.list_after(prefix, after, limit).await
+    }
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
         if (self.fail)(&txn) {
             self.failed.fetch_add(1, Ordering::SeqCst);

@@ -195,6 +195,14 @@ impl Store for SlowTxns {
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
         self.0.list(prefix).await
     }
+    async fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Kv>, bool), StoreError> {
+        self.0.list_after(prefix, after, limit).await
+    }
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
         tokio::time::sleep(std::time::Duration::from_millis(150)).await;
         self.0.txn(txn).await

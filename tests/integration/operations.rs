@@ -721,6 +721,14 @@ impl Store for FailingTxns {
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
         self.inner.list(prefix).await
     }
+    async fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Kv>, bool), StoreError> {
+        self.inner.list_after(prefix, after, limit).await
+    }
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
         let touches_intents = txn.success.iter().any(|op| match op {
             resource_plane::ports::store::Op::Put { key, .. }
@@ -1389,6 +1397,14 @@ async fn concurrent_lease_requests_share_one_grant() {
         async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
             self.inner.list(prefix).await
         }
+        async fn list_after(
+            &self,
+            prefix: &str,
+            after: Option<&str>,
+            limit: usize,
+        ) -> Result<(Vec<Kv>, bool), StoreError> {
+            self.inner.list_after(prefix, after, limit).await
+        }
         async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
             self.inner.txn(txn).await
         }
@@ -1618,6 +1634,17 @@ impl Store for SlowShadowList {
             tokio::time::sleep(self.delay).await;
         }
         self.inner.list(prefix).await
+    }
+    async fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<
+        (Vec<resource_plane::ports::store::Kv>, bool),
+        resource_plane::ports::store::StoreError,
+    > {
+        self.inner.list_after(prefix, after, limit).await
     }
     async fn txn(
         &self,

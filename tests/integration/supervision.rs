@@ -82,6 +82,14 @@ impl Store for Hostile {
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
         self.inner.list(prefix).await
     }
+    async fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Kv>, bool), StoreError> {
+        self.inner.list_after(prefix, after, limit).await
+    }
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
         let poisoned = {
             let mut p = self.panic_on.lock().unwrap_or_else(|p| p.into_inner());
