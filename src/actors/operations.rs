@@ -6,7 +6,7 @@
 //! Kubernetes minimum replicas equal to its recorded `min_pod_count`, correcting drift
 //! it reads back from the cluster.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -253,8 +253,9 @@ impl OpsCtx {
     /// Keeps Kubernetes minimum replicas equal to each shadow deployable's recorded
     /// `min_pod_count`, on the leader: right after a change made here (only that
     /// deployable), and in a sweep every `KUBE_CONVERGE_INTERVAL_MS`, which picks up
-    /// changes made through other replicas, retries failed patches, and re-applies
-    /// everything after a start-up or failover. Every [`DRIFT_CHECK_EVERY`]-th sweep
+    /// changes made through other replicas (the view notes every changed count or
+    /// target, so a sweep costs what changed, not the fleet), retries failed patches,
+    /// and re-applies everything after a start-up or failover. Every [`DRIFT_CHECK_EVERY`]-th sweep
     /// reads each deployable back from the cluster and patches the ones that drifted
     /// (edited by someone else) or were missing; the result is kept for
     /// `GET /api/1.0/controller` and counted in `controller_decisions_total`
@@ -267,6 +268,9 @@ impl OpsCtx {
         // drift check, not on every sweep: otherwise a fleet of records without objects
         // in the cluster turns every sweep into one etcd write per record.
         let mut missing: HashMap<ShadowKey, (ScaleTarget, u32)> = HashMap::new();
+        // Not converged for another reason (a failed patch or cluster read): tried again
+        // at the next sweep.
+        let mut retry: HashSet<ShadowKey> = HashSet::new();
         let mut leading = false;
         // A full sweep ran under this leadership: wake-ups need only the changed ones.
         let mut swept = false;
@@ -281,6 +285,8 @@ impl OpsCtx {
             .is_ok();
             if self.fence.epoch().is_none() {
                 leading = false;
+                // Not ours to converge: a new leadership starts with a full check.
+                drop(self.shadows.take_scale_changes());
                 continue;
             }
             if !self.shadows.is_hydrated() {
@@ -292,6 +298,7 @@ impl OpsCtx {
                 // New leadership: re-apply everything once, and check the cluster.
                 applied.clear();
                 missing.clear();
+                retry.clear();
                 swept = false;
                 leading = true;
                 sweeps = 0;
@@ -305,9 +312,12 @@ impl OpsCtx {
             if woken && swept {
                 for key in dirty {
                     if let Some(next) = self.shadows.min_pod_count(&key) {
-                        if applied.get(&key) != Some(&next) {
-                            self.converge_tracked(key, next, &mut applied, &mut missing)
-                                .await;
+                        if applied.get(&key) != Some(&next)
+                            && !self
+                                .converge_tracked(key.clone(), next, &mut applied, &mut missing)
+                                .await
+                        {
+                            retry.insert(key);
                         }
                     }
                 }
@@ -317,24 +327,29 @@ impl OpsCtx {
             let check = sweeps.is_multiple_of(DRIFT_CHECK_EVERY);
             sweeps += 1;
             if !check {
-                // Copies only what differs from what was applied (or found missing).
-                let same = |m: &HashMap<ShadowKey, (ScaleTarget, u32)>,
-                            key: &ShadowKey,
-                            dep: &str,
-                            hpa: &str,
-                            want: u32| {
-                    m.get(key)
-                        .is_some_and(|(t, w)| *w == want && t.deployment == dep && t.hpa == hpa)
-                };
-                let changed = self.shadows.min_pod_counts_where(|key, dep, hpa, want| {
-                    !same(&applied, key, dep, hpa, want) && !same(&missing, key, dep, hpa, want)
-                });
-                for (key, target, want) in changed {
-                    self.converge_tracked(key, (target, want), &mut applied, &mut missing)
-                        .await;
+                // Only what changed since the last sweep, and what failed in it.
+                let mut keys: HashSet<ShadowKey> =
+                    self.shadows.take_scale_changes().into_iter().collect();
+                keys.extend(retry.drain());
+                for key in keys {
+                    let Some(next) = self.shadows.min_pod_count(&key) else {
+                        continue;
+                    };
+                    if applied.get(&key) == Some(&next) || missing.get(&key) == Some(&next) {
+                        continue;
+                    }
+                    if !self
+                        .converge_tracked(key.clone(), next, &mut applied, &mut missing)
+                        .await
+                    {
+                        retry.insert(key);
+                    }
                 }
                 continue;
             }
+            // The check reads every deployable now: what changed before it is covered.
+            drop(self.shadows.take_scale_changes());
+            retry.clear();
             let targets = self.shadows.min_pod_counts();
             let mut report = ConvergeReport {
                 last_check_at: Some(self.clock.now()),
@@ -388,6 +403,7 @@ impl OpsCtx {
                                     entry(Some(have), Some(e.to_string())),
                                 );
                                 applied.remove(&key);
+                                retry.insert(key);
                             }
                         }
                     }
@@ -410,6 +426,9 @@ impl OpsCtx {
                             &mut report.failed,
                             entry(None, Some(e.to_string())),
                         );
+                        if applied.get(&key) != Some(&next) && missing.get(&key) != Some(&next) {
+                            retry.insert(key);
+                        }
                     }
                 }
             }
@@ -421,23 +440,26 @@ impl OpsCtx {
     }
 
     /// [`Self::converge_one`], remembering the outcome: converged, or missing from the
-    /// cluster (not tried again until it changes or the next drift check).
+    /// cluster (not tried again until it changes or the next drift check). False when it
+    /// failed otherwise (to be tried again).
     async fn converge_tracked(
         &self,
         key: ShadowKey,
         next: (ScaleTarget, u32),
         applied: &mut HashMap<ShadowKey, (ScaleTarget, u32)>,
         missing: &mut HashMap<ShadowKey, (ScaleTarget, u32)>,
-    ) {
+    ) -> bool {
         match self.converge_one(&key, &next.0, next.1).await {
             Ok(()) => {
                 missing.remove(&key);
                 applied.insert(key, next);
+                true
             }
             Err(KubeError::NotFound(_)) => {
                 missing.insert(key, next);
+                true
             }
-            Err(_) => {}
+            Err(_) => false,
         }
     }
 

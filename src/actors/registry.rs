@@ -413,29 +413,17 @@ impl Registry {
         out
     }
 
-    /// Like [`Self::min_pod_counts`], but only the records `keep` (given the key, the
-    /// mapped Deployment and HPA names and the count, borrowed) selects are copied: a
-    /// sweep that finds nothing changed allocates nothing per record.
-    pub fn min_pod_counts_where(
-        &self,
-        mut keep: impl FnMut(&ShadowKey, &str, &str, u32) -> bool,
-    ) -> Vec<(ShadowKey, ScaleTarget, u32)> {
-        let mut out = Vec::new();
-        self.deps.view.for_each(|k, e| {
-            let r = &e.record;
-            if keep(k, r.deployment_name(), r.hpa_name(), r.min_pod_count) {
-                out.push((k.clone(), scale_target(r), r.min_pod_count));
-            }
-        });
-        out
+    /// The records whose `min_pod_count` or mapped Deployment/HPA changed (or that
+    /// appeared) since the last call (see [`crate::actors::view::View::take_scale_changes`]).
+    pub fn take_scale_changes(&self) -> Vec<ShadowKey> {
+        self.deps.view.take_scale_changes()
     }
 
     /// One record's mapped Deployment/HPA and `min_pod_count` (none: not registered).
     pub fn min_pod_count(&self, key: &ShadowKey) -> Option<(ScaleTarget, u32)> {
         self.deps
             .view
-            .get(key)
-            .map(|e| (scale_target(&e.record), e.record.min_pod_count))
+            .with(key, |e| (scale_target(&e.record), e.record.min_pod_count))
     }
 
     /// At most `limit` published records of `env` matching `filter`, after the name

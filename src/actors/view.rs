@@ -4,7 +4,7 @@
 //! filters kept as indexes. A list page is a range walk of one ordered set followed by a
 //! concatenation of ready-made JSON, so its cost follows the page, not the population.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -123,6 +123,9 @@ struct EnvView {
     entries: BTreeMap<String, ViewEntry>,
     all: Split,
     pools: HashMap<String, Split>,
+    /// Names whose mapped Deployment/HPA or `min_pod_count` changed (or that appeared)
+    /// since the min-replica converger last took them.
+    scale_changed: HashSet<String>,
 }
 
 impl EnvView {
@@ -209,6 +212,14 @@ impl View {
             .cloned()
     }
 
+    /// `f` of one entry, under the read lock (no clone of the entry).
+    pub fn with<T>(&self, key: &ShadowKey, f: impl FnOnce(&ViewEntry) -> T) -> Option<T> {
+        self.read()
+            .get(&key.env)
+            .and_then(|e| e.entries.get(&key.name))
+            .map(f)
+    }
+
     /// Whether `key` is published.
     pub fn contains_key(&self, key: &ShadowKey) -> bool {
         self.read()
@@ -216,13 +227,49 @@ impl View {
             .is_some_and(|e| e.entries.contains_key(&key.name))
     }
 
-    /// Publishes `entry` under `key`, replacing (and re-indexing) what was there.
+    /// Publishes `entry` under `key`, replacing (and re-indexing) what was there. A new
+    /// entry, or one whose scale target or count changed, is noted for
+    /// [`Self::take_scale_changes`].
     pub fn insert(&self, key: &ShadowKey, entry: ViewEntry) {
         let mut envs = self.write();
-        let env = envs.entry(key.env.clone()).or_default();
-        env.remove(&key.name);
-        env.index(&key.name, &entry);
-        env.entries.insert(key.name.clone(), entry);
+        let env = match envs.get_mut(&key.env) {
+            Some(env) => env,
+            None => envs.entry(key.env.clone()).or_default(),
+        };
+        let (new, old) = (&entry.record, env.entries.get(&key.name).map(|e| &e.record));
+        let scale_changed = old.is_none_or(|o| {
+            o.min_pod_count != new.min_pod_count
+                || o.deployment_name() != new.deployment_name()
+                || o.hpa_name() != new.hpa_name()
+        });
+        // Re-indexed only when the indexed fields change (most changes do not move it).
+        let moved = old.is_none_or(|o| o.in_use() != new.in_use() || o.node_pool != new.node_pool);
+        if scale_changed && !env.scale_changed.contains(&key.name) {
+            env.scale_changed.insert(key.name.clone());
+        }
+        if moved {
+            env.remove(&key.name);
+            env.index(&key.name, &entry);
+            env.entries.insert(key.name.clone(), entry);
+        } else if let Some(slot) = env.entries.get_mut(&key.name) {
+            *slot = entry;
+        }
+    }
+
+    /// The keys noted by [`Self::insert`] since the last call (each once, no order),
+    /// forgetting them: what the min-replica converger must look at besides its own
+    /// retries, without walking the whole view.
+    pub fn take_scale_changes(&self) -> Vec<ShadowKey> {
+        let mut envs = self.write();
+        let mut out = Vec::new();
+        for (env, v) in envs.iter_mut() {
+            out.extend(
+                v.scale_changed
+                    .drain()
+                    .map(|name| ShadowKey::new(env, &name)),
+            );
+        }
+        out
     }
 
     /// Unpublishes `key`.
@@ -422,6 +469,38 @@ mod tests {
         assert_ne!(parsed(&e), expected(&free));
         assert_eq!(parsed(&e)["owner"]["workflow_run_id"], "r1");
         assert!(parsed(&e)["lease_expires_at"].is_string());
+    }
+
+    #[test]
+    fn scale_changes_name_new_entries_and_changed_counts_or_targets_once() {
+        let view = View::new();
+        let key = ShadowKey::new("int", "d1");
+        let mut r = record("d1", "p");
+        view.insert(&key, ViewEntry::new(r.clone(), 1));
+        view.insert(&ShadowKey::new("prod", "d1"), ViewEntry::new(r.clone(), 1));
+        let mut taken = view.take_scale_changes();
+        taken.sort_by(|a, b| a.env.cmp(&b.env));
+        assert_eq!(taken, [key.clone(), ShadowKey::new("prod", "d1")]);
+        assert!(view.take_scale_changes().is_empty(), "taken once");
+
+        // A hold and its release change neither the count nor the target.
+        r.state = ShadowState::Procured;
+        view.insert(&key, ViewEntry::new(r.clone(), 2));
+        r.state = ShadowState::Free;
+        view.insert(&key, ViewEntry::new(r.clone(), 3));
+        assert!(view.take_scale_changes().is_empty());
+
+        r.min_pod_count += 2;
+        view.insert(&key, ViewEntry::new(r.clone(), 4));
+        r.min_pod_count += 1;
+        view.insert(&key, ViewEntry::new(r.clone(), 5));
+        assert_eq!(view.take_scale_changes(), [key.clone()], "once per take");
+
+        r.hpa = Some("other".into());
+        view.insert(&key, ViewEntry::new(r.clone(), 6));
+        assert_eq!(view.take_scale_changes(), [key.clone()]);
+        let e = view.get(&key).unwrap_or_else(|| panic!("published"));
+        assert_eq!((e.record, e.mod_revision), (r, 6), "the entry is replaced");
     }
 
     #[test]
