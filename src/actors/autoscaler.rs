@@ -40,6 +40,9 @@ pub struct Autoscaler {
     batch_started: Option<Instant>,
     /// Workers whose termination has been journaled (once per stop sequence).
     asked: HashSet<String>,
+    /// Pending instances journaled as unplaceable (once while they stay so, so a
+    /// backlog that fits nowhere does not fill the journal on every batch).
+    reported: HashSet<String>,
 }
 
 impl Autoscaler {
@@ -50,6 +53,7 @@ impl Autoscaler {
             scheduler: None,
             batch_started: None,
             asked: HashSet::new(),
+            reported: HashSet::new(),
         }
     }
 }
@@ -98,8 +102,11 @@ impl Handler<ScaleUp> for Autoscaler {
     fn handle(&mut self, _msg: ScaleUp, _ctx: &mut Self::Context) -> Self::Result {
         let since = self.batch_started.take().unwrap_or_else(Instant::now);
         let cctx = self.ctx.clone();
+        let reported = std::mem::take(&mut self.reported);
         AtomicResponse::new(Box::pin(
-            async move { scale_up(&cctx, since).await }.into_actor(self),
+            async move { scale_up(&cctx, since, reported).await }
+                .into_actor(self)
+                .map(|reported, act, _| act.reported = reported),
         ))
     }
 }
@@ -136,19 +143,26 @@ impl Handler<Drive> for Autoscaler {
     }
 }
 
-async fn scale_up(ctx: &ControllerCtx, since: Instant) {
+/// Plans and launches for the pending demand; journals each unplaceable instance once
+/// (`reported`: those journaled before; returned as those still unplaceable).
+async fn scale_up(
+    ctx: &ControllerCtx,
+    since: Instant,
+    reported: HashSet<String>,
+) -> HashSet<String> {
     if ctx.fence.epoch().is_none() {
-        return;
+        return HashSet::new();
     }
     let pending: Vec<_> = ctx.pending().into_iter().map(|(i, _)| i).collect();
     let plan = plan_scale_up(&pending, &ctx.workers.list(), &ctx.templates);
-    for id in &plan.unplaceable {
+    for id in plan.unplaceable.iter().filter(|id| !reported.contains(*id)) {
         ctx.decide(
             "unplaceable",
             id,
             "no template fits it, or every fitting template is at max_workers",
         );
     }
+    let reported = plan.unplaceable.iter().cloned().collect();
     if !plan.absorbed_by_in_flight.is_empty() {
         ctx.decide(
             "wait_in_flight",
@@ -165,6 +179,7 @@ async fn scale_up(ctx: &ControllerCtx, since: Instant) {
         )
         .await;
     }
+    reported
 }
 
 /// Creates a worker (PENDING), asks the cloud for it (PROVISIONING).

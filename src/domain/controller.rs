@@ -499,7 +499,16 @@ pub fn plan_scale_up(
         .filter(|w| w.accepts_instances())
         .map(Bin::of)
         .collect();
-    queue.retain(|i| !place_best_fit(&mut running, &i.requirements));
+    // Bins only lose room while placing, so an instance larger than the most any of
+    // them has free now fits none of them: it skips the scan of every bin (a backlog
+    // that fits nowhere costs one comparison each, not one per worker).
+    let most_free = running.iter().fold(Resources::default(), |a, b| Resources {
+        cpu: a.cpu.max(b.free.cpu),
+        memory_gb: a.memory_gb.max(b.free.memory_gb),
+    });
+    queue.retain(|i| {
+        !(i.requirements.fits_in(&most_free) && place_best_fit(&mut running, &i.requirements))
+    });
 
     let counts = active_counts(workers);
     let slots: Vec<Slot<'_>> = workers

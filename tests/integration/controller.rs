@@ -248,6 +248,23 @@ async fn max_workers_is_respected_and_impossible_demand_is_reported() {
         r.json["pending_demand"]["instances"], 2,
         "one small slot short, one impossible"
     );
+    // Later batches (more demand arrives) plan again, but the journal names the
+    // impossible instance once: a backlog must not push every other decision out.
+    for _ in 0..3 {
+        submit(&app, 2.0, 4.0, false).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let r = send(&app, get("/api/1.0/controller").to_request()).await;
+    let journaled = |d: &&Value| d["action"] == "unplaceable" && d["subject"] == huge.as_str();
+    let decisions = r.json["recent_decisions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        decisions.iter().filter(journaled).count(),
+        1,
+        "{decisions:?}"
+    );
 }
 
 #[actix_web::test]
