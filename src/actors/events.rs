@@ -265,7 +265,10 @@ impl Translator {
 /// `id: <revision>\nevent: change\ndata: <json>\n\n`.
 fn change_frame(c: &Change) -> Bytes {
     let data = serde_json::to_string(c).unwrap_or_default();
-    Bytes::from(format!("id: {}\nevent: change\ndata: {data}\n\n", c.revision))
+    Bytes::from(format!(
+        "id: {}\nevent: change\ndata: {data}\n\n",
+        c.revision
+    ))
 }
 
 fn reset_frame(revision: i64) -> Bytes {
@@ -1093,7 +1096,11 @@ mod tests {
         let none = frames.for_filter(&Filter::new(&[Kind::Shadow], None));
         let ptr = |f: &Option<(Bytes, u64)>| f.as_ref().map(|(b, n)| (b.as_ptr(), *n));
         assert!(all.is_some() && none.is_none());
-        assert_eq!(ptr(&workers), ptr(&all), "the worker filter copied the frame");
+        assert_eq!(
+            ptr(&workers),
+            ptr(&all),
+            "the worker filter copied the frame"
+        );
         assert_eq!(ptr(&env), ptr(&all), "the env filter copied the frame");
 
         let (_, two) = &groups[1];

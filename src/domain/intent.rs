@@ -412,7 +412,10 @@ mod tests {
         assert!(f.delivery_due(now));
         let text = serde_json::to_string(&i).expect("json");
         assert!(text.contains("\"status\":\"SUBMITTING\""), "{text}");
-        assert!(!text.contains("traceparent"), "written only when there is one: {text}");
+        assert!(
+            !text.contains("traceparent"),
+            "written only when there is one: {text}"
+        );
         let back: WatchIntent = serde_json::from_str(&text).expect("decode");
         assert_eq!(back, i);
         i.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());

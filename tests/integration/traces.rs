@@ -489,7 +489,10 @@ async fn a_procure_and_a_callback_are_exported_as_connected_spans() {
     assert_eq!(attempt.attr("http.response.status_code"), Some("200"));
     let job_http = trace.iter().find(|s| s.name == job_route);
     let job_http = job_http.unwrap_or_else(|| panic!("no job request span"));
-    assert_eq!(job_http.parent, job_caller, "the job span continues the caller's");
+    assert_eq!(
+        job_http.parent, job_caller,
+        "the job span continues the caller's"
+    );
     assert!(
         descends(&trace, attempt, &job_http.span_id),
         "the callback attempt is not under the job request's span: {trace:#?}"
