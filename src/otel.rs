@@ -36,6 +36,9 @@ use crate::config::TracesSettings;
 /// Whether the OTel layer is installed (set once, at start-up).
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
+/// The W3C trace context header (and its key in a propagation carrier).
+const TRACEPARENT: &str = "traceparent";
+
 /// How long one export may take.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -164,13 +167,48 @@ impl Injector for HeaderWriter<'_> {
 /// Makes `span` continue the trace of an incoming W3C `traceparent` header (a missing
 /// or malformed one starts a new trace). No-op while traces are off.
 pub fn continue_trace(span: &Span, headers: &actix_web::http::header::HeaderMap) {
+    adopt_parent(span, &HeaderReader(headers));
+}
+
+/// Makes `span` a child of the span a stored W3C `traceparent` names (see
+/// [`current_traceparent`]); a malformed one leaves `span` its own trace. Call it before
+/// the span is first entered. No-op while traces are off.
+///
+/// A child, not a span link, even when the parent ended long ago or on another replica
+/// (a callback retried after a failover): the parent is only ids, which the backend
+/// joins whenever the spans arrive, and the callback is the request's outcome, so it
+/// belongs in the request's tree.
+pub fn continue_traceparent(span: &Span, traceparent: &str) {
+    let carrier: HashMap<String, String> =
+        HashMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
+    adopt_parent(span, &carrier);
+}
+
+/// Sets the remote context `carrier` holds as `span`'s parent when it is valid.
+fn adopt_parent(span: &Span, carrier: &dyn Extractor) {
     if !enabled() || span.is_disabled() {
         return;
     }
-    let parent = TraceContextPropagator::new().extract(&HeaderReader(headers));
+    let parent = TraceContextPropagator::new().extract(carrier);
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
     }
+}
+
+/// The W3C `traceparent` naming the current span, to be stored with work that outlives
+/// it (a watch intent, whose callback attempts continue the request's trace); `None`
+/// while traces are off or outside any exported span.
+pub fn current_traceparent() -> Option<String> {
+    if !enabled() {
+        return None;
+    }
+    let cx = Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier: HashMap<String, String> = HashMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    carrier.remove(TRACEPARENT)
 }
 
 /// Adds `traceparent` (and `tracestate`) naming the current span to an outgoing

@@ -12,15 +12,22 @@
 //!   live changes after the revision it names.
 //! - All the changes of one store revision travel as one buffer entry, so a client
 //!   never holds half a transaction and `Last-Event-ID` is always a clean cut.
+//! - Each change is encoded once per replica: a subscriber that wants one change of a
+//!   revision, or all of them, gets a shared buffer, not a copy; only a filter that
+//!   keeps some of a revision's changes joins its own.
+//! - A subscriber's stream writes whatever is queued when it is polled as one chunk,
+//!   not one per revision: a client polled late (a busy worker, a burst) costs one
+//!   write per wake-up.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{info, warn};
 
@@ -33,6 +40,10 @@ const ROOT: &str = "/";
 
 /// The heartbeat comment.
 const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
+/// Most bytes a stream joins into one chunk; what is queued beyond follows at once in
+/// the next.
+const MAX_CHUNK: usize = 64 * 1024;
 
 /// What changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -252,9 +263,12 @@ impl Translator {
 }
 
 /// `id: <revision>\nevent: change\ndata: <json>\n\n`.
-fn change_frame(c: &Change) -> String {
+fn change_frame(c: &Change) -> Bytes {
     let data = serde_json::to_string(c).unwrap_or_default();
-    format!("id: {}\nevent: change\ndata: {data}\n\n", c.revision)
+    Bytes::from(format!(
+        "id: {}\nevent: change\ndata: {data}\n\n",
+        c.revision
+    ))
 }
 
 fn reset_frame(revision: i64) -> Bytes {
@@ -400,11 +414,12 @@ impl Client {
     }
 }
 
-/// The frames of one revision, encoded once and assembled per filter.
+/// The frames of one revision, each change encoded once for every subscriber.
 struct Frames<'a> {
     changes: &'a [Change],
-    encoded: Vec<String>,
-    all: Option<Bytes>,
+    encoded: Vec<Bytes>,
+    /// Every frame of the revision in one buffer, joined the first time it is wanted.
+    all: std::cell::OnceCell<Bytes>,
 }
 
 impl<'a> Frames<'a> {
@@ -412,33 +427,56 @@ impl<'a> Frames<'a> {
         Self {
             changes,
             encoded: changes.iter().map(change_frame).collect(),
-            all: None,
+            all: std::cell::OnceCell::new(),
         }
     }
 
+    /// The whole revision, shared.
+    fn all(&self) -> Bytes {
+        match self.encoded.as_slice() {
+            [one] => one.clone(),
+            many => self
+                .all
+                .get_or_init(|| {
+                    let mut out = BytesMut::with_capacity(many.iter().map(Bytes::len).sum());
+                    for f in many {
+                        out.extend_from_slice(f);
+                    }
+                    out.freeze()
+                })
+                .clone(),
+        }
+    }
+
+    /// What `filter` wants of the revision and how many changes that is; `None` when
+    /// nothing. One change, or all of them, is a shared buffer.
     fn for_filter(&self, filter: &Filter) -> Option<(Bytes, u64)> {
-        if filter.is_all() {
-            let n = self.encoded.len() as u64;
-            return match &self.all {
-                Some(b) => Some((b.clone(), n)),
-                None => Some((Bytes::from(self.encoded.concat()), n)),
-            };
-        }
-        let mut out = String::new();
-        let mut n = 0;
-        for (c, f) in self.changes.iter().zip(&self.encoded) {
-            if filter.wants(c) {
-                out.push_str(f);
-                n += 1;
+        let total = self.encoded.len();
+        let wanted = if filter.is_all() {
+            total
+        } else {
+            self.changes.iter().filter(|c| filter.wants(c)).count()
+        };
+        let bytes = match wanted {
+            0 => return None,
+            n if n == total => self.all(),
+            1 => self
+                .changes
+                .iter()
+                .zip(&self.encoded)
+                .find(|(c, _)| filter.wants(c))
+                .map(|(_, f)| f.clone())?,
+            _ => {
+                let mut out = BytesMut::new();
+                for (c, f) in self.changes.iter().zip(&self.encoded) {
+                    if filter.wants(c) {
+                        out.extend_from_slice(f);
+                    }
+                }
+                out.freeze()
             }
-        }
-        (n > 0).then(|| (Bytes::from(out), n))
-    }
-
-    fn prepare_all(&mut self) {
-        if self.all.is_none() {
-            self.all = Some(Bytes::from(self.encoded.concat()));
-        }
+        };
+        Some((bytes, wanted as u64))
     }
 }
 
@@ -659,13 +697,10 @@ impl HubSink {
 
 impl Sink for HubSink {
     fn deliver(&mut self, revision: i64, changes: &[Change]) -> bool {
-        let mut frames = Frames::new(changes);
+        let frames = Frames::new(changes);
         let Ok(mut st) = self.hub.state.lock() else {
             return false;
         };
-        if st.clients.iter().any(|c| c.filter.is_all()) {
-            frames.prepare_all();
-        }
         let metrics = &self.hub.metrics;
         st.clients
             .retain_mut(|c| c.offer(revision, &frames, metrics));
@@ -815,9 +850,10 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// The `text/event-stream` body: queued events, a `: keep-alive` comment whenever
-    /// the heartbeat period passes, and, once the hub closed the buffer, the final event
-    /// (`overflow`) before the end. Dropping it unsubscribes.
+    /// The `text/event-stream` body: queued events (everything queued when it is polled
+    /// in one chunk, in order), a `: keep-alive` comment whenever the heartbeat period
+    /// passes, and, once the hub closed the buffer, the final event (`overflow`) before
+    /// the end. Dropping it unsubscribes.
     pub fn into_stream(self) -> impl Stream<Item = Bytes> {
         let start = tokio::time::Instant::now() + self.heartbeat;
         let mut tick = tokio::time::interval_at(start, self.heartbeat);
@@ -831,7 +867,10 @@ impl Subscription {
                 biased;
                 _ = sub.closing.changed() => None,
                 item = sub.rx.recv() => match item {
-                    Some(bytes) => Some((bytes, Some((sub, tick)))),
+                    Some(first) => {
+                        let (chunk, open) = sub.coalesce(first);
+                        Some((chunk, open.then_some((sub, tick))))
+                    }
                     None => {
                         let end = sub.end.lock().ok().and_then(|mut e| e.take());
                         end.map(|bytes| (bytes, None))
@@ -840,6 +879,35 @@ impl Subscription {
                 _ = tick.tick() => Some((Bytes::from_static(KEEP_ALIVE), Some((sub, tick)))),
             }
         })
+    }
+
+    /// `first` and what is queued behind it (up to [`MAX_CHUNK`]) as one chunk, and
+    /// whether the buffer is still open: once the hub has closed it and it is drained,
+    /// the final event (if any) ends the chunk and the stream ends after it.
+    fn coalesce(&mut self, first: Bytes) -> (Bytes, bool) {
+        let mut joined: Option<BytesMut> = None;
+        let mut open = true;
+        while open && joined.as_ref().map_or(first.len(), BytesMut::len) < MAX_CHUNK {
+            let next = match self.rx.try_recv() {
+                Ok(next) => next,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    match self.end.lock().ok().and_then(|mut e| e.take()) {
+                        Some(end) => end,
+                        None => break,
+                    }
+                }
+            };
+            joined
+                .get_or_insert_with(|| {
+                    let mut b = BytesMut::with_capacity(MAX_CHUNK.min(8 * first.len()));
+                    b.extend_from_slice(&first);
+                    b
+                })
+                .extend_from_slice(&next);
+        }
+        (joined.map_or(first, BytesMut::freeze), open)
     }
 }
 
@@ -947,6 +1015,108 @@ mod tests {
         assert_eq!(
             ids(&Filter::new(&[Kind::Shadow], Some("prod".into()))),
             vec!["prod/b"]
+        );
+    }
+
+    fn put_txn(key: &str, value: &str) -> crate::ports::store::Txn {
+        crate::ports::store::Txn {
+            compares: Vec::new(),
+            success: vec![crate::ports::store::Op::Put {
+                key: key.to_owned(),
+                value: value.as_bytes().to_vec(),
+                lease: None,
+            }],
+            failure_gets: Vec::new(),
+        }
+    }
+
+    /// The `id` of every change event in `text`, in order.
+    fn change_ids(text: &str) -> Vec<String> {
+        text.split("\n\n")
+            .filter(|frame| frame.contains("event: change\n"))
+            .filter_map(|frame| frame.lines().find_map(|l| l.strip_prefix("data: ")))
+            .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+            .filter_map(|v| v["id"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    #[actix_rt::test]
+    async fn a_burst_reaches_a_subscriber_in_fewer_chunks_than_events_and_in_order() {
+        use futures::StreamExt;
+        const N: usize = 24;
+        let store: Arc<dyn Store> = Arc::new(crate::adapters::memory::MemoryStore::new());
+        let hub = EventHub::new(store.clone(), EventsSettings::default());
+        let sub = hub
+            .subscribe(Filter::default(), None)
+            .await
+            .unwrap_or_else(|e| panic!("subscribe: {e}"));
+        for i in 0..N {
+            let key = format!("/workers/w{i:02}");
+            let put = store.txn(put_txn(&key, r#"{"state":"PENDING"}"#)).await;
+            assert!(put.is_ok_and(|r| r.succeeded), "{key}");
+        }
+        // The shared watch runs on this thread: let it queue the whole burst before the
+        // stream is read, as when a busy client is polled late.
+        for _ in 0..100_000 {
+            if hub.metrics.sent.get() == N as u64 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(hub.metrics.sent.get(), N as u64, "the burst was not queued");
+        let mut stream = Box::pin(sub.into_stream());
+        let mut text = String::new();
+        let mut chunks = 0;
+        while change_ids(&text).len() < N {
+            let chunk = stream
+                .next()
+                .await
+                .unwrap_or_else(|| panic!("ended after {chunks} chunks: {text}"));
+            chunks += 1;
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let expected: Vec<String> = (0..N).map(|i| format!("w{i:02}")).collect();
+        assert_eq!(change_ids(&text), expected);
+        assert!(chunks < N, "{N} queued events took {chunks} chunks");
+    }
+
+    #[test]
+    fn a_change_is_encoded_once_and_shared_by_every_filter_that_wants_it() {
+        let mut t = Translator::new();
+        let groups = t.batch(&[
+            put("/workers/w1", r#"{"state":"RUNNING"}"#, 5),
+            put("/instances/i1", r#"{"state":"PENDING"}"#, 6),
+            put("/instances/i1", r#"{"state":"RUNNING"}"#, 6),
+        ]);
+        let (_, one) = &groups[0];
+        let frames = Frames::new(one);
+        let all = frames.for_filter(&Filter::default());
+        let workers = frames.for_filter(&Filter::new(&[Kind::Worker], None));
+        let env = frames.for_filter(&Filter::new(&[], Some("int".into())));
+        let none = frames.for_filter(&Filter::new(&[Kind::Shadow], None));
+        let ptr = |f: &Option<(Bytes, u64)>| f.as_ref().map(|(b, n)| (b.as_ptr(), *n));
+        assert!(all.is_some() && none.is_none());
+        assert_eq!(
+            ptr(&workers),
+            ptr(&all),
+            "the worker filter copied the frame"
+        );
+        assert_eq!(ptr(&env), ptr(&all), "the env filter copied the frame");
+
+        let (_, two) = &groups[1];
+        let frames = Frames::new(two);
+        let all = frames.for_filter(&Filter::default());
+        let instances = frames.for_filter(&Filter::new(&[Kind::Instance], None));
+        assert_eq!(all.as_ref().map(|(_, n)| *n), Some(2));
+        assert_eq!(
+            ptr(&instances),
+            ptr(&all),
+            "a filter that wants the whole revision copied it"
+        );
+        assert_eq!(
+            ptr(&frames.for_filter(&Filter::default())),
+            ptr(&all),
+            "the revision's frames were joined twice"
         );
     }
 

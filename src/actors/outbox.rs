@@ -282,6 +282,7 @@ async fn deliver(ctx: &OpsCtx, id: &str) -> String {
         webhook_id: intent.delivery.webhook_id.clone(),
         timestamp: now.timestamp(),
         body: intent.callback_body(),
+        traceparent: intent.traceparent.clone(),
     };
     // Fenced like every leader-only side effect: a deposed leader sends nothing.
     if let Err(e) = ctx

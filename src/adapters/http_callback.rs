@@ -11,7 +11,8 @@
 //! Headers sent: the caller's, `content-type: application/json`, `webhook-id`,
 //! `webhook-timestamp` and, with a signing secret, `webhook-signature`. The secret and
 //! the signature are never logged; neither are caller header values or URL queries.
-//! With traces on, also `traceparent` (the attempt's `callback_attempt` span).
+//! With traces on, also `traceparent` (the attempt's `callback_attempt` span, a child of
+//! the span of the request that asked for the callback when the intent stored it).
 //!
 //! [`check_at_request_time`] runs the same validation and resolution when a request
 //! names a callback, so a bad target is answered with a 400 before anything is stored.
@@ -26,6 +27,7 @@ use async_trait::async_trait;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::redirect;
 use tracing::field::Empty;
+use tracing::Instrument;
 
 use crate::config::Secret;
 use crate::domain::callback::{
@@ -363,17 +365,27 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 
 #[async_trait]
 impl CallbackSender for HttpCallbackSender {
-    #[tracing::instrument(
-        name = "callback_attempt",
-        skip_all,
-        fields(
+    async fn send(&self, req: &CallbackRequest) -> AttemptOutcome {
+        let span = tracing::info_span!(
+            "callback_attempt",
             webhook_id = %req.webhook_id,
             otel.kind = Empty,
             otel.status_code = Empty,
             http.response.status_code = Empty,
-        )
-    )]
-    async fn send(&self, req: &CallbackRequest) -> AttemptOutcome {
+        );
+        // Before the span is entered (entering starts it): the attempt joins the trace of
+        // the request that asked for the callback.
+        if let Some(tp) = &req.traceparent {
+            otel::continue_traceparent(&span, tp);
+        }
+        self.send_in_span(req).instrument(span).await
+    }
+}
+
+impl HttpCallbackSender {
+    /// One attempt inside its `callback_attempt` span: the outcome on the span and in
+    /// the log.
+    async fn send_in_span(&self, req: &CallbackRequest) -> AttemptOutcome {
         let outcome = self.attempt(req).await;
         if otel::enabled() {
             let span = tracing::Span::current();
@@ -494,6 +506,7 @@ mod tests {
             webhook_id: "msg_1".into(),
             timestamp: 1,
             body: b"{}".to_vec(),
+            traceparent: None,
         };
         for url in [
             "https://private.example/",

@@ -560,6 +560,8 @@ async fn submit<B: OperationBody>(
             next_attempt_at: None,
         },
         submission: Some(submission),
+        // With traces on: the callback attempts continue this request's trace.
+        traceparent: crate::otel::current_traceparent(),
     };
     let reply = Reply {
         status: 202,

@@ -137,6 +137,11 @@ pub struct WatchIntent {
     /// shape the Kubernetes port defines (opaque here); dropped once it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submission: Option<serde_json::Value>,
+    /// The W3C `traceparent` of the request that made the intent, stored only while
+    /// traces are exported: each callback attempt continues that trace. Absent in
+    /// records stored with traces off or by earlier releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl WatchIntent {
@@ -299,6 +304,7 @@ mod tests {
                 next_attempt_at: None,
             },
             submission: None,
+            traceparent: None,
         }
     }
 
@@ -379,6 +385,7 @@ mod tests {
         assert!(i.delivery.gave_up);
         assert!(i.delivery.next_attempt_at.is_some() && i.observed_at.is_some());
         assert_eq!(i.created_at.to_rfc3339(), "2026-01-10T14:20:00+00:00");
+        assert_eq!(i.traceparent, None, "a record without one has none");
     }
 
     #[test]
@@ -405,8 +412,16 @@ mod tests {
         assert!(f.delivery_due(now));
         let text = serde_json::to_string(&i).expect("json");
         assert!(text.contains("\"status\":\"SUBMITTING\""), "{text}");
+        assert!(
+            !text.contains("traceparent"),
+            "written only when there is one: {text}"
+        );
         let back: WatchIntent = serde_json::from_str(&text).expect("decode");
         assert_eq!(back, i);
+        i.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        let text = serde_json::to_string(&i).expect("json");
+        let back: WatchIntent = serde_json::from_str(&text).expect("decode");
+        assert_eq!(back.traceparent, i.traceparent);
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub struct CallbackRequest {
     pub timestamp: i64,
     /// The JSON body, sent and signed byte for byte.
     pub body: Vec<u8>,
+    /// The W3C `traceparent` of the request that asked for the callback: the attempt's
+    /// span is its child, in its trace. `None` (traces off, or an intent stored without
+    /// one): the attempt starts a trace of its own.
+    pub traceparent: Option<String>,
 }
 
 // The body and the caller's headers stay out of logs.
@@ -31,6 +35,7 @@ impl std::fmt::Debug for CallbackRequest {
             .field("webhook_id", &self.webhook_id)
             .field("timestamp", &self.timestamp)
             .field("body_len", &self.body.len())
+            .field("traceparent", &self.traceparent)
             .finish()
     }
 }

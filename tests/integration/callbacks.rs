@@ -190,6 +190,7 @@ fn request(url: &str) -> CallbackRequest {
         webhook_id: "msg_2b9f6c1e".to_owned(),
         timestamp: TIMESTAMP,
         body: br#"{"request_id":"r-1","status":"SUCCEEDED"}"#.to_vec(),
+        traceparent: None,
     }
 }
 

@@ -2,8 +2,10 @@
 //! simulated Kubernetes) exports OTLP/HTTP protobuf to a collector this test runs on
 //! loopback, which decodes every `ExportTraceServiceRequest` and keeps the spans.
 //! Checked: a PROCURE sent with a `traceparent` continues that trace down to the actor's
-//! decide/commit and the etcd calls; a callback carries a `traceparent` naming its
-//! exported attempt span; with no endpoint set, nothing is exported or propagated.
+//! decide/commit and the etcd calls; a callback's attempt span belongs to the trace of
+//! the operation request that asked for it (under that request's span), and the
+//! callback carries a `traceparent` naming it; with no endpoint set, nothing is
+//! exported or propagated.
 //! In process: a grouped etcd Txn's span links to every member's `etcd txn` span.
 
 use std::collections::HashMap;
@@ -318,16 +320,20 @@ async fn register_and_procure(svc: &ServiceProc, traceparent: Option<&str>) {
     assert_eq!((status, &body), (200, &json!({"status": "PROCURED"})));
 }
 
-/// Submits a job whose watch intent calls `hooks` back; waits (bounded) for the
-/// callback and returns its headers.
-async fn job_callback(svc: &ServiceProc, hooks: &Hooks) -> HashMap<String, String> {
+/// Submits a job (with `traceparent` on the POST) whose watch intent calls `hooks`
+/// back; waits (bounded) for the callback and returns its headers.
+async fn job_callback(
+    svc: &ServiceProc,
+    hooks: &Hooks,
+    traceparent: Option<&str>,
+) -> HashMap<String, String> {
     let (status, body) = call(
         &client(),
         reqwest::Method::POST,
         &svc.url("/api/1.0/int/jobs"),
         &json!({"job_name": "warmup", "container": {"image": "registry.local/warmup:1"},
                 "callback": {"url": hooks.url(), "method": "PUT"}}),
-        None,
+        traceparent,
     )
     .await;
     assert_eq!(status, 202, "job: {body}");
@@ -448,31 +454,49 @@ async fn a_procure_and_a_callback_are_exported_as_connected_spans() {
         "the commit's etcd txn is under shadow.commit: {trace:#?}"
     );
 
-    // 2. A callback names its attempt span in `traceparent`.
-    let headers = job_callback(&svc, &hooks).await;
+    // 2. The callback belongs to the trace of the request that asked for it: the
+    //    attempt span descends from the job POST's span, and the callback's
+    //    `traceparent` names that attempt span, in the same trace.
+    let job_trace = uuid::Uuid::new_v4().simple().to_string();
+    let job_caller = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+    let job_traceparent = format!("00-{job_trace}-{job_caller}-01");
+    let headers = job_callback(&svc, &hooks, Some(&job_traceparent)).await;
     let tp = headers
         .get("traceparent")
         .unwrap_or_else(|| panic!("callback without traceparent: {headers:?}"));
     let parts: Vec<&str> = tp.split('-').collect();
     assert_eq!(parts.len(), 4, "{tp}");
     let (cb_trace, cb_span) = (parts[1].to_owned(), parts[2].to_owned());
+    assert_eq!(
+        cb_trace, job_trace,
+        "the callback's traceparent {tp} is not in the job request's trace"
+    );
+    let job_route = "POST /api/1.0/{env}/jobs";
     let exported = eventually(Duration::from_secs(20), || async {
-        collector
-            .trace(&cb_trace)
-            .iter()
-            .any(|s| s.span_id == cb_span)
+        let t = collector.trace(&job_trace);
+        t.iter().any(|s| s.span_id == cb_span) && t.iter().any(|s| s.name == job_route)
     })
     .await;
+    let trace = collector.trace(&job_trace);
     assert!(
         exported,
-        "callback span {tp} not exported: {:#?}",
-        collector.trace(&cb_trace)
+        "callback span {tp} or the job request's span not exported: {trace:#?}\nlog:\n{}",
+        svc.log()
     );
-    let attempt = collector.trace(&cb_trace);
-    let attempt = attempt.iter().find(|s| s.span_id == cb_span);
+    let attempt = trace.iter().find(|s| s.span_id == cb_span);
     let attempt = attempt.unwrap_or_else(|| panic!("no attempt span"));
     assert_eq!(attempt.name, "callback_attempt");
     assert_eq!(attempt.attr("http.response.status_code"), Some("200"));
+    let job_http = trace.iter().find(|s| s.name == job_route);
+    let job_http = job_http.unwrap_or_else(|| panic!("no job request span"));
+    assert_eq!(
+        job_http.parent, job_caller,
+        "the job span continues the caller's"
+    );
+    assert!(
+        descends(&trace, attempt, &job_http.span_id),
+        "the callback attempt is not under the job request's span: {trace:#?}"
+    );
 
     let log = svc.log();
     assert!(
@@ -499,7 +523,7 @@ async fn without_an_endpoint_nothing_is_exported_or_propagated() {
     let trace_id = uuid::Uuid::new_v4().simple().to_string();
     let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
     register_and_procure(&svc, Some(&traceparent)).await;
-    let headers = job_callback(&svc, &hooks).await;
+    let headers = job_callback(&svc, &hooks, Some(&traceparent)).await;
     assert!(
         !headers.contains_key("traceparent"),
         "traceparent sent with traces off: {headers:?}"
