@@ -4,7 +4,7 @@
 //! and this replica's writes, see [`crate::domain::schedule_index`]), never every
 //! instance or worker.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +14,7 @@ use tracing::debug;
 use crate::actors::controller_ctx::{ControllerCtx, Demand};
 pub use crate::actors::controller_ctx::{Schedule, Stop};
 use crate::actors::worker::{WorkerCmd, WorkerExecError};
-use crate::domain::worker::InstanceState;
+use crate::domain::worker::{InstanceState, Resources};
 
 /// The scheduler actor (leader only).
 pub struct Scheduler {
@@ -37,10 +37,55 @@ impl Scheduler {
 /// Pending instances that fit no worker, and the capacity index's room counter when
 /// that was found: until room appears ([`crate::domain::schedule_index::CapacityIndex::room`]
 /// changes) they still fit nowhere, so a pass skips them and costs what is new.
+///
+/// When room appears, one instance of each blocked shape (its requirements) is tried:
+/// the shapes that fit now are retried, the others stay blocked, so a backlog that fits
+/// nowhere costs a lookup per shape, not per instance, each time room appears.
 #[derive(Debug, Default)]
 pub struct Blocked {
     ids: HashSet<String>,
+    /// Blocked ids by requirements (exact bits of cpu and memory).
+    shapes: HashMap<(u64, u64), (Resources, Vec<String>)>,
     room: Option<u64>,
+}
+
+impl Blocked {
+    fn block(&mut self, id: &str, req: &Resources) {
+        if self.ids.insert(id.to_owned()) {
+            self.shapes
+                .entry((req.cpu.to_bits(), req.memory_gb.to_bits()))
+                .or_insert_with(|| (*req, Vec::new()))
+                .1
+                .push(id.to_owned());
+        }
+    }
+
+    /// Unblocks the shapes `fits` accepts; one id of each shape still blocked.
+    fn retry_where(&mut self, fits: impl Fn(&Resources) -> bool) -> Vec<String> {
+        let mut still = Vec::new();
+        let ids = &mut self.ids;
+        self.shapes.retain(|_, (req, members)| {
+            if fits(req) {
+                for id in members.iter() {
+                    ids.remove(id);
+                }
+                false
+            } else {
+                still.extend(members.first().cloned());
+                true
+            }
+        });
+        still
+    }
+
+    /// Keeps only the ids `keep` selects.
+    fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.ids.retain(|id| keep(id));
+        self.shapes.retain(|_, (_, members)| {
+            members.retain(|id| keep(id));
+            !members.is_empty()
+        });
+    }
 }
 
 impl Actor for Scheduler {
@@ -87,11 +132,14 @@ pub async fn schedule_once(
         return Blocked::default();
     }
     let room = ctx.workers.deps().room();
+    // Instances still waiting for the autoscaler (one per shape that still fits nowhere
+    // when room appeared: the autoscaler plans from the whole queue).
+    let mut unplaced = Vec::new();
     if blocked.room != Some(room) {
-        blocked.ids.clear();
+        let deps = ctx.workers.deps();
+        unplaced = blocked.retry_where(|req| deps.best_fit(req).is_some());
         blocked.room = Some(room);
     }
-    let mut unplaced = Vec::new();
     let todo = ctx.pending_ids_where(|id| !blocked.ids.contains(id));
     for id in todo {
         let Some((inst, rev)) = ctx.instances.get(&id) else {
@@ -103,7 +151,7 @@ pub async fn schedule_once(
         // The worker actor publishes each placement (view and index) before it answers,
         // so the next lookup already sees the room this one took.
         let Some(target) = ctx.workers.deps().best_fit(&inst.requirements) else {
-            blocked.ids.insert(id.clone());
+            blocked.block(&id, &inst.requirements);
             unplaced.push(id);
             continue;
         };
@@ -140,7 +188,7 @@ pub async fn schedule_once(
     let pending = ctx.pending_len();
     if blocked.ids.len() > 2 * pending + 1024 {
         let still: HashSet<String> = ctx.pending_ids().into_iter().collect();
-        blocked.ids.retain(|id| still.contains(id));
+        blocked.retain(|id| still.contains(id));
     }
     if !unplaced.is_empty() {
         autoscaler.do_send(Demand {
@@ -149,4 +197,36 @@ pub async fn schedule_once(
         });
     }
     blocked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(cpu: f64, memory_gb: f64) -> Resources {
+        Resources { cpu, memory_gb }
+    }
+
+    #[test]
+    fn room_unblocks_only_the_shapes_that_fit_and_names_one_of_each_other_shape() {
+        let mut b = Blocked::default();
+        for i in 0..100 {
+            b.block(&format!("big-{i}"), &req(64.0, 512.0));
+        }
+        b.block("small-1", &req(1.0, 2.0));
+        b.block("small-2", &req(1.0, 2.0));
+        b.block("small-1", &req(1.0, 2.0));
+        assert_eq!(b.ids.len(), 102, "an id is blocked once");
+
+        let still = b.retry_where(|r| r.cpu <= 8.0);
+        assert_eq!(still.len(), 1, "one id per shape still blocked: {still:?}");
+        assert!(still[0].starts_with("big-"));
+        assert!(!b.ids.contains("small-1") && !b.ids.contains("small-2"));
+        assert_eq!(b.ids.len(), 100);
+
+        b.retain(|id| id != "big-0");
+        assert_eq!(b.ids.len(), 99);
+        assert_eq!(b.retry_where(|_| true).len(), 0);
+        assert!(b.ids.is_empty() && b.shapes.is_empty());
+    }
 }

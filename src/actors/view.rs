@@ -494,11 +494,15 @@ mod tests {
         view.insert(&key, ViewEntry::new(r.clone(), 4));
         r.min_pod_count += 1;
         view.insert(&key, ViewEntry::new(r.clone(), 5));
-        assert_eq!(view.take_scale_changes(), [key.clone()], "once per take");
+        assert_eq!(
+            view.take_scale_changes(),
+            std::slice::from_ref(&key),
+            "once per take"
+        );
 
         r.hpa = Some("other".into());
         view.insert(&key, ViewEntry::new(r.clone(), 6));
-        assert_eq!(view.take_scale_changes(), [key.clone()]);
+        assert_eq!(view.take_scale_changes(), std::slice::from_ref(&key));
         let e = view.get(&key).unwrap_or_else(|| panic!("published"));
         assert_eq!((e.record, e.mod_revision), (r, 6), "the entry is replaced");
     }
