@@ -156,13 +156,10 @@ async fn scale_up(
     let pending: Vec<_> = ctx.pending().into_iter().map(|(i, _)| i).collect();
     let plan = plan_scale_up(&pending, &ctx.workers.list(), &ctx.templates);
     for id in plan.unplaceable.iter().filter(|id| !reported.contains(*id)) {
-        ctx.decide(
-            "unplaceable",
-            id,
-            "no template fits it, or every fitting template is at max_workers",
-        );
+        ctx.decide("unplaceable", id, WAIT_UNPLACEABLE);
     }
     let reported = plan.unplaceable.iter().cloned().collect();
+    ctx.set_waiting(waiting_reasons(ctx, &pending, &plan));
     if !plan.absorbed_by_in_flight.is_empty() {
         ctx.decide(
             "wait_in_flight",
@@ -180,6 +177,47 @@ async fn scale_up(
         .await;
     }
     reported
+}
+
+/// Why a pending instance waits: no template fits it (or each that fits is at
+/// `max_workers`).
+pub const WAIT_UNPLACEABLE: &str =
+    "no worker template fits it, or every template that fits is at max_workers";
+/// Why a pending instance waits: a worker being provisioned will take it.
+pub const WAIT_IN_FLIGHT: &str = "waiting for a worker that is being provisioned";
+/// Why a pending instance waits: a running worker has room now.
+pub const WAIT_ROOM: &str = "a running worker has room: the scheduler places it next";
+/// Why a pending instance waits: the plan launches a worker for it.
+pub const WAIT_LAUNCH: &str = "waiting for a new worker the autoscaler launched for it";
+
+/// Each pending instance's reason to wait, by `plan`.
+fn waiting_reasons(
+    ctx: &ControllerCtx,
+    pending: &[crate::domain::worker::Instance],
+    plan: &crate::domain::controller::ScalePlan,
+) -> std::collections::HashMap<String, &'static str> {
+    let unplaceable: HashSet<&str> = plan.unplaceable.iter().map(String::as_str).collect();
+    let absorbed: HashSet<&str> = plan
+        .absorbed_by_in_flight
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let deps = ctx.workers.deps();
+    pending
+        .iter()
+        .map(|i| {
+            let reason = if unplaceable.contains(i.id.as_str()) {
+                WAIT_UNPLACEABLE
+            } else if absorbed.contains(i.id.as_str()) {
+                WAIT_IN_FLIGHT
+            } else if deps.best_fit(&i.requirements).is_some() {
+                WAIT_ROOM
+            } else {
+                WAIT_LAUNCH
+            };
+            (i.id.clone(), reason)
+        })
+        .collect()
 }
 
 /// Creates a worker (PENDING), asks the cloud for it (PROVISIONING).

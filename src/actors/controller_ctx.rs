@@ -3,7 +3,7 @@
 //! [`crate::actors::controller`] does), so the scheduler, autoscaler and reconciler
 //! import this module and never each other or their supervisor: no import circle.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -170,6 +170,8 @@ pub struct ControllerCtx {
     /// Time source (shared with the worker actors).
     pub clock: Clock,
     journal: Mutex<VecDeque<DecisionRecord>>,
+    /// Why each pending instance waits, as the autoscaler's last plan found it.
+    waiting: Mutex<HashMap<String, &'static str>>,
     reconcile: Mutex<ReconcileStatus>,
     unreported: Mutex<Option<String>>,
     running: Mutex<Option<LeaderActors>>,
@@ -219,6 +221,7 @@ impl ControllerCtx {
             settings,
             metrics,
             journal: Mutex::new(VecDeque::new()),
+            waiting: Mutex::new(HashMap::new()),
             reconcile: Mutex::new(ReconcileStatus::default()),
             unreported: Mutex::new(None),
             running: Mutex::new(None),
@@ -253,6 +256,19 @@ impl ControllerCtx {
                 j.pop_front();
             }
         }
+    }
+
+    /// Records why each pending instance waits, from the autoscaler's last plan
+    /// (replacing the previous plan's reasons).
+    pub fn set_waiting(&self, reasons: HashMap<String, &'static str>) {
+        if let Ok(mut w) = self.waiting.lock() {
+            *w = reasons;
+        }
+    }
+
+    /// Why `id` waits, if the autoscaler's last plan saw it.
+    pub fn waiting_reason(&self, id: &str) -> Option<&'static str> {
+        self.waiting.lock().ok().and_then(|w| w.get(id).copied())
     }
 
     /// Recent decisions, newest last.

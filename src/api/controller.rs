@@ -587,10 +587,15 @@ async fn templates(state: web::Data<AppState>) -> HttpResponse {
 async fn status(state: web::Data<AppState>) -> HttpResponse {
     let ctl = &state.controller;
     let pending: Vec<String> = ctl.pending().into_iter().map(|(i, _)| i.id).collect();
+    // Why each waits, as the autoscaler's last plan found it (none yet: not planned).
+    let reasons: serde_json::Map<String, serde_json::Value> = pending
+        .iter()
+        .filter_map(|id| ctl.waiting_reason(id).map(|r| (id.clone(), json!(r))))
+        .collect();
     HttpResponse::Ok().json(json!({
         "leader": ctl.leader_status(),
         "last_reconcile": ctl.reconcile_status(),
-        "pending_demand": {"instances": pending.len(), "ids": pending},
+        "pending_demand": {"instances": pending.len(), "ids": pending, "reasons": reasons},
         "recent_decisions": ctl.decisions(),
         "min_replicas": state.ops.convergence(),
     }))

@@ -411,7 +411,8 @@ pages.workers = {
   },
 };
 
-/// Why a PENDING instance waits, judged from the workers the console sees.
+/// Why a PENDING instance waits, judged from the workers the console sees (for one the
+/// autoscaler has not planned yet).
 function pendingReason(inst, workers) {
   const need = inst.requirements || {};
   const fits = (w) => need.cpu <= w.capacity.cpu - w.allocated.cpu + 1e-9 && need.memory_gb <= w.capacity.memory_gb - w.allocated.memory_gb + 1e-9;
@@ -450,6 +451,8 @@ pages.instances = {
     ]);
     if (unchanged(this, [ctl.json && ctl.json.pending_demand, workers, list, pendingList])) return;
     const order = ((ctl.json && ctl.json.pending_demand && ctl.json.pending_demand.ids) || []);
+    // The autoscaler's own reason when its last plan saw the instance; else a guess from the workers.
+    const reasons = (ctl.json && ctl.json.pending_demand && ctl.json.pending_demand.reasons) || {};
     const byId = new Map(pendingList.items.map((i) => [i.id, i]));
     const queue = order.filter((id) => byId.has(id)).map((id) => byId.get(id));
     for (const i of pendingList.items) if (!order.includes(i.id)) queue.push(i);
@@ -459,7 +462,7 @@ pages.instances = {
         { cell: h("span", { class: "mono" }, i.id), dataset: { instance: i.id } },
         `${num(i.requirements.cpu)} cpu, ${num(i.requirements.memory_gb)} GB`,
         timeCell(i.created_at, ""),
-        pendingReason(i, workers.items),
+        reasons[i.id] || pendingReason(i, workers.items),
       ]), "nothing is waiting"));
     this.all.replaceChildren(table(`${list.items.length} instances${list.truncated ? ` (first ${LIST_CAP})` : ""}`,
       ["Instance", "State", "Worker", "Needs", "Do not disrupt", "Created"],

@@ -248,6 +248,18 @@ async fn max_workers_is_respected_and_impossible_demand_is_reported() {
         r.json["pending_demand"]["instances"], 2,
         "one small slot short, one impossible"
     );
+    // Each says why it waits: neither fits a template that may still launch a worker.
+    let reasons = &r.json["pending_demand"]["reasons"];
+    assert_eq!(
+        reasons[huge.as_str()],
+        resource_plane::actors::autoscaler::WAIT_UNPLACEABLE,
+        "{reasons}"
+    );
+    assert_eq!(
+        reasons.as_object().map(|o| o.len()),
+        Some(2),
+        "every pending instance has a reason: {reasons}"
+    );
     // Later batches (more demand arrives) plan again, but the journal names the
     // impossible instance once: a backlog must not push every other decision out.
     for _ in 0..3 {

@@ -527,7 +527,7 @@ async fn every_page_loads_without_console_errors_and_is_accessible_at_laptop_and
             ],
             "shadow" => &["int-predator-g2-std-16", "er5tdgsh", "PROCURED", "FREE"],
             "workers" => &[worker.as_str(), "RUNNING", "Drain"],
-            "instances" => &[waiting.as_str(), "no running worker has room", "SCHEDULED"],
+            "instances" => &[waiting.as_str(), "no worker template fits it", "SCHEDULED"],
             "decisions" => &["scale_up"],
             "actors" => &["shadow-deployable/", "worker/"],
             _ => &[],
