@@ -21,13 +21,11 @@ use resource_plane::domain::worker::{
     WorkerTemplate,
 };
 use resource_plane::keys;
-use resource_plane::ports::store::{
-    Compare, Kv, Op, Store, StoreError, Txn, TxnResult, WatchReceiver,
-};
+use resource_plane::ports::store::{Compare, Op, Store, StoreError, Txn, TxnResult, WatchReceiver};
 use serde_json::json;
 
 use crate::controller::{controller_config, TEMPLATES};
-use crate::support::{post, send};
+use crate::support::{post, send, Hook, Hooked};
 
 /// The `small` template of [`TEMPLATES`].
 pub fn small() -> WorkerTemplate {
@@ -146,7 +144,6 @@ pub async fn stored_worker(store: &dyn Store, id: &str) -> Worker {
 /// first), and while the instance watch is held back (this replica's view of the
 /// instances lags its view of the workers).
 pub struct Interleave {
-    inner: Arc<dyn Store>,
     /// Worker whose DRAINING write gets a `do_not_disrupt` placement in front of it.
     before_drain_of: Mutex<Option<String>>,
     /// How many such placements were made.
@@ -158,15 +155,14 @@ pub struct Interleave {
 }
 
 impl Interleave {
-    /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
+    /// Nothing armed, nothing held.
+    pub fn new() -> Self {
+        Self {
             before_drain_of: Mutex::new(None),
             placed: AtomicUsize::new(0),
             hold_instances: Arc::new(AtomicBool::new(false)),
             hold_workers: Arc::new(AtomicBool::new(false)),
-        })
+        }
     }
 
     /// The next DRAINING write of `worker` is preceded by a `do_not_disrupt` placement.
@@ -189,22 +185,8 @@ fn writes_draining(txn: &Txn, worker_key: &str) -> bool {
 }
 
 #[async_trait::async_trait]
-impl Store for Interleave {
-    async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
-        self.inner.list(prefix).await
-    }
-    async fn list_after(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<(Vec<Kv>, bool), StoreError> {
-        self.inner.list_after(prefix, after, limit).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+impl Hook for Interleave {
+    async fn txn(&self, inner: &dyn Store, txn: Txn) -> Result<TxnResult, StoreError> {
         let target = self.before_drain_of.lock().ok().and_then(|g| g.clone());
         if let Some(w) = target {
             if writes_draining(&txn, &keys::worker(&w)) {
@@ -213,7 +195,7 @@ impl Store for Interleave {
                 }
                 let n = self.placed.fetch_add(1, Ordering::SeqCst);
                 place_directly(
-                    self.inner.as_ref(),
+                    inner,
                     &w,
                     &format!("i-dnd-{n}"),
                     1.0,
@@ -223,19 +205,15 @@ impl Store for Interleave {
                 .await;
             }
         }
-        self.inner.txn(txn).await
+        inner.txn(txn).await
     }
-    async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
-        self.inner.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
-        self.inner.revoke_lease(lease).await
-    }
-    async fn watch(&self, prefix: &str, rev: i64) -> Result<WatchReceiver, StoreError> {
-        let mut rx = self.inner.watch(prefix, rev).await?;
+    async fn watch(
+        &self,
+        inner: &dyn Store,
+        prefix: &str,
+        rev: i64,
+    ) -> Result<WatchReceiver, StoreError> {
+        let mut rx = inner.watch(prefix, rev).await?;
         let hold = match prefix {
             keys::INSTANCE_PREFIX => self.hold_instances.clone(),
             keys::WORKER_PREFIX => self.hold_workers.clone(),
@@ -258,17 +236,11 @@ impl Store for Interleave {
         });
         Ok(out)
     }
-    async fn health(&self) -> Result<(), StoreError> {
-        self.inner.health().await
-    }
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
 }
 
 struct Fixture {
     svc: Service,
-    store: Arc<Interleave>,
+    store: Arc<Hooked<Interleave>>,
     _dir: tempfile::TempDir,
 }
 
@@ -284,7 +256,7 @@ async fn start(worker: &str, idle_secs: i64, scale_down_idle: Duration) -> Fixtu
     }
     let inner: Arc<dyn Store> = Arc::new(MemoryStore::new());
     seed_worker(inner.as_ref(), worker, idle_secs).await;
-    let store = Interleave::new(inner);
+    let store = Hooked::new(inner, Interleave::new());
     let cloud = Arc::new(SimCloud::new(Duration::from_millis(100)));
     let svc = Service::start_with(cfg, store.clone(), cloud).unwrap_or_else(|e| panic!("{e}"));
     assert!(svc.wait_hydrated(Duration::from_secs(10)).await);
@@ -323,15 +295,15 @@ async fn the_idle_drain_never_drains_a_worker_that_just_got_a_do_not_disrupt_ins
     tokio::time::pause();
     // idle for an hour: the first reconcile pass selects it for an idle drain
     let f = start("w-idle", 3600, Duration::from_secs(5)).await;
-    f.store.place_before_drain("w-idle");
+    f.store.hook.place_before_drain("w-idle");
     for _ in 0..100 {
-        if f.store.placed.load(Ordering::SeqCst) > 0 {
+        if f.store.hook.placed.load(Ordering::SeqCst) > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
-        f.store.placed.load(Ordering::SeqCst),
+        f.store.hook.placed.load(Ordering::SeqCst),
         1,
         "the reconciler never tried to drain the idle worker"
     );
@@ -345,13 +317,13 @@ async fn an_api_drain_that_lost_its_cas_to_a_do_not_disrupt_placement_is_refused
     tokio::time::pause();
     let f = start("w-api", 0, Duration::from_secs(3600)).await;
     let app = test::init_service(api::app(f.svc.state.clone())).await;
-    f.store.place_before_drain("w-api");
+    f.store.hook.place_before_drain("w-api");
     let r = send(
         &app,
         post("/api/1.0/workers/w-api/drain", &json!({})).to_request(),
     )
     .await;
-    assert_eq!(f.store.placed.load(Ordering::SeqCst), 1);
+    assert_eq!(f.store.hook.placed.load(Ordering::SeqCst), 1);
     assert_eq!(
         r.status, 409,
         "drain must be re-decided on the fresh worker: {:?}",
@@ -368,7 +340,7 @@ async fn an_api_drain_is_decided_on_the_store_not_on_a_lagging_instance_view() {
     let app = test::init_service(api::app(f.svc.state.clone())).await;
     // another replica places a do_not_disrupt instance; this replica's instance watch
     // lags while its worker watch has already delivered the placement
-    f.store.hold_instances.store(true, Ordering::SeqCst);
+    f.store.hook.hold_instances.store(true, Ordering::SeqCst);
     place_directly(
         f.store.as_ref(),
         "w-lag",
@@ -399,7 +371,7 @@ async fn an_api_drain_is_decided_on_the_store_not_on_a_lagging_instance_view() {
         post("/api/1.0/workers/w-lag/drain", &json!({})).to_request(),
     )
     .await;
-    f.store.hold_instances.store(false, Ordering::SeqCst);
+    f.store.hook.hold_instances.store(false, Ordering::SeqCst);
     assert_eq!(r.status, 409, "{:?}", r.json);
     assert_not_drained(&f, "w-lag").await;
 }
@@ -408,7 +380,7 @@ async fn an_api_drain_is_decided_on_the_store_not_on_a_lagging_instance_view() {
 async fn the_reconciler_does_not_take_an_instance_off_its_worker_on_a_lagging_view() {
     tokio::time::pause();
     let f = start("w-rec", 0, Duration::from_secs(3600)).await;
-    f.store.hold_instances.store(true, Ordering::SeqCst);
+    f.store.hook.hold_instances.store(true, Ordering::SeqCst);
     place_directly(
         f.store.as_ref(),
         "w-rec",
@@ -436,7 +408,7 @@ async fn the_reconciler_does_not_take_an_instance_off_its_worker_on_a_lagging_vi
         .unwrap_or_else(|| panic!("the leader runs an autoscaler"));
     // a pass while the instance view lags, then one after it caught up
     let _ = resource_plane::actors::reconciler::reconcile_once(&ctl, &autoscaler).await;
-    f.store.hold_instances.store(false, Ordering::SeqCst);
+    f.store.hook.hold_instances.store(false, Ordering::SeqCst);
     for _ in 0..100 {
         if ctl.instances.get("i-dnd-rec").is_some() {
             break;
@@ -468,7 +440,7 @@ async fn the_reconciler_does_not_take_an_instance_off_its_worker_on_a_lagging_vi
 async fn the_reconciler_does_not_reschedule_a_running_instance_on_a_lagging_worker_view() {
     tokio::time::pause();
     let f = start("w-lagw", 0, Duration::from_secs(3600)).await;
-    f.store.hold_workers.store(true, Ordering::SeqCst);
+    f.store.hook.hold_workers.store(true, Ordering::SeqCst);
     place_directly(
         f.store.as_ref(),
         "w-lagw",
@@ -494,7 +466,7 @@ async fn the_reconciler_does_not_reschedule_a_running_instance_on_a_lagging_work
         .autoscaler()
         .unwrap_or_else(|| panic!("the leader runs an autoscaler"));
     let _ = resource_plane::actors::reconciler::reconcile_once(&ctl, &autoscaler).await;
-    f.store.hold_workers.store(false, Ordering::SeqCst);
+    f.store.hook.hold_workers.store(false, Ordering::SeqCst);
     let kv = f
         .store
         .get(&keys::instance("i-dnd-lagw"))

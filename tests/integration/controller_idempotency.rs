@@ -16,12 +16,12 @@ use resource_plane::api;
 use resource_plane::app::Service;
 use resource_plane::domain::worker::{Instance, InstanceState, WorkerState};
 use resource_plane::keys;
-use resource_plane::ports::store::{Kv, Op, Store, StoreError, Txn, TxnResult, WatchReceiver};
+use resource_plane::ports::store::{Kv, Op, Store, StoreError, Txn, TxnResult};
 use serde_json::{json, Value};
 
 use crate::controller::{controller_config, TEMPLATES};
 use crate::controller_disrupt::{place_directly, seed_worker, stored_worker};
-use crate::support::{self, post, send, Etcd, Resp, TestApp};
+use crate::support::{self, post, send, Etcd, Hook, Hooked, Resp, TestApp};
 
 async fn start(store: Arc<dyn Store>) -> (Service, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -235,7 +235,6 @@ async fn controller_routes_are_idempotent_against_real_etcd() {
 
 /// Fails every worker/instance transaction after the first `allow` (when armed).
 struct FailAfter {
-    inner: Arc<dyn Store>,
     allow: AtomicI64,
 }
 
@@ -249,22 +248,8 @@ fn touches_controller(txn: &Txn) -> bool {
 }
 
 #[async_trait::async_trait]
-impl Store for FailAfter {
-    async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
-        self.inner.list(prefix).await
-    }
-    async fn list_after(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<(Vec<Kv>, bool), StoreError> {
-        self.inner.list_after(prefix, after, limit).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+impl Hook for FailAfter {
+    async fn txn(&self, inner: &dyn Store, txn: Txn) -> Result<TxnResult, StoreError> {
         if touches_controller(&txn) {
             let left = self.allow.load(Ordering::SeqCst);
             if left == 0 {
@@ -274,25 +259,7 @@ impl Store for FailAfter {
                 self.allow.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        self.inner.txn(txn).await
-    }
-    async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
-        self.inner.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
-        self.inner.revoke_lease(lease).await
-    }
-    async fn watch(&self, prefix: &str, rev: i64) -> Result<WatchReceiver, StoreError> {
-        self.inner.watch(prefix, rev).await
-    }
-    async fn health(&self) -> Result<(), StoreError> {
-        self.inner.health().await
-    }
-    fn name(&self) -> &'static str {
-        self.inner.name()
+        inner.txn(txn).await
     }
 }
 
@@ -344,19 +311,21 @@ async fn a_heartbeat_is_one_transaction_on_real_etcd() {
         )
         .await;
     }
-    let store = Arc::new(FailAfter {
+    let store = Hooked::new(
         inner,
-        allow: AtomicI64::new(-1),
-    });
+        FailAfter {
+            allow: AtomicI64::new(-1),
+        },
+    );
     let (svc, _dir) = start(store.clone()).await;
     let app = test::init_service(api::app(svc.state.clone())).await;
     let hb = json!({"running_instances": ids});
     let path = "/api/1.0/workers/w-hb/heartbeat";
 
     // etcd fails right after one write: either the whole heartbeat landed or none of it
-    store.allow.store(1, Ordering::SeqCst);
+    store.hook.allow.store(1, Ordering::SeqCst);
     let r = send(&app, post(path, &hb).to_request()).await;
-    store.allow.store(-1, Ordering::SeqCst);
+    store.hook.allow.store(-1, Ordering::SeqCst);
     let landed = all_or_nothing(store.as_ref(), "w-hb", &ids).await;
     assert!(landed, "one transaction fits in the one allowed write");
     assert_eq!(r.status, 200, "{:?}", r.json);
@@ -388,9 +357,9 @@ async fn a_heartbeat_is_one_transaction_on_real_etcd() {
     }
     let hb2 = json!({"running_instances": ["i-d", "i-e"]});
     let path2 = "/api/1.0/workers/w-hb2/heartbeat";
-    store.allow.store(0, Ordering::SeqCst);
+    store.hook.allow.store(0, Ordering::SeqCst);
     let r = send(&app, post(path2, &hb2).to_request()).await;
-    store.allow.store(-1, Ordering::SeqCst);
+    store.hook.allow.store(-1, Ordering::SeqCst);
     assert_eq!(r.status, 503, "{:?}", r.json);
     assert!(!all_or_nothing(store.as_ref(), "w-hb2", &["i-d", "i-e"]).await);
     let r = send(&app, post(path2, &hb2).to_request()).await;
@@ -422,19 +391,21 @@ async fn a_heartbeat_of_many_instances_goes_in_consistent_resumable_steps_on_rea
         )
         .await;
     }
-    let store = Arc::new(FailAfter {
+    let store = Hooked::new(
         inner,
-        allow: AtomicI64::new(-1),
-    });
+        FailAfter {
+            allow: AtomicI64::new(-1),
+        },
+    );
     let (svc, _dir) = start(store.clone()).await;
     let app = test::init_service(api::app(svc.state.clone())).await;
     let hb = json!({"running_instances": ids});
     let path = "/api/1.0/workers/w-many/heartbeat";
 
     // etcd fails after the first step: that step is whole, the rest is still due
-    store.allow.store(1, Ordering::SeqCst);
+    store.hook.allow.store(1, Ordering::SeqCst);
     let r = send(&app, post(path, &hb).to_request()).await;
-    store.allow.store(-1, Ordering::SeqCst);
+    store.hook.allow.store(-1, Ordering::SeqCst);
     assert_eq!(r.status, 503, "{:?}", r.json);
     let w = kv(store.as_ref(), &keys::worker("w-many")).await;
     let mut running = 0;

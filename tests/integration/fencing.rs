@@ -27,12 +27,10 @@ use resource_plane::ports::kube::{
     Baseline, DeployableSpec, JobSpec, KubeError, KubeExecutor, ModelSpec, ResourceKind,
     ScaleTarget,
 };
-use resource_plane::ports::store::{
-    Compare, Kv, Op, Store, StoreError, Txn, TxnResult, WatchReceiver,
-};
+use resource_plane::ports::store::{Compare, Op, Store, StoreError, Txn, TxnResult};
 use tokio::sync::broadcast;
 
-use crate::support::{self, get, send, Etcd};
+use crate::support::{self, get, send, Etcd, Hook, Hooked};
 
 /// One worker that must always exist, so the leader launches one by itself.
 const ONE_MIN_WORKER: &str = "templates:
@@ -401,50 +399,20 @@ async fn a_frozen_leader_that_resumes_makes_no_cloud_or_kubernetes_call() {
 
 /// A store that refuses (as unavailable) transactions matching a predicate.
 struct FailingStore {
-    inner: Arc<dyn Store>,
     fail: Box<dyn Fn(&Txn) -> bool + Send + Sync>,
     failed: AtomicUsize,
 }
 
 #[async_trait]
-impl Store for FailingStore {
-    async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
-        self.inner.list(prefix).await
-    }
-    async fn list_after(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<(Vec<Kv>, bool), StoreError> {
-        self.inner.list_after(prefix, after, limit).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+impl Hook for FailingStore {
+    async fn txn(&self, inner: &dyn Store, txn: Txn) -> Result<TxnResult, StoreError> {
         if (self.fail)(&txn) {
             self.failed.fetch_add(1, Ordering::SeqCst);
             return Err(StoreError::Unavailable("injected".into()));
         }
-        self.inner.txn(txn).await
+        inner.txn(txn).await
     }
-    async fn grant_lease(&self, ttl_seconds: i64) -> Result<i64, StoreError> {
-        self.inner.grant_lease(ttl_seconds).await
-    }
-    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
-        self.inner.revoke_lease(lease).await
-    }
-    async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchReceiver, StoreError> {
-        self.inner.watch(prefix, start_revision).await
-    }
-    async fn health(&self) -> Result<(), StoreError> {
-        self.inner.health().await
-    }
-    fn name(&self) -> &'static str {
+    fn name(&self, _inner: &dyn Store) -> &'static str {
         "failing"
     }
 }
@@ -477,11 +445,13 @@ async fn single(
     let sim = Arc::new(SimCloud::new(Duration::from_millis(300)));
     let cloud = CountingCloud::new(sim.clone());
     let memory: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let store: Arc<dyn Store> = Arc::new(FailingStore {
-        inner: memory.clone(),
-        fail: Box::new(fail),
-        failed: AtomicUsize::new(0),
-    });
+    let store: Arc<dyn Store> = Hooked::new(
+        memory.clone(),
+        FailingStore {
+            fail: Box::new(fail),
+            failed: AtomicUsize::new(0),
+        },
+    );
     let svc = Service::start_with(cfg, store, cloud.clone()).unwrap_or_else(|e| panic!("{e}"));
     assert!(svc.wait_hydrated(Duration::from_secs(10)).await);
     let led = wait(Duration::from_secs(5), || {

@@ -13,31 +13,30 @@ use rand::{Rng, SeedableRng};
 use resource_plane::adapters::group_commit::GroupCommitStore;
 use resource_plane::config::GroupCommitSettings;
 use resource_plane::ports::store::{
-    Compare, Kv, Op, Store, StoreError, Txn, TxnResult, WatchEvent, WatchReceiver,
+    Compare, Kv, Op, Store, StoreError, Txn, TxnResult, WatchEvent,
 };
 use resource_plane::telemetry::Metrics;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::support::{self, Etcd};
+use crate::support::{self, Etcd, Hook, Hooked};
 
 /// Passes every call to etcd and records each Txn it is asked to send; can hold the
 /// first Txn until the test releases it, so the next members queue up behind it.
 struct Recorder {
-    inner: Arc<dyn Store>,
     seen: Mutex<Vec<Txn>>,
     entered: Mutex<Option<oneshot::Sender<()>>>,
     release: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 impl Recorder {
-    fn new(inner: Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
+    fn new(inner: Arc<dyn Store>) -> Arc<Hooked<Self>> {
+        let rec = Self {
             seen: Mutex::new(Vec::new()),
             entered: Mutex::new(None),
             release: Mutex::new(None),
-        })
+        };
+        Hooked::new(inner, rec)
     }
 
     fn seen(&self) -> Vec<Txn> {
@@ -55,22 +54,8 @@ impl Recorder {
 }
 
 #[async_trait]
-impl Store for Recorder {
-    async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
-        self.inner.list(prefix).await
-    }
-    async fn list_after(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<(Vec<Kv>, bool), StoreError> {
-        self.inner.list_after(prefix, after, limit).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+impl Hook for Recorder {
+    async fn txn(&self, inner: &dyn Store, txn: Txn) -> Result<TxnResult, StoreError> {
         if let Ok(mut s) = self.seen.lock() {
             s.push(txn.clone());
         }
@@ -82,32 +67,14 @@ impl Store for Recorder {
                 let _ = w.await;
             }
         }
-        self.inner.txn(txn).await
-    }
-    async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
-        self.inner.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
-        self.inner.revoke_lease(lease).await
-    }
-    async fn watch(&self, prefix: &str, rev: i64) -> Result<WatchReceiver, StoreError> {
-        self.inner.watch(prefix, rev).await
-    }
-    async fn health(&self) -> Result<(), StoreError> {
-        self.inner.health().await
-    }
-    fn name(&self) -> &'static str {
-        self.inner.name()
+        inner.txn(txn).await
     }
 }
 
 struct Rig {
     etcd: Etcd,
     raw: Arc<dyn Store>,
-    rec: Arc<Recorder>,
+    rec: Arc<Hooked<Recorder>>,
     gc: Arc<dyn Store>,
     metrics: Metrics,
 }
@@ -176,7 +143,7 @@ impl Rig {
         JoinHandle<Result<TxnResult, StoreError>>,
         oneshot::Sender<()>,
     ) {
-        let (entered, release) = self.rec.hold_next();
+        let (entered, release) = self.rec.hook.hold_next();
         let h = spawn_txn(
             &self.gc,
             Txn {
@@ -230,7 +197,7 @@ async fn a_lone_request_goes_out_at_once_and_queued_ones_share_the_next_txn() {
         .await
         .expect("lone txn");
     assert!(res.succeeded);
-    assert_eq!(r.rec.seen(), vec![lone]);
+    assert_eq!(r.rec.hook.seen(), vec![lone]);
 
     // While one Txn is in flight, the next members gather and go out together.
     let (held, release) = r.hold().await;
@@ -244,7 +211,7 @@ async fn a_lone_request_goes_out_at_once_and_queued_ones_share_the_next_txn() {
     for m in members {
         assert!(join(m).await.expect("member").succeeded);
     }
-    let seen = r.rec.seen();
+    let seen = r.rec.hook.seen();
     assert_eq!(seen.len(), 3, "lone, held, then one shared Txn: {seen:?}");
     let mut keys = ops_of(&seen[2]);
     keys.sort();
@@ -258,7 +225,7 @@ async fn a_lone_request_goes_out_at_once_and_queued_ones_share_the_next_txn() {
             .expect("again")
             .succeeded
     );
-    assert_eq!(r.rec.seen().last(), Some(&again));
+    assert_eq!(r.rec.hook.seen().last(), Some(&again));
     assert_eq!(r.metrics.group_commit_txns.get(), 4);
     assert_eq!(r.metrics.group_commit_members.get(), 6);
 }
@@ -299,7 +266,7 @@ async fn many_concurrent_independent_members_take_far_fewer_etcd_txns() {
     assert_eq!(etcd_rpcs, rpcs, "etcd saw what the committer sent");
     assert_eq!(r.metrics.group_commit_members.get(), n);
     assert!(rpcs * 4 <= n, "{rpcs} etcd Txns for {n} members");
-    for t in r.rec.seen() {
+    for t in r.rec.hook.seen() {
         let fences = t
             .compares
             .iter()
@@ -385,7 +352,7 @@ async fn members_writing_the_same_key_never_share_a_txn() {
     assert!(w1.succeeded && w2.succeeded && w1.revision < w2.revision);
     assert_eq!(r.value("/w").await.map(|kv| kv.value), Some(b"2".to_vec()));
     assert!(join(other).await.expect("other").succeeded);
-    let seen = r.rec.seen();
+    let seen = r.rec.hook.seen();
     for t in &seen {
         let keys = ops_of(t);
         let unique: HashSet<_> = keys.iter().collect();
@@ -416,7 +383,7 @@ async fn batches_stay_within_the_op_and_byte_limits() {
     for h in handles {
         assert!(join(h).await.expect("member").succeeded);
     }
-    let seen = r.rec.seen();
+    let seen = r.rec.hook.seen();
     for t in &seen {
         let widest = t
             .compares
@@ -447,7 +414,7 @@ async fn batches_stay_within_the_op_and_byte_limits() {
     for h in handles {
         assert!(join(h).await.expect("member").succeeded);
     }
-    let seen = r.rec.seen();
+    let seen = r.rec.hook.seen();
     for t in &seen[1..] {
         let bytes: usize = t
             .success
@@ -517,7 +484,7 @@ async fn with_etcd_down_every_member_gets_the_error_and_nothing_is_written() {
         let res = join(h).await;
         assert!(matches!(res, Err(StoreError::Unavailable(_))), "{res:?}");
     }
-    let seen = r.rec.seen();
+    let seen = r.rec.hook.seen();
     assert!(
         seen.iter().any(|t| t.success.len() == 20),
         "one grouped Txn: {seen:?}"

@@ -8,10 +8,10 @@ use futures::future::join_all;
 use resource_plane::adapters::memory::MemoryStore;
 use resource_plane::api;
 use resource_plane::keys;
-use resource_plane::ports::store::{Kv, Store, StoreError, Txn, TxnResult, WatchReceiver};
+use resource_plane::ports::store::{Store, StoreError, Txn, TxnResult};
 use serde_json::json;
 
-use crate::support::{self, get, post, put, send, Etcd};
+use crate::support::{self, get, post, put, send, Etcd, Hook, Hooked};
 
 const BASE: &str = "/api/1.0/int/shadow-deployables";
 
@@ -185,50 +185,18 @@ async fn idempotency_suite(store: Arc<dyn Store>) {
 }
 
 /// A store whose transactions take a while, so concurrent requests surely overlap.
-struct SlowTxns(Arc<dyn Store>);
+struct SlowTxns;
 
 #[async_trait::async_trait]
-impl Store for SlowTxns {
-    async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
-        self.0.get(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
-        self.0.list(prefix).await
-    }
-    async fn list_after(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<(Vec<Kv>, bool), StoreError> {
-        self.0.list_after(prefix, after, limit).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+impl Hook for SlowTxns {
+    async fn txn(&self, inner: &dyn Store, txn: Txn) -> Result<TxnResult, StoreError> {
         tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-        self.0.txn(txn).await
-    }
-    async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
-        self.0.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
-        self.0.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
-        self.0.revoke_lease(lease).await
-    }
-    async fn watch(&self, prefix: &str, rev: i64) -> Result<WatchReceiver, StoreError> {
-        self.0.watch(prefix, rev).await
-    }
-    async fn health(&self) -> Result<(), StoreError> {
-        self.0.health().await
-    }
-    fn name(&self) -> &'static str {
-        self.0.name()
+        inner.txn(txn).await
     }
 }
 
 async fn concurrent_same_key(store: Arc<dyn Store>) {
-    let store: Arc<dyn Store> = Arc::new(SlowTxns(store));
+    let store: Arc<dyn Store> = Hooked::new(store, SlowTxns);
     let svc = support::service(support::config(), store.clone()).await;
     let app = test::init_service(api::app(svc.state.clone())).await;
     send(

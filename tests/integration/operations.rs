@@ -18,7 +18,7 @@ use resource_plane::ports::kube::{DeployableSpec, ResourceSpec, ScaleTarget};
 use resource_plane::ports::store::Store;
 use serde_json::{json, Value};
 
-use crate::support::{self, get, post, put, send, Etcd, TestApp};
+use crate::support::{self, get, post, put, send, Etcd, Hook, Hooked, TestApp};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -669,13 +669,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use resource_plane::ports::kube::{
     Baseline, JobSpec, KubeError, KubeExecutor, ModelSpec, ObjectEvent, Observation, ResourceKind,
 };
-use resource_plane::ports::store::{Kv, StoreError, Txn, TxnResult, WatchReceiver};
+use resource_plane::ports::store::{Kv, StoreError, Txn, TxnResult};
 use tokio::sync::{broadcast, Semaphore};
 
 /// A store that answers the next `fail` transactions touching `/watch-intents/` with
 /// `error`, as an etcd that refuses or loses the request would.
 struct FailingTxns {
-    inner: Arc<dyn Store>,
     fail: AtomicUsize,
     error: StoreError,
     /// When set, the next read of this key panics (once): a poisoned dependency.
@@ -684,14 +683,14 @@ struct FailingTxns {
 }
 
 impl FailingTxns {
-    fn new(inner: Arc<dyn Store>, error: StoreError) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
+    fn new(inner: Arc<dyn Store>, error: StoreError) -> Arc<Hooked<Self>> {
+        let hook = Self {
             fail: AtomicUsize::new(0),
             error,
             panic_get: std::sync::Mutex::new(None),
             panicked: std::sync::atomic::AtomicBool::new(false),
-        })
+        };
+        Hooked::new(inner, hook)
     }
     fn fail_next(&self, n: usize) {
         self.fail.store(n, Ordering::SeqCst);
@@ -702,8 +701,8 @@ impl FailingTxns {
 }
 
 #[async_trait::async_trait]
-impl Store for FailingTxns {
-    async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
+impl Hook for FailingTxns {
+    async fn get(&self, inner: &dyn Store, key: &str) -> Result<Option<Kv>, StoreError> {
         let armed = {
             let mut p = self.panic_get.lock().unwrap_or_else(|p| p.into_inner());
             if p.as_deref() == Some(key) {
@@ -716,20 +715,9 @@ impl Store for FailingTxns {
             self.panicked.store(true, Ordering::SeqCst);
             panic!("poisoned dependency: the store panicked reading {key}");
         }
-        self.inner.get(key).await
+        inner.get(key).await
     }
-    async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
-        self.inner.list(prefix).await
-    }
-    async fn list_after(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<(Vec<Kv>, bool), StoreError> {
-        self.inner.list_after(prefix, after, limit).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+    async fn txn(&self, inner: &dyn Store, txn: Txn) -> Result<TxnResult, StoreError> {
         let touches_intents = txn.success.iter().any(|op| match op {
             resource_plane::ports::store::Op::Put { key, .. }
             | resource_plane::ports::store::Op::Delete { key } => key.contains("/watch-intents/"),
@@ -742,25 +730,7 @@ impl Store for FailingTxns {
         {
             return Err(self.error.clone());
         }
-        self.inner.txn(txn).await
-    }
-    async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
-        self.inner.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
-        self.inner.revoke_lease(lease).await
-    }
-    async fn watch(&self, prefix: &str, rev: i64) -> Result<WatchReceiver, StoreError> {
-        self.inner.watch(prefix, rev).await
-    }
-    async fn health(&self) -> Result<(), StoreError> {
-        self.inner.health().await
-    }
-    fn name(&self) -> &'static str {
-        self.inner.name()
+        inner.txn(txn).await
     }
 }
 
@@ -987,7 +957,7 @@ async fn a_job_retried_after_a_failed_store_write_gets_its_callback_not_409() {
     ready(&svc).await;
     let app = test::init_service(api::app(svc.state.clone())).await;
     let body = job("retried", &rx.url);
-    store.fail_next(1);
+    store.hook.fail_next(1);
     let r = send(
         &app,
         post("/api/1.0/int/jobs", &body)
@@ -1122,7 +1092,7 @@ async fn a_store_that_refuses_the_request_as_invalid_answers_500_not_503() {
     let svc = start_with_kube(ops_config(), store.clone(), kube.clone());
     ready(&svc).await;
     let app = test::init_service(api::app(svc.state.clone())).await;
-    store.fail_next(1);
+    store.hook.fail_next(1);
     let r = send(
         &app,
         post("/api/1.0/int/jobs", &job("refused", &rx.url)).to_request(),
@@ -1386,61 +1356,33 @@ async fn callback_deliveries_run_with_bounded_concurrency() {
 #[actix_web::test]
 async fn concurrent_lease_requests_share_one_grant() {
     struct SlowGrants {
-        inner: MemoryStore,
         grants: AtomicUsize,
     }
     #[async_trait::async_trait]
-    impl Store for SlowGrants {
-        async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
-            self.inner.get(key).await
-        }
-        async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
-            self.inner.list(prefix).await
-        }
-        async fn list_after(
-            &self,
-            prefix: &str,
-            after: Option<&str>,
-            limit: usize,
-        ) -> Result<(Vec<Kv>, bool), StoreError> {
-            self.inner.list_after(prefix, after, limit).await
-        }
-        async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
-            self.inner.txn(txn).await
-        }
-        async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
+    impl Hook for SlowGrants {
+        async fn grant_lease(&self, inner: &dyn Store, ttl: i64) -> Result<i64, StoreError> {
             self.grants.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(100)).await;
-            self.inner.grant_lease(ttl).await
+            inner.grant_lease(ttl).await
         }
-        async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
-            self.inner.keep_alive(lease).await
-        }
-        async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
-            self.inner.revoke_lease(lease).await
-        }
-        async fn watch(&self, prefix: &str, rev: i64) -> Result<WatchReceiver, StoreError> {
-            self.inner.watch(prefix, rev).await
-        }
-        async fn health(&self) -> Result<(), StoreError> {
-            self.inner.health().await
-        }
-        fn name(&self) -> &'static str {
+        fn name(&self, _inner: &dyn Store) -> &'static str {
             "slow-grants"
         }
     }
-    let store = SlowGrants {
-        inner: MemoryStore::new(),
-        grants: AtomicUsize::new(0),
-    };
+    let store = Hooked::new(
+        Arc::new(MemoryStore::new()),
+        SlowGrants {
+            grants: AtomicUsize::new(0),
+        },
+    );
     let pool = resource_plane::idempotency::LeasePool::new(Duration::from_secs(600));
-    let got = futures::future::join_all((0..16).map(|_| pool.lease(&store))).await;
+    let got = futures::future::join_all((0..16).map(|_| pool.lease(store.as_ref()))).await;
     let ids: std::collections::HashSet<i64> = got
         .into_iter()
         .map(|r| r.unwrap_or_else(|e| panic!("{e}")))
         .collect();
     assert_eq!(ids.len(), 1, "every caller got the same lease");
-    assert_eq!(store.grants.load(Ordering::SeqCst), 1, "one grant RPC");
+    assert_eq!(store.hook.grants.load(Ordering::SeqCst), 1, "one grant RPC");
 }
 
 #[actix_web::test]
@@ -1514,11 +1456,13 @@ async fn a_panic_in_the_intent_manager_does_not_stop_callbacks() {
         deployable("predator", &rx.url),
     )
     .await;
-    store.panic_on_get(&resource_plane::keys::watch_intent(&id));
+    store
+        .hook
+        .panic_on_get(&resource_plane::keys::watch_intent(&id));
     let r = delivered(&rx, &id).await;
     assert_eq!(r.body["status"], "SUCCEEDED");
     assert!(
-        store.panicked.load(Ordering::SeqCst),
+        store.hook.panicked.load(Ordering::SeqCst),
         "the poisoned read never happened, so nothing was tested"
     );
 }
@@ -1609,86 +1553,31 @@ async fn min_pod_counts_scale_the_mapped_deployment_and_nothing_unregistered() {
 /// A store whose shadow-deployable listing answers late (a large fleet hydrating), and
 /// which counts the fenced min-replica effects written.
 struct SlowShadowList {
-    inner: MemoryStore,
     delay: Duration,
     kube_effects: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
-impl Store for SlowShadowList {
-    async fn get(
-        &self,
-        key: &str,
-    ) -> Result<Option<resource_plane::ports::store::Kv>, resource_plane::ports::store::StoreError>
-    {
-        self.inner.get(key).await
-    }
-    async fn list(
-        &self,
-        prefix: &str,
-    ) -> Result<
-        (Vec<resource_plane::ports::store::Kv>, i64),
-        resource_plane::ports::store::StoreError,
-    > {
+impl Hook for SlowShadowList {
+    async fn list(&self, inner: &dyn Store, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
         if prefix.starts_with(resource_plane::keys::SHADOW_PREFIX) {
             tokio::time::sleep(self.delay).await;
         }
-        self.inner.list(prefix).await
+        inner.list(prefix).await
     }
-    async fn list_after(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<
-        (Vec<resource_plane::ports::store::Kv>, bool),
-        resource_plane::ports::store::StoreError,
-    > {
-        self.inner.list_after(prefix, after, limit).await
-    }
-    async fn txn(
-        &self,
-        txn: resource_plane::ports::store::Txn,
-    ) -> Result<resource_plane::ports::store::TxnResult, resource_plane::ports::store::StoreError>
-    {
+    async fn txn(&self, inner: &dyn Store, txn: Txn) -> Result<TxnResult, StoreError> {
         let effect = txn.success.iter().any(|op| match op {
             resource_plane::ports::store::Op::Put { key, .. } => key.contains("kube_min_replicas"),
             _ => false,
         });
-        let r = self.inner.txn(txn).await;
+        let r = inner.txn(txn).await;
         if effect && r.as_ref().is_ok_and(|r| r.succeeded) {
             self.kube_effects
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         r
     }
-    async fn grant_lease(&self, ttl: i64) -> Result<i64, resource_plane::ports::store::StoreError> {
-        self.inner.grant_lease(ttl).await
-    }
-    async fn keep_alive(
-        &self,
-        lease: i64,
-    ) -> Result<i64, resource_plane::ports::store::StoreError> {
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke_lease(
-        &self,
-        lease: i64,
-    ) -> Result<(), resource_plane::ports::store::StoreError> {
-        self.inner.revoke_lease(lease).await
-    }
-    async fn watch(
-        &self,
-        prefix: &str,
-        rev: i64,
-    ) -> Result<resource_plane::ports::store::WatchReceiver, resource_plane::ports::store::StoreError>
-    {
-        self.inner.watch(prefix, rev).await
-    }
-    async fn health(&self) -> Result<(), resource_plane::ports::store::StoreError> {
-        self.inner.health().await
-    }
-    fn name(&self) -> &'static str {
+    fn name(&self, _inner: &dyn Store) -> &'static str {
         "slow-shadow-list"
     }
 }
@@ -1698,7 +1587,7 @@ impl Store for SlowShadowList {
 /// fence) each one again. None of these is in the cluster, so nothing is patched.
 #[actix_web::test]
 async fn a_new_leader_checks_the_whole_fleet_before_patching() {
-    let inner = MemoryStore::new();
+    let inner: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let seed: resource_plane::app::Seed = [(
         "int".to_owned(),
         (0..20)
@@ -1713,15 +1602,17 @@ async fn a_new_leader_checks_the_whole_fleet_before_patching() {
     )]
     .into_iter()
     .collect();
-    let created = resource_plane::app::apply_seed(&inner, &seed)
+    let created = resource_plane::app::apply_seed(inner.as_ref(), &seed)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(created, 20);
-    let store = Arc::new(SlowShadowList {
+    let store = Hooked::new(
         inner,
-        delay: Duration::from_millis(800),
-        kube_effects: std::sync::atomic::AtomicUsize::new(0),
-    });
+        SlowShadowList {
+            delay: Duration::from_millis(800),
+            kube_effects: std::sync::atomic::AtomicUsize::new(0),
+        },
+    );
     let kube = Arc::new(SimKube::new(Duration::from_millis(50)));
     let svc = start_with_kube(ops_config(), store.clone(), kube);
     ready(&svc).await;
@@ -1735,7 +1626,10 @@ async fn a_new_leader_checks_the_whole_fleet_before_patching() {
     // a few more sweeps (50 ms apart) that must leave the missing ones alone
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        store.kube_effects.load(std::sync::atomic::Ordering::SeqCst),
+        store
+            .hook
+            .kube_effects
+            .load(std::sync::atomic::Ordering::SeqCst),
         0,
         "min replicas patched (and fenced) before the cluster was compared"
     );

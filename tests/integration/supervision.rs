@@ -19,20 +19,17 @@ use resource_plane::api;
 use resource_plane::config::Config;
 use resource_plane::domain::worker::{Resources, Worker, WorkerState, WorkerTemplate};
 use resource_plane::keys;
-use resource_plane::ports::store::{
-    Compare, Kv, Op, Store, StoreError, Txn, TxnResult, WatchReceiver,
-};
+use resource_plane::ports::store::{Compare, Op, Store, StoreError, Txn, TxnResult};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::support::{self, get, post, put, send, Etcd, Resp, TestApp};
+use crate::support::{self, get, post, put, send, Etcd, Hook, Hooked, Resp, TestApp};
 
 const BASE: &str = "/api/1.0/int/shadow-deployables";
 
 /// A store that behaves like `inner`, except that when armed for a key the next
 /// transaction comparing that key panics (once), or waits until released.
 struct Hostile {
-    inner: Arc<dyn Store>,
     panic_on: Mutex<Option<String>>,
     hang_on: Mutex<Option<String>>,
     fail_on: Mutex<Option<String>>,
@@ -40,14 +37,14 @@ struct Hostile {
 }
 
 impl Hostile {
-    fn new(inner: Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
+    fn new(inner: Arc<dyn Store>) -> Arc<Hooked<Self>> {
+        let hook = Self {
             panic_on: Mutex::new(None),
             hang_on: Mutex::new(None),
             fail_on: Mutex::new(None),
             released: watch::channel(false).0,
-        })
+        };
+        Hooked::new(inner, hook)
     }
 
     fn panic_next(&self, key: &str) {
@@ -75,22 +72,8 @@ fn touches(txn: &Txn, key: &str) -> bool {
 }
 
 #[async_trait]
-impl Store for Hostile {
-    async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
-        self.inner.list(prefix).await
-    }
-    async fn list_after(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<(Vec<Kv>, bool), StoreError> {
-        self.inner.list_after(prefix, after, limit).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+impl Hook for Hostile {
+    async fn txn(&self, inner: &dyn Store, txn: Txn) -> Result<TxnResult, StoreError> {
         let poisoned = {
             let mut p = self.panic_on.lock().unwrap_or_else(|p| p.into_inner());
             match p.as_deref() {
@@ -121,24 +104,9 @@ impl Store for Hostile {
             // bounded: the test releases it long before
             let _ = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|r| *r)).await;
         }
-        self.inner.txn(txn).await
+        inner.txn(txn).await
     }
-    async fn grant_lease(&self, ttl_seconds: i64) -> Result<i64, StoreError> {
-        self.inner.grant_lease(ttl_seconds).await
-    }
-    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
-        self.inner.revoke_lease(lease).await
-    }
-    async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchReceiver, StoreError> {
-        self.inner.watch(prefix, start_revision).await
-    }
-    async fn health(&self) -> Result<(), StoreError> {
-        self.inner.health().await
-    }
-    fn name(&self) -> &'static str {
+    fn name(&self, _inner: &dyn Store) -> &'static str {
         "hostile"
     }
 }
@@ -266,7 +234,7 @@ async fn a_panic_in_a_shadow_actor_handler_leaves_no_dead_mailbox() {
     assert_eq!(r.json, json!({"status": "PROCURED"}));
 
     // the release's transaction panics inside the actor (not in `decide`)
-    store.panic_next(&keys::shadow("int", "d1"));
+    store.hook.panic_next(&keys::shadow("int", "d1"));
     let r = send(&app, post(BASE, &release("d1", "r1")).to_request()).await;
     assert_eq!(r.status, 503, "{:?}", r.json);
     assert!(retry_after(&r).is_some());
@@ -319,7 +287,7 @@ async fn a_panic_in_a_worker_actor_handler_leaves_no_dead_mailbox() {
     let r = send(&app, beat().to_request()).await;
     assert_eq!(r.status, 200, "{:?}", r.json);
 
-    store.panic_next(&keys::worker("w-1"));
+    store.hook.panic_next(&keys::worker("w-1"));
     let r = send(&app, beat().to_request()).await;
     assert_eq!(r.status, 503, "{:?}", r.json);
     assert!(retry_after(&r).is_some());
@@ -347,7 +315,7 @@ async fn a_stuck_actor_answers_503_within_the_send_deadline() {
     register(&app, "int", "d1").await;
     register(&app, "int", "d2").await;
 
-    store.hang(&keys::shadow("int", "d1"));
+    store.hook.hang(&keys::shadow("int", "d1"));
     let keyed = || {
         post(BASE, &procure("d1", "r1"))
             .insert_header(("x-idempotency-key", "stuck-1"))
@@ -374,7 +342,7 @@ async fn a_stuck_actor_answers_503_within_the_send_deadline() {
     assert_eq!(r.json, json!({"status": "PROCURED"}));
 
     // once the dependency answers, the first request's outcome is the stored one
-    store.release();
+    store.hook.release();
     let done = support::eventually(Duration::from_secs(10), || async {
         let r = send(&app, keyed()).await;
         r.status == 200
@@ -664,7 +632,7 @@ async fn failed_registrations_leave_no_actor_behind() {
     register(&app, "int", "d0").await;
     for i in 1..=5 {
         let name = format!("gone-{i}");
-        store.fail(Some(&keys::shadow("int", &name)));
+        store.hook.fail(Some(&keys::shadow("int", &name)));
         let r = send(
             &app,
             put(
@@ -676,7 +644,7 @@ async fn failed_registrations_leave_no_actor_behind() {
         .await;
         assert_eq!(r.status, 503, "{:?}", r.json);
     }
-    store.fail(None);
+    store.hook.fail(None);
     let only: BTreeSet<(String, String)> =
         [("shadow-deployable".to_owned(), "int/d0".to_owned())].into();
     assert_eq!(listed(&app).await, only);

@@ -14,7 +14,7 @@ use actix_web::test::{self, TestRequest};
 use resource_plane::adapters::etcd::{EtcdSettings, EtcdStore};
 use resource_plane::app::Service;
 use resource_plane::config::Config;
-use resource_plane::ports::store::Store;
+use resource_plane::ports::store::{Kv, Store, StoreError, Txn, TxnResult, WatchReceiver};
 use serde_json::Value;
 
 /// The request type test services take.
@@ -225,6 +225,111 @@ pub async fn service(config: Config, store: Arc<dyn Store>) -> Service {
         "service did not hydrate"
     );
     svc
+}
+
+/// What a test double changes about a store: each method gets the wrapped store and, by
+/// default, forwards to it, so a double overrides only the calls it interferes with and
+/// holds only its own state. Wrap it around a store with [`Hooked`].
+#[async_trait::async_trait]
+pub trait Hook: Send + Sync + 'static {
+    /// [`Store::get`].
+    async fn get(&self, inner: &dyn Store, key: &str) -> Result<Option<Kv>, StoreError> {
+        inner.get(key).await
+    }
+    /// [`Store::list`].
+    async fn list(&self, inner: &dyn Store, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
+        inner.list(prefix).await
+    }
+    /// [`Store::list_after`].
+    async fn list_after(
+        &self,
+        inner: &dyn Store,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Kv>, bool), StoreError> {
+        inner.list_after(prefix, after, limit).await
+    }
+    /// [`Store::txn`].
+    async fn txn(&self, inner: &dyn Store, txn: Txn) -> Result<TxnResult, StoreError> {
+        inner.txn(txn).await
+    }
+    /// [`Store::grant_lease`].
+    async fn grant_lease(&self, inner: &dyn Store, ttl_seconds: i64) -> Result<i64, StoreError> {
+        inner.grant_lease(ttl_seconds).await
+    }
+    /// [`Store::watch`].
+    async fn watch(
+        &self,
+        inner: &dyn Store,
+        prefix: &str,
+        start_revision: i64,
+    ) -> Result<WatchReceiver, StoreError> {
+        inner.watch(prefix, start_revision).await
+    }
+    /// [`Store::name`].
+    fn name(&self, inner: &dyn Store) -> &'static str {
+        inner.name()
+    }
+}
+
+/// A store that passes every call to `inner` through `hook`: the one delegating test
+/// double, so fault injectors state only what they change.
+pub struct Hooked<H> {
+    /// The wrapped store.
+    pub inner: Arc<dyn Store>,
+    /// What this double changes; tests read its state through here.
+    pub hook: H,
+}
+
+impl<H: Hook> Hooked<H> {
+    /// `hook` around `inner`.
+    pub fn new(inner: Arc<dyn Store>, hook: H) -> Arc<Self> {
+        Arc::new(Self { inner, hook })
+    }
+}
+
+#[async_trait::async_trait]
+impl<H: Hook> Store for Hooked<H> {
+    async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
+        self.hook.get(self.inner.as_ref(), key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
+        self.hook.list(self.inner.as_ref(), prefix).await
+    }
+    async fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Kv>, bool), StoreError> {
+        let inner = self.inner.as_ref();
+        self.hook.list_after(inner, prefix, after, limit).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+        self.hook.txn(self.inner.as_ref(), txn).await
+    }
+    async fn grant_lease(&self, ttl_seconds: i64) -> Result<i64, StoreError> {
+        self.hook
+            .grant_lease(self.inner.as_ref(), ttl_seconds)
+            .await
+    }
+    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        self.inner.revoke_lease(lease).await
+    }
+    async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchReceiver, StoreError> {
+        let inner = self.inner.as_ref();
+        self.hook.watch(inner, prefix, start_revision).await
+    }
+    async fn health(&self) -> Result<(), StoreError> {
+        self.inner.health().await
+    }
+    fn name(&self) -> &'static str {
+        self.hook.name(self.inner.as_ref())
+    }
 }
 
 /// An answer.
