@@ -351,8 +351,8 @@ async fn store_range_reads_page_a_prefix_alike_on_etcd_and_in_memory() {
 async fn a_page_from_etcd_is_one_bounded_range_read_whatever_the_number_of_keys() {
     let etcd = Etcd::start();
     let store = etcd.store(&support::unique_prefix());
-    // More than one page of a full listing (500 keys per Range).
-    let keys = fill(store.as_ref(), 1_200).await;
+    // More than one page of a full listing (2,000 keys per Range).
+    let keys = fill(store.as_ref(), 4_500).await;
     let ranges = || etcd.grpc_calls("Range");
     let before = ranges();
     let (kvs, more) = store
@@ -373,7 +373,7 @@ async fn a_page_from_etcd_is_one_bounded_range_read_whatever_the_number_of_keys(
     assert_eq!(
         ranges() - before,
         3,
-        "a full listing reads 500 keys a Range"
+        "a full listing reads 2,000 keys a Range"
     );
 }
 
