@@ -40,9 +40,6 @@ pub struct Autoscaler {
     batch_started: Option<Instant>,
     /// Workers whose termination has been journaled (once per stop sequence).
     asked: HashSet<String>,
-    /// Pending instances journaled as unplaceable (once while they stay so, so a
-    /// backlog that fits nowhere does not fill the journal on every batch).
-    reported: HashSet<String>,
 }
 
 impl Autoscaler {
@@ -53,7 +50,6 @@ impl Autoscaler {
             scheduler: None,
             batch_started: None,
             asked: HashSet::new(),
-            reported: HashSet::new(),
         }
     }
 }
@@ -102,11 +98,8 @@ impl Handler<ScaleUp> for Autoscaler {
     fn handle(&mut self, _msg: ScaleUp, _ctx: &mut Self::Context) -> Self::Result {
         let since = self.batch_started.take().unwrap_or_else(Instant::now);
         let cctx = self.ctx.clone();
-        let reported = std::mem::take(&mut self.reported);
         AtomicResponse::new(Box::pin(
-            async move { scale_up(&cctx, since, reported).await }
-                .into_actor(self)
-                .map(|reported, act, _| act.reported = reported),
+            async move { scale_up(&cctx, since).await }.into_actor(self),
         ))
     }
 }
@@ -143,22 +136,20 @@ impl Handler<Drive> for Autoscaler {
     }
 }
 
-/// Plans and launches for the pending demand; journals each unplaceable instance once
-/// (`reported`: those journaled before; returned as those still unplaceable).
-async fn scale_up(
-    ctx: &ControllerCtx,
-    since: Instant,
-    reported: HashSet<String>,
-) -> HashSet<String> {
+/// Plans and launches for the pending demand, and records why each pending instance
+/// waits. An unplaceable instance is journaled once while it stays so (the last plan's
+/// reasons say which were), so a backlog that fits nowhere does not fill the journal.
+async fn scale_up(ctx: &ControllerCtx, since: Instant) {
     if ctx.fence.epoch().is_none() {
-        return HashSet::new();
+        return;
     }
     let pending: Vec<_> = ctx.pending().into_iter().map(|(i, _)| i).collect();
     let plan = plan_scale_up(&pending, &ctx.workers.list(), &ctx.templates);
-    for id in plan.unplaceable.iter().filter(|id| !reported.contains(*id)) {
-        ctx.decide("unplaceable", id, WAIT_UNPLACEABLE);
+    for id in &plan.unplaceable {
+        if ctx.waiting_reason(id) != Some(WAIT_UNPLACEABLE) {
+            ctx.decide("unplaceable", id, WAIT_UNPLACEABLE);
+        }
     }
-    let reported = plan.unplaceable.iter().cloned().collect();
     ctx.set_waiting(waiting_reasons(ctx, &pending, &plan));
     if !plan.absorbed_by_in_flight.is_empty() {
         ctx.decide(
@@ -176,7 +167,6 @@ async fn scale_up(
         )
         .await;
     }
-    reported
 }
 
 /// Why a pending instance waits: no template fits it (or each that fits is at
@@ -203,14 +193,20 @@ fn waiting_reasons(
         .map(String::as_str)
         .collect();
     let deps = ctx.workers.deps();
+    // One capacity lookup per requirements shape, not per instance.
+    let mut fits: std::collections::HashMap<(u64, u64), bool> = Default::default();
     pending
         .iter()
         .map(|i| {
+            let r = &i.requirements;
             let reason = if unplaceable.contains(i.id.as_str()) {
                 WAIT_UNPLACEABLE
             } else if absorbed.contains(i.id.as_str()) {
                 WAIT_IN_FLIGHT
-            } else if deps.best_fit(&i.requirements).is_some() {
+            } else if *fits
+                .entry((r.cpu.to_bits(), r.memory_gb.to_bits()))
+                .or_insert_with(|| deps.best_fit(r).is_some())
+            {
                 WAIT_ROOM
             } else {
                 WAIT_LAUNCH

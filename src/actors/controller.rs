@@ -89,6 +89,8 @@ impl ControllerCtx {
         let taken = self.running_slot().lock().ok().and_then(|mut s| s.take());
         if let Some(r) = taken {
             r.stop();
+            // The next leader plans (and journals) afresh; a follower shows no reasons.
+            self.set_waiting(Default::default());
             self.decide("step_down", &self.settings.instance_id, "lost leadership");
         }
     }

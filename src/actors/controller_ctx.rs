@@ -271,6 +271,18 @@ impl ControllerCtx {
         self.waiting.lock().ok().and_then(|w| w.get(id).copied())
     }
 
+    /// [`Self::waiting_reason`] of each of `ids` that has one (under one lock).
+    pub fn waiting_reasons<'a>(&self, ids: &'a [String]) -> Vec<(&'a str, &'static str)> {
+        self.waiting
+            .lock()
+            .map(|w| {
+                ids.iter()
+                    .filter_map(|id| w.get(id).map(|r| (id.as_str(), *r)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Recent decisions, newest last.
     pub fn decisions(&self) -> Vec<DecisionRecord> {
         self.journal

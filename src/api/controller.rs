@@ -588,9 +588,10 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
     let ctl = &state.controller;
     let pending: Vec<String> = ctl.pending().into_iter().map(|(i, _)| i.id).collect();
     // Why each waits, as the autoscaler's last plan found it (none yet: not planned).
-    let reasons: serde_json::Map<String, serde_json::Value> = pending
-        .iter()
-        .filter_map(|id| ctl.waiting_reason(id).map(|r| (id.clone(), json!(r))))
+    let reasons: serde_json::Map<String, serde_json::Value> = ctl
+        .waiting_reasons(&pending)
+        .into_iter()
+        .map(|(id, r)| (id.to_owned(), json!(r)))
         .collect();
     HttpResponse::Ok().json(json!({
         "leader": ctl.leader_status(),
