@@ -25,8 +25,8 @@ use tracing::{warn, Span};
 
 use crate::actors::follow::Follower;
 use crate::actors::shadow::{
-    decode, render, replay_if_stored, Cell, Deps, ExecError, Execute, Observe, ShadowActor,
-    ShadowKey, REAPED,
+    decode, publish, render, replay_if_stored, Cell, Deps, ExecError, Execute, Observe,
+    ShadowActor, ShadowKey, REAPED,
 };
 use crate::actors::stats::{ActorInfo, ActorStats};
 use crate::actors::view::{Filter, Page};
@@ -100,17 +100,33 @@ impl Registry {
         })
     }
 
-    /// The actor of `key`, started from `cell` when there is none or when the one
-    /// registered has died (its mailbox closed): a dead address is never kept.
+    /// The actor of `key`, started when there is none or when the one registered has
+    /// died (its mailbox closed): a dead address is never kept. It starts from the newer
+    /// of `cell` and the view's entry, read under the registry's lock of `key`, which
+    /// [`Self::route`] also takes: no change the watch published can be missed.
     fn spawn(&self, key: ShadowKey, cell: Cell) -> Handle {
-        match self.actors.entry(key.clone()) {
+        let entry = self.actors.entry(key.clone());
+        if let Entry::Occupied(e) = &entry {
+            if e.get().addr.connected() {
+                return e.get().clone();
+            }
+        }
+        let published = self.deps.view.get(&key).filter(|v| match &cell {
+            Cell::Known { mod_revision, .. } => v.mod_revision >= *mod_revision,
+            Cell::Unknown => true,
+        });
+        let cell = match published {
+            Some(v) => Cell::Known {
+                record: Some(v.record),
+                mod_revision: v.mod_revision,
+            },
+            None => cell,
+        };
+        match entry {
             Entry::Occupied(mut e) => {
-                if e.get().addr.connected() {
-                    return e.get().clone();
-                }
                 let stats = e.get().stats.clone();
                 stats.replaced();
-                warn!(env = %key.env, name = %key.name, "shadow actor died; starting a fresh one from the store");
+                warn!(env = %key.env, name = %key.name, "shadow actor died; starting a fresh one");
                 let addr = self.start(key.clone(), cell, stats.clone());
                 let h = Handle { key, addr, stats };
                 e.insert(h.clone());
@@ -180,6 +196,10 @@ impl Registry {
     pub async fn find(&self, key: &ShadowKey) -> Result<Option<Handle>, ExecError> {
         if let Some(h) = self.live(key) {
             return Ok(Some(h));
+        }
+        if self.deps.view.contains_key(key) {
+            // Activated from its published entry (see `spawn`).
+            return Ok(Some(self.spawn(key.clone(), Cell::Unknown)));
         }
         let kv = self
             .deps
@@ -356,14 +376,23 @@ impl Registry {
             };
             let key = ShadowKey::new(env, name);
             seen.insert(key.clone());
-            self.route(key, Some(kv));
+            self.route(key, kv);
         }
-        let gone: Vec<ShadowKey> = self
+        // Gone meanwhile: published entries (most have no actor) and live actors alike.
+        let mut gone: Vec<ShadowKey> = self
             .actors
             .iter()
             .map(|e| e.key().clone())
             .filter(|k| !seen.contains(k))
             .collect();
+        let mut unseen = Vec::new();
+        self.deps.view.for_each(|k, _| {
+            if !seen.contains(k) {
+                unseen.push(k.clone());
+            }
+        });
+        // (Not under the view's lock: `route` takes the registry's, then the view's.)
+        gone.extend(unseen.into_iter().filter(|k| !self.actors.contains_key(k)));
         for key in gone {
             self.retire(&key, revision);
         }
@@ -380,25 +409,36 @@ impl Registry {
         }
     }
 
-    fn route(&self, key: ShadowKey, kv: Option<Kv>) {
-        match kv {
-            Some(kv) if self.live(&key).is_none() => match decode(Some(&kv)) {
-                Ok((record, mod_revision)) => {
-                    self.spawn(
-                        key,
-                        Cell::Known {
-                            record,
-                            mod_revision,
-                        },
-                    );
-                }
-                Err(e) => warn!(key = %kv.key, error = %e, "skipping undecodable record"),
-            },
-            Some(kv) => {
-                let rev = kv.mod_revision;
-                self.send_observe(&key, Some(kv), rev);
+    /// A change the watch (or a listing) saw: to the live actor of `key` if there is
+    /// one, else straight to the view. Actors start on their first command, not here
+    /// (see [`Self::spawn`]), so a record nobody touches costs its view entry only.
+    fn route(&self, key: ShadowKey, kv: Kv) {
+        // Held while publishing, so a `spawn` of `key` starts from this change or later.
+        let entry = self.actors.entry(key);
+        if let Entry::Occupied(e) = &entry {
+            if e.get().addr.connected() {
+                let h = e.get();
+                h.stats.enqueued();
+                h.addr.do_send(Observe {
+                    mod_revision: kv.mod_revision,
+                    kv: Some(kv),
+                });
+                return;
             }
-            None => {}
+        }
+        if self.deps.view.is_current(entry.key(), kv.mod_revision) {
+            return;
+        }
+        match decode(Some(&kv)) {
+            Ok((record, mod_revision)) => publish(
+                &self.deps,
+                entry.key(),
+                &Cell::Known {
+                    record,
+                    mod_revision,
+                },
+            ),
+            Err(e) => warn!(key = %kv.key, error = %e, "skipping undecodable record"),
         }
     }
 
@@ -432,43 +472,70 @@ impl Registry {
         self.deps.view.page(env, filter, after, limit)
     }
 
-    /// Introspection of every live actor (registered and not dead), sorted by id.
+    /// Introspection of every shadow deployable's actor, sorted by id: each published
+    /// record's (running or not yet started, see `active`) and any running one whose
+    /// record is not published (still loading).
     pub fn actors(&self) -> Vec<ActorInfo> {
-        let mut out: Vec<ActorInfo> = self
+        // Read the view first, then the registry: never one under the other's lock
+        // (`route` takes the registry's, then the view's).
+        let mut published = Vec::new();
+        self.deps
+            .view
+            .for_each(|k, e| published.push((k.clone(), Some(described(e)))));
+        let mut out: Vec<ActorInfo> = published
+            .into_iter()
+            .map(|(key, record)| {
+                let h = self.live(&key);
+                info(&key, record, h.as_ref())
+            })
+            .collect();
+        let unpublished: Vec<(ShadowKey, Handle)> = self
             .actors
             .iter()
             .filter(|e| e.value().addr.connected())
-            .map(|e| self.info(e.key(), e.value()))
+            .map(|e| (e.key().clone(), e.value().clone()))
             .collect();
+        for (key, h) in unpublished {
+            if !self.deps.view.contains_key(&key) {
+                out.push(info(&key, None, Some(&h)));
+            }
+        }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }
 
-    /// Introspection of one actor.
+    /// Introspection of one shadow deployable's actor (running or not yet started).
     pub fn actor(&self, key: &ShadowKey) -> Option<ActorInfo> {
-        self.live(key).map(|h| self.info(key, &h))
+        let record = self.deps.view.with(key, described);
+        let h = self.live(key);
+        (record.is_some() || h.is_some()).then(|| info(key, record, h.as_ref()))
     }
+}
 
-    fn info(&self, key: &ShadowKey, h: &Handle) -> ActorInfo {
-        let view = self.deps.view.get(key);
-        let record: Option<&ShadowDeployable> = view.as_ref().map(|v| &v.record);
-        ActorInfo {
-            kind: SHADOW_KIND,
-            id: format!("{}/{}", key.env, key.name),
-            state: record
-                .map(|r| {
-                    serde_json::to_value(r.state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default()
-                })
-                .unwrap_or_else(|| "UNKNOWN".into()),
-            version: record.map(|r| r.version),
-            mod_revision: view.as_ref().map(|v| v.mod_revision),
-            mailbox_depth: h.stats.mailbox_depth(),
-            restarts: h.stats.restarts(),
-            last_transition_at: h.stats.last_transition(),
-        }
+/// What introspection shows of a published record: state, version, `mod_revision`.
+fn described(e: &crate::actors::view::ViewEntry) -> (String, u64, i64) {
+    let state = serde_json::to_value(e.record.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    (state, e.record.version, e.mod_revision)
+}
+
+fn info(key: &ShadowKey, record: Option<(String, u64, i64)>, h: Option<&Handle>) -> ActorInfo {
+    let (state, version, mod_revision) = match record {
+        Some((state, version, rev)) => (state, Some(version), Some(rev)),
+        None => ("UNKNOWN".into(), None, None),
+    };
+    ActorInfo {
+        kind: SHADOW_KIND,
+        id: format!("{}/{}", key.env, key.name),
+        state,
+        version,
+        mod_revision,
+        active: h.is_some(),
+        mailbox_depth: h.map_or(0, |h| h.stats.mailbox_depth()),
+        restarts: h.map_or(0, |h| h.stats.restarts()),
+        last_transition_at: h.and_then(|h| h.stats.last_transition()),
     }
 }
 
@@ -485,7 +552,7 @@ impl Follower for Registry {
         match ev {
             WatchEvent::Put(kv) => {
                 if let Some((env, name)) = keys::parse_shadow(&kv.key) {
-                    self.route(ShadowKey::new(env, name), Some(kv));
+                    self.route(ShadowKey::new(env, name), kv);
                 }
             }
             WatchEvent::Delete { key, mod_revision } => {

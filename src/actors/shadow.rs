@@ -186,13 +186,19 @@ impl ShadowActor {
     }
 }
 
-fn publish(deps: &Deps, key: &ShadowKey, cell: &Cell) {
+/// Publishes what `cell` knows of `key` to the view (and the hold index), unless the
+/// view has it already.
+pub fn publish(deps: &Deps, key: &ShadowKey, cell: &Cell) {
     let view = &deps.view;
     match cell {
         Cell::Known {
             record: Some(record),
             mod_revision,
         } => {
+            if view.is_current(key, *mod_revision) {
+                // Published already (by the watch, or the entry it was started from).
+                return;
+            }
             // Serialized here, once per change, so lists only concatenate.
             view.insert(key, ViewEntry::new(record.clone(), *mod_revision));
         }

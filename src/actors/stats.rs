@@ -67,6 +67,10 @@ pub struct ActorInfo {
     pub version: Option<u64>,
     /// etcd `mod_revision` of the entity's record.
     pub mod_revision: Option<i64>,
+    /// Whether the actor is running. A shadow deployable's actor starts on its first
+    /// command (until then the view answers reads and the watch keeps it current);
+    /// a worker's runs from hydration on.
+    pub active: bool,
     /// Messages waiting.
     pub mailbox_depth: i64,
     /// Supervisor restarts.

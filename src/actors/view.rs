@@ -227,8 +227,17 @@ impl View {
             .is_some_and(|e| e.entries.contains_key(&key.name))
     }
 
-    /// Publishes `entry` under `key`, replacing (and re-indexing) what was there. A new
-    /// entry, or one whose scale target or count changed, is noted for
+    /// Whether `key`'s entry is at `mod_revision` or later (nothing older than it
+    /// would be published, see [`Self::insert`]).
+    pub fn is_current(&self, key: &ShadowKey, mod_revision: i64) -> bool {
+        self.with(key, |e| e.mod_revision >= mod_revision)
+            .unwrap_or(false)
+    }
+
+    /// Publishes `entry` under `key`, replacing (and re-indexing) what was there, unless
+    /// that is at the same or a later revision: whoever publishes (the actor after its
+    /// write, the watch for a record no actor serves), the view only moves forward. A
+    /// new entry, or one whose scale target or count changed, is noted for
     /// [`Self::take_scale_changes`].
     pub fn insert(&self, key: &ShadowKey, entry: ViewEntry) {
         let mut envs = self.write();
@@ -236,7 +245,11 @@ impl View {
             Some(env) => env,
             None => envs.entry(key.env.clone()).or_default(),
         };
-        let (new, old) = (&entry.record, env.entries.get(&key.name).map(|e| &e.record));
+        let current = env.entries.get(&key.name);
+        if current.is_some_and(|e| e.mod_revision >= entry.mod_revision) {
+            return;
+        }
+        let (new, old) = (&entry.record, current.map(|e| &e.record));
         let scale_changed = old.is_none_or(|o| {
             o.min_pod_count != new.min_pod_count
                 || o.deployment_name() != new.deployment_name()
@@ -438,6 +451,25 @@ mod tests {
 
     fn parsed(e: &ViewEntry) -> serde_json::Value {
         serde_json::from_str(&e.json).unwrap_or_default()
+    }
+
+    #[test]
+    fn an_older_revision_never_replaces_a_newer_entry() {
+        let view = View::new();
+        let key = ShadowKey::new("int", "d1");
+        let (old, new) = (record("d1", "p"), record("d1", "q"));
+        view.insert(&key, ViewEntry::new(new.clone(), 7));
+        view.insert(&key, ViewEntry::new(old.clone(), 5));
+        view.insert(&key, ViewEntry::new(old, 7));
+        let e = view.get(&key).unwrap_or_else(|| panic!("published"));
+        assert_eq!((e.mod_revision, e.record), (7, new));
+        assert!(view.is_current(&key, 7) && view.is_current(&key, 6));
+        assert!(!view.is_current(&key, 8) && !view.is_current(&ShadowKey::new("int", "x"), 1));
+        assert_eq!(
+            view.free_in_pool("int", "p"),
+            None,
+            "the older pool is not indexed"
+        );
     }
 
     #[test]

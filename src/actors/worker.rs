@@ -1086,6 +1086,7 @@ impl WorkerRegistry {
                 .unwrap_or_else(|| "UNKNOWN".into()),
             version: None,
             mod_revision: view.as_ref().map(|(_, r)| *r),
+            active: true,
             mailbox_depth: h.stats.mailbox_depth(),
             restarts: h.stats.restarts(),
             last_transition_at: h.stats.last_transition(),

@@ -109,8 +109,9 @@ fn parse_continue(token: &str) -> Result<(String, String), ApiError> {
     Ok((kind.to_owned(), id.to_owned()))
 }
 
-/// Live entity actors (shadow deployables and workers; instances are records, not
-/// actors, and are not listed), ordered by kind then id, a page at a time.
+/// Entity actors (every shadow deployable's, running or not yet started, and every
+/// worker's; instances are records, not actors, and are not listed), ordered by kind
+/// then id, a page at a time.
 async fn actors(
     state: web::Data<AppState>,
     query: web::Query<ActorsQuery>,
@@ -149,7 +150,7 @@ async fn actor(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (kind, id) = path.into_inner();
-    let not_found = || ApiError::NotFound(format!("no live actor {kind}/{id}"));
+    let not_found = || ApiError::NotFound(format!("no actor {kind}/{id}"));
     let info = match kind.as_str() {
         SHADOW_KIND => {
             let (env, name) = id.split_once('/').ok_or_else(not_found)?;

@@ -626,17 +626,18 @@ pages.actors = {
     // The actors list pages by at most 500.
     const { items, truncated } = await listAll("/api/1.0/actors", {}, 500);
     if (unchanged(this, items)) return;
-    this.out.replaceChildren(table(`${items.length} live actors${truncated ? ` (first ${LIST_CAP})` : ""}`,
-      ["Actor", "State", "Version", "Revision", "Mailbox", "Restarts", "Last transition"],
+    this.out.replaceChildren(table(`${items.length} actors${truncated ? ` (first ${LIST_CAP})` : ""}`,
+      ["Actor", "State", "Running", "Version", "Revision", "Mailbox", "Restarts", "Last transition"],
       items.map((a) => [
         h("span", { class: "mono" }, `${a.kind}/${a.id}`),
         stateBadge(a.state),
+        a.active ? "yes" : "not yet",
         { cell: String(a.version ?? ""), class: "num" },
         { cell: String(a.mod_revision ?? ""), class: "num" },
         { cell: String(a.mailbox_depth ?? ""), class: "num" },
         { cell: String(a.restarts ?? ""), class: "num" },
         timeCell(a.last_transition_at),
-      ]), "no live actors"));
+      ]), "no actors"));
   },
 };
 

@@ -489,6 +489,118 @@ async fn actors_of_deleted_records_are_stopped_and_removed() {
         .contains(&("shadow-deployable".into(), "int/d1".into())));
 }
 
+/// A record written straight to the store (as another replica, or a seed, would).
+async fn put_shadow(store: &dyn Store, rec: &resource_plane::domain::shadow::ShadowDeployable) {
+    let r = store
+        .txn(Txn {
+            compares: Vec::new(),
+            success: vec![Op::Put {
+                key: keys::shadow("int", &rec.name),
+                value: serde_json::to_vec(rec).unwrap_or_else(|e| panic!("{e}")),
+                lease: None,
+            }],
+            failure_gets: Vec::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("put shadow: {e}"));
+    assert!(r.succeeded);
+}
+
+/// `(id, active)` of every shadow deployable actor `GET /api/1.0/actors` lists.
+async fn activity<S: TestApp>(app: &S) -> Vec<(String, bool)> {
+    let r = send(app, get("/api/1.0/actors").to_request()).await;
+    assert_eq!(r.status, 200, "{}", r.error());
+    r.json["data"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|a| a["kind"] == "shadow-deployable")
+        .map(|a| {
+            (
+                a["id"].as_str().unwrap_or_default().to_owned(),
+                a["active"].as_bool().unwrap_or(true),
+            )
+        })
+        .collect()
+}
+
+/// The list entry of `name` (`Null` when not listed).
+async fn listed_record<S: TestApp>(app: &S, name: &str) -> Value {
+    let r = send(app, get(BASE).to_request()).await;
+    assert_eq!(r.status, 200, "{}", r.error());
+    r.json["data"]
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["name"] == name).cloned())
+        .unwrap_or(Value::Null)
+}
+
+#[actix_web::test]
+async fn actors_start_on_their_first_command_and_the_watch_keeps_the_others_current() {
+    let etcd = Etcd::start();
+    let store = etcd.store(&support::unique_prefix());
+    let seeded = |name: &str| {
+        resource_plane::domain::shadow::ShadowDeployable::new(name, "p", "x.example", Utc::now())
+    };
+    for name in ["d1", "d2", "d3"] {
+        put_shadow(store.as_ref(), &seeded(name)).await;
+    }
+    let svc = support::service(config(&[]), store.clone()).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let idle = |names: &[&str]| -> Vec<(String, bool)> {
+        ["d1", "d2", "d3"]
+            .iter()
+            .map(|n| (format!("int/{n}"), names.contains(n)))
+            .collect()
+    };
+    // hydrated: every record is listed and served, none has a running actor
+    assert_eq!(activity(&app).await, idle(&[]));
+    let r = send(&app, get(BASE).to_request()).await;
+    assert_eq!(
+        r.json["data"].as_array().map(Vec::len),
+        Some(3),
+        "{:?}",
+        r.json
+    );
+
+    // a change made elsewhere reaches the list without starting an actor
+    let mut changed = seeded("d2");
+    changed.min_pod_count = 7;
+    put_shadow(store.as_ref(), &changed).await;
+    assert!(
+        support::eventually(Duration::from_secs(5), || async {
+            listed_record(&app, "d2").await["min_pod_count"] == 7
+        })
+        .await,
+        "the watch did not publish the change"
+    );
+    assert_eq!(activity(&app).await, idle(&[]));
+
+    // the first command starts one actor, from the current record
+    let r = send(&app, post(BASE, &procure("d2", "r1")).to_request()).await;
+    assert_eq!(r.json, json!({"status": "PROCURED"}), "{:?}", r.json);
+    let d2 = listed_record(&app, "d2").await;
+    assert_eq!(
+        (&d2["min_pod_count"], &d2["in_use"]),
+        (&json!(7), &json!(true))
+    );
+    assert_eq!(activity(&app).await, idle(&["d2"]));
+    let r = send(&app, post(BASE, &procure("d2", "r2")).to_request()).await;
+    assert_eq!(r.json["status"], "FAILED", "{:?}", r.json);
+
+    // a record deleted elsewhere leaves the list and the actors, started or not
+    delete_keys(store.as_ref(), &[keys::shadow("int", "d3")]).await;
+    assert!(
+        support::eventually(Duration::from_secs(5), || async {
+            activity(&app).await == [("int/d1".to_owned(), false), ("int/d2".to_owned(), true)]
+        })
+        .await,
+        "{:?}",
+        activity(&app).await
+    );
+    assert_eq!(listed_record(&app, "d3").await, Value::Null);
+}
+
 /// Walks `/api/1.0/actors` with `query` (e.g. `limit=3`) following `continue`.
 async fn walk<S: TestApp>(app: &S, query: &str) -> (Vec<(String, String)>, usize) {
     let mut out = Vec::new();
