@@ -4,7 +4,7 @@
 //! through its life cycle with the cloud: RUNNING, and DRAINING -> STOPPING -> STOPPED
 //! -> TERMINATED.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,7 +15,7 @@ use crate::actors::controller_ctx::{ControllerCtx, EffectError, Schedule};
 pub use crate::actors::controller_ctx::{Demand, EnsureMinimum, Stop};
 use crate::actors::leader::FenceError;
 use crate::actors::worker::{WorkerCmd, WorkerExecError};
-use crate::domain::controller::{plan_min_workers, plan_scale_up};
+use crate::domain::controller::{fits_no_template, plan_min_workers, plan_scale_up, ScalePlan};
 use crate::domain::worker::{drain_complete, Worker, WorkerState};
 use crate::ports::agent::AgentTarget;
 use crate::ports::cloud::CloudInstanceStatus;
@@ -144,7 +144,7 @@ async fn scale_up(ctx: &ControllerCtx, since: Instant) {
         return;
     }
     let pending: Vec<_> = ctx.pending().into_iter().map(|(i, _)| i).collect();
-    let plan = plan_scale_up(&pending, &ctx.workers.list(), &ctx.templates);
+    let plan = plan(ctx, &pending);
     for id in &plan.unplaceable {
         if ctx.waiting_reason(id) != Some(WAIT_UNPLACEABLE) {
             ctx.decide("unplaceable", id, WAIT_UNPLACEABLE);
@@ -167,6 +167,40 @@ async fn scale_up(ctx: &ControllerCtx, since: Instant) {
         )
         .await;
     }
+}
+
+/// The scale-up plan for `pending`. Instances that no template holds, that no running
+/// worker has room for, while no worker is on its way (which an earlier template may
+/// have made larger), are unplaceable whatever the fleet: they are left out of the
+/// plan, and when nothing else is pending the fleet is not even read. A backlog that
+/// fits nowhere then costs a comparison per requirements shape, not a copy of every
+/// worker per plan.
+fn plan(ctx: &ControllerCtx, pending: &[crate::domain::worker::Instance]) -> ScalePlan {
+    let deps = ctx.workers.deps();
+    let settled = deps.moving().is_empty();
+    let mut hopeless_shape: HashMap<(u64, u64), bool> = HashMap::new();
+    let (hopeless, rest): (Vec<_>, Vec<_>) = pending.iter().partition(|i| {
+        let r = &i.requirements;
+        settled
+            && *hopeless_shape
+                .entry((r.cpu.to_bits(), r.memory_gb.to_bits()))
+                .or_insert_with(|| {
+                    fits_no_template(r, &ctx.templates) && deps.best_fit(r).is_none()
+                })
+    });
+    let mut plan = if rest.is_empty() {
+        ScalePlan::default()
+    } else {
+        let rest: Vec<_> = rest.into_iter().cloned().collect();
+        plan_scale_up(&rest, &ctx.workers.list(), &ctx.templates)
+    };
+    if !hopeless.is_empty() {
+        plan.unplaceable
+            .extend(hopeless.iter().map(|i| i.id.clone()));
+        plan.unplaceable.sort();
+        plan.unplaceable.dedup();
+    }
+    plan
 }
 
 /// Why a pending instance waits: no template fits it (or each that fits is at

@@ -4,6 +4,7 @@
 //! import this module and never each other or their supervisor: no import circle.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -177,6 +178,9 @@ pub struct ControllerCtx {
     running: Mutex<Option<LeaderActors>>,
     agent: OnceLock<Arc<dyn WorkerAgent>>,
     pending: Arc<PendingIndex>,
+    /// A [`Schedule`] sent by [`Self::kick`] is waiting in the scheduler's mailbox: the
+    /// changes meanwhile are seen by that pass, so no second one is queued.
+    kick_queued: AtomicBool,
 }
 
 /// The PENDING instances of the instance mirror, in scheduling order, kept by the
@@ -227,6 +231,7 @@ impl ControllerCtx {
             running: Mutex::new(None),
             agent: OnceLock::new(),
             pending,
+            kick_queued: AtomicBool::new(false),
         })
     }
 
@@ -386,21 +391,17 @@ impl ControllerCtx {
 
     /// Ids of the PENDING instances, oldest first.
     pub fn pending_ids(&self) -> Vec<String> {
-        self.pending_ids_where(|_| true)
+        self.with_pending(|q| q.ids()).unwrap_or_default()
     }
 
     /// How many instances are PENDING.
     pub fn pending_len(&self) -> usize {
-        self.pending.0.lock().map(|q| q.len()).unwrap_or_default()
+        self.with_pending(|q| q.len()).unwrap_or_default()
     }
 
-    /// Ids of the PENDING instances `keep` selects, oldest first.
-    pub fn pending_ids_where(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
-        self.pending
-            .0
-            .lock()
-            .map(|q| q.ids_where(keep))
-            .unwrap_or_default()
+    /// `f` of the pending queue, under its lock (`None`: the lock is poisoned).
+    pub fn with_pending<T>(&self, f: impl FnOnce(&mut PendingQueue) -> T) -> Option<T> {
+        self.pending.0.lock().ok().map(|mut q| f(&mut q))
     }
 
     /// A template by name.
@@ -408,11 +409,20 @@ impl ControllerCtx {
         self.templates.iter().find(|t| t.name == name)
     }
 
-    /// Asks the scheduler (if this replica leads) to place pending instances now.
+    /// Asks the scheduler (if this replica leads) to place pending instances now; at
+    /// most one such request waits in its mailbox at a time.
     pub fn kick(&self) {
         if let Some(r) = self.running() {
-            r.scheduler.do_send(Schedule);
+            if !self.kick_queued.swap(true, Ordering::AcqRel) {
+                r.scheduler.do_send(Schedule);
+            }
         }
+    }
+
+    /// A scheduling pass starts: it reads the queue from now on, so the next change
+    /// must queue a new pass (see [`Self::kick`]).
+    pub fn pass_started(&self) {
+        self.kick_queued.store(false, Ordering::Release);
     }
 
     /// The leader-only actors, while leading.

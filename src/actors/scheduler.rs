@@ -60,14 +60,16 @@ impl Blocked {
         }
     }
 
-    /// Unblocks the shapes `fits` accepts; one id of each shape still blocked.
-    fn retry_where(&mut self, fits: impl Fn(&Resources) -> bool) -> Vec<String> {
-        let mut still = Vec::new();
+    /// Unblocks the shapes `fits` accepts: their ids, and one id of each shape still
+    /// blocked.
+    fn retry_where(&mut self, fits: impl Fn(&Resources) -> bool) -> (Vec<String>, Vec<String>) {
+        let (mut freed, mut still) = (Vec::new(), Vec::new());
         let ids = &mut self.ids;
         self.shapes.retain(|_, (req, members)| {
             if fits(req) {
-                for id in members.iter() {
-                    ids.remove(id);
+                for id in members.drain(..) {
+                    ids.remove(&id);
+                    freed.push(id);
                 }
                 false
             } else {
@@ -75,7 +77,7 @@ impl Blocked {
                 true
             }
         });
-        still
+        (freed, still)
     }
 
     /// Keeps only the ids `keep` selects.
@@ -92,6 +94,8 @@ impl Actor for Scheduler {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        // What an earlier scheduler parked, this one has not found blocked.
+        self.ctx.with_pending(|q| q.unpark_all());
         ctx.notify(Schedule);
     }
 }
@@ -118,6 +122,12 @@ impl Handler<Schedule> for Scheduler {
     }
 }
 
+/// A scheduler that knows no blocked instance: none may stay parked either.
+fn forget(ctx: &ControllerCtx) -> Blocked {
+    ctx.with_pending(|q| q.unpark_all());
+    Blocked::default()
+}
+
 /// One pass over the pending queue (oldest first): place what fits on the best-fitting
 /// RUNNING worker from the capacity index, hand the rest to the autoscaler. Instances
 /// found to fit nowhere are skipped until room appears (`blocked`). The cost follows
@@ -128,8 +138,9 @@ pub async fn schedule_once(
     autoscaler: &Recipient<Demand>,
     mut blocked: Blocked,
 ) -> Blocked {
+    ctx.pass_started();
     if ctx.fence.epoch().is_none() {
-        return Blocked::default();
+        return forget(ctx);
     }
     let room = ctx.workers.deps().room();
     // Instances still waiting for the autoscaler (one per shape that still fits nowhere
@@ -137,10 +148,13 @@ pub async fn schedule_once(
     let mut unplaced = Vec::new();
     if blocked.room != Some(room) {
         let deps = ctx.workers.deps();
-        unplaced = blocked.retry_where(|req| deps.best_fit(req).is_some());
+        let (freed, still) = blocked.retry_where(|req| deps.best_fit(req).is_some());
+        ctx.with_pending(|q| freed.iter().for_each(|id| q.unpark(id)));
+        unplaced = still;
         blocked.room = Some(room);
     }
-    let todo = ctx.pending_ids_where(|id| !blocked.ids.contains(id));
+    // The blocked ones are parked in the queue: the walk is what may be placed.
+    let todo = ctx.with_pending(|q| q.ready_ids()).unwrap_or_default();
     for id in todo {
         let Some((inst, rev)) = ctx.instances.get(&id) else {
             continue;
@@ -152,6 +166,7 @@ pub async fn schedule_once(
         // so the next lookup already sees the room this one took.
         let Some(target) = ctx.workers.deps().best_fit(&inst.requirements) else {
             blocked.block(&id, &inst.requirements);
+            ctx.with_pending(|q| q.park(&id));
             unplaced.push(id);
             continue;
         };
@@ -170,7 +185,7 @@ pub async fn schedule_once(
                     ctx.instances.note(&i.id.clone(), i, r);
                 }
             }
-            Err(WorkerExecError::Fenced) => return Blocked::default(),
+            Err(WorkerExecError::Fenced) => return forget(ctx),
             Err(WorkerExecError::InstanceChanged(fresh)) => {
                 if let Some((i, r)) = fresh {
                     ctx.instances.note(&i.id.clone(), i, r);
@@ -218,7 +233,9 @@ mod tests {
         b.block("small-1", &req(1.0, 2.0));
         assert_eq!(b.ids.len(), 102, "an id is blocked once");
 
-        let still = b.retry_where(|r| r.cpu <= 8.0);
+        let (mut freed, still) = b.retry_where(|r| r.cpu <= 8.0);
+        freed.sort();
+        assert_eq!(freed, ["small-1", "small-2"], "the ids to unpark");
         assert_eq!(still.len(), 1, "one id per shape still blocked: {still:?}");
         assert!(still[0].starts_with("big-"));
         assert!(!b.ids.contains("small-1") && !b.ids.contains("small-2"));
@@ -226,7 +243,8 @@ mod tests {
 
         b.retain(|id| id != "big-0");
         assert_eq!(b.ids.len(), 99);
-        assert_eq!(b.retry_where(|_| true).len(), 0);
+        let (freed, still) = b.retry_where(|_| true);
+        assert_eq!((freed.len(), still.len()), (99, 0));
         assert!(b.ids.is_empty() && b.shapes.is_empty());
     }
 }

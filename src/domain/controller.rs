@@ -444,6 +444,13 @@ fn place_in_slots(slots: &mut [Slot<'_>], i: &Instance) -> bool {
     }
 }
 
+/// Whether no template can hold `req` (each is smaller in some dimension): such an
+/// instance is unplaceable whatever the fleet, unless a worker launched from an
+/// earlier, larger template still takes it.
+pub fn fits_no_template(req: &Resources, templates: &[WorkerTemplate]) -> bool {
+    !templates.iter().any(|t| req.fits_in(&t.capacity))
+}
+
 /// Plans the launches that unplaceable PENDING instances need.
 ///
 /// 1. Instances (state PENDING, each id once) are ordered largest first: requirements
@@ -716,6 +723,30 @@ mod tests {
 
     fn ids(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn an_instance_no_template_holds_is_one_every_plan_finds_unplaceable() {
+        let templates = [tpl("s", 4.0, 16.0), tpl("m", 8.0, 8.0)];
+        for (cpu, mem, none) in [
+            (8.0, 16.0, true),
+            (4.0, 16.0, false),
+            (8.0, 8.0, false),
+            (9.0, 1.0, true),
+        ] {
+            assert_eq!(
+                fits_no_template(&res(cpu, mem), &templates),
+                none,
+                "{cpu}/{mem}"
+            );
+            let plan = plan_scale_up(&[pend("i", cpu, mem)], &[], &templates);
+            assert_eq!(
+                plan.unplaceable == ids(&["i"]),
+                none,
+                "{cpu}/{mem}: {plan:?}"
+            );
+        }
+        assert!(fits_no_template(&res(0.0, 0.0), &[]));
     }
 
     #[test]

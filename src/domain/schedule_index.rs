@@ -15,18 +15,23 @@
 //!
 //! [`best_fit`]: crate::domain::controller::best_fit
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
 use super::controller::{leftover_key, quantize, waste};
 use super::worker::{Instance, InstanceState, Resources, Worker, WorkerState, RESOURCE_EPSILON};
 
-/// PENDING instances, oldest first (ties by id).
+/// PENDING instances, oldest first (ties by id). The scheduler parks the ones that fit
+/// no worker until room appears: they stay pending (in [`Self::ids`]) but leave the
+/// ready walk ([`Self::ready_ids`]), so a pass costs what may be placed, not the backlog.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PendingQueue {
     order: BTreeSet<(DateTime<Utc>, String)>,
+    /// `order` without the parked ones.
+    ready: BTreeSet<(DateTime<Utc>, String)>,
     by_id: HashMap<String, DateTime<Utc>>,
+    parked: HashSet<String>,
 }
 
 impl PendingQueue {
@@ -45,30 +50,68 @@ impl PendingQueue {
         match (self.by_id.get(id), pending) {
             (Some(at), Some(i)) if *at == i.created_at => {}
             (old, pending) => {
+                let mut parked = false;
                 if let Some(at) = old {
-                    self.order.remove(&(*at, id.to_owned()));
+                    let entry = (*at, id.to_owned());
+                    self.order.remove(&entry);
+                    self.ready.remove(&entry);
                     self.by_id.remove(id);
+                    parked = self.parked.remove(id);
                 }
-                if let Some(i) = pending {
-                    self.order.insert((i.created_at, id.to_owned()));
-                    self.by_id.insert(id.to_owned(), i.created_at);
+                match pending {
+                    // Still pending (only its creation time was rewritten): still parked.
+                    Some(i) if parked => {
+                        self.parked.insert(id.to_owned());
+                        self.order.insert((i.created_at, id.to_owned()));
+                        self.by_id.insert(id.to_owned(), i.created_at);
+                    }
+                    Some(i) => {
+                        self.order.insert((i.created_at, id.to_owned()));
+                        self.ready.insert((i.created_at, id.to_owned()));
+                        self.by_id.insert(id.to_owned(), i.created_at);
+                    }
+                    None => {}
                 }
             }
         }
     }
 
-    /// Ids in scheduling order.
-    pub fn ids(&self) -> Vec<String> {
-        self.ids_where(|_| true)
+    /// Takes pending instance `id` out of the ready walk until [`Self::unpark`] (or it
+    /// leaves PENDING). Unknown ids are ignored.
+    pub fn park(&mut self, id: &str) {
+        if let Some(at) = self.by_id.get(id) {
+            if self.ready.remove(&(*at, id.to_owned())) {
+                self.parked.insert(id.to_owned());
+            }
+        }
     }
 
-    /// Ids `keep` selects, in scheduling order (only those are copied).
-    pub fn ids_where(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
-        self.order
-            .iter()
-            .filter(|(_, id)| keep(id))
-            .map(|(_, id)| id.clone())
-            .collect()
+    /// Puts a parked instance back in the ready walk.
+    pub fn unpark(&mut self, id: &str) {
+        if self.parked.remove(id) {
+            if let Some(at) = self.by_id.get(id) {
+                self.ready.insert((*at, id.to_owned()));
+            }
+        }
+    }
+
+    /// Puts every parked instance back in the ready walk (a new scheduler knows none).
+    pub fn unpark_all(&mut self) {
+        for id in std::mem::take(&mut self.parked) {
+            if let Some(at) = self.by_id.get(&id) {
+                self.ready.insert((*at, id));
+            }
+        }
+    }
+
+    /// Ids of the pending instances that are not parked, in scheduling order.
+    pub fn ready_ids(&self) -> Vec<String> {
+        self.ready.iter().map(|(_, id)| id.clone()).collect()
+    }
+
+    /// Ids in scheduling order, parked or not.
+    pub fn ids(&self) -> Vec<String> {
+        self.order.iter().map(|(_, id)| id.clone()).collect()
     }
 
     /// How many are pending.
@@ -354,6 +397,37 @@ mod tests {
         q.sync("i01", Some(&instance(1, 1, 5)));
         q.sync("i03", None);
         assert_eq!(q.ids(), vec!["i02"]);
+    }
+
+    #[test]
+    fn parked_instances_stay_pending_but_leave_the_ready_walk_until_unparked() {
+        let mut q = PendingQueue::default();
+        for (id, created) in [(1, 3), (2, 1), (3, 2)] {
+            q.sync(&format!("i{id:02}"), Some(&instance(id, 0, created)));
+        }
+        q.park("i03");
+        q.park("i99");
+        assert_eq!(q.ready_ids(), vec!["i02", "i01"]);
+        assert_eq!(
+            q.ids(),
+            vec!["i02", "i03", "i01"],
+            "parked ones are still pending"
+        );
+        assert_eq!(q.len(), 3);
+        // a parked instance that is written again while pending stays parked
+        q.sync("i03", Some(&instance(3, 0, 2)));
+        assert_eq!(q.ready_ids(), vec!["i02", "i01"]);
+        q.unpark("i03");
+        assert_eq!(q.ready_ids(), vec!["i02", "i03", "i01"]);
+        // one that leaves PENDING is forgotten, parked or not, and comes back ready
+        q.park("i01");
+        q.sync("i01", Some(&instance(1, 1, 3)));
+        q.sync("i01", Some(&instance(1, 0, 4)));
+        assert_eq!(q.ready_ids(), vec!["i02", "i03", "i01"]);
+        q.park("i02");
+        q.park("i03");
+        q.unpark_all();
+        assert_eq!(q.ready_ids(), q.ids());
     }
 
     #[test]
