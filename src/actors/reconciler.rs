@@ -87,7 +87,9 @@ pub async fn reconcile_once(
         first_error.get_or_insert(e);
     };
     reconcile_instances(ctx, &mut note).await;
+    tokio::task::yield_now().await;
     reconcile_workers(ctx, &mut note).await;
+    tokio::task::yield_now().await;
     reconcile_capacity(ctx, autoscaler, &mut note).await;
     match first_error {
         Some(e) => Err(e),
@@ -96,18 +98,14 @@ pub async fn reconcile_once(
 }
 
 async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String)) {
-    let workers: HashMap<String, Worker> = ctx
-        .workers
-        .list()
-        .into_iter()
-        .map(|w| (w.id.clone(), w))
-        .collect();
-    // Only the placed ones are copied: most instances have ended.
+    // Only the placed ones are copied: most instances have ended (and their workers are
+    // looked up one by one: most workers hold nothing).
     let placed = ctx
         .instances
         .select(|i| matches!(i.state, InstanceState::Scheduled | InstanceState::Running));
-    for (inst, _) in placed {
-        let worker = inst.worker_id.as_ref().and_then(|id| workers.get(id));
+    for (n, (inst, _)) in placed.into_iter().enumerate() {
+        pace(n).await;
+        let worker = inst.worker_id.as_ref().and_then(|id| ctx.workers.get(id));
         let reason = match worker {
             None => "its worker is unknown",
             Some(w) if matches!(w.state, WorkerState::Failed | WorkerState::Terminated) => {
@@ -164,11 +162,12 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
         }
     }
     // Workers that still list instances which ended or moved elsewhere.
-    for w in workers.values() {
-        for id in &w.instances {
+    for (n, (wid, listed)) in ctx.workers.holdings().into_iter().enumerate() {
+        pace(n).await;
+        for id in &listed {
             let stale = match ctx.instances.get(id) {
                 None => true,
-                Some((i, _)) => !i.is_live() || i.worker_id.as_deref() != Some(w.id.as_str()),
+                Some((i, _)) => !i.is_live() || i.worker_id.as_deref() != Some(wid.as_str()),
             };
             if stale {
                 // The mirror may lag the worker record (another watch stream): confirm
@@ -181,7 +180,7 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
                     }
                 };
                 if let Some((i, rev)) = &fresh {
-                    if i.is_live() && i.worker_id.as_deref() == Some(w.id.as_str()) {
+                    if i.is_live() && i.worker_id.as_deref() == Some(wid.as_str()) {
                         ctx.instances.note(id, i.clone(), *rev);
                         continue;
                     }
@@ -193,16 +192,27 @@ async fn reconcile_instances(ctx: &ControllerCtx, note: &mut impl FnMut(String))
                     instance: None,
                     idem: None,
                 };
-                match ctx.workers.send(&w.id, cmd, true).await {
+                match ctx.workers.send(&wid, cmd, true).await {
                     Ok(_) => ctx.decide(
                         "release_allocation",
-                        &w.id,
+                        &wid,
                         &format!("instance {id} is no longer on it"),
                     ),
-                    Err(e) => note(format!("unplace {id} from {}: {e}", w.id)),
+                    Err(e) => note(format!("unplace {id} from {}: {e}", wid)),
                 }
             }
         }
+    }
+}
+
+/// Items a pass handles between two yields to the other tasks of its thread.
+const PACE: usize = 512;
+
+/// Yields to the other tasks of this thread (the scheduler, the watch consumers) every
+/// [`PACE`]-th item of a walk over the fleet, so no pass holds the thread for long.
+async fn pace(n: usize) {
+    if n > 0 && n.is_multiple_of(PACE) {
+        tokio::task::yield_now().await;
     }
 }
 
@@ -214,7 +224,8 @@ async fn read_workers(ctx: &ControllerCtx) -> Result<Vec<Worker>, String> {
         .await
         .map_err(|e| format!("read workers: {e}"))?;
     let mut out = Vec::with_capacity(kvs.len());
-    for kv in kvs {
+    for (n, kv) in kvs.into_iter().enumerate() {
+        pace(n).await;
         if keys::child(keys::WORKER_PREFIX, &kv.key).is_none() {
             continue;
         }
@@ -253,7 +264,8 @@ async fn reconcile_workers(ctx: &ControllerCtx, note: &mut impl FnMut(String)) {
     let by_id: HashMap<&str, &Worker> = workers.iter().map(|w| (w.id.as_str(), w)).collect();
     let timeout = ChronoDuration::from_std(ctx.settings.provision_timeout).unwrap_or_default();
     let hb_timeout = ChronoDuration::from_std(ctx.settings.heartbeat_timeout).unwrap_or_default();
-    for w in &workers {
+    for (n, w) in workers.iter().enumerate() {
+        pace(n).await;
         if !ctx.fence.is_leading() {
             note("lost leadership during the pass".into());
             return;

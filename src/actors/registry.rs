@@ -453,6 +453,20 @@ impl Registry {
         out
     }
 
+    /// [`Self::min_pod_counts`] in pieces: at most `limit` after `after`, in (environment,
+    /// name) order, and where to go on from (`None`: that was the last piece).
+    pub fn min_pod_counts_after(
+        &self,
+        after: Option<&ShadowKey>,
+        limit: usize,
+    ) -> (Vec<(ShadowKey, ScaleTarget, u32)>, Option<ShadowKey>) {
+        let mut out = Vec::with_capacity(limit.min(4096));
+        let next = self.deps.view.for_each_after(after, limit, |k, e| {
+            out.push((k.clone(), scale_target(&e.record), e.record.min_pod_count));
+        });
+        (out, next)
+    }
+
     /// The records whose `min_pod_count` or mapped Deployment/HPA changed (or that
     /// appeared) since the last call (see [`crate::actors::view::View::take_scale_changes`]).
     pub fn take_scale_changes(&self) -> Vec<ShadowKey> {

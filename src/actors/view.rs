@@ -316,6 +316,41 @@ impl View {
         }
     }
 
+    /// Calls `f` on at most `limit` entries after `after`, in (environment, name) order,
+    /// under the read lock; the last key visited when more may follow (the next call's
+    /// `after`), `None` at the end. A walk over a large fleet in pieces, so neither the
+    /// caller's thread nor the writers waiting for the lock stall for the whole of it.
+    pub fn for_each_after(
+        &self,
+        after: Option<&ShadowKey>,
+        limit: usize,
+        mut f: impl FnMut(&ShadowKey, &ViewEntry),
+    ) -> Option<ShadowKey> {
+        let envs = self.read();
+        let mut names: Vec<&String> = envs.keys().collect();
+        names.sort();
+        let mut left = limit.max(1);
+        let mut last: Option<ShadowKey> = None;
+        for env in names {
+            let from = match after {
+                Some(a) if a.env.as_str() > env.as_str() => continue,
+                Some(a) if a.env == *env => Bound::Excluded(a.name.as_str()),
+                _ => Bound::Unbounded,
+            };
+            let Some(v) = envs.get(env) else { continue };
+            for (name, e) in v.entries.range::<str, _>((from, Bound::Unbounded)) {
+                if left == 0 {
+                    return last;
+                }
+                let key = ShadowKey::new(env, name);
+                f(&key, e);
+                last = Some(key);
+                left -= 1;
+            }
+        }
+        None
+    }
+
     /// Published entries of `env` in name order (clones: for tests and small tools).
     pub fn entries(&self, env: &str) -> Vec<ViewEntry> {
         self.read()
@@ -451,6 +486,47 @@ mod tests {
 
     fn parsed(e: &ViewEntry) -> serde_json::Value {
         serde_json::from_str(&e.json).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_paged_walk_visits_every_entry_once_in_order_across_environments() {
+        let view = View::new();
+        let mut want = Vec::new();
+        for env in ["prd", "int", "stg"] {
+            for i in 0..7 {
+                let name = format!("d{i}");
+                view.insert(
+                    &ShadowKey::new(env, &name),
+                    ViewEntry::new(record(&name, "p"), 2),
+                );
+                want.push(ShadowKey::new(env, &name));
+            }
+        }
+        want.sort_by(|a, b| (&a.env, &a.name).cmp(&(&b.env, &b.name)));
+        for limit in [1, 3, 7, 20, 21, 100] {
+            let (mut seen, mut after, mut pages) = (Vec::new(), None::<ShadowKey>, 0);
+            loop {
+                let mut page = 0;
+                let next = view.for_each_after(after.as_ref(), limit, |k, e| {
+                    assert_eq!(e.record.name, k.name);
+                    seen.push(k.clone());
+                    page += 1;
+                });
+                assert!(page <= limit, "a page holds at most {limit}");
+                pages += 1;
+                assert!(pages <= 21, "the walk ends");
+                match next {
+                    Some(k) => after = Some(k),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, want, "limit {limit}");
+        }
+        assert_eq!(
+            view.for_each_after(None, 0, |_, _| {}),
+            Some(ShadowKey::new("int", "d0")),
+            "a zero limit still moves on"
+        );
     }
 
     #[test]

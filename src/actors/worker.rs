@@ -1053,6 +1053,17 @@ impl WorkerRegistry {
         out
     }
 
+    /// The workers that list instances, each with the ids it lists (unordered; most
+    /// workers of a large fleet hold nothing, so this copies far less than [`Self::list`]).
+    pub fn holdings(&self) -> Vec<(String, Vec<String>)> {
+        self.deps
+            .view
+            .iter()
+            .filter(|e| !e.value().0.instances.is_empty())
+            .map(|e| (e.key().clone(), e.value().0.instances.clone()))
+            .collect()
+    }
+
     /// One worker.
     pub fn get(&self, id: &str) -> Option<Worker> {
         self.deps.view.get(id).map(|e| e.value().0.clone())

@@ -1302,6 +1302,83 @@ async fn min_replica_drift_in_the_cluster_is_corrected_and_reported() {
 }
 
 #[actix_web::test]
+async fn a_drift_check_over_more_than_one_page_reads_every_deployable() {
+    // The check walks the view in pieces (yielding between them): the one that drifted
+    // sorts last, past the first pieces, and every deployable is counted once.
+    let kube = Arc::new(SimKube::new(Duration::from_millis(50)));
+    kube.seed_deployable(&shadow_spec("zz-drifty"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let svc = start_with_kube(ops_config(), Arc::new(MemoryStore::new()), kube.clone());
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    let base = "/api/1.0/int/shadow-deployables";
+    const FLEET: usize = 1_300;
+    for i in 0..FLEET - 1 {
+        let r = send(
+            &app,
+            put(
+                &format!("{base}/d-{i:05}"),
+                &json!({"node_pool": "p", "dns": format!("d{i}")}),
+            )
+            .to_request(),
+        )
+        .await;
+        assert!((200..300).contains(&r.status), "{r:?}");
+    }
+    send(
+        &app,
+        put(
+            &format!("{base}/zz-drifty"),
+            &json!({"node_pool": "p", "dns": "z"}),
+        )
+        .to_request(),
+    )
+    .await;
+    send(
+        &app,
+        post(
+            base,
+            &json!({"action": "PROCURE", "name": "zz-drifty", "workflow_run_id": "r1"}),
+        )
+        .to_request(),
+    )
+    .await;
+    let r = send(
+        &app,
+        post(
+            &format!("{base}/min-pod-count"),
+            &json!({"action": "INCREASE", "count": 4, "name": "zz-drifty", "workflow_run_id": "r1"}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.json["min_pod_count"], 4, "{:?}", r.json);
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            kube.min_replicas("int", "zz-drifty") == Some(4)
+        })
+        .await
+    );
+    kube.set_min_replicas("int", &ScaleTarget::same("zz-drifty"), 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let corrected = support::eventually(Duration::from_secs(15), || async {
+        kube.min_replicas("int", "zz-drifty") == Some(4)
+    })
+    .await;
+    assert!(corrected, "drift past the first page never corrected");
+    let counted = support::eventually(Duration::from_secs(15), || async {
+        let s = send(&app, get("/api/1.0/controller").to_request()).await;
+        let m = &s.json["min_replicas"];
+        m["checked"].as_u64() == Some(FLEET as u64)
+            && m["missing_count"].as_u64() == Some(FLEET as u64 - 1)
+    })
+    .await;
+    let status = send(&app, get("/api/1.0/controller").to_request()).await;
+    assert!(counted, "{:?}", status.json["min_replicas"]);
+}
+
+#[actix_web::test]
 async fn callback_deliveries_run_with_bounded_concurrency() {
     // a receiver that holds every request a while and records the peak in flight
     let inflight = Arc::new(AtomicUsize::new(0));
