@@ -139,6 +139,32 @@ fn callback(url: &str) -> Value {
     json!({"url": url, "method": "PUT", "headers": {"x-workflow": "er5tdgsh"}})
 }
 
+/// Registers shadow deployable `name` in `int`, procures it for run `r1` and raises its
+/// minimum pod count by `count`; the min-pod-count answer.
+async fn procured_with_min_pods(app: &impl TestApp, name: &str, count: u32) -> support::Resp {
+    let base = "/api/1.0/int/shadow-deployables";
+    support::register_shadow(app, "int", name).await;
+    let r = send(
+        app,
+        post(
+            base,
+            &json!({"action": "PROCURE", "name": name, "workflow_run_id": "r1"}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.json["status"], "PROCURED", "{r:?}");
+    send(
+        app,
+        post(
+            &format!("{base}/min-pod-count"),
+            &json!({"action": "INCREASE", "count": count, "name": name, "workflow_run_id": "r1"}),
+        )
+        .to_request(),
+    )
+    .await
+}
+
 async fn accepted(app: &impl TestApp, path: &str, body: Value) -> String {
     let r = send(app, post(path, &body).to_request()).await;
     assert_eq!(r.status, 202, "{path}: {:?}", r.json);
@@ -608,33 +634,7 @@ async fn shadow_min_pod_count_converges_to_kubernetes_min_replicas() {
     ready(&svc).await;
     let app = test::init_service(api::app(svc.state.clone())).await;
     let base = "/api/1.0/int/shadow-deployables";
-    send(
-        &app,
-        put(
-            &format!("{base}/shadow-1"),
-            &json!({"node_pool": "p", "dns": "d"}),
-        )
-        .to_request(),
-    )
-    .await;
-    send(
-        &app,
-        post(
-            base,
-            &json!({"action": "PROCURE", "name": "shadow-1", "workflow_run_id": "r1"}),
-        )
-        .to_request(),
-    )
-    .await;
-    let r = send(
-        &app,
-        post(
-            &format!("{base}/min-pod-count"),
-            &json!({"action": "INCREASE", "count": 3, "name": "shadow-1", "workflow_run_id": "r1"}),
-        )
-        .to_request(),
-    )
-    .await;
+    let r = procured_with_min_pods(&app, "shadow-1", 3).await;
     assert_eq!(r.json["min_pod_count"], 3);
     let up = support::eventually(Duration::from_secs(10), || async {
         kube.min_replicas("int", "shadow-1") == Some(3)
@@ -1227,34 +1227,8 @@ async fn min_replica_drift_in_the_cluster_is_corrected_and_reported() {
     ready(&svc).await;
     let app = test::init_service(api::app(svc.state.clone())).await;
     let base = "/api/1.0/int/shadow-deployables";
-    for (name, dns) in [("drifty", "d1"), ("late", "d2")] {
-        send(
-            &app,
-            put(
-                &format!("{base}/{name}"),
-                &json!({"node_pool": "p", "dns": dns}),
-            )
-            .to_request(),
-        )
-        .await;
-        send(
-            &app,
-            post(
-                base,
-                &json!({"action": "PROCURE", "name": name, "workflow_run_id": "r1"}),
-            )
-            .to_request(),
-        )
-        .await;
-        let r = send(
-            &app,
-            post(
-                &format!("{base}/min-pod-count"),
-                &json!({"action": "INCREASE", "count": 3, "name": name, "workflow_run_id": "r1"}),
-            )
-            .to_request(),
-        )
-        .await;
+    for name in ["drifty", "late"] {
+        let r = procured_with_min_pods(&app, name, 3).await;
         assert_eq!(r.json["min_pod_count"], 3, "{:?}", r.json);
     }
     assert!(
@@ -1314,44 +1288,9 @@ async fn a_drift_check_over_more_than_one_page_reads_every_deployable() {
     let base = "/api/1.0/int/shadow-deployables";
     const FLEET: usize = 1_300;
     for i in 0..FLEET - 1 {
-        let r = send(
-            &app,
-            put(
-                &format!("{base}/d-{i:05}"),
-                &json!({"node_pool": "p", "dns": format!("d{i}")}),
-            )
-            .to_request(),
-        )
-        .await;
-        assert!((200..300).contains(&r.status), "{r:?}");
+        support::register_shadow(&app, "int", &format!("d-{i:05}")).await;
     }
-    send(
-        &app,
-        put(
-            &format!("{base}/zz-drifty"),
-            &json!({"node_pool": "p", "dns": "z"}),
-        )
-        .to_request(),
-    )
-    .await;
-    send(
-        &app,
-        post(
-            base,
-            &json!({"action": "PROCURE", "name": "zz-drifty", "workflow_run_id": "r1"}),
-        )
-        .to_request(),
-    )
-    .await;
-    let r = send(
-        &app,
-        post(
-            &format!("{base}/min-pod-count"),
-            &json!({"action": "INCREASE", "count": 4, "name": "zz-drifty", "workflow_run_id": "r1"}),
-        )
-        .to_request(),
-    )
-    .await;
+    let r = procured_with_min_pods(&app, "zz-drifty", 4).await;
     assert_eq!(r.json["min_pod_count"], 4, "{:?}", r.json);
     assert!(
         support::eventually(Duration::from_secs(10), || async {
