@@ -1226,7 +1226,6 @@ async fn min_replica_drift_in_the_cluster_is_corrected_and_reported() {
     let svc = start_with_kube(ops_config(), Arc::new(MemoryStore::new()), kube.clone());
     ready(&svc).await;
     let app = test::init_service(api::app(svc.state.clone())).await;
-    let base = "/api/1.0/int/shadow-deployables";
     for name in ["drifty", "late"] {
         let r = procured_with_min_pods(&app, name, 3).await;
         assert_eq!(r.json["min_pod_count"], 3, "{:?}", r.json);
@@ -1285,7 +1284,6 @@ async fn a_drift_check_over_more_than_one_page_reads_every_deployable() {
     let svc = start_with_kube(ops_config(), Arc::new(MemoryStore::new()), kube.clone());
     ready(&svc).await;
     let app = test::init_service(api::app(svc.state.clone())).await;
-    let base = "/api/1.0/int/shadow-deployables";
     const FLEET: usize = 1_300;
     for i in 0..FLEET - 1 {
         support::register_shadow(&app, "int", &format!("d-{i:05}")).await;
