@@ -359,100 +359,94 @@ impl OpsCtx {
             };
             // In pieces, yielding between them: a fleet of 100,000 read in one go holds
             // this thread (and the view's writers) for a tenth of a second.
-            let mut page = Vec::new().into_iter();
             let mut after: Option<ShadowKey> = None;
-            let mut more = true;
-            loop {
-                let Some((key, target, want)) = page.next() else {
-                    if !more {
-                        break;
+            'check: loop {
+                let (targets, rest) = self
+                    .shadows
+                    .min_pod_counts_after(after.as_ref(), DRIFT_PAGE);
+                report.checked += targets.len();
+                for (key, target, want) in targets {
+                    if self.fence.epoch().is_none() {
+                        break 'check;
                     }
-                    if after.is_some() {
-                        tokio::task::yield_now().await;
-                    }
-                    let (next, rest) = self
-                        .shadows
-                        .min_pod_counts_after(after.as_ref(), DRIFT_PAGE);
-                    more = rest.is_some();
-                    after = rest;
-                    report.checked += next.len();
-                    page = next.into_iter();
-                    continue;
-                };
-                if self.fence.epoch().is_none() {
-                    break;
-                }
-                let next = (target, want);
-                let ns = self.settings.namespace(&key.env);
-                let entry = |observed: Option<i32>, error: Option<String>| Drift {
-                    env: key.env.clone(),
-                    name: key.name.clone(),
-                    want,
-                    observed,
-                    error,
-                };
-                let wanted = i32::try_from(want).unwrap_or(i32::MAX);
-                match self.kube.observed_min_replicas(&ns, &next.0).await {
-                    Ok(Some(have)) if min_replicas_hold(wanted, have) => {
-                        report.in_sync += 1;
-                        missing.remove(&key);
-                        applied.insert(key, next);
-                    }
-                    Ok(Some(have)) => {
-                        if applied.get(&key) == Some(&next) {
-                            // We had converged it: someone changed the cluster since.
-                            warn!(env = %key.env, name = %key.name, want, have, "min replicas drifted in the cluster; correcting");
+                    let next = (target, want);
+                    let ns = self.settings.namespace(&key.env);
+                    let entry = |observed: Option<i32>, error: Option<String>| Drift {
+                        env: key.env.clone(),
+                        name: key.name.clone(),
+                        want,
+                        observed,
+                        error,
+                    };
+                    let wanted = i32::try_from(want).unwrap_or(i32::MAX);
+                    match self.kube.observed_min_replicas(&ns, &next.0).await {
+                        Ok(Some(have)) if min_replicas_hold(wanted, have) => {
+                            report.in_sync += 1;
+                            missing.remove(&key);
+                            applied.insert(key, next);
+                        }
+                        Ok(Some(have)) => {
+                            if applied.get(&key) == Some(&next) {
+                                // We had converged it: someone changed the cluster since.
+                                warn!(env = %key.env, name = %key.name, want, have, "min replicas drifted in the cluster; correcting");
+                                self.metrics
+                                    .decisions
+                                    .with_label_values(&["min_replicas_drift"])
+                                    .inc();
+                            }
+                            match self.converge_one(&key, &next.0, want).await {
+                                Ok(()) => {
+                                    corrected += 1;
+                                    note_drift(
+                                        &mut report.drifted_count,
+                                        &mut report.drifted,
+                                        entry(Some(have), None),
+                                    );
+                                    missing.remove(&key);
+                                    applied.insert(key, next);
+                                }
+                                Err(e) => {
+                                    note_drift(
+                                        &mut report.failed_count,
+                                        &mut report.failed,
+                                        entry(Some(have), Some(e.to_string())),
+                                    );
+                                    applied.remove(&key);
+                                    retry.insert(key);
+                                }
+                            }
+                        }
+                        Ok(None) => {
                             self.metrics
                                 .decisions
-                                .with_label_values(&["min_replicas_drift"])
+                                .with_label_values(&["min_replicas_missing"])
                                 .inc();
+                            note_drift(
+                                &mut report.missing_count,
+                                &mut report.missing,
+                                entry(None, None),
+                            );
+                            applied.remove(&key);
+                            missing.insert(key, next);
                         }
-                        match self.converge_one(&key, &next.0, want).await {
-                            Ok(()) => {
-                                corrected += 1;
-                                note_drift(
-                                    &mut report.drifted_count,
-                                    &mut report.drifted,
-                                    entry(Some(have), None),
-                                );
-                                missing.remove(&key);
-                                applied.insert(key, next);
-                            }
-                            Err(e) => {
-                                note_drift(
-                                    &mut report.failed_count,
-                                    &mut report.failed,
-                                    entry(Some(have), Some(e.to_string())),
-                                );
-                                applied.remove(&key);
+                        Err(e) => {
+                            note_drift(
+                                &mut report.failed_count,
+                                &mut report.failed,
+                                entry(None, Some(e.to_string())),
+                            );
+                            if applied.get(&key) != Some(&next) && missing.get(&key) != Some(&next)
+                            {
                                 retry.insert(key);
                             }
                         }
                     }
-                    Ok(None) => {
-                        self.metrics
-                            .decisions
-                            .with_label_values(&["min_replicas_missing"])
-                            .inc();
-                        note_drift(
-                            &mut report.missing_count,
-                            &mut report.missing,
-                            entry(None, None),
-                        );
-                        applied.remove(&key);
-                        missing.insert(key, next);
-                    }
-                    Err(e) => {
-                        note_drift(
-                            &mut report.failed_count,
-                            &mut report.failed,
-                            entry(None, Some(e.to_string())),
-                        );
-                        if applied.get(&key) != Some(&next) && missing.get(&key) != Some(&next) {
-                            retry.insert(key);
-                        }
-                    }
                 }
+                match rest {
+                    Some(k) => after = Some(k),
+                    None => break,
+                }
+                tokio::task::yield_now().await;
             }
             report.drift_corrected_total = corrected;
             if let Ok(mut c) = self.convergence.lock() {

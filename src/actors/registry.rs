@@ -446,11 +446,7 @@ impl Registry {
     /// (unordered; cheap enough to sweep often). Only registered records are listed, so
     /// nothing else is ever scaled.
     pub fn min_pod_counts(&self) -> Vec<(ShadowKey, ScaleTarget, u32)> {
-        let mut out = Vec::new();
-        self.deps.view.for_each(|k, e| {
-            out.push((k.clone(), scale_target(&e.record), e.record.min_pod_count));
-        });
-        out
+        self.min_pod_counts_after(None, usize::MAX).0
     }
 
     /// [`Self::min_pod_counts`] in pieces: at most `limit` after `after`, in (environment,
@@ -460,7 +456,7 @@ impl Registry {
         after: Option<&ShadowKey>,
         limit: usize,
     ) -> (Vec<(ShadowKey, ScaleTarget, u32)>, Option<ShadowKey>) {
-        let mut out = Vec::with_capacity(limit.min(4096));
+        let mut out = Vec::new();
         let next = self.deps.view.for_each_after(after, limit, |k, e| {
             out.push((k.clone(), scale_target(&e.record), e.record.min_pod_count));
         });

@@ -165,6 +165,24 @@ async fn procured_with_min_pods(app: &impl TestApp, name: &str, count: u32) -> s
     .await
 }
 
+/// Waits until `name`'s minimum replicas in the cluster are `want`, lowers them to 1
+/// behind the service's back, and says whether the service puts `want` back in `wait`.
+async fn drift_corrected(kube: &SimKube, name: &str, want: i32, wait: Duration) -> bool {
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            kube.min_replicas("int", name) == Some(want)
+        })
+        .await
+    );
+    kube.set_min_replicas("int", &ScaleTarget::same(name), 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    support::eventually(wait, || async {
+        kube.min_replicas("int", name) == Some(want)
+    })
+    .await
+}
+
 async fn accepted(app: &impl TestApp, path: &str, body: Value) -> String {
     let r = send(app, post(path, &body).to_request()).await;
     assert_eq!(r.status, 202, "{path}: {:?}", r.json);
@@ -1230,20 +1248,7 @@ async fn min_replica_drift_in_the_cluster_is_corrected_and_reported() {
         let r = procured_with_min_pods(&app, name, 3).await;
         assert_eq!(r.json["min_pod_count"], 3, "{:?}", r.json);
     }
-    assert!(
-        support::eventually(Duration::from_secs(10), || async {
-            kube.min_replicas("int", "drifty") == Some(3)
-        })
-        .await
-    );
-    // someone edits the cluster behind our back
-    kube.set_min_replicas("int", &ScaleTarget::same("drifty"), 1)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let corrected = support::eventually(Duration::from_secs(10), || async {
-        kube.min_replicas("int", "drifty") == Some(3)
-    })
-    .await;
+    let corrected = drift_corrected(&kube, "drifty", 3, Duration::from_secs(10)).await;
     assert!(corrected, "drift never corrected");
     let status = send(&app, get("/api/1.0/controller").to_request()).await;
     let conv = &status.json["min_replicas"];
@@ -1290,19 +1295,7 @@ async fn a_drift_check_over_more_than_one_page_reads_every_deployable() {
     }
     let r = procured_with_min_pods(&app, "zz-drifty", 4).await;
     assert_eq!(r.json["min_pod_count"], 4, "{:?}", r.json);
-    assert!(
-        support::eventually(Duration::from_secs(10), || async {
-            kube.min_replicas("int", "zz-drifty") == Some(4)
-        })
-        .await
-    );
-    kube.set_min_replicas("int", &ScaleTarget::same("zz-drifty"), 1)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let corrected = support::eventually(Duration::from_secs(15), || async {
-        kube.min_replicas("int", "zz-drifty") == Some(4)
-    })
-    .await;
+    let corrected = drift_corrected(&kube, "zz-drifty", 4, Duration::from_secs(15)).await;
     assert!(corrected, "drift past the first page never corrected");
     let counted = support::eventually(Duration::from_secs(15), || async {
         let s = send(&app, get("/api/1.0/controller").to_request()).await;
