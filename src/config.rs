@@ -93,7 +93,8 @@ pub struct Config {
     pub seed_file_explicit: bool,
     /// HTTP worker threads (`HTTP_WORKERS`).
     pub http_workers: usize,
-    /// Threads the entity actors are spread over (`ACTOR_THREADS`).
+    /// Threads the entity actors not started by a request are spread over
+    /// (`ACTOR_THREADS`).
     pub actor_threads: usize,
     /// How long a request waits for an entity actor's answer before it gets 503
     /// (`ACTOR_SEND_TIMEOUT_MS`).

@@ -1,6 +1,6 @@
-//! The registry: finds or spawns the actor of a shadow deployable, spreads actors over a
-//! few arbiters (threads), hydrates them at start-up and keeps them fresh from one
-//! store watch on the prefix.
+//! The registry: finds or spawns the actor of a shadow deployable (on the HTTP worker
+//! thread whose request started it, else over a few arbiters), hydrates the view at
+//! start-up and keeps it fresh from one store watch on the prefix.
 //!
 //! Supervision: a panic inside `decide` is caught and the actor's `Supervisor` restarts
 //! it; any other panic in a handler ends the actor's task and closes its mailbox. The
@@ -43,6 +43,17 @@ pub const MAX_POOL_TRIES: usize = 32;
 /// Whether a reply is a FAILED (held by another run) answer.
 fn is_failed(reply: &Reply) -> bool {
     serde_json::from_str::<serde_json::Value>(&reply.body).is_ok_and(|v| v["status"] == "FAILED")
+}
+
+thread_local! {
+    static REQUEST_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread (an HTTP worker, an actix arbiter) as one that takes
+/// requests: the actors it starts run on it, not on one of the registry's arbiters.
+/// Lookups from anywhere else (the leader's reaper, the converger) start them there.
+pub fn serve_actors_here() {
+    REQUEST_THREAD.with(|r| r.set(true));
 }
 
 /// Kind label of shadow deployable actors.
@@ -93,8 +104,11 @@ impl Registry {
     }
 
     fn start(&self, key: ShadowKey, cell: Cell, stats: Arc<ActorStats>) -> Addr<ShadowActor> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
         let deps = self.deps.clone();
+        if REQUEST_THREAD.with(|r| r.get()) {
+            return Supervisor::start(move |_| ShadowActor::new(key, cell, deps, stats));
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
         Supervisor::start_in_arbiter(&self.arbiters[i], move |_| {
             ShadowActor::new(key, cell, deps, stats)
         })
@@ -417,6 +431,9 @@ impl Registry {
         let entry = self.actors.entry(key);
         if let Entry::Occupied(e) = &entry {
             if e.get().addr.connected() {
+                if self.deps.view.is_current(e.key(), kv.mod_revision) {
+                    return;
+                }
                 let h = e.get();
                 h.stats.enqueued();
                 h.addr.do_send(Observe {

@@ -136,6 +136,10 @@ pub fn app(
         InitError = (),
     >,
 > {
+    // actix builds one app per worker thread, on that thread, which then takes that
+    // app's requests: the shadow actors those requests start run here too, so a
+    // command costs no hop to another thread and back.
+    crate::actors::registry::serve_actors_here();
     App::new()
         .app_data(state)
         .app_data(
@@ -151,13 +155,14 @@ pub fn app(
         .wrap(from_fn(middleware::request_context))
 }
 
-/// Registers every route.
+/// Registers every route. The router tries them in this order, each dynamic one a
+/// pattern match, so the busiest (the shadow deployable commands) come first.
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    shadow::configure(cfg);
     ops::configure(cfg);
     controller::configure(cfg);
     events::configure(cfg);
     operations::configure(cfg);
-    shadow::configure(cfg);
     ui::configure(cfg);
     cfg.default_service(web::to(not_found));
 }

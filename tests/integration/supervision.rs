@@ -224,6 +224,61 @@ fn retry_after(r: &Resp) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Records the thread each transaction comparing `key` ran on.
+struct Threads {
+    key: String,
+    seen: Mutex<Vec<std::thread::ThreadId>>,
+}
+
+#[async_trait]
+impl Hook for Threads {
+    async fn txn(&self, inner: &dyn Store, txn: Txn) -> Result<TxnResult, StoreError> {
+        if touches(&txn, &self.key) {
+            self.seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(std::thread::current().id());
+        }
+        inner.txn(txn).await
+    }
+}
+
+#[actix_web::test]
+async fn a_shadow_actor_started_by_a_request_runs_on_the_thread_that_took_it() {
+    // An actor on another thread costs every command two thread hops (there and back).
+    let key = keys::shadow("int", "d1");
+    let store = Hooked::new(
+        Arc::new(MemoryStore::new()),
+        Threads {
+            key: key.clone(),
+            seen: Mutex::new(Vec::new()),
+        },
+    );
+    let svc = support::service(config(&[]), store.clone()).await;
+    // This thread builds the app, so it is the one taking the requests (as an HTTP
+    // worker is for the app it builds).
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    register(&app, "int", "d1").await;
+    for run in ["r1", "r2"] {
+        let r = send(&app, post(BASE, &procure("d1", run)).to_request()).await;
+        assert_eq!(r.json, json!({"status": "PROCURED"}), "{:?}", r.json);
+        let r = send(&app, post(BASE, &release("d1", run)).to_request()).await;
+        assert_eq!(r.json, json!({"status": "RELEASED"}), "{:?}", r.json);
+    }
+    let here = std::thread::current().id();
+    let seen = store
+        .hook
+        .seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    assert!(seen.len() >= 4, "transactions on {key}: {seen:?}");
+    assert!(
+        seen.iter().all(|t| *t == here),
+        "the actor's transactions ran on {seen:?}, not on the request thread {here:?}"
+    );
+}
+
 #[actix_web::test]
 async fn a_panic_in_a_shadow_actor_handler_leaves_no_dead_mailbox() {
     let store = Hostile::new(Arc::new(MemoryStore::new()));
