@@ -1,6 +1,7 @@
 //! A read-only, watch-fed copy of the JSON records under one prefix (instances), with
 //! an optional index kept equal to it record by record (the scheduler's pending queue).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -9,7 +10,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::warn;
 
-use crate::actors::follow::Follower;
+use crate::actors::follow::{Follower, Loader};
 use crate::keys;
 use crate::ports::store::{Kv, WatchEvent};
 
@@ -143,16 +144,19 @@ impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Mirror<T> {
     }
 }
 
-impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Follower for Mirror<T> {
-    fn prefix(&self) -> &'static str {
-        self.prefix
+impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Mirror<T> {
+    /// One page of a listing: each record in; notes its id.
+    fn take_page(&self, kvs: &[Kv], ids: &mut HashSet<String>) {
+        for kv in kvs {
+            if let Some(id) = keys::child(self.prefix, &kv.key) {
+                ids.insert(id.to_owned());
+            }
+            self.put(kv);
+        }
     }
 
-    fn load(&self, kvs: Vec<Kv>, _revision: i64) {
-        let ids: std::collections::HashSet<String> = kvs
-            .iter()
-            .filter_map(|kv| keys::child(self.prefix, &kv.key).map(str::to_owned))
-            .collect();
+    /// The listing is complete: what it did not have is gone.
+    fn finish_listing(&self, ids: &HashSet<String>) {
         let gone: Vec<String> = self
             .items
             .iter()
@@ -163,10 +167,41 @@ impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Follower for Mirror<T>
             self.items.remove(&id);
             self.resync(&id);
         }
-        for kv in &kvs {
-            self.put(kv);
-        }
         self.loaded.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A listing taken in page by page.
+struct Taking<T: DeserializeOwned + Clone + Send + Sync + 'static> {
+    mirror: Arc<Mirror<T>>,
+    ids: HashSet<String>,
+}
+
+impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Loader for Taking<T> {
+    fn page(&mut self, kvs: Vec<Kv>) {
+        self.mirror.take_page(&kvs, &mut self.ids);
+    }
+    fn finish(self: Box<Self>, _revision: i64) {
+        self.mirror.finish_listing(&self.ids);
+    }
+}
+
+impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Follower for Mirror<T> {
+    fn prefix(&self) -> &'static str {
+        self.prefix
+    }
+
+    fn load(&self, kvs: Vec<Kv>, _revision: i64) {
+        let mut ids = HashSet::with_capacity(kvs.len());
+        self.take_page(&kvs, &mut ids);
+        self.finish_listing(&ids);
+    }
+
+    fn loader(self: Arc<Self>) -> Box<dyn Loader> {
+        Box::new(Taking {
+            mirror: self,
+            ids: HashSet::new(),
+        })
     }
 
     fn apply(&self, ev: WatchEvent) {

@@ -23,7 +23,7 @@ use dashmap::DashMap;
 use rand::Rng;
 use tracing::{warn, Span};
 
-use crate::actors::follow::Follower;
+use crate::actors::follow::{Follower, Loader};
 use crate::actors::shadow::{
     decode, publish, render, replay_if_stored, Cell, Deps, ExecError, Execute, Observe,
     ShadowActor, ShadowKey, REAPED,
@@ -384,6 +384,12 @@ impl Registry {
 
     fn load_listing(&self, kvs: Vec<Kv>, revision: i64) {
         let mut seen = HashSet::with_capacity(kvs.len());
+        self.take_page(kvs, &mut seen);
+        self.finish_listing(&seen, revision);
+    }
+
+    /// One page of a listing: each record to its actor or the view; notes its key.
+    fn take_page(&self, kvs: Vec<Kv>, seen: &mut HashSet<ShadowKey>) {
         for kv in kvs {
             let Some((env, name)) = keys::parse_shadow(&kv.key) else {
                 continue;
@@ -392,6 +398,10 @@ impl Registry {
             seen.insert(key.clone());
             self.route(key, kv);
         }
+    }
+
+    /// The listing taken at `revision` is complete: what it did not have is gone.
+    fn finish_listing(&self, seen: &HashSet<ShadowKey>, revision: i64) {
         // Gone meanwhile: published entries (most have no actor) and live actors alike.
         let mut gone: Vec<ShadowKey> = self
             .actors
@@ -566,6 +576,21 @@ fn info(key: &ShadowKey, record: Option<(String, u64, i64)>, h: Option<&Handle>)
     }
 }
 
+/// A listing taken in page by page: each page is routed as it arrives.
+struct Hydration {
+    registry: Arc<Registry>,
+    seen: HashSet<ShadowKey>,
+}
+
+impl Loader for Hydration {
+    fn page(&mut self, kvs: Vec<Kv>) {
+        self.registry.take_page(kvs, &mut self.seen);
+    }
+    fn finish(self: Box<Self>, revision: i64) {
+        self.registry.finish_listing(&self.seen, revision);
+    }
+}
+
 impl Follower for Registry {
     fn prefix(&self) -> &'static str {
         keys::SHADOW_PREFIX
@@ -573,6 +598,13 @@ impl Follower for Registry {
 
     fn load(&self, kvs: Vec<Kv>, revision: i64) {
         self.load_listing(kvs, revision);
+    }
+
+    fn loader(self: Arc<Self>) -> Box<dyn Loader> {
+        Box::new(Hydration {
+            registry: self,
+            seen: HashSet::new(),
+        })
     }
 
     fn apply(&self, ev: WatchEvent) {

@@ -211,6 +211,16 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
+        let mut out = Vec::new();
+        let rev = self.list_each(prefix, &mut |kvs| out.extend(kvs)).await?;
+        Ok((out, rev))
+    }
+
+    async fn list_each(
+        &self,
+        prefix: &str,
+        page: &mut (dyn FnMut(Vec<Kv>) + Send),
+    ) -> Result<i64, StoreError> {
         // In pages of LIST_PAGE keys, all read at the first page's revision (one
         // consistent snapshot): a large prefix (100,000 records are ~25 MB) does not fit
         // the 4 MiB a gRPC answer may carry.
@@ -218,7 +228,6 @@ impl Store for EtcdStore {
         let end = prefix_end(full.as_bytes());
         let mut from = full.into_bytes();
         let mut rev = 0;
-        let mut out = Vec::new();
         loop {
             let resp = self
                 .call(|c| {
@@ -234,7 +243,7 @@ impl Store for EtcdStore {
             if rev == 0 {
                 rev = resp.header().map(|h| h.revision()).unwrap_or(0);
             }
-            out.extend(resp.kvs().iter().filter_map(|kv| self.kv(kv)));
+            page(resp.kvs().iter().filter_map(|kv| self.kv(kv)).collect());
             match resp.kvs().last() {
                 Some(last) if resp.more() => {
                     // The next page starts just after the last key read.
@@ -244,7 +253,7 @@ impl Store for EtcdStore {
                 _ => break,
             }
         }
-        Ok((out, rev))
+        Ok(rev)
     }
 
     async fn list_after(

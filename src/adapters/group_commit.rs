@@ -90,6 +90,13 @@ impl Store for GroupCommitStore {
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
         self.inner.list(prefix).await
     }
+    async fn list_each(
+        &self,
+        prefix: &str,
+        page: &mut (dyn FnMut(Vec<Kv>) + Send),
+    ) -> Result<i64, StoreError> {
+        self.inner.list_each(prefix, page).await
+    }
     async fn list_after(
         &self,
         prefix: &str,

@@ -60,6 +60,21 @@ impl Store for InstrumentedStore {
         r
     }
 
+    async fn list_each(
+        &self,
+        prefix: &str,
+        page: &mut (dyn FnMut(Vec<Kv>) + Send),
+    ) -> Result<i64, StoreError> {
+        let t = Instant::now();
+        let r = self
+            .inner
+            .list_each(prefix, page)
+            .instrument(self.span("list"))
+            .await;
+        self.record("list", t, &r);
+        r
+    }
+
     async fn list_after(
         &self,
         prefix: &str,

@@ -112,6 +112,19 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError>;
     /// Reads every key under `prefix`, with the store revision of the read.
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError>;
+    /// [`Self::list`] handed over page by page as the pages arrive (every page read at
+    /// the same revision, which is returned), so a caller can work on one page while
+    /// the next is read. Default: the whole listing as one page. A page handed over
+    /// before an error is a part of a consistent snapshot, never the whole of it.
+    async fn list_each(
+        &self,
+        prefix: &str,
+        page: &mut (dyn FnMut(Vec<Kv>) + Send),
+    ) -> Result<i64, StoreError> {
+        let (kvs, revision) = self.list(prefix).await?;
+        page(kvs);
+        Ok(revision)
+    }
     /// Reads at most `limit` keys under `prefix` that sort after `after` (a full key;
     /// `None`: from the start), in key order, and whether more keys follow them. A page
     /// costs one bounded read. No default: a decorator that forgot to forward it would

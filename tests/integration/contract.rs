@@ -646,8 +646,8 @@ async fn a_listing_larger_than_one_grpc_message_comes_whole_from_real_etcd() {
     assert!(kvs.iter().all(|kv| kv.value.len() == value.len()));
     assert_eq!(rev, r.revision, "the revision the listing was read at");
 
-    // more keys than one page of the listing (500), put 100 per transaction
-    let m = 1_234;
+    // more keys than two pages of the listing (2,000 each), put 100 per transaction
+    let m = 4_321;
     for chunk in (0..m).collect::<Vec<usize>>().chunks(100) {
         let r = store
             .txn(resource_plane::ports::store::Txn {
@@ -673,4 +673,25 @@ async fn a_listing_larger_than_one_grpc_message_comes_whole_from_real_etcd() {
     let got: Vec<String> = kvs.iter().map(|kv| kv.key.clone()).collect();
     let want: Vec<String> = (0..m).map(|i| format!("/many/{i:05}")).collect();
     assert_eq!(got, want, "every key once, in order, across pages");
+
+    // the same listing handed over page by page as the pages arrive
+    let mut pages: Vec<Vec<String>> = Vec::new();
+    let each_rev = store
+        .list_each("/many/", &mut |kvs| {
+            pages.push(kvs.into_iter().map(|kv| kv.key).collect())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("list_each: {e}"));
+    assert!(pages.len() >= 3, "{} pages for {m} keys", pages.len());
+    assert!(pages.iter().all(|p| !p.is_empty() && p.len() <= 2_000));
+    assert_eq!(
+        pages.concat(),
+        want,
+        "every key once, in order, page by page"
+    );
+    let (_, list_rev) = store
+        .list("/many/")
+        .await
+        .unwrap_or_else(|e| panic!("list: {e}"));
+    assert_eq!(each_rev, list_rev, "both read at the current revision");
 }
