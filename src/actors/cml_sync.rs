@@ -74,7 +74,9 @@ impl AgentSync {
     pub async fn run_forever(self: Arc<Self>) {
         loop {
             tokio::time::sleep(self.interval).await;
-            if self.ctl.fence.epoch().is_some() {
+            // Not before the views hold the whole fleet: a lab whose instance is not
+            // loaded yet would look unknown (and be stopped with CML_STOP_UNKNOWN_LABS).
+            if self.ctl.fence.epoch().is_some() && self.ctl.hydrated() {
                 let _ = self.sync_all().await;
             }
         }

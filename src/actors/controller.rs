@@ -18,6 +18,10 @@ use crate::actors::leader::on_leadership;
 use crate::actors::reconciler::Reconciler;
 use crate::actors::scheduler::Scheduler;
 
+/// How often a replica that has not yet loaded the fleet checks again before it acts as
+/// the leader.
+const HYDRATION_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 impl ControllerCtx {
     /// Starts the leader-only actors on the current arbiter.
     pub fn start_leading(self: &Arc<Self>) {
@@ -95,8 +99,12 @@ impl ControllerCtx {
         }
     }
 
-    /// Follows election changes: leader-only work runs only while leading.
+    /// Follows election changes: leader-only work runs only while leading, and never
+    /// before the views hold the whole fleet ([`ControllerCtx::hydrated`]).
     pub async fn follow_leadership(self: Arc<Self>, changes: watch::Receiver<Option<i64>>) {
+        while !self.hydrated() {
+            tokio::time::sleep(HYDRATION_POLL).await;
+        }
         let (a, b) = (self.clone(), self);
         on_leadership(changes, move || a.start_leading(), move || b.stop_leading()).await;
     }

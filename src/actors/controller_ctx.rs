@@ -445,6 +445,14 @@ impl ControllerCtx {
         self.running().map(|r| r.scheduler)
     }
 
+    /// Whether the worker and instance views hold their first listing. Until then a
+    /// running worker, or an instance placed on it, looks absent: a leader deciding
+    /// then would launch for `min_workers` again, scale up for demand the fleet has room
+    /// for, or take a lab for unknown.
+    pub fn hydrated(&self) -> bool {
+        self.workers.is_loaded() && self.instances.is_loaded()
+    }
+
     /// Election status.
     pub fn leader_status(&self) -> LeaderStatus {
         LeaderStatus {

@@ -811,6 +811,106 @@ async fn cml_sync_drives_instances_end_to_end() {
     emu.stop().await;
 }
 
+/// A store whose listing of the instances takes `0`: the replica's instance view fills
+/// long after its worker view and its election.
+struct SlowInstanceListing(Duration);
+
+#[async_trait::async_trait]
+impl super::support::Hook for SlowInstanceListing {
+    async fn list(
+        &self,
+        inner: &dyn resource_plane::ports::store::Store,
+        prefix: &str,
+    ) -> Result<
+        (Vec<resource_plane::ports::store::Kv>, i64),
+        resource_plane::ports::store::StoreError,
+    > {
+        if prefix == resource_plane::keys::INSTANCE_PREFIX {
+            tokio::time::sleep(self.0).await;
+        }
+        inner.list(prefix).await
+    }
+}
+
+/// With `CML_STOP_UNKNOWN_LABS=true`, a new leader whose instance view is still loading
+/// must not take the labs of running instances for unknown ones: it syncs with CML only
+/// once it holds the whole fleet.
+#[actix_web::test]
+async fn a_new_leader_stops_no_lab_before_it_knows_every_instance() {
+    use resource_plane::adapters::memory::MemoryStore;
+    use resource_plane::adapters::sim_cloud::SimCloud;
+    use resource_plane::app::Service;
+    use resource_plane::config::WorkerAgentKind;
+    use resource_plane::ports::store::Store;
+
+    let emu = Emulator::start(&[]);
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = super::controller::controller_config(&dir, super::controller::TEMPLATES);
+    cfg.agent.kind = WorkerAgentKind::Cml;
+    cfg.agent.cml = settings(&emu.template());
+    cfg.agent.sync_interval = Duration::from_millis(100);
+    cfg.agent.stop_unknown_labs = true;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let cloud = Arc::new(SimCloud::new(Duration::from_millis(50)));
+    let first = Service::start_with(cfg.clone(), store.clone(), cloud.clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(first.wait_hydrated(Duration::from_secs(10)).await);
+    let ctl = first.state.controller.clone();
+    assert!(until(Duration::from_secs(5), || ctl.leader_status().is_leader).await);
+    let app = actix_web::test::init_service(resource_plane::api::app(first.state.clone())).await;
+    let r = super::support::send(
+        &app,
+        super::support::post(
+            "/api/1.0/instances",
+            &json!({"requirements": {"cpu": 1, "memory_gb": 2}}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.json);
+    let id = r.json["id"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        until(Duration::from_secs(15), || !ctl.workers.list().is_empty()).await,
+        "no worker was launched"
+    );
+    let wid = ctl.workers.list()[0].id.clone();
+    add_host(&emu, &wid, true);
+    emu.put_lab(&wid, "lab-a", &id, "STARTED", None);
+    assert!(
+        until(Duration::from_secs(15), || ctl
+            .instances
+            .get(&id)
+            .is_some_and(|(i, _)| i.state == InstanceState::Running))
+        .await,
+        "the instance did not run: {:?}",
+        ctl.instances.get(&id)
+    );
+    first.shutdown().await;
+
+    // The successor leads at once, sees the worker at once, and reads the instances
+    // for 2 s: a sync meanwhile would find lab-a on no instance it knows.
+    let slow =
+        super::support::Hooked::new(store.clone(), SlowInstanceListing(Duration::from_secs(2)));
+    let second = Service::start_with(cfg, slow, cloud).unwrap_or_else(|e| panic!("{e}"));
+    let ctl = second.state.controller.clone();
+    assert!(until(Duration::from_secs(5), || ctl.leader_status().is_leader).await);
+    assert!(second.wait_hydrated(Duration::from_secs(10)).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stops: Vec<_> = emu
+        .log()
+        .into_iter()
+        .filter(|(m, p, _)| m == "PUT" && p.ends_with("/stop"))
+        .collect();
+    assert!(stops.is_empty(), "a known lab was stopped: {stops:?}");
+    assert_eq!(emu.lab_state(&wid, "lab-a").as_deref(), Some("STARTED"));
+    assert_eq!(
+        ctl.instances.get(&id).map(|(i, _)| i.state),
+        Some(InstanceState::Running)
+    );
+    second.shutdown().await;
+    emu.stop().await;
+}
+
 /// The cloud port reports the private IP the default `CML_URL_TEMPLATE`
 /// (`https://{private_ip}`) needs: EC2 against moto, and the simulated cloud (loopback).
 #[tokio::test]
