@@ -40,6 +40,7 @@ SMALL=${SCALE_SMALL_DEPLOYABLES:-64}
 INSTANCES=${SCALE_INSTANCES:-0}
 PENDING=${SCALE_PENDING:-0}
 SCHED_RATE=${SCALE_SCHEDULE_RATE:-50}
+SCHED_SECS=${SCALE_SCHEDULE_SECONDS:-40}
 SECS=${SCALE_SECONDS:-10}
 W=${SCALE_WORKFLOWS:-64}
 LIST_CLIENTS=${SCALE_LIST_CLIENTS:-4}
@@ -185,8 +186,8 @@ SCHED=0
 if python3 -c "import sys; sys.exit(0 if float('$SCHED_RATE') > 0 else 1)"; then
   SCHED=1
   curl -fs "$URL/metrics" >"$WORK/sched.m0"
-  profiled "$PERF_OUT.sched" "$SECS" lt sched --url "$URL" --scenario instances \
-    --rate "$SCHED_RATE" --think-ms 200 --workflows "$W" --duration "${SECS}s"
+  profiled "$PERF_OUT.sched" "$SCHED_SECS" lt sched --url "$URL" --scenario instances \
+    --rate "$SCHED_RATE" --think-ms 200 --workflows "$W" --duration "${SCHED_SECS}s"
   sleep 1
   curl -fs "$URL/metrics" >"$WORK/sched.m1"
 fi
@@ -195,7 +196,7 @@ RSS_AFTER=$(rss_mib "$SVC")
 MEM_GIB=$(awk '/MemTotal/ {printf "%.1f", $2 / 1048576}' /proc/meminfo)
 ETCD_VERSION=$(etcd --version | awk '/etcd Version/ {print $3}')
 export MACHINE="nproc $(nproc), ${MEM_GIB} GiB, $(uname -sr), etcd $ETCD_VERSION, load average before the run $LOAD_BEFORE"
-export COMMAND="SCALE_DEPLOYABLES=$N SCALE_WORKERS=$M SCALE_SMALL_DEPLOYABLES=$SMALL SCALE_INSTANCES=$INSTANCES SCALE_PENDING=$PENDING SCALE_SCHEDULE_RATE=$SCHED_RATE SCALE_SECONDS=$SECS SCALE_WORKFLOWS=$W SCALE_LIST_CLIENTS=$LIST_CLIENTS scripts/scale.sh"
+export COMMAND="SCALE_DEPLOYABLES=$N SCALE_WORKERS=$M SCALE_SMALL_DEPLOYABLES=$SMALL SCALE_INSTANCES=$INSTANCES SCALE_PENDING=$PENDING SCALE_SCHEDULE_RATE=$SCHED_RATE SCALE_SCHEDULE_SECONDS=$SCHED_SECS SCALE_SECONDS=$SECS SCALE_WORKFLOWS=$W SCALE_LIST_CLIENTS=$LIST_CLIENTS scripts/scale.sh"
 export CLK_TCK=$(getconf CLK_TCK)
 export WORK N M SMALL INSTANCES PENDING HYDRATE RSS_READY RSS_AFTER LISTED WORKERS W LIST_CLIENTS
 export IDLE_CPU IDLE_SECS SWEEP_SECS SWEEP_CPU LOAD_SMALL LOAD_LARGE SCHED SCHED_RATE
