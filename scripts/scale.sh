@@ -186,10 +186,12 @@ SCHED=0
 if python3 -c "import sys; sys.exit(0 if float('$SCHED_RATE') > 0 else 1)"; then
   SCHED=1
   curl -fs "$URL/metrics" >"$WORK/sched.m0"
+  curl -fs "http://$ETCD/metrics" >"$WORK/sched.etcd0"
   profiled "$PERF_OUT.sched" "$SCHED_SECS" lt sched --url "$URL" --scenario instances \
     --rate "$SCHED_RATE" --think-ms 200 --workflows "$W" --duration "${SCHED_SECS}s"
   sleep 1
   curl -fs "$URL/metrics" >"$WORK/sched.m1"
+  curl -fs "http://$ETCD/metrics" >"$WORK/sched.etcd1"
 fi
 RSS_AFTER=$(rss_mib "$SVC")
 
@@ -300,6 +302,26 @@ if e["SCHED"] == "1":
     count = b1[-1][1] if b1 else 0
     fmt = lambda v: "-" if v is None else f"{v * 1000:.1f}"
     print(f"| PENDING -> SCHEDULED p50 / p99 ({e['PENDING']} more pending, {e['SCHED_RATE']}/s submitted) | {fmt(p50)} / {fmt(p99)} ms | {count:.0f} placed; from the service's histogram buckets |")
+    # What the slow placements may have waited on: etcd's disk, and etcd as the
+    # service saw it (same window).
+    def over(b0, b1, limit):
+        d0, d1 = dict(b0), dict(b1)
+        total = d1.get(float("inf"), 0.0) - d0.get(float("inf"), 0.0)
+        under = max((d1[le] - d0.get(le, 0.0) for le in d1 if le <= limit), default=0.0)
+        return total - under, total
+    def txn_hist(metrics):
+        sums = {}
+        for m in re.finditer(r'^store_call_duration_seconds_bucket\{([^}]*)\} (\S+)$', metrics, re.M):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            if labels.get("op") == "txn":
+                le = float(labels["le"])
+                sums[le] = sums.get(le, 0.0) + float(m.group(2))
+        return sorted(sums.items())
+    e0, e1 = text("sched.etcd0"), text("sched.etcd1")
+    fs = "etcd_disk_wal_fsync_duration_seconds"
+    slow_fsync, fsyncs = over(hist(e0, fs), hist(e1, fs), 0.128)
+    slow_txn, txns = over(txn_hist(m0), txn_hist(m1), 0.1)
+    print(f"|   meanwhile: etcd WAL fsyncs over 128 ms; service store Txns over 100 ms | {slow_fsync:.0f} of {fsyncs:.0f}; {slow_txn:.0f} of {txns:.0f} | etcd and service histograms, same window |")
 print()
 for label, (rep, *_rest) in (("small", small), ("large", large)):
     inv = rep["invariants"]
