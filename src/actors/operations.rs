@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use actix::prelude::*;
+use futures::StreamExt;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -27,6 +28,17 @@ use crate::ports::store::{Compare, Op, StoreError, Txn};
 
 /// Deployables a drift check reads from the view at a time (it yields in between).
 const DRIFT_PAGE: usize = 512;
+
+/// At most this many deployables are converged under one fenced effect write: changes
+/// that piled up while the converger was busy cost one etcd write per batch, not one
+/// per deployable.
+const CONVERGE_BATCH: usize = 64;
+
+/// Min-replica patches of one batch in flight at once.
+const CONVERGE_CONCURRENCY: usize = 16;
+
+/// A deployable to converge: its key and the (objects, minimum) it should have.
+type Want = (ShadowKey, (ScaleTarget, u32));
 
 /// The converger reads the cluster back (to find drift) on every this-many-th sweep;
 /// the sweeps in between only re-apply recorded changes.
@@ -313,17 +325,17 @@ impl OpsCtx {
                 .map(|mut d| d.drain().collect())
                 .unwrap_or_default();
             if woken && swept {
-                for key in dirty {
-                    if let Some(next) = self.shadows.min_pod_count(&key) {
-                        if applied.get(&key) != Some(&next)
-                            && !self
-                                .converge_tracked(key.clone(), next, &mut applied, &mut missing)
-                                .await
-                        {
-                            retry.insert(key);
-                        }
-                    }
-                }
+                let wants: Vec<Want> = dirty
+                    .into_iter()
+                    .filter_map(|key| {
+                        let next = self.shadows.min_pod_count(&key)?;
+                        (applied.get(&key) != Some(&next)).then_some((key, next))
+                    })
+                    .collect();
+                let failed = self
+                    .converge_tracked(wants, &mut applied, &mut missing)
+                    .await;
+                retry.extend(failed);
                 continue;
             }
             swept = true;
@@ -334,20 +346,19 @@ impl OpsCtx {
                 let mut keys: HashSet<ShadowKey> =
                     self.shadows.take_scale_changes().into_iter().collect();
                 keys.extend(retry.drain());
-                for key in keys {
-                    let Some(next) = self.shadows.min_pod_count(&key) else {
-                        continue;
-                    };
-                    if applied.get(&key) == Some(&next) || missing.get(&key) == Some(&next) {
-                        continue;
-                    }
-                    if !self
-                        .converge_tracked(key.clone(), next, &mut applied, &mut missing)
-                        .await
-                    {
-                        retry.insert(key);
-                    }
-                }
+                let wants: Vec<Want> = keys
+                    .into_iter()
+                    .filter_map(|key| {
+                        let next = self.shadows.min_pod_count(&key)?;
+                        let done =
+                            applied.get(&key) == Some(&next) || missing.get(&key) == Some(&next);
+                        (!done).then_some((key, next))
+                    })
+                    .collect();
+                let failed = self
+                    .converge_tracked(wants, &mut applied, &mut missing)
+                    .await;
+                retry.extend(failed);
                 continue;
             }
             // The check reads every deployable now: what changed before it is covered.
@@ -458,25 +469,64 @@ impl OpsCtx {
     /// [`Self::converge_one`], remembering the outcome: converged, or missing from the
     /// cluster (not tried again until it changes or the next drift check). False when it
     /// failed otherwise (to be tried again).
+    /// Converges `wants` in batches of [`CONVERGE_BATCH`], each under one fenced
+    /// effect write and patched [`CONVERGE_CONCURRENCY`] at a time, and records each
+    /// outcome (`applied`; `missing` when not in the cluster). Returns the keys to try
+    /// again at the next sweep.
     async fn converge_tracked(
         &self,
-        key: ShadowKey,
-        next: (ScaleTarget, u32),
+        wants: Vec<Want>,
         applied: &mut HashMap<ShadowKey, (ScaleTarget, u32)>,
         missing: &mut HashMap<ShadowKey, (ScaleTarget, u32)>,
-    ) -> bool {
-        match self.converge_one(&key, &next.0, next.1).await {
-            Ok(()) => {
-                missing.remove(&key);
-                applied.insert(key, next);
-                true
+    ) -> Vec<ShadowKey> {
+        let mut failed = Vec::new();
+        let mut wants = wants.into_iter().peekable();
+        while wants.peek().is_some() {
+            let batch: Vec<Want> = wants.by_ref().take(CONVERGE_BATCH).collect();
+            let subject = match batch.as_slice() {
+                [(key, _)] => format!("{}/{}", key.env, key.name),
+                [(key, _), ..] => format!("{}/{} and {} more", key.env, key.name, batch.len() - 1),
+                [] => continue,
+            };
+            // Fenced like every leader-only side effect: a deposed leader patches nothing.
+            if let Err(e) = self
+                .fence
+                .authorize(self.store.as_ref(), "kube_min_replicas", &subject)
+                .await
+            {
+                debug!(deployables = %subject, error = %e, "min replicas not converged: not authorized");
+                failed.extend(batch.into_iter().map(|(key, _)| key));
+                failed.extend(wants.map(|(key, _)| key));
+                return failed;
             }
-            Err(KubeError::NotFound(_)) => {
-                missing.insert(key, next);
-                true
+            let outcomes: Vec<(Want, Result<(), KubeError>)> = futures::stream::iter(batch)
+                .map(|(key, next)| async move {
+                    // The permit holds while the lease certainly does (by this
+                    // replica's clock): no patch once it may have lapsed.
+                    let r = if self.fence.is_leading() {
+                        self.patch_min_replicas(&key, &next.0, next.1).await
+                    } else {
+                        Err(KubeError::Unavailable("no longer the leader".into()))
+                    };
+                    ((key, next), r)
+                })
+                .buffer_unordered(CONVERGE_CONCURRENCY)
+                .collect()
+                .await;
+            for ((key, next), r) in outcomes {
+                match r {
+                    Ok(()) => {
+                        missing.remove(&key);
+                        applied.insert(key, next);
+                    }
+                    Err(KubeError::NotFound(_)) => {
+                        missing.insert(key, next);
+                    }
+                    Err(_) => failed.push(key),
+                }
             }
-            Err(_) => false,
         }
+        failed
     }
 
     /// Patches one deployable's minimum replicas to `want`, on the Deployment/HPA its
@@ -487,8 +537,6 @@ impl OpsCtx {
         target: &ScaleTarget,
         want: u32,
     ) -> Result<(), KubeError> {
-        let ns = self.settings.namespace(&key.env);
-        let min = i32::try_from(want).unwrap_or(i32::MAX);
         // Fenced like every leader-only side effect: a deposed leader patches nothing.
         let subject = format!("{}/{}", key.env, key.name);
         if let Err(e) = self
@@ -499,6 +547,18 @@ impl OpsCtx {
             debug!(env = %key.env, name = %key.name, error = %e, "min replicas not converged: not authorized");
             return Err(KubeError::Unavailable(format!("not authorized: {e}")));
         }
+        self.patch_min_replicas(key, target, want).await
+    }
+
+    /// Sets one deployable's minimum replicas in the cluster; the caller holds a permit.
+    async fn patch_min_replicas(
+        &self,
+        key: &ShadowKey,
+        target: &ScaleTarget,
+        want: u32,
+    ) -> Result<(), KubeError> {
+        let ns = self.settings.namespace(&key.env);
+        let min = i32::try_from(want).unwrap_or(i32::MAX);
         match self.kube.set_min_replicas(&ns, target, min).await {
             Ok(()) => {
                 debug!(env = %key.env, name = %key.name, deployment = %target.deployment, hpa = %target.hpa, min, "min replicas converged");

@@ -1642,3 +1642,67 @@ async fn a_new_leader_checks_the_whole_fleet_before_patching() {
     );
     svc.shutdown().await;
 }
+
+/// A store that counts the fenced min-replica effects written, and holds the first one
+/// for `hold` (a slow etcd): the changes made meanwhile pile up behind it.
+struct SlowFirstEffect {
+    hold: Duration,
+    effects: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Hook for SlowFirstEffect {
+    async fn txn(&self, inner: &dyn Store, txn: Txn) -> Result<TxnResult, StoreError> {
+        let effect = txn.success.iter().any(|op| match op {
+            resource_plane::ports::store::Op::Put { key, .. } => key.contains("kube_min_replicas"),
+            _ => false,
+        });
+        if effect
+            && self
+                .effects
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                == 0
+        {
+            tokio::time::sleep(self.hold).await;
+        }
+        inner.txn(txn).await
+    }
+}
+
+/// Min-pod changes that arrive while the converger is busy are converged together: one
+/// fenced effect write covers a batch of them (not one write per deployable), and every
+/// one of them reaches the cluster.
+#[actix_web::test]
+async fn min_pod_changes_that_pile_up_are_converged_under_one_fenced_write_per_batch() {
+    const N: usize = 40;
+    let kube = Arc::new(SimKube::new(Duration::from_millis(50)));
+    for i in 0..N {
+        kube.seed_deployable(&shadow_spec(&format!("b-{i:02}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let store = Hooked::new(
+        Arc::new(MemoryStore::new()),
+        SlowFirstEffect {
+            hold: Duration::from_millis(1500),
+            effects: std::sync::atomic::AtomicUsize::new(0),
+        },
+    );
+    let svc = start_with_kube(ops_config(), store.clone(), kube.clone());
+    ready(&svc).await;
+    let app = test::init_service(api::app(svc.state.clone())).await;
+    for i in 0..N {
+        let r = procured_with_min_pods(&app, &format!("b-{i:02}"), 3).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let all = support::eventually(Duration::from_secs(20), || async {
+        (0..N).all(|i| kube.min_replicas("int", &format!("b-{i:02}")) == Some(3))
+    })
+    .await;
+    assert!(all, "not every deployable reached min replicas 3");
+    let effects = store.hook.effects.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        effects <= 6,
+        "{effects} fenced effect writes for {N} deployables changed while the first waited"
+    );
+    svc.shutdown().await;
+}
