@@ -661,6 +661,16 @@ async fn until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     true
 }
 
+/// The controller test configuration with `WORKER_AGENT=cml` against `emu`, synced
+/// every 100 ms.
+fn cml_service_config(emu: &Emulator, dir: &tempfile::TempDir) -> resource_plane::config::Config {
+    let mut cfg = super::controller::controller_config(dir, super::controller::TEMPLATES);
+    cfg.agent.kind = resource_plane::config::WorkerAgentKind::Cml;
+    cfg.agent.cml = settings(&emu.template());
+    cfg.agent.sync_interval = Duration::from_millis(100);
+    cfg
+}
+
 /// The embedded service with `WORKER_AGENT=cml` against the emulator: a lab started on
 /// the worker's CML makes its instance RUNNING, a stopped or deleted lab COMPLETES it, a
 /// stray lab is reported and left alone, every successful read records a heartbeat, and
@@ -670,15 +680,11 @@ async fn cml_sync_drives_instances_end_to_end() {
     use resource_plane::adapters::memory::MemoryStore;
     use resource_plane::adapters::sim_cloud::SimCloud;
     use resource_plane::app::Service;
-    use resource_plane::config::WorkerAgentKind;
     use resource_plane::ports::store::Store;
 
     let emu = Emulator::start(&[]);
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let mut cfg = super::controller::controller_config(&dir, super::controller::TEMPLATES);
-    cfg.agent.kind = WorkerAgentKind::Cml;
-    cfg.agent.cml = settings(&emu.template());
-    cfg.agent.sync_interval = Duration::from_millis(100);
+    let cfg = cml_service_config(&emu, &dir);
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let cloud = Arc::new(SimCloud::new(Duration::from_millis(50)));
     let svc = Service::start_with(cfg, store, cloud).unwrap_or_else(|e| panic!("{e}"));
@@ -811,27 +817,6 @@ async fn cml_sync_drives_instances_end_to_end() {
     emu.stop().await;
 }
 
-/// A store whose listing of the instances takes `0`: the replica's instance view fills
-/// long after its worker view and its election.
-struct SlowInstanceListing(Duration);
-
-#[async_trait::async_trait]
-impl super::support::Hook for SlowInstanceListing {
-    async fn list(
-        &self,
-        inner: &dyn resource_plane::ports::store::Store,
-        prefix: &str,
-    ) -> Result<
-        (Vec<resource_plane::ports::store::Kv>, i64),
-        resource_plane::ports::store::StoreError,
-    > {
-        if prefix == resource_plane::keys::INSTANCE_PREFIX {
-            tokio::time::sleep(self.0).await;
-        }
-        inner.list(prefix).await
-    }
-}
-
 /// With `CML_STOP_UNKNOWN_LABS=true`, a new leader whose instance view is still loading
 /// must not take the labs of running instances for unknown ones: it syncs with CML only
 /// once it holds the whole fleet.
@@ -840,15 +825,11 @@ async fn a_new_leader_stops_no_lab_before_it_knows_every_instance() {
     use resource_plane::adapters::memory::MemoryStore;
     use resource_plane::adapters::sim_cloud::SimCloud;
     use resource_plane::app::Service;
-    use resource_plane::config::WorkerAgentKind;
     use resource_plane::ports::store::Store;
 
     let emu = Emulator::start(&[]);
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let mut cfg = super::controller::controller_config(&dir, super::controller::TEMPLATES);
-    cfg.agent.kind = WorkerAgentKind::Cml;
-    cfg.agent.cml = settings(&emu.template());
-    cfg.agent.sync_interval = Duration::from_millis(100);
+    let mut cfg = cml_service_config(&emu, &dir);
     cfg.agent.stop_unknown_labs = true;
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let cloud = Arc::new(SimCloud::new(Duration::from_millis(50)));
@@ -889,8 +870,13 @@ async fn a_new_leader_stops_no_lab_before_it_knows_every_instance() {
 
     // The successor leads at once, sees the worker at once, and reads the instances
     // for 2 s: a sync meanwhile would find lab-a on no instance it knows.
-    let slow =
-        super::support::Hooked::new(store.clone(), SlowInstanceListing(Duration::from_secs(2)));
+    let slow = super::support::Hooked::new(
+        store.clone(),
+        super::support::SlowListing::new(
+            resource_plane::keys::INSTANCE_PREFIX,
+            Duration::from_secs(2),
+        ),
+    );
     let second = Service::start_with(cfg, slow, cloud).unwrap_or_else(|e| panic!("{e}"));
     let ctl = second.state.controller.clone();
     assert!(until(Duration::from_secs(5), || ctl.leader_status().is_leader).await);

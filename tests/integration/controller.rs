@@ -841,43 +841,10 @@ async fn ended_records_are_put_on_a_retention_lease() {
     }
 }
 
-/// One worker that must always exist.
-const ONE_MIN_WORKER: &str = "templates:
-  - name: small
-    instance_type: m5.xlarge
-    image_id: ami-12c6146b
-    capacity: { cpu: 4, memory_gb: 16 }
-    min_workers: 1
-    max_workers: 4
-    hourly_cost: 0.2
-    labels: {}
-";
-
-/// A store whose listing of the workers takes `0` (a large fleet, a slow etcd): the
-/// replica's worker view fills long after it has won the election.
-struct SlowWorkerListing(Duration);
-
-#[async_trait::async_trait]
-impl support::Hook for SlowWorkerListing {
-    async fn list(
-        &self,
-        inner: &dyn Store,
-        prefix: &str,
-    ) -> Result<
-        (Vec<resource_plane::ports::store::Kv>, i64),
-        resource_plane::ports::store::StoreError,
-    > {
-        if prefix == resource_plane::keys::WORKER_PREFIX {
-            tokio::time::sleep(self.0).await;
-        }
-        inner.list(prefix).await
-    }
-}
-
 #[actix_web::test]
 async fn a_new_leader_plans_from_the_whole_fleet_not_from_a_view_still_loading() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let cfg = controller_config(&dir, ONE_MIN_WORKER);
+    let cfg = controller_config(&dir, crate::fencing::ONE_MIN_WORKER);
     let cloud = Arc::new(SimCloud::new(Duration::from_millis(300)));
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let first = Service::start_with(cfg.clone(), store.clone(), cloud.clone())
@@ -897,7 +864,10 @@ async fn a_new_leader_plans_from_the_whole_fleet_not_from_a_view_still_loading()
     assert_eq!(cloud.create_calls(), 1);
 
     // The successor wins the election at once but reads the fleet for 2 s.
-    let slow = support::Hooked::new(store.clone(), SlowWorkerListing(Duration::from_secs(2)));
+    let slow = support::Hooked::new(
+        store.clone(),
+        support::SlowListing::new(resource_plane::keys::WORKER_PREFIX, Duration::from_secs(2)),
+    );
     let second = Service::start_with(cfg, slow, cloud.clone()).unwrap_or_else(|e| panic!("{e}"));
     let led = wait(Duration::from_secs(2), || {
         second.state.controller.leader_status().is_leader

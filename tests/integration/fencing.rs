@@ -33,7 +33,7 @@ use tokio::sync::broadcast;
 use crate::support::{self, get, send, Etcd, Hook, Hooked};
 
 /// One worker that must always exist, so the leader launches one by itself.
-const ONE_MIN_WORKER: &str = "templates:
+pub const ONE_MIN_WORKER: &str = "templates:
   - name: small
     instance_type: m5.xlarge
     image_id: ami-12c6146b

@@ -594,8 +594,10 @@ async fn renewals_racing_the_reaper_across_two_replicas_never_half_apply() {
         assert_eq!(v["state"], "PROCURED");
         assert_eq!(v["lease_expires_at"], r.body["lease_expires_at"]);
     }
-    let total = reaped(&app_a).await.unwrap_or(0) + reaped(&app_b).await.unwrap_or(0);
-    assert_eq!(total, 1, "reaped once in all");
+    // The reap is counted a moment after etcd has the FREE record: wait for the count.
+    let total = || async { reaped(&app_a).await.unwrap_or(0) + reaped(&app_b).await.unwrap_or(0) };
+    support::eventually(Duration::from_secs(5), || async { total().await >= 1 }).await;
+    assert_eq!(total().await, 1, "reaped once in all");
 }
 
 #[actix_web::test]
@@ -641,7 +643,16 @@ async fn a_new_leader_reaps_what_the_old_one_left() {
         .await,
         "the new leader did not reap the expired hold"
     );
-    assert_eq!(reaped(&app_second).await, Some(1));
+    // etcd has the FREE record a moment before the reaping actor has its answer (and
+    // counts the reap): wait for the count, do not sample it once.
+    assert!(
+        support::eventually(Duration::from_secs(5), || async {
+            reaped(&app_second).await == Some(1)
+        })
+        .await,
+        "the new leader's reap was not counted: {:?}",
+        reaped(&app_second).await
+    );
     assert_eq!(
         reaped(&app_first).await,
         Some(0),

@@ -332,6 +332,30 @@ impl<H: Hook> Store for Hooked<H> {
     }
 }
 
+/// A store whose listing of one prefix takes `delay` longer (a large fleet, a slow
+/// etcd): the replica's view of it fills long after the others and the election.
+pub struct SlowListing {
+    prefix: &'static str,
+    delay: Duration,
+}
+
+impl SlowListing {
+    /// Listings of exactly `prefix` wait `delay` first.
+    pub fn new(prefix: &'static str, delay: Duration) -> Self {
+        Self { prefix, delay }
+    }
+}
+
+#[async_trait::async_trait]
+impl Hook for SlowListing {
+    async fn list(&self, inner: &dyn Store, prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
+        if prefix == self.prefix {
+            tokio::time::sleep(self.delay).await;
+        }
+        inner.list(prefix).await
+    }
+}
+
 /// An answer.
 #[derive(Debug)]
 pub struct Resp {
