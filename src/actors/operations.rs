@@ -466,9 +466,6 @@ impl OpsCtx {
         }
     }
 
-    /// [`Self::converge_one`], remembering the outcome: converged, or missing from the
-    /// cluster (not tried again until it changes or the next drift check). False when it
-    /// failed otherwise (to be tried again).
     /// Converges `wants` in batches of [`CONVERGE_BATCH`], each under one fenced
     /// effect write and patched [`CONVERGE_CONCURRENCY`] at a time, and records each
     /// outcome (`applied`; `missing` when not in the cluster). Returns the keys to try

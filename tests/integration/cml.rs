@@ -661,6 +661,21 @@ async fn until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     true
 }
 
+/// Submits an instance of 1 CPU and 2 GB; its id.
+async fn submit_small_instance(app: &impl super::support::TestApp) -> String {
+    let r = super::support::send(
+        app,
+        super::support::post(
+            "/api/1.0/instances",
+            &json!({"requirements": {"cpu": 1, "memory_gb": 2}}),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.json);
+    r.json["id"].as_str().unwrap_or_default().to_owned()
+}
+
 /// The controller test configuration with `WORKER_AGENT=cml` against `emu`, synced
 /// every 100 ms.
 fn cml_service_config(emu: &Emulator, dir: &tempfile::TempDir) -> resource_plane::config::Config {
@@ -695,17 +710,7 @@ async fn cml_sync_drives_instances_end_to_end() {
     let app = actix_web::test::init_service(resource_plane::api::app(svc.state.clone())).await;
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let r = super::support::send(
-            &app,
-            super::support::post(
-                "/api/1.0/instances",
-                &json!({"requirements": {"cpu": 1, "memory_gb": 2}}),
-            )
-            .to_request(),
-        )
-        .await;
-        assert_eq!(r.status, 202, "{:?}", r.json);
-        ids.push(r.json["id"].as_str().unwrap_or_default().to_owned());
+        ids.push(submit_small_instance(&app).await);
     }
     let state = |id: &str| ctl.instances.get(id).map(|(i, _)| i.state);
     let worker_of = |id: &str| ctl.instances.get(id).and_then(|(i, _)| i.worker_id);
@@ -839,17 +844,7 @@ async fn a_new_leader_stops_no_lab_before_it_knows_every_instance() {
     let ctl = first.state.controller.clone();
     assert!(until(Duration::from_secs(5), || ctl.leader_status().is_leader).await);
     let app = actix_web::test::init_service(resource_plane::api::app(first.state.clone())).await;
-    let r = super::support::send(
-        &app,
-        super::support::post(
-            "/api/1.0/instances",
-            &json!({"requirements": {"cpu": 1, "memory_gb": 2}}),
-        )
-        .to_request(),
-    )
-    .await;
-    assert_eq!(r.status, 202, "{:?}", r.json);
-    let id = r.json["id"].as_str().unwrap_or_default().to_owned();
+    let id = submit_small_instance(&app).await;
     assert!(
         until(Duration::from_secs(15), || !ctl.workers.list().is_empty()).await,
         "no worker was launched"
