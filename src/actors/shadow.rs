@@ -450,7 +450,15 @@ pub async fn execute(
             },
             None => None,
         };
-        let mut txn = build_txn(&key, *mod_revision, &change, idem.as_ref(), &reply, lease);
+        let was_in_use = record.as_ref().map(ShadowDeployable::in_use);
+        let mut txn = build_txn(
+            &key,
+            (*mod_revision, was_in_use),
+            &change,
+            idem.as_ref(),
+            &reply,
+            lease,
+        );
         txn.compares.extend(fence.clone());
         let decided_at = *mod_revision;
         let commit = debug_span!("shadow.commit", command = kind);
@@ -517,9 +525,13 @@ pub async fn execute(
     (Err(ExecError::Contention), cell)
 }
 
+/// The CAS of `change` on `key`'s record as decided at `(mod_revision, was_in_use)`
+/// (`was_in_use`: the decided-on record's, `None` when there was none). The in-use index
+/// is written with the record when its value changes (or may be missing), not again
+/// for a change that keeps it (a min pod count, a renewal): same outcome, one op less.
 fn build_txn(
     key: &ShadowKey,
-    mod_revision: i64,
+    (mod_revision, was_in_use): (i64, Option<bool>),
     change: &Change,
     idem: Option<&IdemRequest>,
     reply: &Reply,
@@ -538,15 +550,17 @@ fn build_txn(
                 value: serde_json::to_vec(rec).unwrap_or_default(),
                 lease: None,
             });
-            txn.success.push(Op::Put {
-                key: key.index_key(),
-                value: if rec.in_use() {
-                    b"true".to_vec()
-                } else {
-                    b"false".to_vec()
-                },
-                lease: None,
-            });
+            if was_in_use != Some(rec.in_use()) {
+                txn.success.push(Op::Put {
+                    key: key.index_key(),
+                    value: if rec.in_use() {
+                        b"true".to_vec()
+                    } else {
+                        b"false".to_vec()
+                    },
+                    lease: None,
+                });
+            }
         }
         Change::Delete => {
             txn.success.push(Op::Delete { key: record_key });

@@ -35,6 +35,15 @@ async fn index_value(store: &dyn Store, name: &str) -> Option<String> {
         .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
 }
 
+async fn index_revision(store: &dyn Store, name: &str) -> i64 {
+    store
+        .get(&keys::shadow_in_use("int", name))
+        .await
+        .ok()
+        .flatten()
+        .map_or(0, |kv| kv.mod_revision)
+}
+
 /// Runs the whole contract on a fresh service over `store`.
 async fn contract_suite(store: Arc<dyn Store>) {
     let svc = support::service(support::config(), store.clone()).await;
@@ -178,7 +187,9 @@ async fn contract_suite(store: Arc<dyn Store>) {
     let r = send(&app, get(&format!("{BASE}?in_use=true")).to_request()).await;
     assert_eq!(r.json["data"][0]["version"], 1);
 
-    // min pod count: owner only, floors at 0, alias path, validation
+    // min pod count: owner only, floors at 0, alias path, validation; the in-use
+    // index, true before and after, is not written again
+    let index_rev = index_revision(store.as_ref(), "d1").await;
     let r = send(
         &app,
         post(
@@ -219,6 +230,11 @@ async fn contract_suite(store: Arc<dyn Store>) {
     )
     .await;
     assert_eq!(r.json, json!({"status": "UPDATED", "min_pod_count": 3}));
+    assert_eq!(
+        index_revision(store.as_ref(), "d1").await,
+        index_rev,
+        "a min-pod-count change rewrote the unchanged in-use index"
+    );
     let r = send(&app, get(&format!("{BASE}?in_use=true")).to_request()).await;
     assert_eq!(r.json["data"][0]["min_pod_count"], 3);
     // `pod_count` is the deprecated alias, kept for one release with the same value.
