@@ -6,7 +6,6 @@ use std::time::Duration;
 use actix_web::test::{self, TestRequest};
 use resource_plane::adapters::memory::MemoryStore;
 use resource_plane::api;
-use resource_plane::keys;
 use resource_plane::ports::store::Store;
 use serde_json::{json, Value};
 
@@ -26,21 +25,9 @@ fn pods(action: &str, count: i64, name: &str, run: &str) -> Value {
     json!({"action": action, "count": count, "name": name, "workflow_run_id": run, "workflow_task_id": "t1"})
 }
 
-async fn index_value(store: &dyn Store, name: &str) -> Option<String> {
-    store
-        .get(&keys::shadow_in_use("int", name))
-        .await
-        .ok()
-        .flatten()
-        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
-}
-
 async fn index_revision(store: &dyn Store, name: &str) -> i64 {
-    store
-        .get(&keys::shadow_in_use("int", name))
+    support::in_use_index(store, name)
         .await
-        .ok()
-        .flatten()
         .map_or(0, |kv| kv.mod_revision)
 }
 
@@ -99,7 +86,9 @@ async fn contract_suite(store: Arc<dyn Store>) {
     .await;
     assert_eq!(r.status, 201);
     assert_eq!(
-        index_value(store.as_ref(), "d1").await.as_deref(),
+        support::in_use_index_value(store.as_ref(), "d1")
+            .await
+            .as_deref(),
         Some("false")
     );
 
@@ -163,7 +152,9 @@ async fn contract_suite(store: Arc<dyn Store>) {
         (200, br#"{"status":"PROCURED"}"#.as_slice())
     );
     assert_eq!(
-        index_value(store.as_ref(), "d1").await.as_deref(),
+        support::in_use_index_value(store.as_ref(), "d1")
+            .await
+            .as_deref(),
         Some("true")
     );
     let r = send(&app, get(&format!("{BASE}?in_use=true")).to_request()).await;
@@ -289,7 +280,9 @@ async fn contract_suite(store: Arc<dyn Store>) {
         (200, json!({"status": "RELEASED"}))
     );
     assert_eq!(
-        index_value(store.as_ref(), "d1").await.as_deref(),
+        support::in_use_index_value(store.as_ref(), "d1")
+            .await
+            .as_deref(),
         Some("false")
     );
     let r = send(&app, get(&format!("{BASE}?node_pool=p1")).to_request()).await;
@@ -423,7 +416,10 @@ async fn contract_suite(store: Arc<dyn Store>) {
     )
     .await;
     assert_eq!(r.status, 200);
-    assert_eq!(index_value(store.as_ref(), "d0").await, None);
+    assert_eq!(
+        support::in_use_index_value(store.as_ref(), "d0").await,
+        None
+    );
     let r = send(
         &app,
         TestRequest::delete()

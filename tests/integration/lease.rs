@@ -131,12 +131,7 @@ async fn record(store: &dyn Store, name: &str) -> Value {
 }
 
 async fn index(store: &dyn Store, name: &str) -> Option<String> {
-    store
-        .get(&keys::shadow_in_use("int", name))
-        .await
-        .ok()
-        .flatten()
-        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+    support::in_use_index_value(store, name).await
 }
 
 fn time(v: &Value) -> DateTime<Utc> {

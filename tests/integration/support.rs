@@ -14,6 +14,7 @@ use actix_web::test::{self, TestRequest};
 use resource_plane::adapters::etcd::{EtcdSettings, EtcdStore};
 use resource_plane::app::Service;
 use resource_plane::config::Config;
+use resource_plane::keys;
 use resource_plane::ports::store::{Kv, Store, StoreError, Txn, TxnResult, WatchReceiver};
 use serde_json::Value;
 
@@ -207,6 +208,22 @@ impl Drop for Etcd {
 }
 
 /// A unique key prefix so tests sharing an etcd never collide.
+/// The in-use index entry of deployable `name` in env `int`, as stored.
+pub async fn in_use_index(store: &dyn Store, name: &str) -> Option<Kv> {
+    store
+        .get(&keys::shadow_in_use("int", name))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The in-use index value of deployable `name` in env `int` (`None` when absent).
+pub async fn in_use_index_value(store: &dyn Store, name: &str) -> Option<String> {
+    in_use_index(store, name)
+        .await
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+}
+
 pub fn unique_prefix() -> String {
     format!("/test-{}", uuid::Uuid::new_v4().simple())
 }
