@@ -663,17 +663,7 @@ async fn until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// Submits an instance of 1 CPU and 2 GB; its id.
 async fn submit_small_instance(app: &impl super::support::TestApp) -> String {
-    let r = super::support::send(
-        app,
-        super::support::post(
-            "/api/1.0/instances",
-            &json!({"requirements": {"cpu": 1, "memory_gb": 2}}),
-        )
-        .to_request(),
-    )
-    .await;
-    assert_eq!(r.status, 202, "{:?}", r.json);
-    r.json["id"].as_str().unwrap_or_default().to_owned()
+    super::support::id_of(&super::support::submit_instance(app, 1.0, 2.0, false).await)
 }
 
 /// The controller test configuration with `WORKER_AGENT=cml` against `emu`, synced

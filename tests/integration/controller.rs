@@ -92,18 +92,9 @@ async fn wait(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 async fn submit(app: &impl TestApp, cpu: f64, mem: f64, dnd: bool) -> String {
-    let r = send(
-        app,
-        post(
-            "/api/1.0/instances",
-            &json!({"requirements": {"cpu": cpu, "memory_gb": mem}, "do_not_disrupt": dnd}),
-        )
-        .to_request(),
-    )
-    .await;
-    assert_eq!(r.status, 202, "{:?}", r.json);
-    assert_eq!(r.json["state"], "PENDING");
-    r.json["id"].as_str().unwrap_or_default().to_owned()
+    let answer = support::submit_instance(app, cpu, mem, dnd).await;
+    assert_eq!(answer["state"], "PENDING");
+    support::id_of(&answer)
 }
 
 fn states(f: &Fixture) -> Vec<String> {

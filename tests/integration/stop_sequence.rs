@@ -190,17 +190,7 @@ const FULL: [WorkerState; 7] = [
 ];
 
 async fn submit(app: &impl TestApp) -> String {
-    let r = send(
-        app,
-        post(
-            "/api/1.0/instances",
-            &json!({"requirements": {"cpu": 2, "memory_gb": 4}}),
-        )
-        .to_request(),
-    )
-    .await;
-    assert_eq!(r.status, 202, "{:?}", r.json);
-    r.json["id"].as_str().unwrap_or_default().to_owned()
+    support::id_of(&support::submit_instance(app, 2.0, 4.0, false).await)
 }
 
 fn placed_on(svc: &Service, inst: &str) -> Option<String> {

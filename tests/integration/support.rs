@@ -430,6 +430,23 @@ pub fn post(path: &str, body: &Value) -> TestRequest {
     TestRequest::post().uri(path).set_json(body)
 }
 
+/// Submits an instance of `cpu` CPUs and `memory_gb` GB through the API; asserts 202
+/// and returns the answer.
+pub async fn submit_instance(app: &impl TestApp, cpu: f64, memory_gb: f64, dnd: bool) -> Value {
+    let body = serde_json::json!({
+        "requirements": {"cpu": cpu, "memory_gb": memory_gb},
+        "do_not_disrupt": dnd,
+    });
+    let r = send(app, post("/api/1.0/instances", &body).to_request()).await;
+    assert_eq!(r.status, 202, "{:?}", r.json);
+    r.json
+}
+
+/// The `id` of an answer (empty when it has none).
+pub fn id_of(answer: &Value) -> String {
+    answer["id"].as_str().unwrap_or_default().to_owned()
+}
+
 /// A JSON PUT.
 pub fn put(path: &str, body: &Value) -> TestRequest {
     TestRequest::put().uri(path).set_json(body)
