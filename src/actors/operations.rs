@@ -325,13 +325,8 @@ impl OpsCtx {
                 .map(|mut d| d.drain().collect())
                 .unwrap_or_default();
             if woken && swept {
-                let wants: Vec<Want> = dirty
-                    .into_iter()
-                    .filter_map(|key| {
-                        let next = self.shadows.min_pod_count(&key)?;
-                        (applied.get(&key) != Some(&next)).then_some((key, next))
-                    })
-                    .collect();
+                // Changed records: tried even if missing from the cluster last time.
+                let wants = self.wants(dirty, &applied, None);
                 let failed = self
                     .converge_tracked(wants, &mut applied, &mut missing)
                     .await;
@@ -346,15 +341,7 @@ impl OpsCtx {
                 let mut keys: HashSet<ShadowKey> =
                     self.shadows.take_scale_changes().into_iter().collect();
                 keys.extend(retry.drain());
-                let wants: Vec<Want> = keys
-                    .into_iter()
-                    .filter_map(|key| {
-                        let next = self.shadows.min_pod_count(&key)?;
-                        let done =
-                            applied.get(&key) == Some(&next) || missing.get(&key) == Some(&next);
-                        (!done).then_some((key, next))
-                    })
-                    .collect();
+                let wants = self.wants(keys, &applied, Some(&missing));
                 let failed = self
                     .converge_tracked(wants, &mut applied, &mut missing)
                     .await;
@@ -464,6 +451,24 @@ impl OpsCtx {
                 *c = report;
             }
         }
+    }
+
+    /// What `keys` should have and do not yet (as far as `applied` knows; nor, when
+    /// given, as `missing` last found it absent from the cluster).
+    fn wants(
+        &self,
+        keys: impl IntoIterator<Item = ShadowKey>,
+        applied: &HashMap<ShadowKey, (ScaleTarget, u32)>,
+        missing: Option<&HashMap<ShadowKey, (ScaleTarget, u32)>>,
+    ) -> Vec<Want> {
+        keys.into_iter()
+            .filter_map(|key| {
+                let next = self.shadows.min_pod_count(&key)?;
+                let done = applied.get(&key) == Some(&next)
+                    || missing.is_some_and(|m| m.get(&key) == Some(&next));
+                (!done).then_some((key, next))
+            })
+            .collect()
     }
 
     /// Converges `wants` in batches of [`CONVERGE_BATCH`], each under one fenced
